@@ -1,0 +1,28 @@
+//! Subcommands of the `refine-poi` binary: each module owns its clap `Args` and a `run`.
+
+use clap::{Parser, Subcommand};
+
+pub mod eval;
+pub mod preprocess;
+
+#[derive(Parser, Debug)]
+#[command(name = "refine-poi", version, about = "Reinforcement fine-tuning of an LLM for next-POI recommendation")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Turn raw check-ins into a dataset directory (POI table, instances per split, stats).
+    Preprocess(preprocess::Args),
+    /// Evaluate a method on a split with the protocol's metrics.
+    Eval(eval::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Preprocess(args) => preprocess::run(args),
+        Command::Eval(args) => eval::run(args),
+    }
+}

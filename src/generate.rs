@@ -1,0 +1,280 @@
+//! Batched sampling with a KV cache. Each distinct prompt is prefilled once (its G samples share
+//! that prefill); the rows then decode together, left-padded to a common length, and a finished
+//! row leaves the batch so it stops costing compute. Every row draws from its own seeded RNG, so
+//! a completion does not depend on what else is in the batch.
+
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{CausalLm, KvCache, Mode, TextTokenizer};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// Argmax decoding; temperature, top-p and top-k are ignored.
+    pub greedy: bool,
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off).
+    pub top_p: f64,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    /// Generation stops once the completion contains one of these strings (it is kept).
+    pub stop: Vec<String>,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig { greedy: false, temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 64, stop: Vec::new(), seed: 0 }
+    }
+}
+
+impl SamplingConfig {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        SamplingConfig { greedy: true, max_new_tokens, ..Default::default() }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.greedy || self.temperature > 0.0, "temperature must be positive (or use greedy decoding)");
+        anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "top_p must be in (0, 1]");
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Eos,
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    /// Generated token ids (the EOS token, when reached, is not included).
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+/// One decoding row: which prompt and sample it is, its RNG, and what it generated.
+struct Row {
+    prompt: usize,
+    sample: usize,
+    rng: StdRng,
+    tokens: Vec<u32>,
+    finish: Option<FinishReason>,
+}
+
+/// A per-row seed from (seed, prompt, sample): stable whatever the batch composition.
+fn row_seed(seed: u64, prompt: usize, sample: usize) -> u64 {
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for v in [prompt as u64, sample as u64] {
+        x = (x ^ v).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 31;
+    }
+    x
+}
+
+/// Generates `samples` completions for each prompt (token ids, already templated).
+/// Returns, per prompt, its completions in sample order.
+pub fn generate(
+    model: &CausalLm,
+    tokenizer: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    samples: usize,
+    cfg: &SamplingConfig,
+    mode: Mode,
+) -> anyhow::Result<Vec<Vec<Completion>>> {
+    cfg.validate()?;
+    anyhow::ensure!(samples > 0, "need at least one sample per prompt");
+    let device = model.device();
+    let mut rows: Vec<Row> = Vec::with_capacity(prompts.len() * samples);
+    let mut caches = Vec::with_capacity(prompts.len());
+    let mut first_logits = Vec::with_capacity(prompts.len() * samples);
+    for (p, prompt) in prompts.iter().enumerate() {
+        anyhow::ensure!(!prompt.is_empty(), "prompt {p} is empty");
+        let mut cache = model.new_cache(prompt.len() + cfg.max_new_tokens);
+        let ids = Tensor::new(prompt.as_slice(), device)?.unsqueeze(0)?;
+        let logits = model.forward_last(&ids, None, Some(&mut cache), mode)?.squeeze(0)?.to_vec1::<f32>()?;
+        for s in 0..samples {
+            rows.push(Row { prompt: p, sample: s, rng: StdRng::seed_from_u64(row_seed(cfg.seed, p, s)), tokens: Vec::new(), finish: None });
+            first_logits.push(logits.clone());
+        }
+        caches.push(cache);
+    }
+    if cfg.max_new_tokens == 0 {
+        return collect(rows, prompts.len(), tokenizer, &cfg.stop);
+    }
+    // One cache row per sample: the prompt's prefill, repeated.
+    let row_of: Vec<usize> = (0..rows.len()).map(|r| rows[r].prompt).collect();
+    let merged = KvCache::concat(&caches.iter().collect::<Vec<_>>(), cfg.max_new_tokens)?;
+    drop(caches);
+    let mut cache = merged.select_rows(&row_of)?;
+    let mut active: Vec<usize> = (0..rows.len()).collect();
+    let mut logits = first_logits;
+    loop {
+        // Sample one token for every active row and check whether it finished.
+        let mut next = Vec::with_capacity(active.len());
+        for (slot, &r) in active.iter().enumerate() {
+            let row = &mut rows[r];
+            let token = sample_token(&mut logits[slot], cfg, &mut row.rng);
+            if tokenizer.eos_ids.contains(&token) {
+                row.finish = Some(FinishReason::Eos);
+            } else {
+                row.tokens.push(token);
+                if !cfg.stop.is_empty() {
+                    let text = tokenizer.decode(&row.tokens, true)?;
+                    if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
+                        row.finish = Some(FinishReason::Stop);
+                    }
+                }
+                if row.finish.is_none() && row.tokens.len() >= cfg.max_new_tokens {
+                    row.finish = Some(FinishReason::Length);
+                }
+            }
+            next.push(token);
+        }
+        let keep: Vec<usize> = (0..active.len()).filter(|&slot| rows[active[slot]].finish.is_none()).collect();
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() < active.len() {
+            cache = cache.select_rows(&keep)?;
+            active = keep.iter().map(|&slot| active[slot]).collect();
+            next = keep.iter().map(|&slot| next[slot]).collect();
+        }
+        let ids = Tensor::new(next.as_slice(), device)?.unsqueeze(1)?;
+        let out = model.forward_last(&ids, None, Some(&mut cache), mode)?;
+        logits = out.to_vec2::<f32>()?;
+    }
+    collect(rows, prompts.len(), tokenizer, &cfg.stop)
+}
+
+fn collect(rows: Vec<Row>, prompts: usize, tokenizer: &TextTokenizer, stop: &[String]) -> anyhow::Result<Vec<Vec<Completion>>> {
+    let mut out: Vec<Vec<Completion>> = (0..prompts).map(|_| Vec::new()).collect();
+    for row in rows {
+        let mut text = tokenizer.decode(&row.tokens, true)?;
+        let finish = row.finish.unwrap_or(FinishReason::Length);
+        debug_assert_eq!(out[row.prompt].len(), row.sample);
+        if finish == FinishReason::Stop {
+            // The last token may carry characters past the stop string: cut them.
+            if let Some(end) = stop.iter().filter_map(|s| text.find(s.as_str()).map(|i| i + s.len())).min() {
+                text.truncate(end);
+            }
+        }
+        out[row.prompt].push(Completion { tokens: row.tokens, text, finish });
+    }
+    Ok(out)
+}
+
+/// Picks the next token from one row's logits (modified in place).
+pub fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u32 {
+    if cfg.greedy {
+        return argmax(logits);
+    }
+    let inv_t = (1.0 / cfg.temperature) as f32;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // Candidates sorted by probability, cut by top-k and top-p, then sampled.
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = if cfg.top_k == 0 { logits.len() } else { cfg.top_k.min(logits.len()) };
+    if k < logits.len() {
+        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        order.truncate(k);
+    }
+    order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    let mut probs: Vec<f64> = order.iter().map(|&i| (((logits[i as usize] - max) * inv_t) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    if cfg.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut cut = probs.len();
+        for (n, p) in probs.iter().enumerate() {
+            acc += p / total;
+            if acc >= cfg.top_p {
+                cut = n + 1;
+                break;
+            }
+        }
+        probs.truncate(cut);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (n, p) in probs.iter().enumerate() {
+        u -= p;
+        if u <= 0.0 {
+            return order[n];
+        }
+    }
+    order[probs.len() - 1]
+}
+
+/// Index of the largest logit (the first one on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(top_k: usize, top_p: f64, temperature: f64) -> SamplingConfig {
+        SamplingConfig { top_k, top_p, temperature, ..Default::default() }
+    }
+
+    #[test]
+    fn argmax_takes_first_maximum() {
+        assert_eq!(argmax(&[0.0, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..20 {
+            assert_eq!(sample_token(&mut [0.1, 2.0, 1.9, -3.0], &cfg(1, 1.0, 1.0), &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p = 0.8 keeps tokens 0 and 1 only.
+        let logits = [2.0f32, 1.0, 0.0, -1.2];
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut seen = [0usize; 4];
+        for _ in 0..2000 {
+            seen[sample_token(&mut logits.clone(), &cfg(0, 0.8, 1.0), &mut rng) as usize] += 1;
+        }
+        assert_eq!(seen[2] + seen[3], 0);
+        assert!(seen[1] > 300 && seen[0] > 1000, "{seen:?}");
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let logits = [0.0f32, (3.0f32).ln()]; // probabilities 0.25, 0.75
+        let mut rng = StdRng::seed_from_u64(3);
+        let ones = (0..4000).filter(|_| sample_token(&mut logits.clone(), &cfg(0, 1.0, 1.0), &mut rng) == 1).count();
+        assert!((2850..3150).contains(&ones), "{ones}");
+    }
+
+    #[test]
+    fn low_temperature_sharpens() {
+        let logits = [0.0f32, 0.5];
+        let mut rng = StdRng::seed_from_u64(5);
+        let ones = (0..1000).filter(|_| sample_token(&mut logits.clone(), &cfg(0, 1.0, 0.05), &mut rng) == 1).count();
+        assert!(ones > 990, "{ones}");
+    }
+
+    #[test]
+    fn row_seeds_differ() {
+        assert_ne!(row_seed(0, 0, 1), row_seed(0, 1, 0));
+        assert_ne!(row_seed(0, 0, 0), row_seed(1, 0, 0));
+    }
+}

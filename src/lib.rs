@@ -1,0 +1,7 @@
+//! refine-poi: check-ins to prompts, a candle causal LM with LoRA, GRPO with recommendation
+//! rewards, and one evaluation protocol for models and baselines alike.
+
+pub mod commands;
+pub mod fsutil;
+pub mod model;
+pub mod generate;

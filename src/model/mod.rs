@@ -1,0 +1,209 @@
+//! The model: where it comes from (a GGUF file, a Hugging Face folder, or a hub repo id), the
+//! network itself with LoRA, its tokenizer, and the KV cache.
+
+pub mod config;
+pub mod gguf;
+pub mod kv_cache;
+pub mod lora;
+pub mod tokenizer;
+pub mod transformer;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+pub use config::ModelConfig;
+pub use kv_cache::KvCache;
+pub use lora::LoraConfig;
+pub use tokenizer::{ChatMessage, TextTokenizer};
+pub use transformer::{CausalLm, Mode};
+
+/// The model every command uses when `--model` is not given (see `scripts/fetch-model.sh`).
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// A model with its tokenizer, and the name it was loaded from (recorded in adapters).
+pub struct LoadedModel {
+    pub model: CausalLm,
+    pub tokenizer: TextTokenizer,
+    pub source: String,
+}
+
+/// Where weights live.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    Gguf(PathBuf),
+    Folder(PathBuf),
+    Hub(String),
+}
+
+impl ModelSource {
+    /// A path to a `.gguf` file, a folder with `config.json`, or else a hub repo id (`owner/name`).
+    pub fn parse(spec: &str) -> anyhow::Result<Self> {
+        let path = Path::new(spec);
+        if path.is_file() {
+            return Ok(ModelSource::Gguf(path.to_path_buf()));
+        }
+        if path.is_dir() {
+            return Ok(ModelSource::Folder(path.to_path_buf()));
+        }
+        if spec == DEFAULT_MODEL {
+            bail!("the default model is not at {spec}: fetch it with `bash scripts/fetch-model.sh` (from the repository root)");
+        }
+        let looks_like_repo = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.ends_with(".gguf");
+        if looks_like_repo {
+            return Ok(ModelSource::Hub(spec.to_string()));
+        }
+        bail!("model '{spec}' is neither a GGUF file, a model folder, nor a hub repo id (owner/name)")
+    }
+}
+
+/// The compute device: CUDA when built with the `cuda` feature and a GPU is present, else CPU.
+pub fn default_device() -> anyhow::Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        if candle_core::utils::cuda_is_available() {
+            return Ok(Device::new_cuda(0)?);
+        }
+    }
+    Ok(Device::Cpu)
+}
+
+/// f32 on CPU; bf16 on a GPU.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cuda() { DType::BF16 } else { DType::F32 }
+}
+
+/// Loads a model from `--model`'s value on the default device.
+pub fn load(spec: &str) -> anyhow::Result<LoadedModel> {
+    let device = default_device()?;
+    let dtype = default_dtype(&device);
+    load_on(&ModelSource::parse(spec)?, &device, dtype)
+}
+
+pub fn load_on(source: &ModelSource, device: &Device, dtype: DType) -> anyhow::Result<LoadedModel> {
+    match source {
+        ModelSource::Gguf(path) => {
+            let parts = gguf::load(path, device, dtype)?;
+            let vb = VarBuilder::from_tensors(parts.tensors, dtype, device);
+            let model = CausalLm::load(parts.config, vb).with_context(|| format!("{}: weights do not fit the architecture", path.display()))?;
+            Ok(LoadedModel { model, tokenizer: parts.tokenizer, source: path.display().to_string() })
+        }
+        ModelSource::Folder(dir) => load_folder(dir, device, dtype),
+        ModelSource::Hub(repo) => {
+            let dir = hub_snapshot(repo)?;
+            let mut loaded = load_folder(&dir, device, dtype)?;
+            loaded.source = repo.clone();
+            Ok(loaded)
+        }
+    }
+}
+
+/// A Hugging Face model folder: `config.json`, `*.safetensors`, `tokenizer.json` (and the chat
+/// template from `tokenizer_config.json` or `chat_template.jinja`).
+pub fn load_folder(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<LoadedModel> {
+    let read_json = |name: &str| -> anyhow::Result<Option<serde_json::Value>> {
+        let p = dir.join(name);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        Ok(Some(serde_json::from_str(&text).with_context(|| format!("malformed JSON in {}", p.display()))?))
+    };
+    let config_json = read_json("config.json")?.with_context(|| format!("{} has no config.json: not a model folder", dir.display()))?;
+    let config: ModelConfig = serde_json::from_value(config_json).with_context(|| format!("{}/config.json", dir.display()))?;
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    weights.sort();
+    anyhow::ensure!(!weights.is_empty(), "{} has no *.safetensors weights", dir.display());
+    // SAFETY: the files are memory-mapped read-only; modifying them while loaded is undefined,
+    // as with every mmap-based loader.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, dtype, device)? };
+    let model = CausalLm::load(config.clone(), vb).with_context(|| format!("{}: weights do not fit config.json", dir.display()))?;
+
+    let tok_path = dir.join("tokenizer.json");
+    let inner = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
+    let tok_cfg = read_json("tokenizer_config.json")?.unwrap_or_default();
+    let special = |key: &str| -> Option<String> {
+        match tok_cfg.get(key)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            _ => None,
+        }
+    };
+    let template = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        Ok(t) => Some(t),
+        Err(_) => match tok_cfg.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        },
+    };
+    let eos_token = special("eos_token");
+    let mut eos_ids: Vec<u32> = config.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default();
+    if let Some(generation) = read_json("generation_config.json")? {
+        if let Some(e) = generation.get("eos_token_id").and_then(|e| serde_json::from_value::<config::TokenIds>(e.clone()).ok()) {
+            eos_ids.extend(e.to_vec());
+        }
+    }
+    if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
+        eos_ids.push(id);
+    }
+    eos_ids.sort_unstable();
+    eos_ids.dedup();
+    let tokenizer = TextTokenizer::new(inner, eos_ids, special("bos_token"), eos_token, template);
+    Ok(LoadedModel { model, tokenizer, source: dir.display().to_string() })
+}
+
+const HUB_FILES: [&str; 2] = ["config.json", "tokenizer.json"];
+const HUB_OPTIONAL: [&str; 3] = ["tokenizer_config.json", "generation_config.json", "model.safetensors"];
+
+/// The local snapshot folder of a hub repo: from hf-hub's cache, downloading what is missing
+/// unless offline (`HF_HUB_OFFLINE=1`), where a missing file is a clear error.
+fn hub_snapshot(repo: &str) -> anyhow::Result<PathBuf> {
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let cache = hf_hub::Cache::from_env();
+    let cached = cache.model(repo.to_string());
+    let mut dir = None;
+    let mut missing = Vec::new();
+    for file in HUB_FILES {
+        match cached.get(file) {
+            Some(p) => dir = p.parent().map(Path::to_path_buf),
+            None => missing.push(file),
+        }
+    }
+    if missing.is_empty() {
+        let dir = dir.expect("at least one file found");
+        let has_weights = std::fs::read_dir(&dir)?.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors"));
+        if has_weights {
+            return Ok(dir);
+        }
+        missing.push("model.safetensors");
+    }
+    let how = format!(
+        "download it first, e.g. `huggingface-cli download {repo}`, into the Hugging Face cache at {} \
+         (or pass a local model folder or GGUF file to --model)",
+        cache.path().display()
+    );
+    if offline {
+        bail!("model '{repo}' is not in the local cache (missing {}) and HF_HUB_OFFLINE=1: {how}", missing.join(", "));
+    }
+    let api = hf_hub::api::sync::Api::new().context("cannot start the hub client")?;
+    let remote = api.model(repo.to_string());
+    let mut dir = None;
+    for file in HUB_FILES {
+        let p = remote.get(file).with_context(|| format!("cannot download {file} of '{repo}' from the hub: {how}"))?;
+        dir = p.parent().map(Path::to_path_buf);
+    }
+    for file in HUB_OPTIONAL {
+        let _ = remote.get(file);
+    }
+    dir.context("no files downloaded")
+}

@@ -1,0 +1,382 @@
+//! The causal LM: one implementation for the Llama family and Qwen2, with the differences in
+//! [`ModelConfig`]. Linear layers carry optional LoRA factors; base weights are plain tensors
+//! (frozen, shared, never copied) and only the LoRA factors are `Var`s.
+//!
+//! Batches are left-padded: row `b` has `pads[b]` padding tokens before its first real token,
+//! and its real tokens get positions 0, 1, ... exactly as when the row runs alone.
+
+use candle_core::{D, DType, Device, Module, Tensor, Var};
+use candle_nn::VarBuilder;
+
+use super::config::ModelConfig;
+use super::kv_cache::KvCache;
+
+/// How a forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    /// Apply the LoRA adapter (off: the frozen reference policy).
+    pub adapter: bool,
+    /// Use differentiable ops (candle's fused CPU kernels have no backward pass).
+    pub grad: bool,
+}
+
+impl Mode {
+    pub const INFERENCE: Mode = Mode { adapter: true, grad: false };
+    pub const REFERENCE: Mode = Mode { adapter: false, grad: false };
+    pub const TRAIN: Mode = Mode { adapter: true, grad: true };
+}
+
+/// Low-rank update `x A^T B^T * scale` on top of a frozen linear layer.
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+}
+
+/// A linear layer `y = x W^T (+ bias)`, optionally with a LoRA adapter.
+pub struct Linear {
+    /// The Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj` (PEFT keys build on it).
+    pub path: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    fn load(vb: &VarBuilder, path: &str, in_dim: usize, out_dim: usize, bias: bool) -> anyhow::Result<Self> {
+        let weight = vb.get((out_dim, in_dim), &format!("{path}.weight"))?;
+        let bias = if bias { Some(vb.get(out_dim, &format!("{path}.bias"))?) } else { None };
+        Ok(Linear { path: path.to_string(), weight, bias, lora: None })
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, self.in_dim()))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let (true, Some(lora)) = (mode.adapter, &self.lora) {
+            let low = x2.matmul(&lora.a.as_tensor().t()?)?;
+            let delta = (low.matmul(&lora.b.as_tensor().t()?)? * lora.scale)?;
+            y = (y + delta)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.out_dim();
+        y.reshape(out_dims)
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Block {
+    attn_norm: Tensor,
+    attn: Attention,
+    mlp_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// Rotary tables for one forward pass, gathered per row and position: (B, T, head_dim / 2).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+pub struct CausalLm {
+    pub config: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    final_norm: Tensor,
+    /// `None` when the output projection is tied to the embedding.
+    lm_head: Option<Tensor>,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    device: Device,
+    dtype: DType,
+    /// The attached adapter's settings, if any (see `lora.rs`).
+    pub lora_config: Option<super::lora::LoraConfig>,
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> candle_core::Result<Tensor> {
+    if mode.grad {
+        candle_nn::ops::rms_norm_slow(x, weight, eps as f32)
+    } else {
+        candle_nn::ops::rms_norm(x, weight, eps as f32)
+    }
+}
+
+fn softmax(x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+    if mode.grad {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// Rotary embedding in the Hugging Face (rotate-half) layout; x is (B, H, T, head_dim).
+fn apply_rope(x: &Tensor, rope: &Rope, mode: Mode) -> candle_core::Result<Tensor> {
+    if !mode.grad {
+        return candle_nn::rotary_emb::rope(x, &rope.cos, &rope.sin);
+    }
+    let cos = Tensor::cat(&[&rope.cos, &rope.cos], D::Minus1)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[&rope.sin, &rope.sin], D::Minus1)?.unsqueeze(1)?;
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = apply_rope(&split(self.q.forward(x, mode)?, self.heads)?, rope, mode)?;
+        let k = apply_rope(&split(self.k.forward(x, mode)?, self.kv_heads)?, rope, mode)?.contiguous()?;
+        let v = split(self.v.forward(x, mode)?, self.kv_heads)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let keys = k.dim(2)?;
+        let group = self.heads / self.kv_heads;
+        // Grouped-query attention without copying K/V: the `group` query heads that share a KV
+        // head are stacked along the time axis.
+        let q = (q.contiguous()?.reshape((b, self.kv_heads, group * t, self.head_dim))?
+            * (1.0 / (self.head_dim as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, self.heads, t, keys))?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = softmax(&scores, mode)?.reshape((b, self.kv_heads, group * t, keys))?;
+        let y = probs.matmul(&v)?.reshape((b, self.heads, t, self.head_dim))?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        self.o.forward(&y, mode)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::Activation::Silu.forward(&self.gate.forward(x, mode)?)?;
+        self.down.forward(&(gate * self.up.forward(x, mode)?)?, mode)
+    }
+}
+
+/// A finite "minus infinity": masked keys get exactly zero weight, and a fully masked row
+/// (a padding query) stays finite instead of turning into NaN.
+const MASKED: f32 = -1e30;
+
+impl CausalLm {
+    /// Builds the model from weights under Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...).
+    pub fn load(config: ModelConfig, vb: VarBuilder) -> anyhow::Result<Self> {
+        config.validate()?;
+        let cfg = &config;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let embed = vb.get((cfg.vocab_size, h), "model.embed_tokens.weight")?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let lin = |name: &str, i: usize, o: usize, bias: bool| Linear::load(&vb, &format!("{p}.{name}"), i, o, bias);
+            let bias = cfg.qkv_bias();
+            blocks.push(Block {
+                attn_norm: vb.get(h, &format!("{p}.input_layernorm.weight"))?,
+                attn: Attention {
+                    q: lin("self_attn.q_proj", h, heads * hd, bias)?,
+                    k: lin("self_attn.k_proj", h, kv_heads * hd, bias)?,
+                    v: lin("self_attn.v_proj", h, kv_heads * hd, bias)?,
+                    o: lin("self_attn.o_proj", heads * hd, h, false)?,
+                    heads,
+                    kv_heads,
+                    head_dim: hd,
+                },
+                mlp_norm: vb.get(h, &format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate: lin("mlp.gate_proj", h, cfg.intermediate_size, false)?,
+                    up: lin("mlp.up_proj", h, cfg.intermediate_size, false)?,
+                    down: lin("mlp.down_proj", cfg.intermediate_size, h, false)?,
+                },
+            });
+        }
+        let final_norm = vb.get(h, "model.norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            None
+        } else {
+            Some(vb.get((cfg.vocab_size, h), "lm_head.weight")?)
+        };
+        let device = vb.device().clone();
+        let dtype = vb.dtype();
+        let inv_freq = config.rope_inv_freq();
+        let positions = config.max_position_embeddings;
+        let angles: Vec<f32> = (0..positions)
+            .flat_map(|p| inv_freq.iter().map(move |f| (p as f64 * f) as f32))
+            .collect();
+        let angles = Tensor::from_vec(angles, (positions, inv_freq.len()), &device)?;
+        let cos_table = angles.cos()?.to_dtype(dtype)?;
+        let sin_table = angles.sin()?.to_dtype(dtype)?;
+        Ok(CausalLm { config, embed, blocks, final_norm, lm_head, cos_table, sin_table, device, dtype, lora_config: None })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every linear layer, in a fixed order (layer by layer: q, k, v, o, gate, up, down).
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks.iter().flat_map(|b| {
+            [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down]
+        })
+    }
+
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.blocks.iter_mut().flat_map(|b| {
+            [&mut b.attn.q, &mut b.attn.k, &mut b.attn.v, &mut b.attn.o, &mut b.mlp.gate, &mut b.mlp.up, &mut b.mlp.down]
+        })
+    }
+
+    /// Hidden states after the final norm, (B, T, hidden).
+    ///
+    /// `ids` is (B, T). With an empty (or no) cache, `pads` gives each row's left padding; with a
+    /// non-empty cache the rows continue where the cache stops and `pads` must be `None`.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        pads: Option<&[usize]>,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> anyhow::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let pads: Vec<usize> = match (&cache, pads) {
+            (Some(c), None) if past > 0 => c.pads().to_vec(),
+            (Some(c), Some(_)) if past > 0 => anyhow::bail!("pads are fixed when a cache is first filled ({} rows)", c.rows()),
+            (_, Some(p)) => p.to_vec(),
+            (_, None) => vec![0; b],
+        };
+        anyhow::ensure!(pads.len() == b, "{} pads for a batch of {b} rows", pads.len());
+        if let Some(c) = cache.as_deref_mut() {
+            if past == 0 {
+                c.start(pads.clone());
+            }
+            anyhow::ensure!(c.rows() == b, "cache has {} rows, batch has {b}", c.rows());
+        }
+        let keys = past + t;
+        anyhow::ensure!(
+            keys <= self.config.max_position_embeddings,
+            "sequence of {keys} tokens exceeds the model's {} positions",
+            self.config.max_position_embeddings
+        );
+        let mut positions = Vec::with_capacity(b * t);
+        for &pad in &pads {
+            positions.extend((0..t).map(|i| (past + i).saturating_sub(pad) as u32));
+        }
+        let positions = Tensor::from_vec(positions, b * t, &self.device)?;
+        let half = self.config.head_dim() / 2;
+        let rope = Rope {
+            cos: self.cos_table.index_select(&positions, 0)?.reshape((b, t, half))?,
+            sin: self.sin_table.index_select(&positions, 0)?.reshape((b, t, half))?,
+        };
+        let mask = self.attention_mask(&pads, past, t)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        let eps = self.config.rms_norm_eps;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let normed = rms_norm(&x, &block.attn_norm, eps, mode)?;
+            let attn = block.attn.forward(&normed, &rope, mask.as_ref(), cache.as_deref_mut().map(|c| (c, layer)), mode)?;
+            x = (x + attn)?;
+            let normed = rms_norm(&x, &block.mlp_norm, eps, mode)?;
+            x = (&x + block.mlp.forward(&normed, mode)?)?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        Ok(rms_norm(&x, &self.final_norm, eps, mode)?)
+    }
+
+    /// Additive mask (B, 1, T, past + T): causal, and padding keys hidden.
+    fn attention_mask(&self, pads: &[usize], past: usize, t: usize) -> candle_core::Result<Option<Tensor>> {
+        if t == 1 && pads.iter().all(|&p| p == 0) {
+            return Ok(None);
+        }
+        let keys = past + t;
+        let mut mask = vec![0f32; pads.len() * t * keys];
+        for (b, &pad) in pads.iter().enumerate() {
+            for i in 0..t {
+                let query = past + i;
+                let row = &mut mask[(b * t + i) * keys..(b * t + i + 1) * keys];
+                for (j, m) in row.iter_mut().enumerate() {
+                    let visible = (j >= pad && j <= query) || j == query;
+                    if !visible {
+                        *m = MASKED;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(mask, (pads.len(), 1, t, keys), &self.device)?.to_dtype(self.dtype).map(Some)
+    }
+
+    /// Next-token logits (…, vocab) in f32 from hidden states (…, hidden).
+    pub fn logits(&self, hidden: &Tensor) -> anyhow::Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let dims = hidden.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let logits = hidden.reshape((rows, self.config.hidden_size))?.matmul(&head.t()?)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.config.vocab_size;
+        Ok(logits.reshape(out)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits at every position, (B, T, vocab).
+    pub fn forward(&self, ids: &Tensor, pads: Option<&[usize]>, cache: Option<&mut KvCache>, mode: Mode) -> anyhow::Result<Tensor> {
+        let hidden = self.forward_hidden(ids, pads, cache, mode)?;
+        self.logits(&hidden)
+    }
+
+    /// Logits of the last position only, (B, vocab): what generation needs.
+    pub fn forward_last(&self, ids: &Tensor, pads: Option<&[usize]>, cache: Option<&mut KvCache>, mode: Mode) -> anyhow::Result<Tensor> {
+        let hidden = self.forward_hidden(ids, pads, cache, mode)?;
+        let t = hidden.dim(1)?;
+        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// A new, empty cache sized for `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.blocks.len(), capacity)
+    }
+}
