@@ -70,9 +70,9 @@ struct Row {
 }
 
 /// A per-row seed from (seed, prompt, sample): stable whatever the batch composition.
-fn row_seed(seed: u64, prompt: usize, sample: usize) -> u64 {
+fn row_seed(seed: u64, prompt: u64, sample: usize) -> u64 {
     let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
-    for v in [prompt as u64, sample as u64] {
+    for v in [prompt, sample as u64] {
         x = (x ^ v).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         x ^= x >> 31;
     }
@@ -80,7 +80,8 @@ fn row_seed(seed: u64, prompt: usize, sample: usize) -> u64 {
 }
 
 /// Generates `samples` completions for each prompt (token ids, already templated).
-/// Returns, per prompt, its completions in sample order.
+/// Returns, per prompt, its completions in sample order. Prompt `i` samples with seed `i`
+/// (combined with `cfg.seed`); see [`generate_seeded`] to choose them.
 pub fn generate(
     model: &CausalLm,
     tokenizer: &TextTokenizer,
@@ -89,7 +90,23 @@ pub fn generate(
     cfg: &SamplingConfig,
     mode: Mode,
 ) -> anyhow::Result<Vec<Vec<Completion>>> {
+    let seeds: Vec<u64> = (0..prompts.len() as u64).collect();
+    generate_seeded(model, tokenizer, prompts, &seeds, samples, cfg, mode)
+}
+
+/// [`generate`] with an explicit sampling seed per prompt: a prompt's completions are then the
+/// same whatever else is in the batch.
+pub fn generate_seeded(
+    model: &CausalLm,
+    tokenizer: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    prompt_seeds: &[u64],
+    samples: usize,
+    cfg: &SamplingConfig,
+    mode: Mode,
+) -> anyhow::Result<Vec<Vec<Completion>>> {
     cfg.validate()?;
+    anyhow::ensure!(prompt_seeds.len() == prompts.len(), "one seed per prompt");
     anyhow::ensure!(samples > 0, "need at least one sample per prompt");
     let device = model.device();
     let mut rows: Vec<Row> = Vec::with_capacity(prompts.len() * samples);
@@ -101,7 +118,7 @@ pub fn generate(
         let ids = Tensor::new(prompt.as_slice(), device)?.unsqueeze(0)?;
         let logits = model.forward_last(&ids, None, Some(&mut cache), mode)?.squeeze(0)?.to_vec1::<f32>()?;
         for s in 0..samples {
-            rows.push(Row { prompt: p, sample: s, rng: StdRng::seed_from_u64(row_seed(cfg.seed, p, s)), tokens: Vec::new(), finish: None });
+            rows.push(Row { prompt: p, sample: s, rng: StdRng::seed_from_u64(row_seed(cfg.seed, prompt_seeds[p], s)), tokens: Vec::new(), finish: None });
             first_logits.push(logits.clone());
         }
         caches.push(cache);

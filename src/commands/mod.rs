@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod eval;
+pub mod generate;
 pub mod preprocess;
 
 #[derive(Parser, Debug)]
@@ -18,11 +20,17 @@ pub enum Command {
     Preprocess(preprocess::Args),
     /// Evaluate a method on a split with the protocol's metrics.
     Eval(eval::Args),
+    /// Measure the model's prefill and decode speed and peak memory (JSON).
+    Bench(bench::Args),
+    /// Complete one prompt with a model (+ adapter): a sanity tool.
+    Generate(generate::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Preprocess(args) => preprocess::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
     }
 }

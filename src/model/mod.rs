@@ -5,6 +5,7 @@ pub mod config;
 pub mod gguf;
 pub mod kv_cache;
 pub mod lora;
+pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;
 

@@ -351,7 +351,7 @@ impl CausalLm {
         Tensor::from_vec(mask, (pads.len(), 1, t, keys), &self.device)?.to_dtype(self.dtype).map(Some)
     }
 
-    /// Next-token logits (…, vocab) in f32 from hidden states (…, hidden).
+    /// Next-token logits (…, vocab) from hidden states (…, hidden); half precision is upcast to f32.
     pub fn logits(&self, hidden: &Tensor) -> anyhow::Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let dims = hidden.dims().to_vec();
@@ -359,7 +359,11 @@ impl CausalLm {
         let logits = hidden.reshape((rows, self.config.hidden_size))?.matmul(&head.t()?)?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.config.vocab_size;
-        Ok(logits.reshape(out)?.to_dtype(DType::F32)?)
+        let logits = logits.reshape(out)?;
+        Ok(match self.dtype {
+            DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
+            _ => logits,
+        })
     }
 
     /// Logits at every position, (B, T, vocab).

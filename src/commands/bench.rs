@@ -1,0 +1,110 @@
+//! `refine-poi bench`: speed and memory of the model on this machine, printed as JSON.
+//! Prefill of one long prompt, then decoding at batch 1 and at batch G (G samples sharing the
+//! prompt's one prefill), every step running the full model (EOS is ignored so runs are equal).
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use clap::Args as ClapArgs;
+use serde_json::json;
+
+use crate::generate::argmax;
+use crate::model::{self, CausalLm, KvCache, Mode};
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    #[arg(long, default_value = model::DEFAULT_MODEL)]
+    pub model: String,
+    /// Length of the prefilled prompt.
+    #[arg(long, default_value_t = 400)]
+    pub prompt_tokens: usize,
+    /// Decoding steps measured per run.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Batch size of the batched decode (samples of one prompt).
+    #[arg(long, default_value_t = 8)]
+    pub samples: usize,
+    /// Runs of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Peak resident memory of this process in MiB (Linux), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn prefill(model: &CausalLm, prompt: &[u32], extra: usize) -> anyhow::Result<(KvCache, u32, f64)> {
+    let mut cache = model.new_cache(prompt.len() + extra);
+    let ids = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    let start = Instant::now();
+    let logits = model.forward_last(&ids, None, Some(&mut cache), Mode::INFERENCE)?.squeeze(0)?.to_vec1::<f32>()?;
+    Ok((cache, argmax(&logits), start.elapsed().as_secs_f64()))
+}
+
+/// Seconds for `steps` decoding steps of `rows` rows continuing `cache`.
+fn decode(model: &CausalLm, mut cache: KvCache, first: u32, rows: usize, steps: usize) -> anyhow::Result<f64> {
+    let mut next = vec![first; rows];
+    let start = Instant::now();
+    for _ in 0..steps {
+        let ids = Tensor::new(next.as_slice(), model.device())?.unsqueeze(1)?;
+        let logits = model.forward_last(&ids, None, Some(&mut cache), Mode::INFERENCE)?.to_vec2::<f32>()?;
+        next = logits.iter().map(|row| argmax(row)).collect();
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.repeats > 0 && args.samples > 0 && args.new_tokens > 0, "repeats, samples and new-tokens must be positive");
+    let load_start = Instant::now();
+    let loaded = model::load(&args.model)?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    let model = &loaded.model;
+    // A check-in history like the prompts refine-poi builds, cut to the requested length.
+    let sentence = "At 2012-04-03 18:00 (Tuesday), POI 3695 (Coffee Shop); ";
+    let mut prompt = Vec::new();
+    while prompt.len() < args.prompt_tokens {
+        prompt.extend(loaded.tokenizer.encode(sentence, false)?);
+    }
+    prompt.truncate(args.prompt_tokens);
+    // Warm-up: first calls allocate and fault in the weights.
+    let (cache, first, _) = prefill(model, &prompt, args.new_tokens)?;
+    decode(model, cache, first, 1, 2)?;
+
+    let (mut prefill_s, mut decode1_s, mut decode_g_s) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        let (cache, first, secs) = prefill(model, &prompt, args.new_tokens)?;
+        prefill_s.push(secs);
+        let batch = cache.select_rows(&vec![0; args.samples])?;
+        decode1_s.push(decode(model, cache, first, 1, args.new_tokens)?);
+        decode_g_s.push(decode(model, batch, first, args.samples, args.new_tokens)?);
+    }
+    let (p, d1, dg) = (median(prefill_s), median(decode1_s), median(decode_g_s));
+    let decode1 = args.new_tokens as f64 / d1;
+    let decode_g = (args.new_tokens * args.samples) as f64 / dg;
+    let report = json!({
+        "model": loaded.source,
+        "device": format!("{:?}", model.device()),
+        "dtype": format!("{:?}", model.dtype()),
+        "threads": rayon::current_num_threads(),
+        "load_seconds": load_s,
+        "prompt_tokens": args.prompt_tokens,
+        "prefill_tokens_per_s": args.prompt_tokens as f64 / p,
+        "decode_batch1_tokens_per_s": decode1,
+        "decode_batch_samples": args.samples,
+        "decode_batch_tokens_per_s": decode_g,
+        "decode_batch_speedup": decode_g / decode1,
+        "new_tokens": args.new_tokens,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
