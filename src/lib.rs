@@ -5,3 +5,7 @@ pub mod commands;
 pub mod fsutil;
 pub mod model;
 pub mod generate;
+pub mod data;
+pub mod metrics;
+pub mod baselines;
+pub mod eval;

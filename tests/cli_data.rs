@@ -1,0 +1,330 @@
+//! Drives the `refine-poi` binary through `preprocess` and `eval` on the fixtures in
+//! `tests/fixtures`, bad inputs included.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use refine_poi::data::{Dataset, Split};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_refine-poi"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the binary runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A user error: non-zero exit, exactly one `error:` line, no panic; returns that line.
+fn expect_error(out: &Output) -> String {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line: {err}");
+    errors[0].to_string()
+}
+
+fn preprocess(format: &str, input: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "preprocess",
+        "--format",
+        format,
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn preprocess_then_eval_every_baseline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("syn");
+    let out = preprocess("foursquare", &fixture("tsmc2014_synthetic.txt"), &data, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for f in [
+        "pois.csv",
+        "users.csv",
+        "checkins.csv",
+        "train.jsonl",
+        "val.jsonl",
+        "test.jsonl",
+        "stats.json",
+    ] {
+        assert!(data.join(f).is_file(), "{f} missing");
+    }
+    let stats = json(&data.join("stats.json"));
+    for k in ["users", "pois", "categories", "checkins"] {
+        assert!(stats[k].as_u64().unwrap() > 0, "{k}");
+    }
+    for s in ["train", "val", "test"] {
+        assert!(stats["trajectories"][s].as_u64().unwrap() > 0);
+        assert!(stats["instances"][s].as_u64().unwrap() > 0);
+        assert!(stats["return_share"][s].as_f64().unwrap() > 0.0);
+    }
+    assert!(stats["input"]["skipped"].as_object().unwrap().is_empty());
+    assert!(stats["dropped_instances"]["test"]["user_not_in_train"].is_u64());
+    // The "Café" category of the fixture is Latin-1: decoded lossily, not fatal.
+    let pois = std::fs::read_to_string(data.join("pois.csv")).unwrap();
+    assert!(pois.contains("Caf\u{fffd}"));
+
+    // The library loads what the binary wrote.
+    let ds = Dataset::load(&data).unwrap();
+    assert_eq!(
+        ds.instances(Split::Test).len() as u64,
+        stats["instances"]["test"].as_u64().unwrap()
+    );
+    for inst in ds.instances(Split::Test) {
+        let h = ds.history(inst);
+        assert!(h.iter().all(|c| c.utc < inst.target.utc));
+        assert!(
+            ds.user_checkins(inst.user)[h.len()..]
+                .iter()
+                .all(|c| c.utc >= inst.target.utc)
+        );
+    }
+
+    for split in ["test", "val"] {
+        for method in ["popularity", "counter", "markov"] {
+            let report = tmp.path().join(format!("{method}-{split}.json"));
+            let preds = tmp.path().join(format!("{method}-{split}.jsonl"));
+            let out = run(&[
+                "eval",
+                "--data",
+                data.to_str().unwrap(),
+                "--split",
+                split,
+                "--method",
+                method,
+                "--out",
+                report.to_str().unwrap(),
+                "--predictions",
+                preds.to_str().unwrap(),
+                "--quiet",
+            ]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let table = text(&out.stdout);
+            assert!(
+                table.contains("Acc@1") && table.contains("discovery"),
+                "{table}"
+            );
+            let r = json(&report);
+            assert_eq!(r["method"], method);
+            assert_eq!(r["split"], split);
+            let n = r["instances"].as_u64().unwrap();
+            assert_eq!(n, stats["instances"][split].as_u64().unwrap());
+            let m = &r["metrics"];
+            for g in ["all", "return", "discovery"] {
+                for k in ["acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr"] {
+                    let v = &m[g][k];
+                    assert!(
+                        v.is_null() || (0.0..=1.0).contains(&v.as_f64().unwrap()),
+                        "{g}.{k} = {v}"
+                    );
+                }
+            }
+            assert_eq!(m["all"]["n"].as_u64().unwrap(), n);
+            assert_eq!(
+                m["return"]["n"].as_u64().unwrap() + m["discovery"]["n"].as_u64().unwrap(),
+                n
+            );
+            let acc = |k: &str| m["all"][k].as_f64().unwrap();
+            assert!(acc("acc@1") <= acc("acc@5") && acc("acc@5") <= acc("acc@10"));
+            let lines: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(lines.len() as u64, n);
+            for l in &lines {
+                assert!(l["ranked"].as_array().unwrap().len() <= 20);
+                // A hit within the list has its rank where the list says (ties aside).
+                if let Some(r) = l["rank"].as_f64() {
+                    assert!(r >= 1.0);
+                }
+            }
+        }
+    }
+    // The counter beats popularity on the synthetic data (users revisit favourites).
+    let mrr = |m: &str| {
+        json(&tmp.path().join(format!("{m}-test.json")))["metrics"]["all"]["mrr"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(mrr("counter") > mrr("popularity"));
+}
+
+#[test]
+fn preprocess_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for d in [&a, &b] {
+        let out = preprocess("foursquare", &fixture("tsmc2014_synthetic.txt"), d, &[]);
+        assert!(out.status.success());
+    }
+    for f in [
+        "pois.csv",
+        "users.csv",
+        "checkins.csv",
+        "train.jsonl",
+        "test.jsonl",
+    ] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn csv_gzip_and_gowalla_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("csv");
+    let small = ["--min-user", "1", "--min-poi", "1"];
+    let out = preprocess("csv", &fixture("checkins_sample.csv.gz"), &d, &small);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The malformed row is skipped, counted, and reported with its line.
+    let stats = json(&d.join("stats.json"));
+    assert_eq!(stats["input"]["skipped"]["bad_coordinates"]["count"], 1);
+    assert_eq!(
+        stats["input"]["skipped"]["bad_coordinates"]["first_lines"][0],
+        4
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("bad_coordinates: 1 row (line 4)"), "{err}");
+
+    let d = tmp.path().join("gowalla");
+    let cats = fixture("gowalla_categories.csv");
+    let mut args = small.to_vec();
+    args.extend([
+        "--categories",
+        cats.to_str().unwrap(),
+        "--bbox",
+        "32.5,-124.5,42.0,-114.0",
+        "--tz-offset-min",
+        "-480",
+    ]);
+    let out = preprocess("gowalla", &fixture("gowalla_sample.txt"), &d, &args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stats = json(&d.join("stats.json"));
+    assert_eq!(stats["input"]["rows_outside_bbox"], 3);
+    let pois = std::fs::read_to_string(d.join("pois.csv")).unwrap();
+    assert!(pois.contains("1040966,\"Parks, Outdoors\""), "{pois}");
+}
+
+#[test]
+fn bad_inputs_fail_with_one_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+
+    let e = expect_error(&preprocess(
+        "csv",
+        &tmp.path().join("missing.csv"),
+        &out_dir,
+        &[],
+    ));
+    assert!(
+        e.contains("cannot open input file") && e.contains("missing.csv"),
+        "{e}"
+    );
+
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    let e = expect_error(&preprocess("foursquare", &empty, &out_dir, &[]));
+    assert!(e.contains("empty"), "{e}");
+
+    let e = expect_error(&preprocess(
+        "foursquare",
+        &fixture("tsmc2014_sample.txt"),
+        &out_dir,
+        &["--strict"],
+    ));
+    assert!(e.contains("line 6"), "{e}");
+
+    // Default 10-core on an 8-row file: nothing is left.
+    let e = expect_error(&preprocess(
+        "foursquare",
+        &fixture("tsmc2014_sample.txt"),
+        &out_dir,
+        &[],
+    ));
+    assert!(e.contains("nothing left after the k-core filter"), "{e}");
+
+    let e = expect_error(&preprocess(
+        "csv",
+        &fixture("tsmc2014_sample.txt"),
+        &out_dir,
+        &[],
+    ));
+    assert!(e.contains("lacks column"), "{e}");
+
+    let e = expect_error(&preprocess(
+        "csv",
+        &fixture("checkins_sample.csv"),
+        &out_dir,
+        &["--split", "0.9,0.2"],
+    ));
+    assert!(e.contains("exceed 1"), "{e}");
+
+    // Unknown format and split: clap's own message, still an `error:` line and no panic.
+    let out = preprocess("parquet", &fixture("checkins_sample.csv"), &out_dir, &[]);
+    let e = expect_error(&out);
+    assert!(e.contains("parquet"), "{e}");
+
+    let e = expect_error(&run(&[
+        "eval",
+        "--data",
+        tmp.path().join("nope").to_str().unwrap(),
+        "--method",
+        "counter",
+        "--out",
+        tmp.path().join("r.json").to_str().unwrap(),
+    ]));
+    assert!(e.contains("does not exist"), "{e}");
+
+    let e = expect_error(&run(&[
+        "eval", "--data", "x", "--split", "train", "--method", "counter", "--out", "r.json",
+    ]));
+    assert!(e.contains("train"), "{e}");
+    assert!(!out_dir.join("stats.json").exists());
+}
+
+#[test]
+fn eval_rejects_a_corrupt_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("syn");
+    assert!(
+        preprocess("foursquare", &fixture("tsmc2014_synthetic.txt"), &data, &[])
+            .status
+            .success()
+    );
+    std::fs::write(data.join("test.jsonl"), b"{\"id\": 0, \"user\": \n").unwrap();
+    let e = expect_error(&run(&[
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--method",
+        "markov",
+        "--out",
+        tmp.path().join("r.json").to_str().unwrap(),
+    ]));
+    assert!(e.contains("test.jsonl line 1"), "{e}");
+}
