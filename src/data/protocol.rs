@@ -904,4 +904,109 @@ pub(crate) mod tests {
         );
         assert_eq!(ds.pois()[0].category, "cat-v10");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn rows_strategy() -> impl Strategy<Value = Vec<(u8, u8, i64)>> {
+            prop::collection::vec((0u8..6, 0u8..8, 0i64..400), 0..80)
+        }
+
+        fn to_raw(rows: &[(u8, u8, i64)]) -> RawData {
+            let owned: Vec<(String, String, i64)> = rows
+                .iter()
+                .map(|&(u, v, t)| (u.to_string(), format!("v{v}"), t * H / 4))
+                .collect();
+            let refs: Vec<(&str, &str, i64)> = owned
+                .iter()
+                .map(|(u, v, t)| (u.as_str(), v.as_str(), *t))
+                .collect();
+            raw(&refs)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+
+            /// The k-core result equals removing one offending user or POI at a time.
+            #[test]
+            fn kcore_is_the_unique_fixed_point(rows in rows_strategy(), mu in 1usize..4, mp in 1usize..4) {
+                let d = to_raw(&rows);
+                let (keep, _) = kcore(&d.rows, d.users.len(), d.venues.len(), mu, mp);
+                let mut alive = vec![true; d.rows.len()];
+                loop {
+                    let mut uc = vec![0; d.users.len()];
+                    let mut vc = vec![0; d.venues.len()];
+                    for (r, _) in d.rows.iter().zip(&alive).filter(|x| *x.1) {
+                        uc[r.user as usize] += 1;
+                        vc[r.venue as usize] += 1;
+                    }
+                    let bad = d.rows.iter().zip(&alive).position(|(r, a)| {
+                        *a && (uc[r.user as usize] < mu || vc[r.venue as usize] < mp)
+                    });
+                    let Some(i) = bad else { break };
+                    let r = d.rows[i];
+                    if uc[r.user as usize] < mu {
+                        for (x, a) in d.rows.iter().zip(alive.iter_mut()) {
+                            if x.user == r.user { *a = false; }
+                        }
+                    } else {
+                        for (x, a) in d.rows.iter().zip(alive.iter_mut()) {
+                            if x.venue == r.venue { *a = false; }
+                        }
+                    }
+                }
+                prop_assert_eq!(keep, alive);
+            }
+
+            /// Whatever the input: no panic, and the built dataset satisfies the protocol's
+            /// invariants and survives a save/load round trip unchanged.
+            #[test]
+            fn protocol_invariants_and_round_trip(rows in rows_strategy(), mu in 1usize..3, mp in 1usize..3) {
+                let d = to_raw(&rows);
+                let cfg = ProtocolConfig { min_user: mu, min_poi: mp, split: "0.5,0.25".parse().unwrap(), ..Default::default() };
+                let Ok((ds, st)) = run(&d, &cfg) else { return Ok(()) };
+                let train_traj: Vec<&Trajectory> = ds.trajectories().iter().filter(|t| t.split == Split::Train).collect();
+                prop_assert_eq!(st.instances.train as usize, train_traj.iter().map(|t| t.len - 1).sum::<usize>());
+                for s in [Split::Val, Split::Test] {
+                    let dr = st.dropped_instances[s.as_str()];
+                    prop_assert_eq!(st.instances.get(s) + dr.user_not_in_train + dr.poi_not_in_train, *st.trajectories.get(s));
+                }
+                for s in Split::ALL {
+                    for inst in ds.instances(s) {
+                        let t = ds.trajectories()[inst.trajectory as usize];
+                        let cs = ds.trajectory_checkins(&t);
+                        let j = inst.prefix.len();
+                        prop_assert_eq!(&cs[..j], &inst.prefix[..]);
+                        prop_assert_eq!(cs[j], inst.target);
+                        if s != Split::Train {
+                            prop_assert_eq!(j + 1, cs.len());
+                            prop_assert!(ds.pois()[inst.target.poi as usize].train_visits > 0);
+                        }
+                        let h = ds.history(inst);
+                        let all = ds.user_checkins(inst.user);
+                        prop_assert!(h.iter().all(|c| c.utc < inst.target.utc));
+                        prop_assert!(all[h.len()..].iter().all(|c| c.utc >= inst.target.utc));
+                        prop_assert_eq!(inst.is_return, h.iter().any(|c| c.poi == inst.target.poi));
+                    }
+                }
+                for t in ds.trajectories() {
+                    let cs = ds.trajectory_checkins(t);
+                    prop_assert!(cs.windows(2).all(|w| w[1].utc - w[0].utc <= 24 * H));
+                    let first = cs[0].utc;
+                    prop_assert_eq!(t.split, split_of(first, &st.cutoffs));
+                }
+                let dir = tempfile::tempdir().unwrap();
+                ds.save(dir.path(), &serde_json::json!({})).unwrap();
+                let back = Dataset::load(dir.path()).unwrap();
+                prop_assert_eq!(back.pois(), ds.pois());
+                prop_assert_eq!(back.users(), ds.users());
+                prop_assert_eq!(back.checkins(), ds.checkins());
+                prop_assert_eq!(back.trajectories(), ds.trajectories());
+                for s in Split::ALL {
+                    prop_assert_eq!(back.instances(s), ds.instances(s));
+                }
+            }
+        }
+    }
 }

@@ -944,4 +944,32 @@ mod tests {
         assert!(parse_tz("1.5").is_err());
         assert_eq!(nonempty("  ", "user id").unwrap_err().reason, "empty_id");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Arbitrary bytes (biased towards the formats' separators) never panic a reader.
+            #[test]
+            fn readers_never_panic(
+                bytes in prop::collection::vec(
+                    prop_oneof![Just(b'\t'), Just(b','), Just(b'\n'), Just(b'"'), Just(b'-'), Just(b'.'), b'0'..=b'9', any::<u8>()],
+                    0..400,
+                ),
+                strict in any::<bool>(),
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                let p = dir.path().join("in");
+                std::fs::write(&p, &bytes).unwrap();
+                for f in [Format::Foursquare, Format::Gowalla, Format::Csv] {
+                    let mut o = ReadOptions::new(f);
+                    o.strict = strict;
+                    let _ = read(&p, &o);
+                }
+            }
+        }
+    }
 }
