@@ -9,3 +9,5 @@ pub mod data;
 pub mod metrics;
 pub mod baselines;
 pub mod eval;
+pub mod answer;
+pub mod prompt;
