@@ -11,3 +11,4 @@ pub mod baselines;
 pub mod eval;
 pub mod answer;
 pub mod prompt;
+pub mod runtime;

@@ -1,10 +1,12 @@
 //! The model: where it comes from (a GGUF file, a Hugging Face folder, or a hub repo id), the
 //! network itself with LoRA, its tokenizer, and the KV cache.
 
+pub mod attention_cpu;
 pub mod config;
 pub mod gguf;
 pub mod kv_cache;
 pub mod lora;
+pub mod skinny;
 pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;

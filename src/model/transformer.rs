@@ -61,7 +61,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_dim()))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = matmul_wt(&x2, &self.weight, mode)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -156,6 +156,7 @@ impl Attention {
         x: &Tensor,
         rope: &Rope,
         mask: Option<&Tensor>,
+        pads: &[usize],
         cache: Option<(&mut KvCache, usize)>,
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
@@ -170,6 +171,10 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
+        if fused_attention(mode, x.device(), x.dtype()) {
+            let y = super::attention_cpu::causal_attention(&q, &k, &v, pads)?;
+            return self.o.forward(&y, mode);
+        }
         let keys = k.dim(2)?;
         let group = self.heads / self.kv_heads;
         // Grouped-query attention without copying K/V: the `group` query heads that share a KV
@@ -193,6 +198,21 @@ impl Mlp {
         let gate = candle_nn::Activation::Silu.forward(&self.gate.forward(x, mode)?)?;
         self.down.forward(&(gate * self.up.forward(x, mode)?)?, mode)
     }
+}
+
+/// Inference on the CPU uses the fused attention kernel, which needs no mask tensor.
+fn fused_attention(mode: Mode, device: &Device, dtype: DType) -> bool {
+    !mode.grad && super::attention_cpu::supported(device, dtype)
+}
+
+/// `x W^T`: the few-row kernel when decoding without gradients, gemm otherwise.
+fn matmul_wt(x: &Tensor, w: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+    if !mode.grad {
+        if let Some(y) = super::skinny::matmul_wt(x, w)? {
+            return Ok(y);
+        }
+    }
+    x.matmul(&w.t()?)
 }
 
 /// A finite "minus infinity": masked keys get exactly zero weight, and a fully masked row
@@ -313,12 +333,13 @@ impl CausalLm {
             cos: self.cos_table.index_select(&positions, 0)?.reshape((b, t, half))?,
             sin: self.sin_table.index_select(&positions, 0)?.reshape((b, t, half))?,
         };
-        let mask = self.attention_mask(&pads, past, t)?;
+        // The fused inference attention masks by itself; only the differentiable path needs it.
+        let mask = if fused_attention(mode, &self.device, self.dtype) { None } else { self.attention_mask(&pads, past, t)? };
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
         let eps = self.config.rms_norm_eps;
         for (layer, block) in self.blocks.iter().enumerate() {
             let normed = rms_norm(&x, &block.attn_norm, eps, mode)?;
-            let attn = block.attn.forward(&normed, &rope, mask.as_ref(), cache.as_deref_mut().map(|c| (c, layer)), mode)?;
+            let attn = block.attn.forward(&normed, &rope, mask.as_ref(), &pads, cache.as_deref_mut().map(|c| (c, layer)), mode)?;
             x = (x + attn)?;
             let normed = rms_norm(&x, &block.mlp_norm, eps, mode)?;
             x = (&x + block.mlp.forward(&normed, mode)?)?;
@@ -356,7 +377,9 @@ impl CausalLm {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let dims = hidden.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let logits = hidden.reshape((rows, self.config.hidden_size))?.matmul(&head.t()?)?;
+        // Hidden states that carry gradients keep the differentiable matmul.
+        let mode = Mode { adapter: false, grad: hidden.track_op() };
+        let logits = matmul_wt(&hidden.reshape((rows, self.config.hidden_size))?, head, mode)?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.config.vocab_size;
         let logits = logits.reshape(out)?;
