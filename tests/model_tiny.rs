@@ -89,7 +89,7 @@ fn lora_gradients_match_finite_differences() {
         let analytic = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for idx in [0, base.len() / 2, base.len() - 1] {
-            let mut shifted = |delta: f64| {
+            let shifted = |delta: f64| {
                 let mut v = base.clone();
                 v[idx] += delta;
                 var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
@@ -192,7 +192,7 @@ fn batched_generation_equals_one_by_one() {
 fn stop_strings_and_eos_end_generation() {
     let (_d, m) = tiny("llama", DType::F32);
     let prompt = ids(&m, "x");
-    let free = generate_seeded(&m.model, &m.tokenizer, &[prompt.clone()], &[0], 1, &SamplingConfig::greedy(20), Mode::INFERENCE).unwrap();
+    let free = generate_seeded(&m.model, &m.tokenizer, std::slice::from_ref(&prompt), &[0], 1, &SamplingConfig::greedy(20), Mode::INFERENCE).unwrap();
     let text = &free[0][0].text;
     assert!(text.chars().count() >= 3, "tiny model produced {text:?}");
     // Stop at whatever the model writes at its third character: the text ends right there.

@@ -79,7 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop: args.stop.clone(),
         seed: args.seed,
     };
-    let out = generate(model, tokenizer, &[ids.clone()], 1, &cfg, Mode::INFERENCE)?;
+    let out = generate(model, tokenizer, std::slice::from_ref(&ids), 1, &cfg, Mode::INFERENCE)?;
     let completion = &out[0][0];
     if args.json {
         let value = json!({

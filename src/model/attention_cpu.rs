@@ -18,6 +18,32 @@ struct View<'a> {
     stride: Vec<usize>,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::kernels;
+
+    #[test]
+    fn fast_exp_is_accurate_on_softmax_inputs() {
+        for i in 0..=20_000 {
+            let x = -(i as f32) * 0.005; // 0 down to -100
+            let (got, want) = (kernels::exp(x), x.exp());
+            assert!((got - want).abs() <= 5e-6 * want + 1.2e-38, "exp({x}) = {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn exp_normalize_matches_softmax() {
+        let mut s: Vec<f32> = (0..37).map(|i| ((i * 7919) % 23) as f32 * 0.37 - 3.0).collect();
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let want: Vec<f32> = s.iter().map(|x| (x - max).exp()).collect();
+        let sum = kernels::exp_normalize(&mut s);
+        assert!((sum - want.iter().sum::<f32>()).abs() < 1e-5);
+        for (g, w) in s.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6);
+        }
+    }
+}
+
 fn with_view<R>(t: &Tensor, f: impl FnOnce(Option<View>) -> R) -> R {
     let (storage, layout): (_, &Layout) = t.storage_and_layout();
     match &*storage {
@@ -51,24 +77,25 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> c
                 return None;
             }
             Some(
+                {
+                // K of each (row, kv head), transposed once to (D, L): scores for many keys
+                // become broadcast multiply-adds over contiguous memory.
+                let kts: Vec<Vec<f32>> = (0..b * kv)
+                    .into_par_iter()
+                    .map(|bg| {
+                        let base = kview.offset + (bg / kv) * kview.stride[0] + (bg % kv) * kview.stride[1];
+                        transpose_rows(kview.data, base, kview.stride[2], l, d)
+                    })
+                    .collect();
                 items
                     .par_iter()
                     .map(|&(bi, g, i0)| {
                         let i1 = (i0 + q_block).min(t);
-                        let keys = past + i1; // keys any query of the block can see
-                        // K for this (row, kv head), transposed to (D, keys): scores for many keys
-                        // become broadcast multiply-adds over contiguous memory.
-                        let kbase = kview.offset + bi * kview.stride[0] + g * kview.stride[1];
-                        let mut kt = vec![0f32; d * keys];
-                        for j in 0..keys {
-                            let row = &kview.data[kbase + j * kview.stride[2]..kbase + j * kview.stride[2] + d];
-                            for (c, x) in row.iter().enumerate() {
-                                kt[c * keys + j] = *x;
-                            }
-                        }
+                        let keys = l;
+                        let kt = &kts[bi * kv + g];
                         let vbase = vview.offset + bi * vview.stride[0] + g * vview.stride[1];
                         let mut out = vec![0f32; (i1 - i0) * group * d];
-                        let mut scores = vec![0f32; keys];
+                        let mut scores = vec![0f32; past + i1];
                         for i in i0..i1 {
                             let pos = past + i;
                             let (first, last) = if pos < pads[bi] { (pos, pos) } else { (pads[bi], pos) };
@@ -76,23 +103,16 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> c
                                 let head = g * group + hh;
                                 let qrow = &qs[((bi * h + head) * t + i) * d..((bi * h + head) * t + i + 1) * d];
                                 let s = &mut scores[first..=last];
-                                kernels::scores(qrow, &kt, keys, first, s, scale);
-                                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                                let mut sum = 0f32;
-                                for x in s.iter_mut() {
-                                    *x = (*x - max).exp();
-                                    sum += *x;
-                                }
+                                kernels::scores(qrow, kt, keys, first, s, scale);
+                                let sum = kernels::exp_normalize(s);
                                 let o = &mut out[((i - i0) * group + hh) * d..((i - i0) * group + hh + 1) * d];
-                                for (j, p) in (first..=last).zip(s.iter()) {
-                                    let vrow = &vview.data[vbase + j * vview.stride[2]..vbase + j * vview.stride[2] + d];
-                                    kernels::axpy(p / sum, vrow, o);
-                                }
+                                kernels::weighted_sum(s, sum, vview.data, vbase + first * vview.stride[2], vview.stride[2], o);
                             }
                         }
                         ((bi, g, i0, i1), out)
                     })
-                    .collect::<Vec<_>>(),
+                    .collect::<Vec<_>>()
+                },
             )
         })
     });
@@ -109,6 +129,21 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> c
         }
     }
     Tensor::from_vec(out, (b, t, h * d), q.device())
+}
+
+/// `n` rows of `d` values (row i at `base + i * row_stride`) as a (d, n) row-major matrix,
+/// copied in blocks of 8 rows so the writes stay sequential.
+fn transpose_rows(data: &[f32], base: usize, row_stride: usize, n: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; d * n];
+    for j0 in (0..n).step_by(8) {
+        let j1 = (j0 + 8).min(n);
+        for c in 0..d {
+            for j in j0..j1 {
+                out[c * n + j] = data[base + j * row_stride + c];
+            }
+        }
+    }
+    out
 }
 
 /// The two inner loops, compiled for AVX2+FMA when the CPU has it (the plain loops vectorise).
@@ -132,44 +167,159 @@ mod kernels {
         scores_plain(q, kt, keys, first, s, scale)
     }
 
+    /// Blocks of 32 keys accumulate in registers across all of q's dimensions (4 independent
+    /// vector chains, no stores in the inner loop).
     #[inline(always)]
     fn scores_plain(q: &[f32], kt: &[f32], keys: usize, first: usize, s: &mut [f32], scale: f32) {
-        s.fill(0.0);
+        const BLOCK: usize = 32;
         let n = s.len();
-        for (c, qc) in q.iter().enumerate() {
-            let row = &kt[c * keys + first..c * keys + first + n];
-            for (x, kv) in s.iter_mut().zip(row) {
-                *x = qc.mul_add(*kv, *x);
+        let mut j = 0;
+        while j + BLOCK <= n {
+            let mut acc = [0f32; BLOCK];
+            for (c, qc) in q.iter().enumerate() {
+                let row = &kt[c * keys + first + j..c * keys + first + j + BLOCK];
+                for l in 0..BLOCK {
+                    acc[l] = qc.mul_add(row[l], acc[l]);
+                }
             }
+            for l in 0..BLOCK {
+                s[j + l] = acc[l] * scale;
+            }
+            j += BLOCK;
         }
-        for x in s.iter_mut() {
-            *x *= scale;
+        if j < n {
+            let rest = &mut s[j..];
+            rest.fill(0.0);
+            for (c, qc) in q.iter().enumerate() {
+                let row = &kt[c * keys + first + j..c * keys + first + n];
+                for (x, kv) in rest.iter_mut().zip(row) {
+                    *x = qc.mul_add(*kv, *x);
+                }
+            }
+            for x in rest.iter_mut() {
+                *x *= scale;
+            }
         }
     }
 
-    /// o += a * x
-    pub fn axpy(a: f32, x: &[f32], o: &mut [f32]) {
+    /// s[j] = exp(s[j] - max(s)); returns the sum (the softmax's denominator).
+    pub fn exp_normalize(s: &mut [f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the features were just detected.
-                unsafe { axpy_avx2(a, x, o) };
-                return;
+                return unsafe { exp_normalize_avx2(s) };
             }
         }
-        axpy_plain(a, x, o)
+        exp_normalize_plain(s)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn axpy_avx2(a: f32, x: &[f32], o: &mut [f32]) {
-        axpy_plain(a, x, o)
+    unsafe fn exp_normalize_avx2(s: &mut [f32]) -> f32 {
+        exp_normalize_plain(s)
+    }
+
+    const LANES: usize = 8;
+
+    /// Lane-wise max, exp and sum, so the compiler vectorises all three.
+    #[inline(always)]
+    fn exp_normalize_plain(s: &mut [f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = s.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+            }
+        }
+        let max = chunks.remainder().iter().chain(lanes.iter()).copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sums = [0f32; LANES];
+        let mut chunks = s.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                c[l] = exp(c[l] - max);
+                sums[l] += c[l];
+            }
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = exp(*x - max);
+            sum += *x;
+        }
+        sum
+    }
+
+    /// exp(x) for x <= 0 (softmax inputs after subtracting the max), relative error ~2e-7:
+    /// 2^(x log2 e) split into an integer power (exponent bits) and a polynomial for 2^f,
+    /// |f| <= 1/2. Branch-free so it vectorises.
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        let y = (x * std::f32::consts::LOG2_E).max(-126.0);
+        let n = (y + 12_582_912.0) - 12_582_912.0; // round to nearest
+        let f = y - n;
+        // Taylor coefficients of 2^f = e^(f ln 2).
+        let p = 1.535_336_2e-4f32;
+        let p = p.mul_add(f, 1.339_887_4e-3);
+        let p = p.mul_add(f, 9.618_437e-3);
+        let p = p.mul_add(f, 5.550_332_5e-2);
+        let p = p.mul_add(f, 2.402_264_9e-1);
+        let p = p.mul_add(f, 6.931_472e-1);
+        let p = p.mul_add(f, 1.0);
+        let r = f32::from_bits(p.to_bits().wrapping_add(((n as i32) << 23) as u32));
+        // Below 2^-126 (x < -87.3) the true value is subnormal: flush it to zero.
+        if y > -126.0 { r } else { 0.0 }
+    }
+
+    /// o = sum_j p[j] * v_j / norm, where row j of v starts at `base + j * stride`.
+    pub fn weighted_sum(p: &[f32], norm: f32, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                unsafe { weighted_sum_avx2(p, norm, v, base, stride, o) };
+                return;
+            }
+        }
+        weighted_sum_plain(p, norm, v, base, stride, o)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_sum_avx2(p: &[f32], norm: f32, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
+        weighted_sum_plain(p, norm, v, base, stride, o)
     }
 
     #[inline(always)]
-    fn axpy_plain(a: f32, x: &[f32], o: &mut [f32]) {
-        for (y, v) in o.iter_mut().zip(x) {
-            *y = a.mul_add(*v, *y);
+    fn weighted_sum_plain(p: &[f32], norm: f32, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
+        match o.len() {
+            64 => weighted_sum_fixed::<64>(p, norm, v, base, stride, o),
+            128 => weighted_sum_fixed::<128>(p, norm, v, base, stride, o),
+            d => {
+                o.fill(0.0);
+                for (j, pj) in p.iter().enumerate() {
+                    for (y, x) in o.iter_mut().zip(&v[base + j * stride..base + j * stride + d]) {
+                        *y = pj.mul_add(*x, *y);
+                    }
+                }
+                for y in o.iter_mut() {
+                    *y /= norm;
+                }
+            }
+        }
+    }
+
+    /// The head dimension known at compile time keeps the accumulator in registers.
+    #[inline(always)]
+    fn weighted_sum_fixed<const D: usize>(p: &[f32], norm: f32, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
+        let mut acc = [0f32; D];
+        for (j, pj) in p.iter().enumerate() {
+            let row = &v[base + j * stride..base + j * stride + D];
+            for c in 0..D {
+                acc[c] = pj.mul_add(row[c], acc[c]);
+            }
+        }
+        for c in 0..D {
+            o[c] = acc[c] / norm;
         }
     }
 }

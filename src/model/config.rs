@@ -100,12 +100,12 @@ impl ModelConfig {
             "model config has zero attention heads"
         );
         anyhow::ensure!(
-            self.num_attention_heads % self.num_kv_heads() == 0,
+            self.num_attention_heads.is_multiple_of(self.num_kv_heads()),
             "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
             self.num_attention_heads,
             self.num_kv_heads()
         );
-        anyhow::ensure!(self.head_dim() % 2 == 0, "head_dim must be even for rotary embeddings");
+        anyhow::ensure!(self.head_dim().is_multiple_of(2), "head_dim must be even for rotary embeddings");
         if let Some(scaling) = &self.rope_scaling {
             anyhow::ensure!(
                 scaling.rope_type == "llama3" || scaling.rope_type == "default",

@@ -172,8 +172,8 @@ fn tokenizer_from_metadata(meta: &Meta, tokens: Vec<String>) -> anyhow::Result<T
     let mut tok = Tokenizer::new(bpe);
     let byte_level = ByteLevel::new(false, true, true);
     let regex_split = |pattern: &str| -> anyhow::Result<_> {
-        Ok(Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| anyhow::anyhow!("{e}"))?)
+        Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     };
     // Each pre-tokenizer as the matching tokenizer.json writes it.
     let pre_tokenizer: tokenizers::PreTokenizerWrapper = match pre.as_str() {

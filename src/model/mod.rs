@@ -151,11 +151,10 @@ pub fn load_folder(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<
     };
     let eos_token = special("eos_token");
     let mut eos_ids: Vec<u32> = config.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default();
-    if let Some(generation) = read_json("generation_config.json")? {
-        if let Some(e) = generation.get("eos_token_id").and_then(|e| serde_json::from_value::<config::TokenIds>(e.clone()).ok()) {
+    if let Some(generation) = read_json("generation_config.json")?
+        && let Some(e) = generation.get("eos_token_id").and_then(|e| serde_json::from_value::<config::TokenIds>(e.clone()).ok()) {
             eos_ids.extend(e.to_vec());
         }
-    }
     if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
         eos_ids.push(id);
     }

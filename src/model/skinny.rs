@@ -73,42 +73,45 @@ mod avx2 {
     /// each weight vector loaded once for four rows.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_block(xs: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
-        let body = k - k % 16;
-        let end = w.as_ptr_range().end;
-        for (wrow, res) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
-            let wp = wrow.as_ptr();
-            // The weights stream from memory once per step: ask for the row after next early.
-            let ahead = wp.wrapping_add(2 * k);
-            let mut i = 0;
-            while i < rows {
-                let r = (rows - i).min(4);
-                // Rows past the end repeat the last row; their results are discarded.
-                let xp: [*const f32; 4] = std::array::from_fn(|q| xs[(i + q.min(r - 1)) * k..].as_ptr());
-                let mut acc = [_mm256_setzero_ps(); 8];
-                let mut c = 0;
-                while c < body {
-                    if i == 0 && ahead.wrapping_add(c) < end {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c) as *const i8);
+        // SAFETY: every pointer stays inside `xs` / `w` (chunk bounds checked above).
+        unsafe {
+            let body = k - k % 16;
+            let end = w.as_ptr_range().end;
+            for (wrow, res) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+                let wp = wrow.as_ptr();
+                // The weights stream from memory once per step: ask for the row after next early.
+                let ahead = wp.wrapping_add(2 * k);
+                let mut i = 0;
+                while i < rows {
+                    let r = (rows - i).min(4);
+                    // Rows past the end repeat the last row; their results are discarded.
+                    let xp: [*const f32; 4] = std::array::from_fn(|q| xs[(i + q.min(r - 1)) * k..].as_ptr());
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    let mut c = 0;
+                    while c < body {
+                        if i == 0 && ahead.wrapping_add(c) < end {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c) as *const i8);
+                        }
+                        let w0 = _mm256_loadu_ps(wp.add(c));
+                        let w1 = _mm256_loadu_ps(wp.add(c + 8));
+                        for q in 0..4 {
+                            acc[2 * q] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[q].add(c)), w0, acc[2 * q]);
+                            acc[2 * q + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[q].add(c + 8)), w1, acc[2 * q + 1]);
+                        }
+                        c += 16;
                     }
-                    let w0 = _mm256_loadu_ps(wp.add(c));
-                    let w1 = _mm256_loadu_ps(wp.add(c + 8));
-                    for q in 0..4 {
-                        acc[2 * q] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[q].add(c)), w0, acc[2 * q]);
-                        acc[2 * q + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[q].add(c + 8)), w1, acc[2 * q + 1]);
+                    for q in 0..r {
+                        let v = _mm256_add_ps(acc[2 * q], acc[2 * q + 1]);
+                        let mut lanes = [0f32; 8];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                        let mut sum: f32 = lanes.iter().sum();
+                        for (t, wv) in wrow.iter().enumerate().skip(body) {
+                            sum += *xp[q].add(t) * wv;
+                        }
+                        res[i + q] = sum;
                     }
-                    c += 16;
+                    i += r;
                 }
-                for q in 0..r {
-                    let v = _mm256_add_ps(acc[2 * q], acc[2 * q + 1]);
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-                    let mut sum: f32 = lanes.iter().sum();
-                    for t in body..k {
-                        sum += *xp[q].add(t) * wrow[t];
-                    }
-                    res[i + q] = sum;
-                }
-                i += r;
             }
         }
     }

@@ -207,11 +207,10 @@ fn fused_attention(mode: Mode, device: &Device, dtype: DType) -> bool {
 
 /// `x W^T`: the few-row kernel when decoding without gradients, gemm otherwise.
 fn matmul_wt(x: &Tensor, w: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-    if !mode.grad {
-        if let Some(y) = super::skinny::matmul_wt(x, w)? {
+    if !mode.grad
+        && let Some(y) = super::skinny::matmul_wt(x, w)? {
             return Ok(y);
         }
-    }
     x.matmul(&w.t()?)
 }
 
