@@ -39,6 +39,12 @@ pub trait Recommender {
     }
 
     fn predict(&mut self, ds: &Dataset, batch: &[&Instance]) -> Result<Vec<Prediction>>;
+
+    /// Extra per-instance facts of the last `predict` call, in batch order, for
+    /// `--predictions` (an LLM's prompt, raw completion and parsed answer); none by default.
+    fn take_details(&mut self) -> Vec<serde_json::Value> {
+        Vec::new()
+    }
 }
 
 /// Harness settings.
@@ -52,6 +58,8 @@ pub struct EvalOptions {
     pub keep_results: bool,
     /// No progress bar.
     pub quiet: bool,
+    /// Evaluate a deterministic sample of this many instances (see [`sample`]).
+    pub limit: Option<usize>,
 }
 
 impl Default for EvalOptions {
@@ -61,7 +69,25 @@ impl Default for EvalOptions {
             top_n: 20,
             keep_results: false,
             quiet: true,
+            limit: None,
         }
+    }
+}
+
+/// The instances `--limit n` evaluates: a fixed pseudo-random sample (seed 0) of n instances, in
+/// instance order, so every method with the same limit sees the same instances.
+pub fn sample(instances: &[Instance], limit: Option<usize>) -> Vec<&Instance> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    match limit {
+        Some(n) if n < instances.len() => {
+            let mut idx: Vec<usize> = (0..instances.len()).collect();
+            idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(0));
+            idx.truncate(n);
+            idx.sort_unstable();
+            idx.into_iter().map(|i| &instances[i]).collect()
+        }
+        _ => instances.iter().collect(),
     }
 }
 
@@ -84,6 +110,9 @@ pub struct InstanceResult {
     /// List methods: whether the answer parsed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid: Option<bool>,
+    /// The method's own facts about this answer ([`Recommender::take_details`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
 
 /// The evaluation report (`--out`).
@@ -145,7 +174,7 @@ pub fn evaluate(
     method: &mut dyn Recommender,
     opts: &EvalOptions,
 ) -> Result<(EvalReport, Vec<InstanceResult>)> {
-    let instances = ds.instances(split);
+    let instances = sample(ds.instances(split), opts.limit);
     if instances.is_empty() {
         bail!("split {split} has no instances to evaluate");
     }
@@ -173,8 +202,9 @@ pub fn evaluate(
     let (mut lists, mut invalid) = (0u64, 0u64);
     let mut results = Vec::new();
     for chunk in instances.chunks(batch_size) {
-        let batch: Vec<&Instance> = chunk.iter().collect();
+        let batch: Vec<&Instance> = chunk.to_vec();
         let preds = method.predict(ds, &batch)?;
+        let mut details = method.take_details().into_iter();
         if preds.len() != batch.len() {
             bail!(
                 "{} returned {} predictions for a batch of {}",
@@ -211,6 +241,7 @@ pub fn evaluate(
                         ranked,
                         scores,
                         valid,
+                        detail: None,
                     }
                 });
                 Ok((rank, res))
@@ -226,7 +257,7 @@ pub fn evaluate(
                 }
             }
             acc.add(rank, inst.is_return);
-            results.extend(res);
+            results.extend(res.map(|r| InstanceResult { detail: details.next(), ..r }));
         }
         bar.inc(chunk.len() as u64);
     }

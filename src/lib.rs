@@ -12,3 +12,4 @@ pub mod eval;
 pub mod answer;
 pub mod prompt;
 pub mod runtime;
+pub mod llm_rec;

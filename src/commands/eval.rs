@@ -7,7 +7,71 @@ use anyhow::{Context, Result};
 
 use crate::baselines::Baseline;
 use crate::data::{Dataset, Split};
-use crate::eval::{EvalOptions, evaluate, format_table, write_predictions};
+use crate::eval::{EvalOptions, Recommender, evaluate, format_table, write_predictions};
+use crate::llm_rec::LlmRecommender;
+use crate::model;
+use crate::prompt::PromptConfig;
+
+/// A baseline or the language model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    Popularity,
+    Counter,
+    Markov,
+    /// The model (+ adapter), prompted per instance and decoded greedily.
+    Llm,
+}
+
+/// How `--method llm` runs: the model, the adapter and the prompt.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LlmArgs {
+    /// A GGUF file, a Hugging Face model folder, or a hub repo id.
+    #[arg(long, default_value = model::DEFAULT_MODEL)]
+    pub model: String,
+    /// A LoRA adapter folder (PEFT layout).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Tokens the model may generate per answer.
+    #[arg(long, default_value_t = 96)]
+    pub max_new_tokens: usize,
+    /// Prompt options from a TOML file: a `[prompt]` table (as in training configs) or the bare
+    /// keys (k, long_term, categories, times, reasoning, max_prompt_tokens, ...).
+    #[arg(long)]
+    pub prompt_config: Option<PathBuf>,
+    /// Length of the list the prompt asks for (overrides the prompt config).
+    #[arg(long)]
+    pub k: Option<usize>,
+}
+
+impl LlmArgs {
+    pub fn prompt_config(&self) -> Result<PromptConfig> {
+        let mut cfg = match &self.prompt_config {
+            None => PromptConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                let value: toml::Value = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+                let table = value.get("prompt").cloned().unwrap_or(value);
+                table.try_into().with_context(|| format!("bad prompt options in {}", path.display()))?
+            }
+        };
+        if let Some(k) = self.k {
+            cfg.k = k;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Loads the model (and adapter) as a recommender.
+    pub fn recommender(&self, batch_size: usize) -> Result<LlmRecommender> {
+        let mut loaded = model::load(&self.model)?;
+        let mut name = format!("llm:{}", loaded.source);
+        if let Some(adapter) = &self.adapter {
+            loaded.model.load_adapter(adapter)?;
+            name.push_str(&format!("+{}", adapter.display()));
+        }
+        LlmRecommender::new(loaded, self.prompt_config()?, batch_size, self.max_new_tokens, name)
+    }
+}
 
 /// The splits that can be evaluated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -35,7 +99,7 @@ pub struct Args {
     pub split: EvalSplit,
     /// Method to evaluate.
     #[arg(long, value_enum)]
-    pub method: Baseline,
+    pub method: Method,
     /// Where to write the JSON report.
     #[arg(long)]
     pub out: PathBuf,
@@ -48,9 +112,14 @@ pub struct Args {
     /// Instances per `predict` call (default: the method's own).
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Evaluate a fixed sample of this many instances (the same sample for every method).
+    #[arg(long)]
+    pub limit: Option<usize>,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub llm: LlmArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -59,13 +128,19 @@ pub fn run(args: Args) -> Result<()> {
     let ds = Dataset::load_splits(&args.data, &[split])?;
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mut method = args.method.build(&ds);
+    let mut method: Box<dyn Recommender> = match args.method {
+        Method::Popularity => Baseline::Popularity.build(&ds),
+        Method::Counter => Baseline::Counter.build(&ds),
+        Method::Markov => Baseline::Markov.build(&ds),
+        Method::Llm => Box::new(args.llm.recommender(args.batch_size.unwrap_or(8))?),
+    };
     let fit_s = t1.elapsed().as_secs_f64();
     let opts = EvalOptions {
         batch_size: args.batch_size,
         top_n: args.top_n,
         keep_results: args.predictions.is_some(),
         quiet: args.quiet,
+        limit: args.limit,
     };
     let (report, results) = evaluate(&ds, split, method.as_mut(), &opts)?;
 

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod preprocess;
+pub mod recommend;
 
 #[derive(Parser, Debug)]
 #[command(name = "refine-poi", version, about = "Reinforcement fine-tuning of an LLM for next-POI recommendation")]
@@ -20,6 +21,8 @@ pub enum Command {
     Preprocess(preprocess::Args),
     /// Evaluate a method on a split with the protocol's metrics.
     Eval(eval::Args),
+    /// A top-k list for one user history (a dataset user, or a JSON file / stdin).
+    Recommend(recommend::Args),
     /// Measure the model's prefill and decode speed and peak memory (JSON).
     Bench(bench::Args),
     /// Complete one prompt with a model (+ adapter): a sanity tool.
@@ -31,6 +34,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Preprocess(args) => preprocess::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Recommend(args) => recommend::run(args),
         Command::Generate(args) => generate::run(args),
     }
 }

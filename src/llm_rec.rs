@@ -1,0 +1,90 @@
+//! A language model as a recommender: prompt each instance, decode greedily until
+//! `</answer>`, parse the list. The eval harness ranks and scores its lists exactly like the
+//! baselines' scores; this module only turns instances into answers.
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::answer::{parse_answer, ANSWER_CLOSE};
+use crate::data::{Dataset, Instance};
+use crate::eval::{Prediction, Recommender};
+use crate::generate::{generate, SamplingConfig};
+use crate::model::{LoadedModel, Mode};
+use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
+
+pub struct LlmRecommender {
+    pub loaded: LoadedModel,
+    pub prompt: PromptConfig,
+    pub batch_size: usize,
+    pub max_new_tokens: usize,
+    /// The name in reports, e.g. `llm:SmolLM2…+adapter`.
+    pub name: String,
+    details: Vec<serde_json::Value>,
+}
+
+impl LlmRecommender {
+    pub fn new(loaded: LoadedModel, prompt: PromptConfig, batch_size: usize, max_new_tokens: usize, name: String) -> Result<Self> {
+        prompt.validate()?;
+        anyhow::ensure!(batch_size > 0 && max_new_tokens > 0, "batch size and max new tokens must be positive");
+        Ok(LlmRecommender { loaded, prompt, batch_size, max_new_tokens, name, details: Vec::new() })
+    }
+
+    /// Greedy answers for `contexts`: the raw completion, the parsed answer, and the prompt.
+    pub fn answer(&self, contexts: &[PromptContext], num_pois: usize) -> Result<Vec<LlmAnswer>> {
+        let builder = PromptBuilder::new(self.prompt.clone(), &self.loaded.tokenizer)?;
+        let prompts = contexts.iter().map(|c| builder.build(c)).collect::<Result<Vec<_>>>()?;
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+        let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
+        let out = generate(&self.loaded.model, &self.loaded.tokenizer, &ids, 1, &cfg, Mode::INFERENCE)?;
+        Ok(prompts
+            .into_iter()
+            .zip(out)
+            .map(|(prompt, mut completions)| {
+                let completion = completions.remove(0);
+                let parsed = parse_answer(&completion.text, num_pois);
+                LlmAnswer { prompt_text: prompt.text, prompt_tokens: prompt.ids.len(), completion: completion.text, parsed }
+            })
+            .collect())
+    }
+}
+
+pub struct LlmAnswer {
+    pub prompt_text: String,
+    pub prompt_tokens: usize,
+    pub completion: String,
+    pub parsed: crate::answer::ParsedAnswer,
+}
+
+impl Recommender for LlmRecommender {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    fn predict(&mut self, ds: &Dataset, batch: &[&Instance]) -> Result<Vec<Prediction>> {
+        let contexts: Vec<PromptContext> = batch.iter().map(|inst| PromptContext::from_instance(ds, inst)).collect();
+        let answers = self.answer(&contexts, ds.num_pois())?;
+        self.details.clear();
+        Ok(answers
+            .into_iter()
+            .map(|a| {
+                // A list the parser could not read at all is a miss and counts as invalid.
+                let valid = !a.parsed.ids.is_empty();
+                self.details.push(json!({
+                    "prompt": a.prompt_text,
+                    "prompt_tokens": a.prompt_tokens,
+                    "completion": a.completion,
+                    "parsed": a.parsed,
+                }));
+                Prediction::List { ids: a.parsed.ids, valid }
+            })
+            .collect())
+    }
+
+    fn take_details(&mut self) -> Vec<serde_json::Value> {
+        std::mem::take(&mut self.details)
+    }
+}

@@ -1,0 +1,159 @@
+//! Drives the model-facing commands (`generate`, `eval --method llm`, `recommend`) on a tiny
+//! random model, including the hub path in offline mode and bad inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use refine_poi::model::tiny::{tiny_config, write_tiny_model};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_refine-poi"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// A user error: non-zero exit, one `error:` line, no panic; returns that line.
+fn error_line(out: &Output) -> String {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    lines[0].to_string()
+}
+
+/// A tiny model folder and a small preprocessed dataset.
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, &tiny_config("llama"), 3).unwrap();
+    let data = tmp.path().join("data");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tsmc2014_synthetic.txt");
+    ok(bin()
+        .args(["preprocess", "--format", "foursquare", "--quiet", "--input"])
+        .arg(&fixture)
+        .arg("--out")
+        .arg(&data)
+        .output()
+        .unwrap());
+    (tmp, model, data)
+}
+
+#[test]
+fn generate_with_a_model_folder() {
+    let (_tmp, model, _) = setup();
+    let out = ok(bin()
+        .args(["generate", "--greedy", "--chat", "--max-new-tokens", "5", "--top-logits", "3", "--json", "--prompt", "hi", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["top_logits"].as_array().unwrap().len(), 3);
+    assert!(v["completion_tokens"].as_array().unwrap().len() <= 5);
+}
+
+#[test]
+fn eval_llm_reports_like_the_baselines_on_the_same_sample() {
+    let (tmp, model, data) = setup();
+    let report = tmp.path().join("llm.json");
+    let preds = tmp.path().join("llm.jsonl");
+    ok(bin()
+        .args(["eval", "--method", "llm", "--split", "test", "--limit", "4", "--batch-size", "3", "--max-new-tokens", "8", "--quiet", "--data"])
+        .arg(&data)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&report)
+        .arg("--predictions")
+        .arg(&preds)
+        .output()
+        .unwrap());
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["instances"], 4);
+    assert_eq!(r["metrics"]["all"]["n"], 4);
+    assert!(r["invalid_rate"].as_f64().is_some());
+    for key in ["acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr"] {
+        assert!(r["metrics"]["all"].get(key).is_some(), "{key}");
+    }
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&preds).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4);
+    for l in &lines {
+        assert!(l["detail"]["prompt"].as_str().unwrap().contains("<|im_start|>assistant"));
+        assert!(l["detail"]["completion"].is_string());
+        assert!(l["detail"]["parsed"]["items"].is_u64());
+    }
+
+    // The counter with the same --limit evaluates the same instances.
+    let counter = tmp.path().join("counter.jsonl");
+    ok(bin()
+        .args(["eval", "--method", "counter", "--split", "test", "--limit", "4", "--quiet", "--out"])
+        .arg(tmp.path().join("counter.json"))
+        .arg("--predictions")
+        .arg(&counter)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap());
+    let ids = |p: &Path| -> Vec<u64> {
+        std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(ids(&preds), ids(&counter));
+}
+
+#[test]
+fn recommend_errors_are_clear() {
+    let (tmp, model, data) = setup();
+    let run = |args: &[&str]| bin().args(args).arg("--data").arg(&data).arg("--model").arg(&model).arg("--max-new-tokens").arg("4").output().unwrap();
+    assert!(error_line(&run(&["recommend", "--user", "no-such-user"])).contains("not in the dataset"));
+    let history = tmp.path().join("history.json");
+    std::fs::write(&history, r#"{"checkins": [{"venue_id": "unknown-venue", "time": "2012-05-01T10:00:00Z"}]}"#).unwrap();
+    assert!(error_line(&run(&["recommend", "--history", history.to_str().unwrap()])).contains("unknown-venue"));
+    std::fs::write(&history, r#"{"checkins": [{"poi": 0, "time": "yesterday"}]}"#).unwrap();
+    assert!(error_line(&run(&["recommend", "--history", history.to_str().unwrap()])).contains("ISO 8601"));
+    // A random tiny model answers nothing parsable: said plainly, with its raw answer.
+    let users = std::fs::read_to_string(data.join("users.csv")).unwrap();
+    let user = users.lines().nth(1).unwrap().split(',').nth(1).unwrap().to_string();
+    let err = error_line(&run(&["recommend", "--user", &user]));
+    assert!(err.contains("no valid POI id"), "{err}");
+}
+
+#[test]
+fn hub_models_load_from_the_cache_offline_and_say_what_is_missing() {
+    let (tmp, model, _) = setup();
+    // hf-hub's cache layout: hub/models--owner--name/{refs/main, snapshots/<rev>/...}.
+    let hf_home = tmp.path().join("hf");
+    let repo = hf_home.join("hub/models--acme--tiny");
+    let snapshot = repo.join("snapshots/0123abc");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abc").unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, snapshot.join(f.file_name().unwrap())).unwrap();
+    }
+    let generate = |repo_id: &str| {
+        bin()
+            .env("HF_HOME", &hf_home)
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["generate", "--greedy", "--max-new-tokens", "2", "--prompt", "x", "--model", repo_id])
+            .output()
+            .unwrap()
+    };
+    ok(generate("acme/tiny"));
+    let err = error_line(&generate("acme/missing"));
+    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("huggingface-cli download acme/missing"), "{err}");
+}
+
+#[test]
+fn a_missing_model_says_how_to_get_it() {
+    let out = bin().args(["generate", "--prompt", "x", "--model", "no/such/path.gguf"]).output().unwrap();
+    assert!(error_line(&out).contains("neither a GGUF file"));
+}
