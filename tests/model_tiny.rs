@@ -202,3 +202,74 @@ fn stop_strings_and_eos_end_generation() {
     assert!(cut[0][0].text.ends_with(&stop));
     assert!(cut[0][0].text.len() <= text.len());
 }
+
+/// Logits of completion tokens from the full sequences, one at a time: what prefix sharing must equal.
+fn unshared_group_logits(m: &LoadedModel, prompt: &[u32], completions: &[Vec<u32>], mode: Mode) -> Vec<Vec<Vec<f64>>> {
+    completions
+        .iter()
+        .map(|c| {
+            let mut seq = prompt.to_vec();
+            seq.extend(c);
+            let t = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let all = m.model.forward(&t, None, None, mode).unwrap().squeeze(0).unwrap();
+            all.narrow(0, prompt.len() - 1, c.len()).unwrap().to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn prefix_shared_group_forward_equals_separate_sequences() {
+    let (_d, mut m) = tiny("qwen2", DType::F64);
+    m.model.attach_lora(&LoraConfig::default(), 11).unwrap();
+    randomize_b(&m, 12);
+    let prompt = ids(&m, "a shared prompt");
+    let completions = vec![ids(&m, "one"), ids(&m, "two"), ids(&m, "six")];
+    let flat: Vec<u32> = completions.concat();
+    let ct = Tensor::from_vec(flat, (3, 3), &Device::Cpu).unwrap();
+    let shared = m.model.forward_group(&prompt, &ct, Mode::TRAIN).unwrap().to_vec3::<f64>().unwrap();
+    let separate = unshared_group_logits(&m, &prompt, &completions, Mode::TRAIN);
+    for (a, b) in shared.iter().flatten().flatten().zip(separate.iter().flatten().flatten()) {
+        assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn grpo_loss_gradient_matches_finite_differences() {
+    use refine_poi::grpo::{grpo_loss, token_logprobs, LossConfig, LossNorm};
+    let (_d, mut m) = tiny("llama", DType::F64);
+    let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q".into(), "up".into()] };
+    m.model.attach_lora(&cfg, 13).unwrap();
+    randomize_b(&m, 14);
+    let prompt = ids(&m, "prompt");
+    // Two completions, the second one token shorter (right padding, masked).
+    let tokens = Tensor::from_vec(vec![10u32, 20, 30, 40, 50, 0], (2, 3), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(vec![1f64, 1., 1., 1., 1., 0.], (2, 3), &Device::Cpu).unwrap();
+    let adv = Tensor::new(&[0.7f64, -0.7], &Device::Cpu).unwrap();
+    // Old and reference log-probs away from the current ones, so clipping and KL both act.
+    let old = Tensor::from_vec(vec![-5.0f64, -5.5, -5.2, -4.9, -5.8, 0.0], (2, 3), &Device::Cpu).unwrap();
+    let reference = (&old - 0.3).unwrap();
+    let loss_cfg = LossConfig { epsilon: 0.2, epsilon_high: Some(0.28), beta: 0.1, loss_norm: LossNorm::Token, max_completion_tokens: 3 };
+    let loss = |m: &LoadedModel| {
+        let logits = m.model.forward_group(&prompt, &tokens, Mode::TRAIN).unwrap();
+        let logp = token_logprobs(&logits, &tokens).unwrap().to_dtype(DType::F64).unwrap();
+        grpo_loss(&logp, &old, Some(&reference), &adv, &mask, &loss_cfg).unwrap().0
+    };
+    let grads = loss(&m).backward().unwrap();
+    let eps = 1e-6;
+    for (name, var) in m.model.lora_vars() {
+        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for idx in [0, base.len() - 1] {
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[idx] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                let l = loss(&m).to_scalar::<f64>().unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                l
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            assert!((numeric - analytic[idx]).abs() < 1e-6 * (1.0 + numeric.abs()), "{name}[{idx}]: {} vs {numeric}", analytic[idx]);
+        }
+    }
+}

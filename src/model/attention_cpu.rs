@@ -78,9 +78,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> c
             }
             Some(
                 {
-                // K of each (row, kv head), transposed once to (D, L): scores for many keys
-                // become broadcast multiply-adds over contiguous memory.
-                let kts: Vec<Vec<f32>> = (0..b * kv)
+                // Prefill: K of each (row, kv head), transposed once to (D, L), so scores for
+                // many keys become broadcast multiply-adds over contiguous memory. Decoding (one
+                // query per head) reads K once as it is: a transpose would cost more than it saves.
+                let transpose = t > 1;
+                let kts: Vec<Vec<f32>> = (0..if transpose { b * kv } else { 0 })
                     .into_par_iter()
                     .map(|bg| {
                         let base = kview.offset + (bg / kv) * kview.stride[0] + (bg % kv) * kview.stride[1];
@@ -91,8 +93,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> c
                     .par_iter()
                     .map(|&(bi, g, i0)| {
                         let i1 = (i0 + q_block).min(t);
-                        let keys = l;
-                        let kt = &kts[bi * kv + g];
+                        let kbase = kview.offset + bi * kview.stride[0] + g * kview.stride[1];
                         let vbase = vview.offset + bi * vview.stride[0] + g * vview.stride[1];
                         let mut out = vec![0f32; (i1 - i0) * group * d];
                         let mut scores = vec![0f32; past + i1];
@@ -103,7 +104,12 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> c
                                 let head = g * group + hh;
                                 let qrow = &qs[((bi * h + head) * t + i) * d..((bi * h + head) * t + i + 1) * d];
                                 let s = &mut scores[first..=last];
-                                kernels::scores(qrow, kt, keys, first, s, scale);
+                                if transpose {
+                                    kernels::scores(qrow, &kts[bi * kv + g], l, first, s, scale);
+                                } else {
+                                    let rows = &kview.data[kbase + first * kview.stride[2]..];
+                                    kernels::dot_scores(qrow, rows, kview.stride[2], s, scale);
+                                }
                                 let sum = kernels::exp_normalize(s);
                                 let o = &mut out[((i - i0) * group + hh) * d..((i - i0) * group + hh + 1) * d];
                                 kernels::weighted_sum(s, sum, vview.data, vbase + first * vview.stride[2], vview.stride[2], o);
@@ -199,6 +205,43 @@ mod kernels {
             for x in rest.iter_mut() {
                 *x *= scale;
             }
+        }
+    }
+
+    /// s[j] = scale * dot(q, row j), where row j starts at `j * stride` of `rows`.
+    pub fn dot_scores(q: &[f32], rows: &[f32], stride: usize, s: &mut [f32], scale: f32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                unsafe { dot_scores_avx2(q, rows, stride, s, scale) };
+                return;
+            }
+        }
+        dot_scores_plain(q, rows, stride, s, scale)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_scores_avx2(q: &[f32], rows: &[f32], stride: usize, s: &mut [f32], scale: f32) {
+        dot_scores_plain(q, rows, stride, s, scale)
+    }
+
+    #[inline(always)]
+    fn dot_scores_plain(q: &[f32], rows: &[f32], stride: usize, s: &mut [f32], scale: f32) {
+        let d = q.len();
+        for (j, x) in s.iter_mut().enumerate() {
+            let row = &rows[j * stride..j * stride + d];
+            let mut acc = [0f32; LANES];
+            let mut qc = q.chunks_exact(LANES);
+            let mut rc = row.chunks_exact(LANES);
+            for (a, b) in (&mut qc).zip(&mut rc) {
+                for l in 0..LANES {
+                    acc[l] = a[l].mul_add(b[l], acc[l]);
+                }
+            }
+            let tail: f32 = qc.remainder().iter().zip(rc.remainder()).map(|(a, b)| a * b).sum();
+            *x = (acc.iter().sum::<f32>() + tail) * scale;
         }
     }
 

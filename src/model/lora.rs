@@ -102,10 +102,23 @@ impl CausalLm {
             let a: Vec<f32> = (0..cfg.r * fan_in).map(|_| rng.random_range(-bound..bound) as f32).collect();
             let a = Tensor::from_vec(a, (cfg.r, fan_in), &device)?.to_dtype(dtype)?;
             let b = Tensor::zeros((fan_out, cfg.r), dtype, &device)?;
-            lin.lora = Some(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale });
+            lin.lora = Some(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale, dropout: cfg.dropout });
         }
         self.lora_config = Some(cfg.clone());
         Ok(())
+    }
+
+    /// Sets the dropout rate of every attached adapter (and of the recorded config), e.g. for
+    /// training an adapter loaded from disk with the run's `lora.dropout`.
+    pub fn set_lora_dropout(&mut self, p: f64) {
+        for lin in self.linears_mut() {
+            if let Some(l) = lin.lora.as_mut() {
+                l.dropout = p;
+            }
+        }
+        if let Some(cfg) = self.lora_config.as_mut() {
+            cfg.dropout = p;
+        }
     }
 
     /// The adapter's trainable tensors under their PEFT keys, in a fixed order.
@@ -189,7 +202,7 @@ impl CausalLm {
             };
             let a = take("A", (cfg.r, lin.in_dim()))?;
             let b = take("B", (lin.out_dim(), cfg.r))?;
-            lin.lora = Some(Lora { a, b, scale });
+            lin.lora = Some(Lora { a, b, scale, dropout: cfg.dropout });
         }
         if let Some(extra) = tensors.keys().next() {
             anyhow::bail!("adapter {} does not fit this model: unexpected tensor {extra}", dir.display());

@@ -18,19 +18,63 @@ pub struct Mode {
     pub adapter: bool,
     /// Use differentiable ops (candle's fused CPU kernels have no backward pass).
     pub grad: bool,
+    /// LoRA dropout (training): the seed of this pass's dropout masks. `None` = no dropout. The
+    /// mask of each adapter input element is a pure function of (seed, layer path, element),
+    /// so a pass repeats exactly with the same seed.
+    pub dropout: Option<u64>,
 }
 
 impl Mode {
-    pub const INFERENCE: Mode = Mode { adapter: true, grad: false };
-    pub const REFERENCE: Mode = Mode { adapter: false, grad: false };
-    pub const TRAIN: Mode = Mode { adapter: true, grad: true };
+    pub const INFERENCE: Mode = Mode { adapter: true, grad: false, dropout: None };
+    pub const REFERENCE: Mode = Mode { adapter: false, grad: false, dropout: None };
+    pub const TRAIN: Mode = Mode { adapter: true, grad: true, dropout: None };
+
+    /// This mode with LoRA dropout masks drawn from `seed` (at each adapter's dropout rate).
+    pub const fn with_dropout(self, seed: u64) -> Mode {
+        Mode { dropout: Some(seed), ..self }
+    }
 }
 
-/// Low-rank update `x A^T B^T * scale` on top of a frozen linear layer.
+/// Low-rank update `dropout(x) A^T B^T * scale` on top of a frozen linear layer (PEFT's LoRA:
+/// dropout on the adapter's input only, inverted scaling, active only in modes that ask for it).
 pub struct Lora {
     pub a: Var,
     pub b: Var,
     pub scale: f64,
+    /// Probability of zeroing an input element of the adapter branch in a dropout pass.
+    pub dropout: f64,
+}
+
+/// A mixing step of SplitMix64: a well-spread 64-bit hash of `x`.
+pub(crate) fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The dropout mask of an (rows, cols) input: each element is 0 with probability `p`, else
+/// 1 / (1 - p); element i's draw is a hash of (seed, i).
+fn dropout_mask(rows: usize, cols: usize, p: f64, seed: u64, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let keep = (1.0 / (1.0 - p)) as f32;
+    // Compare the hash's top 53 bits against p: exact for any p in [0, 1).
+    let threshold = (p * (1u64 << 53) as f64) as u64;
+    let n = rows * cols;
+    let mut data = vec![0f32; n];
+    data.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
+        let base = (c << 14) as u64;
+        for (j, v) in chunk.iter_mut().enumerate() {
+            let h = splitmix64(seed ^ splitmix64(base + j as u64)) >> 11;
+            *v = if h >= threshold { keep } else { 0.0 };
+        }
+    });
+    Tensor::from_vec(data, (rows, cols), device)?.to_dtype(dtype)
+}
+
+/// FNV-1a of a layer path: each layer's masks come from their own stream.
+fn path_hash(path: &str) -> u64 {
+    path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// A linear layer `y = x W^T (+ bias)`, optionally with a LoRA adapter.
@@ -66,7 +110,16 @@ impl Linear {
             y = y.broadcast_add(bias)?;
         }
         if let (true, Some(lora)) = (mode.adapter, &self.lora) {
-            let low = x2.matmul(&lora.a.as_tensor().t()?)?;
+            let dropped;
+            let input = match mode.dropout {
+                Some(seed) if lora.dropout > 0.0 => {
+                    let mask = dropout_mask(rows, self.in_dim(), lora.dropout, seed ^ path_hash(&self.path), x2.device(), x2.dtype())?;
+                    dropped = (&x2 * mask)?;
+                    &dropped
+                }
+                _ => &x2,
+            };
+            let low = input.matmul(&lora.a.as_tensor().t()?)?;
             let delta = (low.matmul(&lora.b.as_tensor().t()?)? * lora.scale)?;
             y = (y + delta)?;
         }
@@ -151,15 +204,8 @@ fn apply_rope(x: &Tensor, rope: &Rope, mode: Mode) -> candle_core::Result<Tensor
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        mask: Option<&Tensor>,
-        pads: &[usize],
-        cache: Option<(&mut KvCache, usize)>,
-        mode: Mode,
-    ) -> candle_core::Result<Tensor> {
+    /// q (B, heads, T, hd) and k, v (B, kv_heads, T, hd), rotary embedding applied.
+    fn project(&self, x: &Tensor, rope: &Rope, mode: Mode) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
@@ -167,14 +213,14 @@ impl Attention {
         let q = apply_rope(&split(self.q.forward(x, mode)?, self.heads)?, rope, mode)?;
         let k = apply_rope(&split(self.k.forward(x, mode)?, self.kv_heads)?, rope, mode)?.contiguous()?;
         let v = split(self.v.forward(x, mode)?, self.kv_heads)?;
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v)?,
-            None => (k, v),
-        };
-        if fused_attention(mode, x.device(), x.dtype()) {
-            let y = super::attention_cpu::causal_attention(&q, &k, &v, pads)?;
-            return self.o.forward(&y, mode);
-        }
+        Ok((q, k, v))
+    }
+
+    /// Softmax attention of q (B, heads, T, hd) over k, v (B, kv_heads, keys, hd) with an
+    /// additive mask broadcastable to (B, heads, T, keys), then the output projection.
+    /// Differentiable (candle ops).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, mode: Mode) -> candle_core::Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
         let keys = k.dim(2)?;
         let group = self.heads / self.kv_heads;
         // Grouped-query attention without copying K/V: the `group` query heads that share a KV
@@ -187,9 +233,30 @@ impl Attention {
             None => scores,
         };
         let probs = softmax(&scores, mode)?.reshape((b, self.kv_heads, group * t, keys))?;
-        let y = probs.matmul(&v)?.reshape((b, self.heads, t, self.head_dim))?;
+        let y = probs.matmul(&v.contiguous()?)?.reshape((b, self.heads, t, self.head_dim))?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&y, mode)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        pads: &[usize],
+        cache: Option<(&mut KvCache, usize)>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let (q, k, v) = self.project(x, rope, mode)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        if fused_attention(mode, x.device(), x.dtype()) {
+            let y = super::attention_cpu::causal_attention(&q, &k, &v, pads)?;
+            return self.o.forward(&y, mode);
+        }
+        self.attend(&q, &k, &v, mask, mode)
     }
 }
 
@@ -377,7 +444,7 @@ impl CausalLm {
         let dims = hidden.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         // Hidden states that carry gradients keep the differentiable matmul.
-        let mode = Mode { adapter: false, grad: hidden.track_op() };
+        let mode = Mode { adapter: false, grad: hidden.track_op(), dropout: None };
         let logits = matmul_wt(&hidden.reshape((rows, self.config.hidden_size))?, head, mode)?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.config.vocab_size;
@@ -399,6 +466,61 @@ impl CausalLm {
         let hidden = self.forward_hidden(ids, pads, cache, mode)?;
         let t = hidden.dim(1)?;
         self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// Rotary tables for rows that share the positions `start..start + t`, (1, t, hd / 2).
+    fn rope_range(&self, start: usize, t: usize) -> candle_core::Result<Rope> {
+        Ok(Rope {
+            cos: self.cos_table.narrow(0, start, t)?.unsqueeze(0)?.contiguous()?,
+            sin: self.sin_table.narrow(0, start, t)?.unsqueeze(0)?.contiguous()?,
+        })
+    }
+
+    /// The training forward of one GRPO group: a prompt shared by G completions. The prompt's
+    /// hidden states, keys and values are computed once (prefix sharing), not G times; each
+    /// completion (right-padded to C tokens; padding only affects padded positions) attends to
+    /// them and causally to itself.
+    ///
+    /// Returns logits (G, C, vocab): row g, position i predicts completion token i, so
+    /// position 0 comes from the prompt's last hidden state.
+    pub fn forward_group(&self, prompt: &[u32], completions: &Tensor, mode: Mode) -> anyhow::Result<Tensor> {
+        let (g, c) = completions.dims2()?;
+        let p = prompt.len();
+        anyhow::ensure!(p > 0 && c > 0, "a group needs a prompt and completion tokens");
+        anyhow::ensure!(p + c <= self.config.max_position_embeddings, "prompt + completion exceed the model's positions");
+        let h = self.config.hidden_size;
+        let prompt_ids = Tensor::new(prompt, &self.device)?;
+        let mut xp = self.embed.index_select(&prompt_ids, 0)?.unsqueeze(0)?;
+        let mut xc = self.embed.index_select(&completions.flatten_all()?, 0)?.reshape((g, c, h))?;
+        let (rope_p, rope_c) = (self.rope_range(0, p)?, self.rope_range(p, c)?);
+        let causal = |t: usize, past: usize| -> candle_core::Result<Tensor> {
+            let mask: Vec<f32> = (0..t).flat_map(|i| (0..past + t).map(move |j| if j <= past + i { 0.0 } else { MASKED })).collect();
+            Tensor::from_vec(mask, (1, 1, t, past + t), &self.device)?.to_dtype(self.dtype)
+        };
+        let (mask_p, mask_c) = (causal(p, 0)?, causal(c, p)?);
+        let eps = self.config.rms_norm_eps;
+        for block in &self.blocks {
+            let a = &block.attn;
+            let (qp, kp, vp) = a.project(&rms_norm(&xp, &block.attn_norm, eps, mode)?, &rope_p, mode)?;
+            let (qc, kc, vc) = a.project(&rms_norm(&xc, &block.attn_norm, eps, mode)?, &rope_c, mode)?;
+            let attn_p = a.attend(&qp, &kp, &vp, Some(&mask_p), mode)?;
+            let shape = (g, a.kv_heads, p, a.head_dim);
+            let keys = Tensor::cat(&[&kp.broadcast_as(shape)?.contiguous()?, &kc], 2)?;
+            let values = Tensor::cat(&[&vp.broadcast_as(shape)?.contiguous()?, &vc], 2)?;
+            let attn_c = a.attend(&qc, &keys, &values, Some(&mask_c), mode)?;
+            xp = (xp + attn_p)?;
+            xc = (xc + attn_c)?;
+            xp = (&xp + block.mlp.forward(&rms_norm(&xp, &block.mlp_norm, eps, mode)?, mode)?)?;
+            xc = (&xc + block.mlp.forward(&rms_norm(&xc, &block.mlp_norm, eps, mode)?, mode)?)?;
+        }
+        let last_p = rms_norm(&xp.narrow(1, p - 1, 1)?, &self.final_norm, eps, mode)?.broadcast_as((g, 1, h))?;
+        let hidden = if c > 1 {
+            let hc = rms_norm(&xc.narrow(1, 0, c - 1)?, &self.final_norm, eps, mode)?;
+            Tensor::cat(&[&last_p, &hc], 1)?
+        } else {
+            last_p.contiguous()?
+        };
+        self.logits(&hidden)
     }
 
     /// A new, empty cache sized for `capacity` positions.

@@ -1,0 +1,366 @@
+//! A stage's run directory and its checkpoints, shared by SFT and GRPO.
+//!
+//! ```text
+//! {run_dir}/{stage}/
+//!   config.toml                 the resolved config (every key)
+//!   metrics.jsonl               one line per optimizer step, plus val lines
+//!   checkpoints/step-N/         adapter_config.json + adapter_model.safetensors (PEFT layout),
+//!                               optimizer.safetensors (AdamW moments), trainer_state.json
+//!   checkpoints/last            names the newest checkpoint folder (`step-N`)
+//!   best/                       the adapter with the best val MRR, + best.json (its val line)
+//!   final/                      the adapter at the end of the run, + final.json
+//! ```
+//!
+//! A checkpoint is written into a temporary folder and renamed into place, then `last` is
+//! replaced atomically, so a crash at any point leaves the previous checkpoint usable. Every
+//! random draw of training is a pure function of (seed, step, ...), so the step count in
+//! `trainer_state.json` is the whole RNG state: a resumed run repeats an uninterrupted one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamW;
+use crate::config::CONFIG_FILE;
+use crate::fsutil::write_atomic;
+use crate::model::CausalLm;
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+const STATE_VERSION: u32 = 1;
+
+/// The best validation result so far.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestVal {
+    pub step: u64,
+    pub mrr: f64,
+}
+
+/// Everything besides tensors that a resumed run needs (`trainer_state.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerState {
+    pub format_version: u32,
+    /// `sft` or `grpo`.
+    pub stage: String,
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub total_steps: u64,
+    /// The data cursor: training examples consumed so far (epoch = seen / n, position = seen % n
+    /// in that epoch's seeded permutation).
+    pub examples_seen: u64,
+    /// The seed every random draw derives from, together with `step`.
+    pub seed: u64,
+    /// FNV-1a of the resolved config: a checkpoint only resumes the config that wrote it.
+    pub config_hash: String,
+    pub best: Option<BestVal>,
+    /// Training time so far (excluding validation), and tokens trained on.
+    pub elapsed_s: f64,
+    pub tokens_seen: u64,
+    /// Stage-specific counters.
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+impl TrainerState {
+    pub fn new(stage: &str, seed: u64, total_steps: u64, config_hash: String) -> Self {
+        TrainerState {
+            format_version: STATE_VERSION,
+            stage: stage.to_string(),
+            step: 0,
+            total_steps,
+            examples_seen: 0,
+            seed,
+            config_hash,
+            best: None,
+            elapsed_s: 0.0,
+            tokens_seen: 0,
+            extra: serde_json::Value::Null,
+        }
+    }
+}
+
+/// 64-bit FNV-1a, as hex.
+pub fn fnv_hex(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+pub struct RunDir {
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
+    pub fn best(&self) -> PathBuf {
+        self.root.join("best")
+    }
+
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join(METRICS_FILE)
+    }
+
+    /// A fresh run: the folder must not hold checkpoints already; writes the resolved config.
+    pub fn create(root: &Path, config_toml: &str) -> Result<RunDir> {
+        let dir = RunDir { root: root.to_path_buf() };
+        if dir.latest()?.is_some() || dir.has_step_dirs()? {
+            bail!(
+                "{} already holds a run with checkpoints: pass --resume to continue it, or choose another run_dir (--set run_dir=...)",
+                root.display()
+            );
+        }
+        std::fs::create_dir_all(dir.checkpoints()).with_context(|| format!("cannot create {}", dir.checkpoints().display()))?;
+        write_atomic(&root.join(CONFIG_FILE), config_toml.as_bytes())?;
+        Ok(dir)
+    }
+
+    /// An existing run to resume: its recorded config must equal `config_toml` (the differing
+    /// keys are named otherwise). Returns the newest checkpoint's folder, if any.
+    pub fn open_for_resume(root: &Path, config_toml: &str) -> Result<(RunDir, Option<PathBuf>)> {
+        let dir = RunDir { root: root.to_path_buf() };
+        let path = root.join(CONFIG_FILE);
+        let saved = std::fs::read_to_string(&path)
+            .with_context(|| format!("nothing to resume in {}: cannot read {}", root.display(), path.display()))?;
+        let diffs = config_diff(&saved, config_toml).with_context(|| format!("malformed {}", path.display()))?;
+        ensure!(
+            diffs.is_empty(),
+            "the config differs from the one {} was started with ({}): resume with the same config, or start a new run_dir",
+            root.display(),
+            diffs.join("; ")
+        );
+        std::fs::create_dir_all(dir.checkpoints())?;
+        let latest = dir.latest()?;
+        Ok((dir, latest))
+    }
+
+    fn has_step_dirs(&self) -> Result<bool> {
+        let Ok(entries) = std::fs::read_dir(self.checkpoints()) else { return Ok(false) };
+        Ok(entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-")))
+    }
+
+    /// The checkpoint `checkpoints/last` names, if any; an error when it names a missing folder.
+    pub fn latest(&self) -> Result<Option<PathBuf>> {
+        let last = self.checkpoints().join("last");
+        let name = match std::fs::read_to_string(&last) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", last.display())),
+        };
+        ensure!(
+            name.starts_with("step-") && !name.contains('/') && !name.contains(".."),
+            "{} is corrupt: it names '{name}', not a step-N folder",
+            last.display()
+        );
+        let dir = self.checkpoints().join(&name);
+        ensure!(dir.is_dir(), "{} names {name}, but {} does not exist", last.display(), dir.display());
+        Ok(Some(dir))
+    }
+
+    /// Writes checkpoint `step` (adapter, optimizer, state) atomically, points `last` at it,
+    /// and keeps only the newest `keep` checkpoints (0 = all).
+    pub fn save_checkpoint(&self, model: &CausalLm, base_model: &str, opt: &AdamW, state: &TrainerState, keep: usize) -> Result<PathBuf> {
+        let name = format!("step-{}", state.step);
+        let ckpts = self.checkpoints();
+        let tmp = ckpts.join(format!(".tmp-{name}"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        model.save_adapter(&tmp, base_model)?;
+        opt.save(&tmp.join(OPTIMIZER_FILE))?;
+        write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
+        let dir = ckpts.join(&name);
+        if dir.exists() {
+            // The same step written again (a resumed run passing it once more): replace it.
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+        write_atomic(&ckpts.join("last"), name.as_bytes())?;
+        if keep > 0 {
+            let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&ckpts)?
+                .flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().strip_prefix("step-")?.parse::<u64>().ok()?;
+                    Some((n, e.path()))
+                })
+                .collect();
+            steps.sort();
+            let excess = steps.len().saturating_sub(keep);
+            for (n, path) in steps.into_iter().take(excess) {
+                if n != state.step {
+                    std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove old checkpoint {}", path.display()))?;
+                }
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Restores the checkpoint in `dir` into `model` (its adapter), `opt` and returns its state;
+    /// `config_hash` and `stage` must match. A missing, malformed or mismatched piece is an
+    /// error naming the checkpoint.
+    pub fn load_checkpoint(dir: &Path, model: &mut CausalLm, opt: &mut AdamW, stage: &str, config_hash: &str) -> Result<TrainerState> {
+        let ctx = || format!("cannot resume from checkpoint {}", dir.display());
+        let state_path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display())).with_context(ctx)?;
+        let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_path.display())).with_context(ctx)?;
+        ensure!(state.format_version == STATE_VERSION, "{}: format version {} (expected {STATE_VERSION})", state_path.display(), state.format_version);
+        ensure!(state.stage == stage, "{} is a {} checkpoint, not {stage}", dir.display(), state.stage);
+        ensure!(
+            state.config_hash == config_hash,
+            "checkpoint {} was written with a different config (hash {} vs {config_hash})",
+            dir.display(),
+            state.config_hash
+        );
+        model.load_adapter(dir).with_context(ctx)?;
+        // The optimizer must track the freshly loaded variables.
+        let hp = opt.hp;
+        *opt = AdamW::new(model.lora_vars(), hp)?;
+        opt.load(&dir.join(OPTIMIZER_FILE)).with_context(ctx)?;
+        ensure!(
+            opt.updates() == state.step,
+            "checkpoint {} is inconsistent: the optimizer has {} updates, the state says step {}",
+            dir.display(),
+            opt.updates(),
+            state.step
+        );
+        Ok(state)
+    }
+
+    /// Replaces `{root}/{name}/` (`best`, `final`) with the current adapter and `info` (as
+    /// `{name}.json`, e.g. the val metrics), through a temporary folder.
+    pub fn save_adapter_copy(&self, name: &str, model: &CausalLm, base_model: &str, info: &serde_json::Value) -> Result<PathBuf> {
+        let dest = self.root.join(name);
+        let tmp = self.root.join(format!(".tmp-{name}"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        model.save_adapter(&tmp, base_model)?;
+        write_atomic(&tmp.join(format!("{name}.json")), serde_json::to_string_pretty(info)?.as_bytes())?;
+        let old = self.root.join(format!(".old-{name}"));
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        if dest.exists() {
+            std::fs::rename(&dest, &old)?;
+        }
+        std::fs::rename(&tmp, &dest).with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        Ok(dest)
+    }
+}
+
+/// Keys whose values differ between two TOML documents, as `key: a -> b`.
+pub fn config_diff(a: &str, b: &str) -> Result<Vec<String>> {
+    let a: toml::Value = toml::Value::Table(toml::from_str(a)?);
+    let b: toml::Value = toml::Value::Table(toml::from_str(b)?);
+    let mut out = Vec::new();
+    fn walk(prefix: &str, a: Option<&toml::Value>, b: Option<&toml::Value>, out: &mut Vec<String>) {
+        match (a, b) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&p, x.get(k), y.get(k), out);
+                }
+            }
+            (x, y) if x == y => {}
+            (x, y) => {
+                let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+                out.push(format!("{prefix}: {} -> {}", show(x), show(y)));
+            }
+        }
+    }
+    walk("", Some(&a), Some(&b), &mut out);
+    Ok(out)
+}
+
+/// `metrics.jsonl`: one JSON object per line, flushed as written.
+pub struct MetricsLog {
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    /// A new, empty log.
+    pub fn create(path: &Path) -> Result<MetricsLog> {
+        let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(MetricsLog { file })
+    }
+
+    /// The log of a resumed run: lines of steps after `step` (written after the checkpoint the
+    /// run resumes from) are dropped, so the log reads as if the run had never stopped.
+    pub fn resume(path: &Path, step: u64) -> Result<MetricsLog> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let mut kept = String::new();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            if v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= step) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        write_atomic(path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(MetricsLog { file })
+    }
+
+    pub fn log(&mut self, value: &serde_json::Value) -> Result<()> {
+        let mut line = serde_json::to_string(value)?;
+        line.push('\n');
+        self.file.write_all(line.as_bytes())?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_diff_names_keys() {
+        let d = config_diff("a = 1\n[s]\nx = 2\ny = 3\n", "a = 1\n[s]\nx = 5\nz = 1\n").unwrap();
+        assert_eq!(d, vec!["s.x: 2 -> 5", "s.y: 3 -> (unset)", "s.z: (unset) -> 1"]);
+        assert!(config_diff("a = 1", "a = 1").unwrap().is_empty());
+    }
+
+    #[test]
+    fn metrics_log_resume_drops_later_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        let mut log = MetricsLog::create(&path).unwrap();
+        for s in 1..=5u64 {
+            log.log(&serde_json::json!({"step": s})).unwrap();
+        }
+        drop(log);
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"step\": 6, \"trunc").unwrap();
+        let mut log = MetricsLog::resume(&path, 3).unwrap();
+        log.log(&serde_json::json!({"step": 4, "again": true})).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let steps: Vec<u64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn fnv_is_stable() {
+        assert_eq!(fnv_hex(""), "cbf29ce484222325");
+        assert_ne!(fnv_hex("a"), fnv_hex("b"));
+    }
+}

@@ -1,0 +1,96 @@
+//! Periodic validation during training: the model being trained answers a fixed val subset
+//! (the sample `eval --limit N` uses) greedily, through the same harness as `eval`
+//! ([`crate::eval::evaluate`]), so the numbers in `metrics.jsonl` are the numbers `eval --method
+//! llm --adapter DIR --limit N --split val` reports for that checkpoint. The only difference from
+//! [`crate::llm_rec::LlmRecommender`] is that the model is borrowed, not owned.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Result};
+
+use crate::answer::{parse_answer, ANSWER_CLOSE};
+use crate::data::{Dataset, Instance, Split};
+use crate::eval::{evaluate, EvalOptions, EvalReport, Prediction, Recommender};
+use crate::generate::{generate, SamplingConfig};
+use crate::model::{CausalLm, Mode, TextTokenizer};
+use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
+
+/// Returned (as the error) when a stop was requested during validation.
+#[derive(Debug, thiserror::Error)]
+#[error("validation interrupted")]
+pub struct Interrupted;
+
+struct BorrowedLlm<'a> {
+    model: &'a CausalLm,
+    tokenizer: &'a TextTokenizer,
+    prompt: PromptConfig,
+    max_new_tokens: usize,
+    batch_size: usize,
+    stop: Option<&'a AtomicBool>,
+}
+
+impl Recommender for BorrowedLlm<'_> {
+    fn name(&self) -> String {
+        "llm:training".to_string()
+    }
+
+    fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    fn predict(&mut self, ds: &Dataset, batch: &[&Instance]) -> Result<Vec<Prediction>> {
+        if self.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            bail!(Interrupted);
+        }
+        let builder = PromptBuilder::new(self.prompt.clone(), self.tokenizer)?;
+        let ids = batch
+            .iter()
+            .map(|inst| Ok(builder.build(&PromptContext::from_instance(ds, inst))?.ids))
+            .collect::<Result<Vec<_>>>()?;
+        let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
+        let out = generate(self.model, self.tokenizer, &ids, 1, &cfg, Mode::INFERENCE)?;
+        Ok(out
+            .into_iter()
+            .map(|mut c| {
+                let parsed = parse_answer(&c.remove(0).text, ds.num_pois());
+                // As in `eval --method llm`: an answer with no readable id is invalid (a miss).
+                let valid = !parsed.ids.is_empty();
+                Prediction::List { ids: parsed.ids, valid }
+            })
+            .collect())
+    }
+}
+
+/// Greedy answers of `model` (adapter on) for the first-`instances` val sample, scored by the
+/// eval harness. Fails with [`Interrupted`] when `stop` is raised between batches.
+pub fn validate(
+    model: &CausalLm,
+    tokenizer: &TextTokenizer,
+    ds: &Dataset,
+    prompt: &PromptConfig,
+    instances: usize,
+    batch_size: usize,
+    max_new_tokens: usize,
+    stop: Option<&AtomicBool>,
+) -> Result<EvalReport> {
+    let mut rec = BorrowedLlm { model, tokenizer, prompt: prompt.clone(), max_new_tokens, batch_size, stop };
+    let opts = EvalOptions { batch_size: Some(batch_size), limit: Some(instances), quiet: true, ..Default::default() };
+    Ok(evaluate(ds, Split::Val, &mut rec, &opts)?.0)
+}
+
+/// The line `metrics.jsonl` gets for a validation: step, the metrics (all / return /
+/// discovery), invalid-answer rate, instances and seconds.
+pub fn val_record(step: u64, report: &EvalReport) -> serde_json::Value {
+    serde_json::json!({
+        "step": step,
+        "val": report.metrics,
+        "val_invalid_rate": report.invalid_rate,
+        "val_instances": report.instances,
+        "val_elapsed_s": report.elapsed_s,
+    })
+}
+
+/// The report's overall MRR (0 when the sample was empty).
+pub fn mrr(report: &EvalReport) -> f64 {
+    report.metrics.all.metrics.map_or(0.0, |m| m.mrr)
+}

@@ -1,0 +1,312 @@
+//! The SFT warm-up on a tiny random model and a small preprocessed dataset: it overfits a
+//! handful of examples, a stopped-and-resumed run equals an uninterrupted one bit for bit,
+//! broken or mismatched checkpoints are clear errors, and the binary runs end to end.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use refine_poi::config::RunConfig;
+use refine_poi::model::tiny::{tiny_config, write_tiny_model};
+use refine_poi::sft::{self, SftOptions};
+use refine_poi::train::StopFlag;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_refine-poi"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A tiny model folder, a small preprocessed dataset, and a config file using both.
+struct Setup {
+    tmp: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("tiny");
+        write_tiny_model(&model, &tiny_config("llama"), 3).unwrap();
+        let data = tmp.path().join("data");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tsmc2014_synthetic.txt");
+        let out = bin()
+            .args(["preprocess", "--format", "foursquare", "--quiet", "--input"])
+            .arg(&fixture)
+            .arg("--out")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        // Short prompts (the tiny tokenizer has one token per byte), small steps, no validation.
+        let config = tmp.path().join("sft.toml");
+        let body = format!(
+            r#"run_dir = "{run}"
+[model]
+path = "{model}"
+[data]
+dir = "{data}"
+train_instances = 6
+[prompt]
+k = 3
+long_term = false
+categories = false
+times = false
+max_prompt_tokens = 0
+system_message = "Next POI."
+[lora]
+r = 4
+alpha = 8
+dropout = 0.1
+targets = ["q", "k", "v", "o", "gate", "up", "down"]
+[sft]
+answer = "list"
+lr = 5e-3
+warmup_steps = 2
+batch_size = 2
+grad_accum = 2
+max_steps = 6
+eval_every = 0
+eval_instances = 4
+eval_batch_size = 4
+eval_max_new_tokens = 12
+save_every = 2
+keep_checkpoints = 2
+seed = 11
+"#,
+            run = tmp.path().join("runs").display(),
+            model = model.display(),
+            data = data.display()
+        );
+        std::fs::write(&config, body).unwrap();
+        Setup { tmp, config }
+    }
+
+    fn cfg(&self, sets: &[&str]) -> RunConfig {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RunConfig::load(Some(&self.config), &sets).unwrap()
+    }
+}
+
+fn quiet() -> SftOptions {
+    SftOptions { quiet: true, ..Default::default() }
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+        .collect()
+}
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn overfits_a_handful_of_examples() {
+    let s = Setup::new();
+    // Four examples, all in every step: the loss must fall far below its start.
+    let cfg = s.cfg(&[
+        "data.train_instances=4",
+        "sft.max_steps=40",
+        "sft.lr=2e-2",
+        "sft.answer=single",
+        "sft.min_lr_ratio=1.0",
+        "lora.dropout=0.0",
+        "sft.save_every=0",
+        "sft.eval_every=40",
+    ]);
+    let summary = sft::run(&cfg, &quiet()).unwrap();
+    assert!(summary.finished && summary.step == 40);
+    let l = losses(&summary.dir);
+    assert_eq!(l.len(), 40);
+    let (first, last) = (l[0], *l.last().unwrap());
+    assert!(last < 0.2 * first, "loss went from {first} to {last}: {l:?}");
+    assert!(summary.tokens_per_s > 0.0);
+    // The final adapter, the best (the one validation) and one checkpoint are on disk.
+    for f in ["final/adapter_config.json", "final/adapter_model.safetensors", "best/best.json", "checkpoints/last", "checkpoints/step-40/optimizer.safetensors", "checkpoints/step-40/trainer_state.json", "config.toml"] {
+        assert!(summary.dir.join(f).exists(), "{f} missing");
+    }
+    let val_lines = std::fs::read_to_string(summary.dir.join("metrics.jsonl")).unwrap();
+    assert!(val_lines.contains("\"val\""), "a val line is logged");
+}
+
+#[test]
+fn stop_and_resume_equals_an_uninterrupted_run() {
+    // Six examples, four per step: epochs wrap mid-step, dropout is on, validation runs.
+    let sets = ["sft.eval_every=3"];
+    let straight = Setup::new();
+    let cfg = straight.cfg(&sets);
+    let full = sft::run(&cfg, &quiet()).unwrap();
+    assert!(full.finished);
+
+    let resumed = Setup::new();
+    let cfg = resumed.cfg(&sets);
+    // Stop after 1 step (a checkpoint is written there, off the save cadence) ...
+    let a = sft::run(&cfg, &SftOptions { stop_after: Some(1), ..quiet() }).unwrap();
+    assert!(!a.finished && a.step == 1);
+    // ... a fresh start in the same folder is refused ...
+    let e = format!("{:#}", sft::run(&cfg, &quiet()).unwrap_err());
+    assert!(e.contains("--resume"), "{e}");
+    // ... resume for 3 more steps, then a Ctrl-C before the next step ...
+    let b = sft::run(&cfg, &SftOptions { resume: true, stop_after: Some(3), ..quiet() }).unwrap();
+    assert_eq!(b.step, 4);
+    let stop = StopFlag::new();
+    stop.raise();
+    let c = sft::run(&cfg, &SftOptions { resume: true, stop: stop.clone(), ..quiet() }).unwrap();
+    assert!(c.interrupted && c.step == 4);
+    // ... and the rest.
+    let d = sft::run(&cfg, &SftOptions { resume: true, ..quiet() }).unwrap();
+    assert!(d.finished && d.step == 6);
+
+    assert_eq!(adapter_bytes(&full.dir.join("final")), adapter_bytes(&d.dir.join("final")), "final adapters differ");
+    assert_eq!(losses(&full.dir), losses(&d.dir), "the logs differ");
+    assert_eq!(full.best, d.best);
+    let opt = |dir: &Path| std::fs::read(dir.join("checkpoints/step-6/optimizer.safetensors")).unwrap();
+    assert_eq!(opt(&full.dir), opt(&d.dir), "optimizer states differ");
+    // keep_checkpoints = 2: older ones are pruned.
+    let mut steps: Vec<String> = std::fs::read_dir(d.dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    steps.sort();
+    assert_eq!(steps, vec!["step-4", "step-6"]);
+}
+
+#[test]
+fn broken_or_mismatched_checkpoints_are_clear_errors() {
+    let s = Setup::new();
+    let cfg = s.cfg(&[]);
+    let run = sft::run(&cfg, &SftOptions { stop_after: Some(2), ..quiet() }).unwrap();
+    let ckpt = run.dir.join("checkpoints/step-2");
+    let resume = |cfg: &RunConfig| format!("{:#}", sft::run(cfg, &SftOptions { resume: true, ..quiet() }).unwrap_err());
+    let backup = s.tmp.path().join("backup");
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    copy(&ckpt, &backup);
+    let restore = || copy(&backup, &ckpt);
+
+    // Another config.
+    let e = resume(&s.cfg(&["sft.lr=1e-3"]));
+    assert!(e.contains("config differs") && e.contains("sft.lr"), "{e}");
+    // A corrupt state file.
+    std::fs::write(ckpt.join("trainer_state.json"), "{\"step\": ").unwrap();
+    let e = resume(&cfg);
+    assert!(e.contains("step-2") && e.contains("corrupt"), "{e}");
+    restore();
+    // A state written by another config.
+    let state = std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&state).unwrap();
+    v["config_hash"] = "0000".into();
+    std::fs::write(ckpt.join("trainer_state.json"), v.to_string()).unwrap();
+    let e = resume(&cfg);
+    assert!(e.contains("different config"), "{e}");
+    restore();
+    // A truncated optimizer file.
+    let opt = std::fs::read(ckpt.join("optimizer.safetensors")).unwrap();
+    std::fs::write(ckpt.join("optimizer.safetensors"), &opt[..opt.len() / 2]).unwrap();
+    let e = resume(&cfg);
+    assert!(e.contains("optimizer state") && e.contains("step-2"), "{e}");
+    restore();
+    // An adapter of another shape.
+    let mut other = refine_poi::model::load(cfg.model.path.as_str()).unwrap();
+    other.model.attach_lora(&refine_poi::model::LoraConfig { r: 2, alpha: 8.0, dropout: 0.0, targets: vec!["q".into()] }, 1).unwrap();
+    other.model.save_adapter(&ckpt, "tiny").unwrap();
+    let e = resume(&cfg);
+    assert!(e.contains("step-2") && (e.contains("does not fit") || e.contains("lacks")), "{e}");
+    restore();
+    // `last` naming a missing checkpoint.
+    std::fs::write(run.dir.join("checkpoints/last"), "step-99").unwrap();
+    let e = resume(&cfg);
+    assert!(e.contains("step-99") && e.contains("does not exist"), "{e}");
+    std::fs::write(run.dir.join("checkpoints/last"), "../../etc").unwrap();
+    let e = resume(&cfg);
+    assert!(e.contains("corrupt"), "{e}");
+    std::fs::write(run.dir.join("checkpoints/last"), "step-2").unwrap();
+    // Restored, it resumes and finishes.
+    let done = sft::run(&cfg, &SftOptions { resume: true, ..quiet() }).unwrap();
+    assert!(done.finished);
+    // Nothing to resume in an empty run_dir.
+    let e = resume(&s.cfg(&["run_dir=elsewhere-never-created"]));
+    assert!(e.contains("nothing to resume"), "{e}");
+}
+
+#[test]
+fn starting_adapter_must_agree_with_the_lora_section() {
+    let s = Setup::new();
+    let cfg = s.cfg(&[]);
+    let first = sft::run(&cfg, &quiet()).unwrap();
+    let adapter = first.dir.join("final");
+    let ok = s.cfg(&[&format!("model.adapter={}", adapter.display()), &format!("run_dir={}", s.tmp.path().join("second").display())]);
+    assert!(sft::run(&ok, &quiet()).unwrap().finished);
+    let bad = s.cfg(&[&format!("model.adapter={}", adapter.display()), "lora.r=8", &format!("run_dir={}", s.tmp.path().join("third").display())]);
+    let e = format!("{:#}", sft::run(&bad, &quiet()).unwrap_err());
+    assert!(e.contains("make them agree"), "{e}");
+}
+
+fn run_bin(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+#[test]
+fn the_binary_trains_resumes_and_reports_config_errors() {
+    let s = Setup::new();
+    let config = s.config.to_str().unwrap();
+    let out = run_bin(&["sft-warmup", "--config", config, "--set", "sft.max_steps=4", "--stop-after", "2", "--quiet"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["step"], 2);
+    assert_eq!(report["finished"], false);
+    let out = run_bin(&["sft-warmup", "--config", config, "--set", "sft.max_steps=4", "--resume", "--quiet"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["step"], 4);
+    assert_eq!(report["finished"], true);
+    let dir = PathBuf::from(report["run_dir"].as_str().unwrap());
+    // The resolved config records the override; the log has one line per step.
+    let resolved = RunConfig::from_toml(&std::fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(resolved.sft.train.max_steps, 4);
+    assert_eq!(losses(&dir).len(), 4);
+    for line in std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for k in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"] {
+            assert!(v.get(k).is_some(), "{k} missing in {line}");
+        }
+    }
+    // The adapter is a PEFT adapter the eval command loads.
+    let cfg = s.cfg(&[]);
+    let out = run_bin(&[
+        "eval", "--data", cfg.data.dir.to_str().unwrap(), "--split", "val", "--method", "llm", "--model", &cfg.model.path,
+        "--adapter", dir.join("final").to_str().unwrap(), "--limit", "2", "--max-new-tokens", "8", "--quiet",
+        "--out", s.tmp.path().join("eval.json").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Config mistakes: one error line naming the key, no panic.
+    for (sets, expect) in [
+        (vec!["--set", "sft.lrr=1"], "unknown config key `sft.lrr`"),
+        (vec!["--set", "sft.batch_size=x"], "sft.batch_size"),
+        (vec!["--set", "nosuch.key=1"], "unknown config key `nosuch`"),
+    ] {
+        let mut args = vec!["sft-warmup", "--config", config, "--quiet"];
+        args.extend(sets);
+        let out = run_bin(&args);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && !err.contains("panicked"), "{err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(lines[0].contains(expect), "{err}");
+    }
+    let out = run_bin(&["sft-warmup", "--config", "/no/such.toml", "--quiet"]);
+    assert!(text(&out.stderr).contains("cannot read config /no/such.toml"));
+}
