@@ -285,7 +285,7 @@ pub fn evaluate(
 /// The report as a table for people.
 pub fn format_table(r: &EvalReport) -> String {
     let mut s = format!(
-        "{} on {} ({} instances, {} POIs, {:.2} s, {:.0} instances/s)\n",
+        "{} on {} ({} instances, {} POIs, {:.2} s, {:.3} instances/s)\n",
         r.method, r.split, r.instances, r.num_pois, r.elapsed_s, r.instances_per_s
     );
     s.push_str(&format!(

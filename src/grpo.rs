@@ -6,8 +6,16 @@
 //!   loss_it = −min(ρ·A_i, clip(ρ, 1−ε_low, 1+ε_high)·A_i) + β·(exp(ref − logp) − (ref − logp) − 1)
 //! normalised over tokens as configured (see [`LossNorm`]).
 
+use std::time::Instant;
+
+use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
+
+use crate::advantages::{group_advantages, GroupStats};
+use crate::generate::{generate_seeded, Completion, FinishReason, SamplingConfig};
+use crate::model::{CausalLm, Mode, TextTokenizer};
+use crate::train::optim::{clip_grad_norm, AdamW, GradAccum};
 
 /// How per-token losses are averaged into one number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -104,6 +112,169 @@ pub fn grpo_loss(
     let clip_fraction = scalar((was_clipped * mask)?.sum_all()?)? / tokens.max(1.0);
     let stats = LossStats { loss: scalar(loss.clone())?, kl: kl_mean, clip_fraction, tokens };
     Ok((loss, stats))
+}
+
+/// One GRPO step's settings (the `[grpo]` table of a config, resolved).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepConfig {
+    /// Completions per prompt (G).
+    pub group: usize,
+    pub loss: LossConfig,
+    /// Sampling of the completions (temperature, top-p, max new tokens, stop, seed).
+    pub sampling: SamplingConfig,
+    /// Divide advantages by the group's reward std (GRPO) or not (Dr. GRPO).
+    pub scale_rewards: bool,
+    /// Leave groups whose rewards are all equal out of the update (they carry no signal).
+    pub skip_zero_signal: bool,
+    /// Optimisation passes (μ) over each sampled batch; the log-probs at sampling time are kept.
+    pub updates_per_batch: usize,
+    pub max_grad_norm: f64,
+}
+
+/// Where one step's time went, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StepTimes {
+    pub sampling: f64,
+    pub reward: f64,
+    /// Reference (adapter-off) and old-policy log-prob forwards, without gradients.
+    pub reference: f64,
+    pub forward_backward: f64,
+    pub optimizer: f64,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub rewards: Vec<f64>,
+    pub advantages: Vec<f64>,
+    pub groups: GroupStats,
+    /// Mean over updates and groups of the loss statistics.
+    pub loss: LossStats,
+    pub grad_norm: f64,
+    pub completion_tokens: Vec<usize>,
+    pub times: StepTimes,
+}
+
+/// A group's completions as training rows: tokens (+ the EOS token when the completion ended
+/// with it, so stopping is learned), right-padded with `pad`, and the mask of real tokens.
+pub fn completion_tensors(completions: &[Completion], eos: u32, pad: u32, device: &candle_core::Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let rows: Vec<Vec<u32>> = completions
+        .iter()
+        .map(|c| {
+            let mut t = c.tokens.clone();
+            if c.finish == FinishReason::Eos {
+                t.push(eos);
+            }
+            t
+        })
+        .collect();
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(rows.len() * width);
+    let mut mask = Vec::with_capacity(rows.len() * width);
+    for r in &rows {
+        ids.extend(r.iter().copied().chain(std::iter::repeat(pad)).take(width));
+        mask.extend((0..width).map(|i| if i < r.len() { 1f32 } else { 0.0 }));
+    }
+    let g = rows.len();
+    Ok((Tensor::from_vec(ids, (g, width), device)?, Tensor::from_vec(mask, (g, width), device)?.to_dtype(dtype)?))
+}
+
+/// Log-probs (G, C) of a group's completion tokens, the prompt run once (prefix sharing).
+pub fn group_logprobs(model: &CausalLm, prompt: &[u32], tokens: &Tensor, mode: Mode) -> Result<Tensor> {
+    let logits = model.forward_group(prompt, tokens, mode)?;
+    Ok(token_logprobs(&logits, tokens)?)
+}
+
+/// One GRPO step: sample G completions per prompt (one shared prefill each), score them with
+/// `reward(prompt index, completion)`, turn rewards into group-relative advantages, and update
+/// the adapter with the clipped surrogate + β·KL to the adapter-off reference.
+#[allow(clippy::too_many_arguments)]
+pub fn step(
+    model: &CausalLm,
+    tokenizer: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    seeds: &[u64],
+    reward: &mut dyn FnMut(usize, &Completion) -> Result<f64>,
+    cfg: &StepConfig,
+    opt: &mut AdamW,
+    lr: f64,
+    dropout_seed: Option<u64>,
+) -> Result<StepReport> {
+    let mut times = StepTimes::default();
+    let t0 = Instant::now();
+    let sampled = generate_seeded(model, tokenizer, prompts, seeds, cfg.group, &cfg.sampling, Mode::INFERENCE)?;
+    times.sampling = t0.elapsed().as_secs_f64();
+
+    let t0 = Instant::now();
+    let mut rewards = Vec::with_capacity(prompts.len() * cfg.group);
+    for (p, group) in sampled.iter().enumerate() {
+        for c in group {
+            rewards.push(reward(p, c)?);
+        }
+    }
+    let (advantages, groups) = group_advantages(&rewards, cfg.group, cfg.scale_rewards, crate::advantages::DEFAULT_EPS)?;
+    times.reward = t0.elapsed().as_secs_f64();
+
+    let (device, dtype) = (model.device().clone(), model.dtype());
+    let eos = tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let t0 = Instant::now();
+    // Per group kept for the update: tokens, mask, advantages, old and reference log-probs.
+    let mut prepared = Vec::new();
+    for (p, group) in sampled.iter().enumerate() {
+        if cfg.skip_zero_signal && groups.zero_signal[p] {
+            continue;
+        }
+        let (tokens, mask) = completion_tensors(group, eos, eos, &device, dtype)?;
+        let adv = Tensor::from_vec(advantages[p * cfg.group..(p + 1) * cfg.group].to_vec(), cfg.group, &device)?.to_dtype(dtype)?;
+        let reference = if cfg.loss.beta > 0.0 { Some(group_logprobs(model, &prompts[p], &tokens, Mode::REFERENCE)?) } else { None };
+        // With one update per batch the policy has not moved since sampling: old = current
+        // (detached), as in TRL. Otherwise the sampling-time log-probs are computed once here.
+        let old = if cfg.updates_per_batch > 1 { Some(group_logprobs(model, &prompts[p], &tokens, Mode { adapter: true, grad: false, dropout: None })?) } else { None };
+        prepared.push((p, tokens, mask, adv, old, reference));
+    }
+    times.reference = t0.elapsed().as_secs_f64();
+
+    let mut loss_sum = LossStats::default();
+    let mut grad_norm = 0.0;
+    let mut evaluated = 0.0f64;
+    let params = opt.params().to_vec();
+    for update in 0..cfg.updates_per_batch.max(1) {
+        if prepared.is_empty() {
+            break;
+        }
+        let t0 = Instant::now();
+        let mut accum = GradAccum::new(params.len());
+        for (p, tokens, mask, adv, old, reference) in &prepared {
+            let mode = match dropout_seed {
+                Some(seed) => Mode::TRAIN.with_dropout(crate::train::derive_seed(seed, update as u64, *p as u64)),
+                None => Mode::TRAIN,
+            };
+            let logp = group_logprobs(model, &prompts[*p], tokens, mode)?;
+            let old = match old {
+                Some(o) => o.clone(),
+                None => logp.detach(),
+            };
+            let (loss, stats) = grpo_loss(&logp, &old, reference.as_ref(), adv, mask, &cfg.loss)?;
+            // The batch loss is the mean over its groups.
+            let grads = (loss / prepared.len() as f64)?.backward()?;
+            accum.add(&grads, &params)?;
+            loss_sum.loss += stats.loss;
+            loss_sum.kl += stats.kl;
+            loss_sum.clip_fraction += stats.clip_fraction;
+            loss_sum.tokens += stats.tokens;
+            evaluated += 1.0;
+        }
+        times.forward_backward += t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let mut grads = accum.take(&params)?;
+        grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        opt.step(&grads, lr)?;
+        times.optimizer += t0.elapsed().as_secs_f64();
+    }
+    let n = evaluated.max(1.0);
+    let loss = LossStats { loss: loss_sum.loss / n, kl: loss_sum.kl / n, clip_fraction: loss_sum.clip_fraction / n, tokens: loss_sum.tokens / n };
+    let completion_tokens = sampled.iter().flatten().map(|c| c.tokens.len()).collect();
+    Ok(StepReport { rewards, advantages, groups, loss, grad_norm, completion_tokens, times })
 }
 
 #[cfg(test)]

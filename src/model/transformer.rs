@@ -152,7 +152,8 @@ struct Block {
     mlp: Mlp,
 }
 
-/// Rotary tables for one forward pass, gathered per row and position: (B, T, head_dim / 2).
+/// Rotary tables for one forward pass: (B, T, head_dim / 2) gathered per row and position, or
+/// (T, head_dim / 2) when all rows share positions.
 struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -194,8 +195,13 @@ fn apply_rope(x: &Tensor, rope: &Rope, mode: Mode) -> candle_core::Result<Tensor
     if !mode.grad {
         return candle_nn::rotary_emb::rope(x, &rope.cos, &rope.sin);
     }
-    let cos = Tensor::cat(&[&rope.cos, &rope.cos], D::Minus1)?.unsqueeze(1)?;
-    let sin = Tensor::cat(&[&rope.sin, &rope.sin], D::Minus1)?.unsqueeze(1)?;
+    // Tables are (T, hd/2) when every row shares positions, else (B, T, hd/2): make them
+    // broadcast against (B, H, T, hd).
+    let full = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let t = Tensor::cat(&[t, t], D::Minus1)?;
+        if t.rank() == 3 { t.unsqueeze(1) } else { Ok(t) }
+    };
+    let (cos, sin) = (full(&rope.cos)?, full(&rope.sin)?);
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -468,11 +474,11 @@ impl CausalLm {
         self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
     }
 
-    /// Rotary tables for rows that share the positions `start..start + t`, (1, t, hd / 2).
+    /// Rotary tables for rows that share the positions `start..start + t`, (t, hd / 2).
     fn rope_range(&self, start: usize, t: usize) -> candle_core::Result<Rope> {
         Ok(Rope {
-            cos: self.cos_table.narrow(0, start, t)?.unsqueeze(0)?.contiguous()?,
-            sin: self.sin_table.narrow(0, start, t)?.unsqueeze(0)?.contiguous()?,
+            cos: self.cos_table.narrow(0, start, t)?.contiguous()?,
+            sin: self.sin_table.narrow(0, start, t)?.contiguous()?,
         })
     }
 
@@ -513,9 +519,9 @@ impl CausalLm {
             xp = (&xp + block.mlp.forward(&rms_norm(&xp, &block.mlp_norm, eps, mode)?, mode)?)?;
             xc = (&xc + block.mlp.forward(&rms_norm(&xc, &block.mlp_norm, eps, mode)?, mode)?)?;
         }
-        let last_p = rms_norm(&xp.narrow(1, p - 1, 1)?, &self.final_norm, eps, mode)?.broadcast_as((g, 1, h))?;
+        let last_p = rms_norm(&xp.narrow(1, p - 1, 1)?.contiguous()?, &self.final_norm, eps, mode)?.broadcast_as((g, 1, h))?;
         let hidden = if c > 1 {
-            let hc = rms_norm(&xc.narrow(1, 0, c - 1)?, &self.final_norm, eps, mode)?;
+            let hc = rms_norm(&xc.narrow(1, 0, c - 1)?.contiguous()?, &self.final_norm, eps, mode)?;
             Tensor::cat(&[&last_p, &hc], 1)?
         } else {
             last_p.contiguous()?
