@@ -118,14 +118,14 @@ pub const REWARDS: &[RewardSpec] = &[
         name: "diversity",
         func: diversity_reward,
         default_weight: 0.1,
-        formula: "distinct in-range ids / in-range ids listed = |ids| / (|ids| + duplicates); \
+        formula: "distinct in-range ids / in-range ids listed = len(ids) / (len(ids) + duplicates); \
                   0 when no in-range id is listed",
     },
     RewardSpec {
         name: "length",
         func: length_reward,
         default_weight: 0.2,
-        formula: "max(0, 1 − |n−k|/k) with n the items in the answer block (0 without one); with \
+        formula: "max(0, 1 − abs(n−k)/k) with n the items in the answer block (0 without one); with \
                   reasoning on and B = `reasoning_budget_tokens` > 0, times \
                   max(0, 1 − (T−B)/B) when the completion's T tokens exceed B",
     },
@@ -269,7 +269,12 @@ pub struct RewardParams {
 
 impl Default for RewardParams {
     fn default() -> Self {
-        RewardParams { rank: RankKind::Reciprocal, soft_scale_km: 1.0, soft_category_weight: 0.5, reasoning_budget_tokens: 256 }
+        RewardParams {
+            rank: RankKind::Reciprocal,
+            soft_scale_km: 1.0,
+            soft_category_weight: 0.5,
+            reasoning_budget_tokens: 256,
+        }
     }
 }
 
@@ -445,7 +450,7 @@ pub fn rewards_markdown() -> String {
          | reward (`[rewards.weights]` key) | default weight | value in [0, 1] |\n|---|---|---|\n",
     );
     for r in REWARDS {
-        let _ = writeln!(s, "| `{}` | {} | {} |", r.name, r.default_weight, r.formula);
+        let _ = writeln!(s, "| `{}` | {:?} | {} |", r.name, r.default_weight, r.formula);
     }
     let p = RewardParams::default();
     let rank = match p.rank {
@@ -462,7 +467,8 @@ pub fn rewards_markdown() -> String {
     );
     let _ = writeln!(
         s,
-        "| `reasoning_budget_tokens` | {} | completion tokens allowed with reasoning on before the length reward decays (0 = no budget) |",
+        "| `reasoning_budget_tokens` | {} | completion tokens allowed with reasoning on before the \
+         length reward decays (0 = no budget) |",
         p.reasoning_budget_tokens
     );
     s
@@ -835,7 +841,9 @@ mod tests {
         // Weights: format 1, hit 2, rank 0, soft 4, diversity −1, length 0.5:
         // 0.5 + 0 + 0 + 2·e⁻¹ − 0.5 + 0.5 = 0.5 + 2·e⁻¹ = 1.2357588823428847.
         let mut w = RewardWeights::default();
-        for (n, v) in [("format", 1.0), ("hit", 2.0), ("rank", 0.0), ("soft_accuracy", 4.0), ("diversity", -1.0), ("length", 0.5)] {
+        let custom =
+            [("format", 1.0), ("hit", 2.0), ("rank", 0.0), ("soft_accuracy", 4.0), ("diversity", -1.0), ("length", 0.5)];
+        for (n, v) in custom {
             w.set(n, v).unwrap();
         }
         let c = case("<answer>2, 2, 9</answer>");
@@ -877,6 +885,10 @@ mod tests {
         let md = rewards_markdown();
         for spec in REWARDS {
             assert!(md.contains(&format!("| `{}` |", spec.name)), "{md}");
+        }
+        // A `|` inside a formula would split its table cell: every row has exactly 4.
+        for line in md.lines().filter(|l| l.starts_with('|')) {
+            assert_eq!(line.matches('|').count(), 4, "{line}");
         }
         for key in ["rank", "soft_scale_km", "soft_category_weight", "reasoning_budget_tokens"] {
             assert!(md.contains(&format!("| `{key}` |")), "{key} missing from {md}");
