@@ -273,3 +273,20 @@ fn grpo_loss_gradient_matches_finite_differences() {
         }
     }
 }
+
+#[test]
+fn lora_dropout_is_seeded_and_training_only() {
+    let (_d, mut m) = tiny("llama", DType::F32);
+    m.model.attach_lora(&LoraConfig { dropout: 0.3, ..LoraConfig::default() }, 1).unwrap();
+    randomize_b(&m, 2);
+    let tokens = ids(&m, "dropout test");
+    let plain = logits(&m, &tokens, Mode::TRAIN);
+    let a = logits(&m, &tokens, Mode::TRAIN.with_dropout(5));
+    assert_eq!(max_diff(&a, &logits(&m, &tokens, Mode::TRAIN.with_dropout(5))), 0.0, "same seed, same masks");
+    assert!(max_diff(&a, &plain) > 1e-4, "dropout changes the adapter's output");
+    assert!(max_diff(&a, &logits(&m, &tokens, Mode::TRAIN.with_dropout(6))) > 1e-4, "another seed, other masks");
+    // The modes without a dropout seed are untouched by the rate.
+    assert!(max_diff(&plain, &logits(&m, &tokens, Mode::INFERENCE)) < 1e-4);
+    m.model.set_lora_dropout(0.0);
+    assert_eq!(max_diff(&plain, &logits(&m, &tokens, Mode::TRAIN.with_dropout(5))), 0.0, "rate 0 = no dropout");
+}

@@ -278,13 +278,54 @@ fn fused_attention(mode: Mode, device: &Device, dtype: DType) -> bool {
     !mode.grad && super::attention_cpu::supported(device, dtype)
 }
 
-/// `x W^T`: the few-row kernel when decoding without gradients, gemm otherwise.
+/// `x W^T` for a frozen W: the few-row kernel when decoding, a gradient-aware op when
+/// training on the CPU, gemm otherwise.
 fn matmul_wt(x: &Tensor, w: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-    if !mode.grad
-        && let Some(y) = super::skinny::matmul_wt(x, w)? {
+    if !mode.grad {
+        if let Some(y) = super::skinny::matmul_wt(x, w)? {
             return Ok(y);
         }
+    } else if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() });
+    }
     x.matmul(&w.t()?)
+}
+
+/// `x W^T` whose backward pass computes only the gradient of x. candle's matmul backward also
+/// computes the gradient of W, which for frozen base weights is never used: as much work as
+/// the forward and a W-sized buffer per layer (measured: `refine-poi bench --grpo`).
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul needs a contiguous input")
+        };
+        let x = match storage {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
+            _ => candle_core::bail!("frozen-matmul supports f32 and f64"),
+        };
+        let y = x.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        let flat = y.flatten_all()?;
+        let out = match y.dtype() {
+            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+            _ => CpuStorage::F32(flat.to_vec1()?),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_y.matmul(&self.w)?))
+    }
 }
 
 /// A finite "minus infinity": masked keys get exactly zero weight, and a fully masked row
