@@ -332,16 +332,7 @@ pub fn run(cfg: &RunConfig, opts: &SftOptions) -> Result<SftSummary> {
         let last = state.step == total;
         if t.eval_every > 0 && (state.step % t.eval_every as u64 == 0 || last) {
             bar.set_message(format!("loss {loss_sum:.4}, validating on {} val instances", t.eval_instances));
-            let report = match val::validate(
-                &loaded.model,
-                &loaded.tokenizer,
-                &ds,
-                &cfg.prompt,
-                t.eval_instances,
-                t.eval_batch_size,
-                t.eval_max_new_tokens,
-                Some(&opts.stop.0),
-            ) {
+            let report = match val::validate(&loaded.model, &loaded.tokenizer, &ds, &cfg.prompt, val::ValSettings::from_train(t), Some(&opts.stop.0)) {
                 Ok(r) => Some(r),
                 Err(e) if e.is::<val::Interrupted>() => None,
                 Err(e) => return Err(e.context(format!("validation at step {}", state.step))),

@@ -23,7 +23,7 @@ use crate::model::{CausalLm, Mode};
 /// what it is for (e.g. the step and micro-batch of a dropout pass), so that resuming at a step
 /// replays exactly the draws an uninterrupted run makes.
 pub fn derive_seed(seed: u64, a: u64, b: u64) -> u64 {
-    let mut x = crate::model::transformer::splitmix64(seed ^ 0x5EED_0F_7EA1);
+    let mut x = crate::model::transformer::splitmix64(seed ^ 0x005E_ED0F_7EA1);
     x = crate::model::transformer::splitmix64(x ^ a);
     crate::model::transformer::splitmix64(x ^ b)
 }

@@ -160,16 +160,14 @@ impl GradAccum {
 
     /// The summed gradients, zeros where none arrived; resets the accumulator.
     pub fn take(&mut self, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
-        let out = self
-            .sums
+        self.sums
             .iter_mut()
             .zip(params)
             .map(|(s, (_, var))| match s.take() {
                 Some(g) => Ok(g),
                 None => Ok(Tensor::zeros(var.shape(), DType::F32, var.device())?),
             })
-            .collect();
-        out
+            .collect()
     }
 }
 

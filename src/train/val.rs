@@ -61,18 +61,32 @@ impl Recommender for BorrowedLlm<'_> {
     }
 }
 
-/// Greedy answers of `model` (adapter on) for the first-`instances` val sample, scored by the
-/// eval harness. Fails with [`Interrupted`] when `stop` is raised between batches.
+/// How validation runs: the size of the fixed val sample, prompts decoded together, and tokens
+/// per answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValSettings {
+    pub instances: usize,
+    pub batch_size: usize,
+    pub max_new_tokens: usize,
+}
+
+impl ValSettings {
+    pub fn from_train(t: &crate::config::TrainConfig) -> Self {
+        ValSettings { instances: t.eval_instances, batch_size: t.eval_batch_size, max_new_tokens: t.eval_max_new_tokens }
+    }
+}
+
+/// Greedy answers of `model` (adapter on) for the val sample of `settings.instances` instances,
+/// scored by the eval harness. Fails with [`Interrupted`] when `stop` is raised between batches.
 pub fn validate(
     model: &CausalLm,
     tokenizer: &TextTokenizer,
     ds: &Dataset,
     prompt: &PromptConfig,
-    instances: usize,
-    batch_size: usize,
-    max_new_tokens: usize,
+    settings: ValSettings,
     stop: Option<&AtomicBool>,
 ) -> Result<EvalReport> {
+    let ValSettings { instances, batch_size, max_new_tokens } = settings;
     let mut rec = BorrowedLlm { model, tokenizer, prompt: prompt.clone(), max_new_tokens, batch_size, stop };
     let opts = EvalOptions { batch_size: Some(batch_size), limit: Some(instances), quiet: true, ..Default::default() };
     Ok(evaluate(ds, Split::Val, &mut rec, &opts)?.0)
