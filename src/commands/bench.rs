@@ -27,6 +27,11 @@ pub struct Args {
     /// Runs of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Benchmark one GRPO step instead (G = --samples completions of one --prompt-tokens
+    /// prompt, up to --new-tokens each, LoRA r = 8 on all seven projections, beta = 0.04), and
+    /// the prefix-shared training forward against an unshared one.
+    #[arg(long)]
+    pub grpo: bool,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -62,6 +67,80 @@ fn decode(model: &CausalLm, mut cache: KvCache, first: u32, rows: usize, steps: 
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// Seconds for the forward and backward of one group's completion log-likelihood, with the
+/// prompt shared (computed once) or repeated in each of the G rows.
+fn training_forward_seconds(model: &CausalLm, prompt: &[u32], tokens: &Tensor, shared: bool) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let logp = if shared {
+        crate::grpo::group_logprobs(model, prompt, tokens, Mode::TRAIN)?
+    } else {
+        let (g, c) = tokens.dims2()?;
+        let prompt_rows = Tensor::new(prompt, model.device())?.unsqueeze(0)?.repeat((g, 1))?;
+        let full = Tensor::cat(&[&prompt_rows, tokens], 1)?;
+        // Only the completion positions go through the output projection, as in the shared path.
+        let hidden = model.forward_hidden(&full.narrow(1, 0, prompt.len() + c - 1)?, None, None, Mode::TRAIN)?;
+        let logits = model.logits(&hidden.narrow(1, prompt.len() - 1, c)?)?;
+        crate::grpo::token_logprobs(&logits, tokens)?
+    };
+    let _grads = logp.sum_all()?.backward()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn grpo_bench(args: &Args, mut loaded: crate::model::LoadedModel, prompt: Vec<u32>) -> anyhow::Result<()> {
+    use crate::grpo::{completion_tensors, step, LossConfig, StepConfig};
+    use crate::train::optim::{AdamW, AdamWParams};
+    let lora = crate::model::LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, ..Default::default() };
+    loaded.model.attach_lora(&lora, 0)?;
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let cfg = StepConfig {
+        group: args.samples,
+        loss: LossConfig { beta: 0.04, max_completion_tokens: args.new_tokens, ..Default::default() },
+        sampling: crate::generate::SamplingConfig { max_new_tokens: args.new_tokens, temperature: 1.0, ..Default::default() },
+        scale_rewards: true,
+        skip_zero_signal: false,
+        updates_per_batch: 1,
+        max_grad_norm: 1.0,
+    };
+    let mut opt = AdamW::new(model.lora_vars(), AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
+    // A reward that varies between samples (digits in the completion), so no group is skipped.
+    let mut reward = |_: usize, c: &crate::generate::Completion| -> anyhow::Result<f64> {
+        Ok(c.text.chars().filter(char::is_ascii_digit).count() as f64)
+    };
+    let prompts = vec![prompt.clone()];
+    let mut steps = Vec::new();
+    for r in 0..args.repeats {
+        let start = Instant::now();
+        let report = step(model, tokenizer, &prompts, &[r as u64], &mut reward, &cfg, &mut opt, 1e-5, None)?;
+        steps.push((start.elapsed().as_secs_f64(), report));
+    }
+    steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (secs, report) = &steps[steps.len() / 2];
+    // Shared against unshared training forward on the same sampled completions.
+    let completions = crate::generate::generate(model, tokenizer, &prompts, args.samples, &cfg.sampling, Mode::INFERENCE)?;
+    let eos = tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let (tokens, _) = completion_tensors(&completions[0], eos, eos, model.device(), model.dtype())?;
+    let shared = training_forward_seconds(model, &prompt, &tokens, true)?;
+    let shared_rss = peak_rss_mib();
+    let unshared = training_forward_seconds(model, &prompt, &tokens, false)?;
+    let report = json!({
+        "model": loaded.source,
+        "threads": rayon::current_num_threads(),
+        "group": args.samples,
+        "prompt_tokens": prompt.len(),
+        "max_new_tokens": args.new_tokens,
+        "mean_completion_tokens": report.completion_tokens.iter().sum::<usize>() as f64 / report.completion_tokens.len() as f64,
+        "lora": { "r": 8, "targets": 7 },
+        "beta": 0.04,
+        "step_seconds": secs,
+        "breakdown_seconds": report.times,
+        "training_forward_backward_seconds": { "prefix_shared": shared, "unshared": unshared, "speedup": unshared / shared },
+        "peak_rss_mib_step_and_shared_forward": shared_rss,
+        "peak_rss_mib_with_unshared_forward": peak_rss_mib(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.repeats > 0 && args.samples > 0 && args.new_tokens > 0, "repeats, samples and new-tokens must be positive");
     let load_start = Instant::now();
@@ -79,6 +158,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (cache, first, _) = prefill(model, &prompt, args.new_tokens)?;
     decode(model, cache, first, 1, 2)?;
 
+    if args.grpo {
+        return grpo_bench(&args, loaded, prompt);
+    }
     let (mut prefill_s, mut decode1_s, mut decode_g_s) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.repeats {
         let (cache, first, secs) = prefill(model, &prompt, args.new_tokens)?;
