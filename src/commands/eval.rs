@@ -9,7 +9,6 @@ use crate::baselines::Baseline;
 use crate::data::{Dataset, Split};
 use crate::eval::{EvalOptions, Recommender, evaluate, format_table, write_predictions};
 use crate::llm_rec::LlmRecommender;
-use crate::model;
 use crate::prompt::PromptConfig;
 
 /// A baseline or the language model.
@@ -25,12 +24,8 @@ pub enum Method {
 /// How `--method llm` runs: the model, the adapter and the prompt.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LlmArgs {
-    /// A GGUF file, a Hugging Face model folder, or a hub repo id.
-    #[arg(long, default_value = model::DEFAULT_MODEL)]
-    pub model: String,
-    /// A LoRA adapter folder (PEFT layout).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: super::ModelArgs,
     /// Tokens the model may generate per answer.
     #[arg(long, default_value_t = 96)]
     pub max_new_tokens: usize,
@@ -63,13 +58,8 @@ impl LlmArgs {
 
     /// Loads the model (and adapter) as a recommender.
     pub fn recommender(&self, batch_size: usize) -> Result<LlmRecommender> {
-        let mut loaded = model::load(&self.model)?;
-        let mut name = format!("llm:{}", loaded.source);
-        if let Some(adapter) = &self.adapter {
-            loaded.model.load_adapter(adapter)?;
-            name.push_str(&format!("+{}", adapter.display()));
-        }
-        LlmRecommender::new(loaded, self.prompt_config()?, batch_size, self.max_new_tokens, name)
+        let (loaded, name) = self.model.load()?;
+        LlmRecommender::new(loaded, self.prompt_config()?, batch_size, self.max_new_tokens, format!("llm:{name}"))
     }
 }
 

@@ -1,23 +1,18 @@
 //! `refine-poi generate`: a sanity tool — complete one prompt, optionally showing the first
 //! step's top logits.
 
-use std::path::PathBuf;
 
 use candle_core::Tensor;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
 use crate::generate::{generate, SamplingConfig};
-use crate::model::{self, ChatMessage, Mode};
+use crate::model::{ChatMessage, Mode};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// A GGUF file, a Hugging Face model folder, or a hub repo id.
-    #[arg(long, default_value = model::DEFAULT_MODEL)]
-    pub model: String,
-    /// A LoRA adapter folder (PEFT layout).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: super::ModelArgs,
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
@@ -48,10 +43,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut loaded = model::load(&args.model)?;
-    if let Some(adapter) = &args.adapter {
-        loaded.model.load_adapter(adapter)?;
-    }
+    let (loaded, _) = args.model.load()?;
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let text = if args.chat {
         tokenizer.apply_chat_template(&[ChatMessage::new("user", args.prompt.clone())], true)?

@@ -1,6 +1,10 @@
 //! Subcommands of the `refine-poi` binary: each module owns its clap `Args` and a `run`.
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
+
+use crate::model;
 
 pub mod bench;
 pub mod eval;
@@ -40,5 +44,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Recommend(args) => recommend::run(args),
         Command::Generate(args) => generate::run(args),
         Command::SftWarmup(args) => sft_warmup::run(args),
+    }
+}
+
+/// `--model` and `--adapter`, shared by every command that runs the model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A GGUF file, a Hugging Face model folder, or a hub repo id.
+    #[arg(long, default_value = model::DEFAULT_MODEL)]
+    pub model: String,
+    /// A LoRA adapter folder (PEFT layout).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// The model with the adapter (if any) loaded, and a name for reports.
+    pub fn load(&self) -> anyhow::Result<(model::LoadedModel, String)> {
+        let mut loaded = model::load(&self.model)?;
+        let mut name = loaded.source.clone();
+        if let Some(adapter) = &self.adapter {
+            loaded.model.load_adapter(adapter)?;
+            name.push_str(&format!("+{}", adapter.display()));
+        }
+        Ok((loaded, name))
     }
 }
