@@ -96,7 +96,7 @@ impl StopFlag {
         self.0.load(Ordering::SeqCst)
     }
 
-    /// A flag raised by Ctrl-C (SIGINT/SIGTERM); a second Ctrl-C exits at once with status 130.
+    /// A flag raised by Ctrl-C (SIGINT); a second Ctrl-C exits at once with status 130.
     pub fn on_ctrl_c() -> Result<StopFlag> {
         let flag = StopFlag::new();
         let inner = flag.clone();
