@@ -4,7 +4,7 @@ use clap::Parser;
 use refine_poi::commands::Cli;
 
 fn main() {
-    refine_poi::runtime::tune_allocator();
+    refine_poi::runtime::tune();
     let cli = Cli::parse();
     if let Err(err) = refine_poi::commands::run(cli) {
         // One clear message, no backtrace: `{:#}` prints the whole context chain on one line.
