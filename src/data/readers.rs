@@ -437,15 +437,18 @@ fn read_lines(
     }
 }
 
+/// The `n` tab-separated fields of a raw row, or a `field_count` bad row.
+fn tab_fields(text: &str, n: usize) -> Result<Vec<&str>, BadRow> {
+    let f: Vec<&str> = text.split('\t').collect();
+    if f.len() != n {
+        return Err(bad("field_count", format!("expected {n} tab-separated fields, found {}", f.len())));
+    }
+    Ok(f)
+}
+
 /// `user \t venue \t category id \t category name \t lat \t lon \t tz offset min \t time`.
 fn parse_tsmc(text: &str) -> Result<Row<'_>, BadRow> {
-    let f: Vec<&str> = text.split('\t').collect();
-    if f.len() != 8 {
-        return Err(bad(
-            "field_count",
-            format!("expected 8 tab-separated fields, found {}", f.len()),
-        ));
-    }
+    let f = tab_fields(text, 8)?;
     let (lat, lon) = parse_coords(f[4], f[5])?;
     Ok(Row {
         user: nonempty(f[0], "user id")?,
@@ -460,13 +463,7 @@ fn parse_tsmc(text: &str) -> Result<Row<'_>, BadRow> {
 
 /// `user \t 2010-10-19T23:55:27Z \t lat \t lon \t location id`.
 fn parse_gowalla(text: &str, tz: Option<i32>) -> Result<Row<'_>, BadRow> {
-    let f: Vec<&str> = text.split('\t').collect();
-    if f.len() != 5 {
-        return Err(bad(
-            "field_count",
-            format!("expected 5 tab-separated fields, found {}", f.len()),
-        ));
-    }
+    let f = tab_fields(text, 5)?;
     let (lat, lon) = parse_coords(f[2], f[3])?;
     Ok(Row {
         user: nonempty(f[0], "user id")?,
