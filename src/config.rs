@@ -10,17 +10,20 @@
 //!
 //! Sections: top-level `run_dir`; `[model]` (weights and an optional starting adapter);
 //! `[data]`; `[prompt]` ([`PromptConfig`]); `[lora]` ([`LoraConfig`]); `[sft]` (the answer
-//! form and the training loop, [`TrainConfig`], whose keys sit directly in the section). A
-//! stage's section (`[sft]`, later `[grpo]`) embeds its own [`TrainConfig`], so each stage
-//! has its own learning rate, steps and schedule, and a stage ignores the other's section.
+//! form, batching and the training loop, [`TrainConfig`], whose keys sit directly in the
+//! section); `[grpo]` ([`GrpoConfig`], with its own [`TrainConfig`] keys); `[rewards]`
+//! ([`RewardsConfig`]). Each stage has its own learning rate, steps and schedule, and a
+//! stage ignores the other's section (also when checking that a resumed run is unchanged).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::grpo::LossNorm;
 use crate::model::{LoraConfig, DEFAULT_MODEL};
 use crate::prompt::PromptConfig;
+use crate::rewards::RewardsConfig;
 
 /// Name of the resolved config in a stage's run directory.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -36,6 +39,8 @@ pub struct RunConfig {
     pub prompt: PromptConfig,
     pub lora: LoraConfig,
     pub sft: SftConfig,
+    pub grpo: GrpoConfig,
+    pub rewards: RewardsConfig,
 }
 
 /// `[model]`: the base weights, and where the adapter starts.
@@ -89,10 +94,6 @@ pub struct TrainConfig {
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_eps: f64,
-    /// Examples per forward/backward pass (micro-batch).
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step (effective batch = batch_size * grad_accum).
-    pub grad_accum: usize,
     /// Clip the global gradient norm to this (0 = no clipping).
     pub max_grad_norm: f64,
     /// Passes over the training examples, used when `max_steps` is 0.
@@ -124,8 +125,6 @@ impl TrainConfig {
             ensure!((0.0..1.0).contains(&b), "{section}.{name} must be in [0, 1)");
         }
         ensure!(self.adam_eps > 0.0, "{section}.adam_eps must be positive");
-        ensure!(self.batch_size >= 1, "{section}.batch_size must be at least 1");
-        ensure!(self.grad_accum >= 1, "{section}.grad_accum must be at least 1");
         ensure!(self.max_grad_norm >= 0.0, "{section}.max_grad_norm must not be negative (0 = off)");
         ensure!(self.max_steps > 0 || self.epochs > 0, "{section}: set max_steps or epochs");
         ensure!(self.eval_every == 0 || self.eval_instances > 0, "{section}.eval_instances must be positive when eval_every is set");
@@ -134,17 +133,12 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Examples per optimizer step.
-    pub fn examples_per_step(&self) -> usize {
-        self.batch_size * self.grad_accum
-    }
-
-    /// Optimizer steps of the whole run for `examples` training examples.
-    pub fn total_steps(&self, examples: usize) -> usize {
+    /// Optimizer steps of the whole run for `examples` training examples, `per_step` a step.
+    pub fn total_steps(&self, examples: usize, per_step: usize) -> usize {
         if self.max_steps > 0 {
             self.max_steps
         } else {
-            (self.epochs * examples).div_ceil(self.examples_per_step()).max(1)
+            (self.epochs * examples).div_ceil(per_step.max(1)).max(1)
         }
     }
 }
@@ -165,8 +159,89 @@ pub enum AnswerForm {
 #[serde(deny_unknown_fields)]
 pub struct SftConfig {
     pub answer: AnswerForm,
+    /// Examples per forward/backward pass (micro-batch).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (effective batch = batch_size * grad_accum).
+    pub grad_accum: usize,
     #[serde(flatten)]
     pub train: TrainConfig,
+}
+
+impl SftConfig {
+    /// Examples per optimizer step.
+    pub fn examples_per_step(&self) -> usize {
+        self.batch_size * self.grad_accum
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.batch_size >= 1, "sft.batch_size must be at least 1");
+        ensure!(self.grad_accum >= 1, "sft.grad_accum must be at least 1");
+        self.train.validate("sft")
+    }
+}
+
+/// The policy the KL term keeps GRPO near.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferencePolicy {
+    /// The policy GRPO starts from (e.g. the SFT warm-up), frozen: base + the initial adapter.
+    Init,
+    /// The base model (adapter off).
+    Base,
+}
+
+/// `[grpo]`: group-relative policy optimisation on the recommendation rewards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoConfig {
+    /// The adapter the policy starts from: `"sft"` (`{run_dir}/sft/best`), `"none"` (a fresh
+    /// adapter), or a PEFT adapter folder.
+    pub init_adapter: String,
+    /// What the KL term is measured against: `"init"` (the starting policy) or `"base"`.
+    pub reference: ReferencePolicy,
+    /// Completions sampled per prompt (G).
+    pub group: usize,
+    /// Prompts (groups) per optimizer step; their groups are sampled together.
+    pub prompts_per_step: usize,
+    /// Lower clip range ε of the probability ratio.
+    pub epsilon: f64,
+    /// Upper clip range (DAPO's clip-higher); left out = `epsilon`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon_high: Option<f64>,
+    /// Weight β of the k3 KL estimate (0 = no KL term and no reference forward).
+    pub beta: f64,
+    /// Optimizer updates (μ) per sampled batch.
+    pub updates_per_batch: usize,
+    /// `"sequence"` (GRPO), `"token"` (DAPO) or `"constant"` (Dr. GRPO).
+    pub loss_norm: LossNorm,
+    /// Divide advantages by the group's reward std (GRPO); false = Dr. GRPO.
+    pub scale_rewards: bool,
+    /// Leave groups whose rewards are all equal out of the update (counted either way).
+    pub skip_zero_signal: bool,
+    /// Tokens each sampled completion may have (it also stops at `</answer>`).
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    /// Nucleus sampling (1 = off).
+    pub top_p: f64,
+    /// Keep the k most likely tokens (0 = off).
+    pub top_k: usize,
+    #[serde(flatten)]
+    pub train: TrainConfig,
+}
+
+impl GrpoConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.group >= 2, "grpo.group must be at least 2 (advantages compare the samples of a group)");
+        ensure!(self.prompts_per_step >= 1, "grpo.prompts_per_step must be at least 1");
+        ensure!(self.epsilon > 0.0 && self.epsilon < 1.0, "grpo.epsilon must be in (0, 1)");
+        ensure!(self.epsilon_high.is_none_or(|e| e > 0.0), "grpo.epsilon_high must be positive");
+        ensure!(self.beta >= 0.0 && self.beta.is_finite(), "grpo.beta must not be negative");
+        ensure!(self.updates_per_batch >= 1, "grpo.updates_per_batch must be at least 1");
+        ensure!(self.max_new_tokens >= 1, "grpo.max_new_tokens must be at least 1");
+        ensure!(self.temperature > 0.0, "grpo.temperature must be positive");
+        ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "grpo.top_p must be in (0, 1]");
+        self.train.validate("grpo")
+    }
 }
 
 impl Default for RunConfig {
@@ -179,6 +254,8 @@ impl Default for RunConfig {
             lora: LoraConfig::default(),
             sft: SftConfig {
                 answer: AnswerForm::List,
+                batch_size: 4,
+                grad_accum: 4,
                 train: TrainConfig {
                     lr: 2e-4,
                     schedule: Schedule::Cosine,
@@ -188,8 +265,6 @@ impl Default for RunConfig {
                     adam_beta1: 0.9,
                     adam_beta2: 0.999,
                     adam_eps: 1e-8,
-                    batch_size: 4,
-                    grad_accum: 4,
                     max_grad_norm: 1.0,
                     epochs: 1,
                     max_steps: 0,
@@ -202,6 +277,44 @@ impl Default for RunConfig {
                     seed: 0,
                 },
             },
+            grpo: GrpoConfig {
+                init_adapter: "sft".to_string(),
+                reference: ReferencePolicy::Init,
+                group: 8,
+                prompts_per_step: 2,
+                epsilon: 0.2,
+                epsilon_high: None,
+                beta: 0.04,
+                updates_per_batch: 1,
+                loss_norm: LossNorm::Sequence,
+                scale_rewards: true,
+                skip_zero_signal: true,
+                max_new_tokens: 64,
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 0,
+                train: TrainConfig {
+                    lr: 5e-5,
+                    schedule: Schedule::Constant,
+                    warmup_steps: 0,
+                    min_lr_ratio: 1.0,
+                    weight_decay: 0.0,
+                    adam_beta1: 0.9,
+                    adam_beta2: 0.99,
+                    adam_eps: 1e-8,
+                    max_grad_norm: 1.0,
+                    epochs: 1,
+                    max_steps: 0,
+                    eval_every: 50,
+                    eval_instances: 100,
+                    eval_batch_size: 8,
+                    eval_max_new_tokens: 64,
+                    save_every: 10,
+                    keep_checkpoints: 3,
+                    seed: 0,
+                },
+            },
+            rewards: RewardsConfig::default(),
         }
     }
 }
@@ -240,13 +353,31 @@ impl RunConfig {
         self.lora.target_modules().context("bad [lora]")?;
         ensure!((0.0..1.0).contains(&self.lora.dropout), "lora.dropout must be in [0, 1)");
         ensure!(self.lora.alpha > 0.0, "lora.alpha must be positive");
-        self.sft.train.validate("sft")?;
-        Ok(())
+        self.sft.validate()?;
+        self.grpo.validate()?;
+        self.rewards.validate()
     }
 
     /// Every key spelled out, as written to the run directory.
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// The config as the stage `stage` sees it, every key spelled out: the other stage's
+    /// section left out, so that editing `[grpo]` does not block resuming an SFT run.
+    pub fn stage_toml(&self, stage: &str) -> Result<String> {
+        let mut value = toml::Value::try_from(self)?;
+        let others: &[&str] = match stage {
+            "sft" => &["grpo", "rewards"],
+            "grpo" => &["sft"],
+            _ => bail!("unknown stage {stage}"),
+        };
+        if let Some(t) = value.as_table_mut() {
+            for k in others {
+                t.remove(*k);
+            }
+        }
+        Ok(toml::to_string_pretty(&value)?)
     }
 
     /// The stage's run directory, e.g. `{run_dir}/sft`.
@@ -280,7 +411,29 @@ fn from_value<T: serde::de::DeserializeOwned>(value: toml::Value) -> Result<T> {
 /// Stage sections whose [`TrainConfig`] keys are flattened into them, with the section's own
 /// keys. serde reports a bad value there at the section (`sft`), not the key: deserialising the
 /// section's loop keys alone names it (`sft.lr`).
-const FLATTENED: [(&str, &[&str]); 1] = [("sft", &["answer"])];
+const FLATTENED: [(&str, &[&str]); 2] = [
+    ("sft", &["answer", "batch_size", "grad_accum"]),
+    (
+        "grpo",
+        &[
+            "init_adapter",
+            "reference",
+            "group",
+            "prompts_per_step",
+            "epsilon",
+            "epsilon_high",
+            "beta",
+            "updates_per_batch",
+            "loss_norm",
+            "scale_rewards",
+            "skip_zero_signal",
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+        ],
+    ),
+];
 
 fn explain_flattened(value: &toml::Value, err: anyhow::Error) -> anyhow::Error {
     let msg = err.to_string();
@@ -368,7 +521,7 @@ mod tests {
         let text = cfg.to_toml().unwrap();
         assert_eq!(RunConfig::from_toml(&text).unwrap(), cfg);
         // Every key is spelled out in the resolved config.
-        for key in ["run_dir", "[model]", "[data]", "[prompt]", "[lora]", "[sft]", "lr", "answer", "warmup_steps", "targets"] {
+        for key in ["run_dir", "[model]", "[data]", "[prompt]", "[lora]", "[sft]", "[grpo]", "[rewards.weights]", "[rewards.params]", "lr", "answer", "warmup_steps", "targets", "beta"] {
             assert!(text.contains(key), "{key} missing from\n{text}");
         }
     }
@@ -389,7 +542,7 @@ mod tests {
         assert_eq!(cfg.lora.targets, vec!["q", "v"]);
         assert_eq!(cfg.model.adapter, Some(PathBuf::from("a/b")));
         // Untouched keys keep their defaults.
-        assert_eq!(cfg.sft.train.batch_size, RunConfig::default().sft.train.batch_size);
+        assert_eq!(cfg.sft.batch_size, RunConfig::default().sft.batch_size);
         // An integer for a float key is fine in the file too.
         let cfg = RunConfig::load(Some(&path), &[]).unwrap();
         assert_eq!(cfg.sft.train.lr, 1.0);
@@ -429,6 +582,16 @@ mod tests {
         assert!(e.contains("not valid TOML"), "{e}");
         let e = err("", &["sft.batch_size=0"]);
         assert!(e.contains("sft.batch_size"), "{e}");
+        let e = err("[grpo]\nbeta2 = 1\n", &[]);
+        assert!(e.contains("unknown config key `grpo.beta2`"), "{e}");
+        let e = err("", &["grpo.lr=fast"]);
+        assert!(e.contains("`grpo.lr`") && e.contains("fast"), "{e}");
+        let e = err("", &["grpo.group=1"]);
+        assert!(e.contains("grpo.group"), "{e}");
+        let e = err("", &["rewards.weights.hitt=1"]);
+        assert!(e.contains("unknown reward `hitt`"), "{e}");
+        let e = err("", &["grpo.loss_norm=mean"]);
+        assert!(e.contains("`grpo.loss_norm`") && e.contains("mean"), "{e}");
         let e = err("", &["lora.targets=[\"qq\"]"]);
         assert!(e.contains("unknown LoRA target 'qq'"), "{e}");
     }
@@ -446,12 +609,23 @@ mod tests {
     #[test]
     fn step_counts() {
         let mut t = RunConfig::default().sft.train;
-        t.batch_size = 2;
-        t.grad_accum = 3;
         t.epochs = 2;
         t.max_steps = 0;
-        assert_eq!(t.total_steps(10), 4); // 20 examples / 6 per step, rounded up
+        assert_eq!(t.total_steps(10, 6), 4); // 20 examples / 6 per step, rounded up
         t.max_steps = 9;
-        assert_eq!(t.total_steps(10), 9);
+        assert_eq!(t.total_steps(10, 6), 9);
+    }
+
+    #[test]
+    fn each_stage_sees_its_own_sections() {
+        let cfg = RunConfig::default();
+        let sft = cfg.stage_toml("sft").unwrap();
+        let grpo = cfg.stage_toml("grpo").unwrap();
+        assert!(sft.contains("[sft]") && !sft.contains("[grpo]") && !sft.contains("[rewards"), "{sft}");
+        assert!(grpo.contains("[grpo]") && grpo.contains("[rewards.weights]") && !grpo.contains("[sft]"), "{grpo}");
+        let mut other = cfg.clone();
+        other.grpo.beta = 0.5;
+        assert_eq!(other.stage_toml("sft").unwrap(), sft);
+        assert_ne!(other.stage_toml("grpo").unwrap(), grpo);
     }
 }

@@ -19,3 +19,4 @@ pub mod sft;
 pub mod rewards;
 pub mod advantages;
 pub mod grpo;
+pub mod grpo_train;

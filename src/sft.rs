@@ -18,26 +18,19 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde_json::json;
 
 use crate::answer::format_answer;
 use crate::config::{AnswerForm, RunConfig};
-use crate::data::{Dataset, Instance, Split};
-use crate::model::{self, LoadedModel, Mode, TextTokenizer};
+use crate::data::{Dataset, Instance};
+use crate::model::{Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptContext};
 use crate::train::checkpoint::{fnv_hex, BestVal, MetricsLog, RunDir, TrainerState};
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW, AdamWParams, GradAccum};
-use crate::train::{derive_seed, progress_bar, token_logprobs, val, ScoredSeq, StopFlag};
+use crate::train::{derive_seed, load_model, progress_bar, token_logprobs, train_instances, validate_and_keep_best, EpochOrder, RunOptions, ScoredSeq, SEED_DROPOUT};
 
 pub const STAGE: &str = "sft";
 
-/// Keys of the derived seeds (see [`derive_seed`]).
-const SEED_DATA: u64 = 1;
-const SEED_SUBSET: u64 = 2;
-const SEED_DROPOUT: u64 = 3;
-const SEED_LORA_INIT: u64 = 4;
 
 /// The target list of an instance's answer.
 pub fn target_ids(ds: &Dataset, inst: &Instance, form: AnswerForm, k: usize, popular: &[u32]) -> Vec<u32> {
@@ -127,19 +120,6 @@ impl<'a> ExampleBuilder<'a> {
     }
 }
 
-/// How a run is driven (beyond its config).
-#[derive(Debug, Clone, Default)]
-pub struct SftOptions {
-    /// Continue from the run directory's last checkpoint.
-    pub resume: bool,
-    pub quiet: bool,
-    /// Stop after this many optimizer steps of this invocation (with a checkpoint); the run
-    /// continues with `resume`.
-    pub stop_after: Option<u64>,
-    /// Raised by Ctrl-C: stop at the next micro-batch, checkpoint the last completed step.
-    pub stop: StopFlag,
-}
-
 /// What a run did.
 #[derive(Debug, Clone)]
 pub struct SftSummary {
@@ -161,60 +141,11 @@ pub struct SftSummary {
     pub tokens_per_s: f64,
 }
 
-/// The training examples (instances) of a run: all train instances, or a seeded subset.
-fn train_instances<'d>(ds: &'d Dataset, cfg: &RunConfig) -> Result<Vec<&'d Instance>> {
-    let all = ds.instances(Split::Train);
-    ensure!(!all.is_empty(), "{} has no train instances", cfg.data.dir.display());
-    let n = cfg.data.train_instances;
-    if n == 0 || n >= all.len() {
-        return Ok(all.iter().collect());
-    }
-    let mut idx: Vec<usize> = (0..all.len()).collect();
-    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(derive_seed(cfg.sft.train.seed, SEED_SUBSET, 0)));
-    idx.truncate(n);
-    idx.sort_unstable();
-    Ok(idx.into_iter().map(|i| &all[i]).collect())
-}
-
-/// The seeded order of epoch `epoch` over `n` examples.
-fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(derive_seed(seed, SEED_DATA, epoch)));
-    order
-}
-
-/// Loads the model with the run's adapter: `model.adapter` (which must agree with `[lora]`) or
-/// a fresh one; the run's LoRA dropout either way.
-pub fn load_model(cfg: &RunConfig) -> Result<LoadedModel> {
-    let mut loaded = model::load(&cfg.model.path)?;
-    match &cfg.model.adapter {
-        Some(dir) => {
-            loaded.model.load_adapter(dir)?;
-            let got = loaded.model.lora_config.clone().context("adapter did not load")?;
-            let same_targets = got.target_modules()? == cfg.lora.target_modules()?;
-            ensure!(
-                got.r == cfg.lora.r && got.alpha == cfg.lora.alpha && same_targets,
-                "model.adapter {} has r = {}, alpha = {}, targets {:?}, but [lora] says r = {}, alpha = {}, targets {:?}: make them agree",
-                dir.display(),
-                got.r,
-                got.alpha,
-                got.targets,
-                cfg.lora.r,
-                cfg.lora.alpha,
-                cfg.lora.targets
-            );
-        }
-        None => loaded.model.attach_lora(&cfg.lora, derive_seed(cfg.sft.train.seed, SEED_LORA_INIT, 0))?,
-    }
-    loaded.model.set_lora_dropout(cfg.lora.dropout);
-    Ok(loaded)
-}
-
 /// Runs (or resumes) the warm-up described by `cfg`.
-pub fn run(cfg: &RunConfig, opts: &SftOptions) -> Result<SftSummary> {
+pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     cfg.validate()?;
     let t = &cfg.sft.train;
-    let config_toml = cfg.to_toml()?;
+    let config_toml = cfg.stage_toml(STAGE)?;
     let config_hash = fnv_hex(&config_toml);
     let root = cfg.stage_dir(STAGE);
     let (run, latest) = if opts.resume {
@@ -224,10 +155,10 @@ pub fn run(cfg: &RunConfig, opts: &SftOptions) -> Result<SftSummary> {
     };
 
     let ds = Dataset::load(&cfg.data.dir).with_context(|| format!("cannot load the dataset in {}", cfg.data.dir.display()))?;
-    let examples = train_instances(&ds, cfg)?;
-    let mut loaded = load_model(cfg)?;
+    let examples = train_instances(&ds, cfg, t.seed)?;
+    let mut loaded = load_model(cfg, cfg.model.adapter.as_deref(), "model.adapter", t.seed)?;
     let builder = ExampleBuilder::new(&ds, cfg, &loaded.tokenizer)?;
-    let total = t.total_steps(examples.len()) as u64;
+    let total = t.total_steps(examples.len(), cfg.sft.examples_per_step()) as u64;
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
     let (mut state, mut log) = match &latest {
         Some(dir) => {
@@ -244,8 +175,8 @@ pub fn run(cfg: &RunConfig, opts: &SftOptions) -> Result<SftSummary> {
             "sft-warmup: {} examples, {} steps of {} x {} examples, from {from}; writing {}",
             examples.len(),
             total,
-            t.batch_size,
-            t.grad_accum,
+            cfg.sft.batch_size,
+            cfg.sft.grad_accum,
             root.display()
         );
     }
@@ -257,9 +188,9 @@ pub fn run(cfg: &RunConfig, opts: &SftOptions) -> Result<SftSummary> {
     let mut checkpoint = latest.clone();
     let (mut first_loss, mut last_loss) = (None, None);
     let mut interrupted = false;
-    let mut order: Option<(u64, Vec<usize>)> = None;
+    let mut order = EpochOrder::new(t.seed, examples.len());
     let n = examples.len() as u64;
-    let per_step = t.examples_per_step() as u64;
+    let per_step = cfg.sft.examples_per_step() as u64;
 
     while state.step < total {
         if opts.stop.raised() || stop_at.is_some_and(|s| state.step >= s) {
@@ -273,12 +204,7 @@ pub fn run(cfg: &RunConfig, opts: &SftOptions) -> Result<SftSummary> {
         // This step's examples: the next ones in the epoch's seeded order.
         let mut rows = Vec::with_capacity(per_step as usize);
         for g in state.examples_seen..state.examples_seen + per_step {
-            let epoch = g / n;
-            if order.as_ref().is_none_or(|o| o.0 != epoch) {
-                order = Some((epoch, epoch_order(t.seed, epoch, examples.len())));
-            }
-            let idx = order.as_ref().map(|o| o.1[(g % n) as usize]).unwrap_or_default();
-            rows.push(builder.build(examples[idx])?);
+            rows.push(builder.build(examples[order.example(g)])?);
         }
         let answer_tokens: usize = rows.iter().map(ScoredSeq::scored).sum();
         let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
@@ -287,7 +213,7 @@ pub fn run(cfg: &RunConfig, opts: &SftOptions) -> Result<SftSummary> {
         let mut accum = GradAccum::new(opt.params().len());
         let mut loss_sum = 0f64;
         let mut abandoned = false;
-        for (micro, chunk) in rows.chunks(t.batch_size).enumerate() {
+        for (micro, chunk) in rows.chunks(cfg.sft.batch_size).enumerate() {
             if opts.stop.raised() {
                 abandoned = true;
                 break;
@@ -332,30 +258,7 @@ pub fn run(cfg: &RunConfig, opts: &SftOptions) -> Result<SftSummary> {
         let last = state.step == total;
         if t.eval_every > 0 && (state.step % t.eval_every as u64 == 0 || last) {
             bar.set_message(format!("loss {loss_sum:.4}, validating on {} val instances", t.eval_instances));
-            let report = match val::validate(&loaded.model, &loaded.tokenizer, &ds, &cfg.prompt, val::ValSettings::from_train(t), Some(&opts.stop.0)) {
-                Ok(r) => Some(r),
-                Err(e) if e.is::<val::Interrupted>() => None,
-                Err(e) => return Err(e.context(format!("validation at step {}", state.step))),
-            };
-            if let Some(report) = report {
-                let record = val::val_record(state.step, &report);
-                log.log(&record)?;
-                let mrr = val::mrr(&report);
-                let m = report.metrics.all.metrics.unwrap_or_default();
-                bar.println(format!(
-                    "step {}: val MRR {mrr:.4}, Acc@1 {:.4}, Acc@5 {:.4}, Acc@10 {:.4}, invalid {:.1}% ({} instances)",
-                    state.step,
-                    m.acc1,
-                    m.acc5,
-                    m.acc10,
-                    100.0 * report.invalid_rate.unwrap_or(0.0),
-                    report.instances
-                ));
-                if state.best.is_none_or(|b| mrr > b.mrr) {
-                    state.best = Some(BestVal { step: state.step, mrr });
-                    run.save_adapter_copy("best", &loaded.model, &base, &record)?;
-                }
-            }
+            validate_and_keep_best(&loaded, &ds, &cfg.prompt, t, &opts.stop, &mut state, &run, &mut log, &bar)?;
         }
         let save_due = t.save_every > 0 && state.step % t.save_every as u64 == 0;
         let stopping = opts.stop.raised() || stop_at.is_some_and(|s| state.step >= s);

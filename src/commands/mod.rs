@@ -11,7 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod preprocess;
 pub mod recommend;
-pub mod sft_warmup;
+pub mod train;
 
 #[derive(Parser, Debug)]
 #[command(name = "refine-poi", version, about = "Reinforcement fine-tuning of an LLM for next-POI recommendation")]
@@ -29,7 +29,9 @@ pub enum Command {
     /// A top-k list for one user history (a dataset user, or a JSON file / stdin).
     Recommend(recommend::Args),
     /// LoRA supervised warm-up: teach the answer format from a run config (TOML).
-    SftWarmup(sft_warmup::Args),
+    SftWarmup(train::Args),
+    /// GRPO on recommendation rewards from a run config (TOML): the `[grpo]` and `[rewards]` tables.
+    GrpoTrain(train::Args),
     /// Measure the model's prefill and decode speed and peak memory (JSON).
     Bench(bench::Args),
     /// Complete one prompt with a model (+ adapter): a sanity tool.
@@ -43,7 +45,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Recommend(args) => recommend::run(args),
         Command::Generate(args) => generate::run(args),
-        Command::SftWarmup(args) => sft_warmup::run(args),
+        Command::SftWarmup(args) => train::run_sft(args),
+        Command::GrpoTrain(args) => train::run_grpo(args),
     }
 }
 

@@ -102,9 +102,22 @@ impl CausalLm {
             let a: Vec<f32> = (0..cfg.r * fan_in).map(|_| rng.random_range(-bound..bound) as f32).collect();
             let a = Tensor::from_vec(a, (cfg.r, fan_in), &device)?.to_dtype(dtype)?;
             let b = Tensor::zeros((fan_out, cfg.r), dtype, &device)?;
-            lin.lora = Some(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale, dropout: cfg.dropout });
+            lin.lora = Some(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale, dropout: cfg.dropout, reference: None });
         }
         self.lora_config = Some(cfg.clone());
+        Ok(())
+    }
+
+    /// Freezes a copy of the adapter's current factors as the reference policy: from now on,
+    /// adapter-off passes ([`Mode::REFERENCE`](super::Mode::REFERENCE)) compute base + this
+    /// copy instead of the base model. The copy is the adapter only (a few MB), not the base.
+    pub fn pin_reference_adapter(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.lora_config.is_some(), "no adapter attached to pin as the reference");
+        for lin in self.linears_mut() {
+            if let Some(l) = lin.lora.as_mut() {
+                l.reference = Some((l.a.as_tensor().copy()?, l.b.as_tensor().copy()?, l.scale));
+            }
+        }
         Ok(())
     }
 
@@ -164,7 +177,7 @@ impl CausalLm {
         Ok(())
     }
 
-    /// Loads a PEFT LoRA adapter, replacing any attached one. Every shape and key is checked
+    /// Loads a PEFT LoRA adapter, replacing any attached one (a pinned reference stays). Every shape and key is checked
     /// against the model: an adapter for another model is an error, not a silent mismatch.
     pub fn load_adapter(&mut self, dir: &Path) -> anyhow::Result<()> {
         let cfg_path = dir.join("adapter_config.json");
@@ -181,8 +194,9 @@ impl CausalLm {
         let scale = if peft.use_rslora { cfg.alpha / (cfg.r as f64).sqrt() } else { cfg.alpha / cfg.r as f64 };
         let dtype = self.dtype();
         for lin in self.linears_mut() {
-            lin.lora = None;
+            let reference = lin.lora.take().and_then(|l| l.reference);
             if !targets.iter().any(|t| t == short_name(&lin.path)) {
+                anyhow::ensure!(reference.is_none(), "adapter {} does not fit the pinned reference: it has no {}", dir.display(), lin.path);
                 continue;
             }
             let mut take = |factor: &str, shape: (usize, usize)| -> anyhow::Result<Var> {
@@ -202,7 +216,7 @@ impl CausalLm {
             };
             let a = take("A", (cfg.r, lin.in_dim()))?;
             let b = take("B", (lin.out_dim(), cfg.r))?;
-            lin.lora = Some(Lora { a, b, scale, dropout: cfg.dropout });
+            lin.lora = Some(Lora { a, b, scale, dropout: cfg.dropout, reference });
         }
         if let Some(extra) = tensors.keys().next() {
             anyhow::bail!("adapter {} does not fit this model: unexpected tensor {extra}", dir.display());

@@ -14,7 +14,8 @@ use super::kv_cache::KvCache;
 /// How a forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mode {
-    /// Apply the LoRA adapter (off: the frozen reference policy).
+    /// Apply the trainable LoRA adapter. Off: the frozen reference policy, which is the base
+    /// model, or base + the pinned copy of the adapter (see [`CausalLm::pin_reference_adapter`]).
     pub adapter: bool,
     /// Use differentiable ops (candle's fused CPU kernels have no backward pass).
     pub grad: bool,
@@ -43,6 +44,10 @@ pub struct Lora {
     pub scale: f64,
     /// Probability of zeroing an input element of the adapter branch in a dropout pass.
     pub dropout: f64,
+    /// A frozen copy of (A, B, scale) that adapter-off passes apply: the reference policy when
+    /// it is not the base model (e.g. GRPO's KL kept against its SFT start). It belongs to the
+    /// layer: loading another adapter (a checkpoint) keeps it.
+    pub reference: Option<(Tensor, Tensor, f64)>,
 }
 
 /// A mixing step of SplitMix64: a well-spread 64-bit hash of `x`.
@@ -109,18 +114,23 @@ impl Linear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        if let (true, Some(lora)) = (mode.adapter, &self.lora) {
+        let factors = match (&self.lora, mode.adapter) {
+            (Some(lora), true) => Some((lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)),
+            (Some(lora), false) => lora.reference.as_ref().map(|(a, b, s)| (a, b, *s)),
+            (None, _) => None,
+        };
+        if let (Some((a, b, scale)), Some(lora)) = (factors, &self.lora) {
             let dropped;
             let input = match mode.dropout {
-                Some(seed) if lora.dropout > 0.0 => {
+                Some(seed) if mode.adapter && lora.dropout > 0.0 => {
                     let mask = dropout_mask(rows, self.in_dim(), lora.dropout, seed ^ path_hash(&self.path), x2.device(), x2.dtype())?;
                     dropped = (&x2 * mask)?;
                     &dropped
                 }
                 _ => &x2,
             };
-            let low = input.matmul(&lora.a.as_tensor().t()?)?;
-            let delta = (low.matmul(&lora.b.as_tensor().t()?)? * lora.scale)?;
+            let low = input.matmul(&a.t()?)?;
+            let delta = (low.matmul(&b.t()?)? * scale)?;
             y = (y + delta)?;
         }
         let mut out_dims = dims;

@@ -14,10 +14,25 @@ pub mod val;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{ensure, Result};
-use candle_core::{Tensor, D};
+use std::path::Path;
 
-use crate::model::{CausalLm, Mode};
+use anyhow::{ensure, Context, Result};
+use candle_core::{Tensor, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::config::{RunConfig, TrainConfig};
+use crate::data::{Dataset, Instance, Split};
+use crate::model::{self, CausalLm, LoadedModel, Mode};
+use crate::prompt::PromptConfig;
+use checkpoint::{BestVal, MetricsLog, RunDir, TrainerState};
+
+/// Keys of the derived seeds (see [`derive_seed`]), one per kind of random draw.
+pub const SEED_DATA: u64 = 1;
+pub const SEED_SUBSET: u64 = 2;
+pub const SEED_DROPOUT: u64 = 3;
+pub const SEED_LORA_INIT: u64 = 4;
+pub const SEED_SAMPLING: u64 = 5;
 
 /// A seed derived from (seed, a, b): every random draw in training is one of these, keyed by
 /// what it is for (e.g. the step and micro-batch of a dropout pass), so that resuming at a step
@@ -26,6 +41,130 @@ pub fn derive_seed(seed: u64, a: u64, b: u64) -> u64 {
     let mut x = crate::model::transformer::splitmix64(seed ^ 0x005E_ED0F_7EA1);
     x = crate::model::transformer::splitmix64(x ^ a);
     crate::model::transformer::splitmix64(x ^ b)
+}
+
+/// How a run is driven (beyond its config).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the run directory's last checkpoint.
+    pub resume: bool,
+    pub quiet: bool,
+    /// Stop after this many optimizer steps of this invocation (with a checkpoint); the run
+    /// continues with `resume`.
+    pub stop_after: Option<u64>,
+    /// Raised by Ctrl-C: stop at the next micro-batch, checkpoint the last completed step.
+    pub stop: StopFlag,
+}
+
+/// The training examples (instances) of a run: all train instances, or a fixed subset of
+/// `data.train_instances` drawn with `seed`.
+pub fn train_instances<'d>(ds: &'d Dataset, cfg: &RunConfig, seed: u64) -> Result<Vec<&'d Instance>> {
+    let all = ds.instances(Split::Train);
+    ensure!(!all.is_empty(), "{} has no train instances", cfg.data.dir.display());
+    let n = cfg.data.train_instances;
+    if n == 0 || n >= all.len() {
+        return Ok(all.iter().collect());
+    }
+    let mut idx: Vec<usize> = (0..all.len()).collect();
+    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(derive_seed(seed, SEED_SUBSET, 0)));
+    idx.truncate(n);
+    idx.sort_unstable();
+    Ok(idx.into_iter().map(|i| &all[i]).collect())
+}
+
+/// The data order: a seeded permutation of the examples per epoch. Example number `g` of the
+/// run (counting across epochs) is `example(g)`, so the order depends only on (seed, g) and a
+/// resumed run continues it exactly.
+pub struct EpochOrder {
+    seed: u64,
+    n: usize,
+    current: Option<(u64, Vec<usize>)>,
+}
+
+impl EpochOrder {
+    pub fn new(seed: u64, n: usize) -> Self {
+        EpochOrder { seed, n, current: None }
+    }
+
+    /// The index (into the examples) of the run's `g`-th example.
+    pub fn example(&mut self, g: u64) -> usize {
+        let n = self.n.max(1) as u64;
+        let epoch = g / n;
+        if self.current.as_ref().is_none_or(|c| c.0 != epoch) {
+            let mut order: Vec<usize> = (0..self.n).collect();
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(derive_seed(self.seed, SEED_DATA, epoch)));
+            self.current = Some((epoch, order));
+        }
+        self.current.as_ref().map_or(0, |c| c.1[(g % n) as usize])
+    }
+}
+
+/// Loads the model with a starting adapter (`adapter`, which must agree with `[lora]`; `key`
+/// names the config key it came from) or a fresh one seeded by `seed`; the run's LoRA dropout
+/// either way.
+pub fn load_model(cfg: &RunConfig, adapter: Option<&Path>, key: &str, seed: u64) -> Result<LoadedModel> {
+    let mut loaded = model::load(&cfg.model.path)?;
+    match adapter {
+        Some(dir) => {
+            loaded.model.load_adapter(dir).with_context(|| format!("cannot load {key} = {}", dir.display()))?;
+            let got = loaded.model.lora_config.clone().context("adapter did not load")?;
+            let same_targets = got.target_modules()? == cfg.lora.target_modules()?;
+            ensure!(
+                got.r == cfg.lora.r && got.alpha == cfg.lora.alpha && same_targets,
+                "{key} {} has r = {}, alpha = {}, targets {:?}, but [lora] says r = {}, alpha = {}, targets {:?}: make them agree",
+                dir.display(),
+                got.r,
+                got.alpha,
+                got.targets,
+                cfg.lora.r,
+                cfg.lora.alpha,
+                cfg.lora.targets
+            );
+        }
+        None => loaded.model.attach_lora(&cfg.lora, derive_seed(seed, SEED_LORA_INIT, 0))?,
+    }
+    loaded.model.set_lora_dropout(cfg.lora.dropout);
+    Ok(loaded)
+}
+
+/// Validates the model at `state.step` on the fixed val sample, logs the record to
+/// `metrics.jsonl` and a line above the bar, and replaces `best/` when val MRR improved. A stop
+/// request during validation skips it (the caller checkpoints and returns).
+#[allow(clippy::too_many_arguments)]
+pub fn validate_and_keep_best(
+    loaded: &LoadedModel,
+    ds: &Dataset,
+    prompt: &PromptConfig,
+    t: &TrainConfig,
+    stop: &StopFlag,
+    state: &mut TrainerState,
+    run: &RunDir,
+    log: &mut MetricsLog,
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
+    let report = match val::validate(&loaded.model, &loaded.tokenizer, ds, prompt, val::ValSettings::from_train(t), Some(&stop.0)) {
+        Ok(r) => r,
+        Err(e) if e.is::<val::Interrupted>() => return Ok(()),
+        Err(e) => return Err(e.context(format!("validation at step {}", state.step))),
+    };
+    let record = val::val_record(state.step, &report);
+    log.log(&record)?;
+    let mrr = val::mrr(&report);
+    let m = report.metrics.all.metrics.unwrap_or_default();
+    bar.println(format!(
+        "step {}: val MRR {mrr:.4}, Acc@1 {:.4}, Acc@5 {:.4}, Acc@10 {:.4}, invalid {:.1}% ({} instances)",
+        state.step,
+        m.acc1,
+        m.acc5,
+        m.acc10,
+        100.0 * report.invalid_rate.unwrap_or(0.0),
+        report.instances
+    ));
+    if state.best.is_none_or(|b| mrr > b.mrr) {
+        state.best = Some(BestVal { step: state.step, mrr });
+        run.save_adapter_copy("best", &loaded.model, &loaded.source, &record)?;
+    }
+    Ok(())
 }
 
 /// One row of a training forward: `ids[..score_from]` is context, and every token from

@@ -1,0 +1,92 @@
+//! `refine-poi sft-warmup` and `refine-poi grpo-train`: the training stages, each driven by a
+//! run config (see [`crate::config`], [`crate::sft`] and [`crate::grpo_train`]). Both take the
+//! same arguments and print a JSON summary; Ctrl-C writes a checkpoint and exits with 130.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+use crate::config::RunConfig;
+use crate::train::{RunOptions, StopFlag};
+use crate::{grpo_train, sft};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The run config (TOML); its keys not given take the defaults.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config key, e.g. `--set grpo.beta=0 --set data.dir=/tmp/nyc` (repeatable;
+    /// the value is TOML, or a plain string).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Continue the stage's run directory from its last checkpoint (same config required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many optimizer steps (writing a checkpoint); continue later with --resume.
+    #[arg(long, value_name = "STEPS")]
+    pub stop_after: Option<u64>,
+    /// No progress bar or messages on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl Args {
+    fn load(&self) -> Result<(RunConfig, RunOptions)> {
+        let cfg = RunConfig::load(Some(&self.config), &self.sets)?;
+        let opts = RunOptions { resume: self.resume, quiet: self.quiet, stop_after: self.stop_after, stop: StopFlag::on_ctrl_c()? };
+        Ok((cfg, opts))
+    }
+}
+
+/// Prints the summary, says how the run ended, and exits 130 after an interrupt.
+fn finish(report: Value, dir: &std::path::Path, step: u64, total: u64, finished: bool, interrupted: bool, quiet: bool) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !quiet {
+        if finished {
+            eprintln!("done: adapter in {}/final, best val in {}/best", dir.display(), dir.display());
+        } else {
+            eprintln!("stopped at step {step} of {total}: continue with --resume");
+        }
+    }
+    if interrupted {
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+pub fn run_sft(args: Args) -> Result<()> {
+    let (cfg, opts) = args.load()?;
+    let s = sft::run(&cfg, &opts)?;
+    let report = json!({
+        "run_dir": s.dir,
+        "step": s.step,
+        "total_steps": s.total_steps,
+        "finished": s.finished,
+        "interrupted": s.interrupted,
+        "checkpoint": s.checkpoint,
+        "first_loss": s.first_loss,
+        "last_loss": s.last_loss,
+        "best": s.best,
+        "tokens_per_s": s.tokens_per_s,
+    });
+    finish(report, &s.dir, s.step, s.total_steps, s.finished, s.interrupted, args.quiet)
+}
+
+pub fn run_grpo(args: Args) -> Result<()> {
+    let (cfg, opts) = args.load()?;
+    let s = grpo_train::run(&cfg, &opts)?;
+    let report = json!({
+        "run_dir": s.dir,
+        "step": s.step,
+        "total_steps": s.total_steps,
+        "finished": s.finished,
+        "interrupted": s.interrupted,
+        "checkpoint": s.checkpoint,
+        "first_reward": s.first_reward,
+        "last_reward": s.last_reward,
+        "best": s.best,
+        "step_seconds": s.step_seconds,
+    });
+    finish(report, &s.dir, s.step, s.total_steps, s.finished, s.interrupted, args.quiet)
+}

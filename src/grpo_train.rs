@@ -1,0 +1,316 @@
+//! The `grpo-train` loop: group-relative policy optimisation of the LoRA adapter on the
+//! recommendation rewards ([`crate::rewards`]), one [`crate::grpo::step`] per optimizer step.
+//!
+//! Each step takes the next `prompts_per_step` train instances (a seeded order per epoch),
+//! builds their prompts ([`crate::prompt`]), samples `group` completions each (one shared
+//! prefill per prompt, seeded by the run seed and the instance's position in the run), parses
+//! them ([`parse_answer`]) and scores every reward term against the instance's ground truth.
+//! The weighted total drives the update; every term, the sampled lists' Acc@1/Acc@k and the
+//! well-formed rate are logged. Validation, `best/`, checkpoints, resume and Ctrl-C work as in
+//! the SFT warm-up ([`crate::train`]).
+//!
+//! The policy starts from `grpo.init_adapter` (by default the SFT warm-up's `best/`), copied
+//! into the run directory as `init/` so a resumed run keeps the same start even if the SFT
+//! run changes. The KL reference is that starting policy, frozen (`grpo.reference = "init"`),
+//! or the base model (`"base"`). LoRA dropout is off in GRPO: the probability ratio of the
+//! surrogate must be exactly 1 for the policy that sampled.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Map, Value};
+
+use crate::answer::{parse_answer, ANSWER_CLOSE};
+use crate::config::{ReferencePolicy, RunConfig};
+use crate::data::{Dataset, Instance};
+use crate::generate::{Completion, SamplingConfig};
+use crate::grpo::{self, LossConfig, StepConfig, StepReport};
+use crate::prompt::{PromptBuilder, PromptContext};
+use crate::rewards::{score, RewardBreakdown, RewardInput};
+use crate::train::checkpoint::{fnv_hex, BestVal, MetricsLog, RunDir, TrainerState};
+use crate::train::optim::{lr_at, AdamW, AdamWParams};
+use crate::train::{derive_seed, load_model, progress_bar, train_instances, validate_and_keep_best, EpochOrder, RunOptions, SEED_SAMPLING};
+
+pub const STAGE: &str = "grpo";
+
+/// The copy of the starting adapter inside the run directory.
+const INIT_DIR: &str = "init";
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct GrpoSummary {
+    pub dir: PathBuf,
+    pub step: u64,
+    pub total_steps: u64,
+    pub finished: bool,
+    pub interrupted: bool,
+    pub checkpoint: Option<PathBuf>,
+    /// Mean total reward of the first and the last step of this invocation.
+    pub first_reward: Option<f64>,
+    pub last_reward: Option<f64>,
+    pub best: Option<BestVal>,
+    /// Mean seconds per optimizer step over the whole run.
+    pub step_seconds: f64,
+}
+
+/// The adapter `grpo.init_adapter` names: `sft` (the warm-up's `best/`), `none`, or a folder.
+pub fn init_adapter(cfg: &RunConfig) -> Result<Option<PathBuf>> {
+    match cfg.grpo.init_adapter.as_str() {
+        "none" => Ok(None),
+        "sft" => {
+            let dir = cfg.stage_dir(crate::sft::STAGE).join("best");
+            ensure!(
+                dir.join("adapter_config.json").is_file(),
+                "grpo.init_adapter = \"sft\" starts from the SFT warm-up's best adapter, but {} has none: run `refine-poi sft-warmup` with this config first, or set grpo.init_adapter to \"none\" (a fresh adapter) or an adapter folder",
+                dir.display()
+            );
+            Ok(Some(dir))
+        }
+        path => {
+            let dir = PathBuf::from(path);
+            ensure!(dir.join("adapter_config.json").is_file(), "grpo.init_adapter: {} is not a PEFT adapter folder (no adapter_config.json)", dir.display());
+            Ok(Some(dir))
+        }
+    }
+}
+
+/// The settings of one step, from the config.
+pub fn step_config(cfg: &RunConfig) -> StepConfig {
+    let g = &cfg.grpo;
+    StepConfig {
+        group: g.group,
+        loss: LossConfig { epsilon: g.epsilon, epsilon_high: g.epsilon_high, beta: g.beta, loss_norm: g.loss_norm, max_completion_tokens: g.max_new_tokens },
+        sampling: SamplingConfig {
+            greedy: false,
+            temperature: g.temperature,
+            top_p: g.top_p,
+            top_k: g.top_k,
+            max_new_tokens: g.max_new_tokens,
+            stop: vec![ANSWER_CLOSE.to_string()],
+            seed: 0,
+        },
+        scale_rewards: g.scale_rewards,
+        skip_zero_signal: g.skip_zero_signal,
+        updates_per_batch: g.updates_per_batch,
+        max_grad_norm: g.train.max_grad_norm,
+    }
+}
+
+/// What the reward function saw of one sampled completion.
+struct Scored {
+    breakdown: RewardBreakdown,
+    /// The target's rank in the parsed list (1-based), if listed.
+    rank: Option<usize>,
+    /// At least one in-range id was read (eval's notion of a valid answer).
+    valid: bool,
+    well_formed: bool,
+}
+
+/// Scores a completion for `inst` with every reward of the config.
+fn score_completion(ds: &Dataset, cfg: &RunConfig, inst: &Instance, c: &Completion) -> Scored {
+    let parsed = parse_answer(&c.text, ds.num_pois());
+    let input = RewardInput {
+        answer: &parsed,
+        completion: &c.text,
+        completion_tokens: c.tokens.len(),
+        target: inst.target.poi,
+        k: cfg.prompt.k,
+        pois: ds.pois(),
+        history: ds.history(inst),
+        reasoning: cfg.prompt.reasoning,
+        params: &cfg.rewards.params,
+    };
+    let breakdown = score(&input, &cfg.rewards.weights);
+    let well_formed = breakdown.get("format") == Some(1.0);
+    Scored { breakdown, rank: parsed.rank_of(inst.target.poi), valid: !parsed.ids.is_empty(), well_formed }
+}
+
+/// The `metrics.jsonl` line of a step: rewards (total and per term), the sampled lists'
+/// quality, the objective's statistics and the time split.
+fn step_record(step: u64, lr: f64, k: usize, scored: &[Scored], report: &StepReport, step_s: f64, elapsed_s: f64) -> Value {
+    let n = scored.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&Scored) -> f64| scored.iter().map(f).sum::<f64>() / n;
+    let totals: Vec<f64> = scored.iter().map(|s| s.breakdown.total).collect();
+    let reward_mean = totals.iter().sum::<f64>() / n;
+    let reward_std = (totals.iter().map(|r| (r - reward_mean).powi(2)).sum::<f64>() / n).sqrt();
+    let mut terms = Map::new();
+    if let Some(first) = scored.first() {
+        for (i, (name, _)) in first.breakdown.terms.iter().enumerate() {
+            terms.insert((*name).to_string(), json!(mean(&|s| s.breakdown.terms[i].1)));
+        }
+    }
+    let lens = &report.completion_tokens;
+    json!({
+        "step": step,
+        "lr": lr,
+        "reward": reward_mean,
+        "reward_std": reward_std,
+        "rewards": terms,
+        "acc1": mean(&|s| f64::from(u8::from(s.rank == Some(1)))),
+        "acc_k": mean(&|s| f64::from(u8::from(s.rank.is_some_and(|r| r <= k)))),
+        "valid": mean(&|s| f64::from(u8::from(s.valid))),
+        "well_formed": mean(&|s| f64::from(u8::from(s.well_formed))),
+        "completion_tokens": lens.iter().sum::<usize>() as f64 / lens.len().max(1) as f64,
+        "loss": report.loss.loss,
+        "kl": report.loss.kl,
+        "clip_fraction": report.loss.clip_fraction,
+        "grad_norm": report.grad_norm,
+        "groups": report.groups.groups(),
+        "zero_signal_groups": report.groups.zero_signal_groups,
+        "reward_group_std": report.groups.mean_std(),
+        "time": report.times,
+        "step_s": step_s,
+        "elapsed_s": elapsed_s,
+    })
+}
+
+/// Runs (or resumes) the GRPO stage described by `cfg`.
+pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
+    cfg.validate()?;
+    let t = &cfg.grpo.train;
+    let config_toml = cfg.stage_toml(STAGE)?;
+    let config_hash = fnv_hex(&config_toml);
+    let root = cfg.stage_dir(STAGE);
+    let (run, latest) = if opts.resume {
+        RunDir::open_for_resume(&root, &config_toml)?
+    } else {
+        // Checked before the run directory is (re)created: a missing SFT start is an error
+        // that leaves nothing behind.
+        init_adapter(cfg)?;
+        (RunDir::create(&root, &config_toml)?, None)
+    };
+
+    let ds = Dataset::load(&cfg.data.dir).with_context(|| format!("cannot load the dataset in {}", cfg.data.dir.display()))?;
+    let examples = train_instances(&ds, cfg, t.seed)?;
+    // The start: the run's own copy when resuming, else the configured adapter (copied in).
+    let init_copy = root.join(INIT_DIR);
+    let start = if opts.resume {
+        init_copy.join("adapter_config.json").is_file().then(|| init_copy.clone())
+    } else {
+        init_adapter(cfg)?
+    };
+    let mut loaded = load_model(cfg, start.as_deref(), "grpo.init_adapter", t.seed)?;
+    loaded.model.set_lora_dropout(0.0);
+    if !opts.resume {
+        loaded.model.save_adapter(&init_copy, &loaded.source).with_context(|| format!("cannot write {}", init_copy.display()))?;
+    }
+    if cfg.grpo.reference == ReferencePolicy::Init {
+        loaded.model.pin_reference_adapter()?;
+    }
+    let prompts = PromptBuilder::new(cfg.prompt.clone(), &loaded.tokenizer)?;
+    let per_step = cfg.grpo.prompts_per_step as u64;
+    let total = t.total_steps(examples.len(), cfg.grpo.prompts_per_step) as u64;
+    let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
+    let (mut state, mut log) = match &latest {
+        Some(dir) => {
+            let state = RunDir::load_checkpoint(dir, &mut loaded.model, &mut opt, STAGE, &config_hash)?;
+            ensure!(state.total_steps == total, "checkpoint {} plans {} steps, this config {total}", dir.display(), state.total_steps);
+            let log = MetricsLog::resume(&run.metrics(), state.step)?;
+            (state, log)
+        }
+        None => (TrainerState::new(STAGE, t.seed, total, config_hash.clone()), MetricsLog::create(&run.metrics())?),
+    };
+    let step_cfg = step_config(cfg);
+    if !opts.quiet {
+        let from = start.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
+        let reference = match cfg.grpo.reference {
+            ReferencePolicy::Init => "the starting policy",
+            ReferencePolicy::Base => "the base model",
+        };
+        eprintln!(
+            "grpo-train: {} train instances, {total} steps of {per_step} prompt(s) x {} samples, from {from} (KL to {reference}); writing {}",
+            examples.len(),
+            cfg.grpo.group,
+            root.display()
+        );
+    }
+
+    let base = loaded.source.clone();
+    let bar = progress_bar(total, state.step, opts.quiet, "grpo");
+    let stop_at = opts.stop_after.map(|n| state.step + n);
+    let mut saved_at = latest.as_ref().map(|_| state.step);
+    let mut checkpoint = latest.clone();
+    let (mut first_reward, mut last_reward) = (None, None);
+    let mut interrupted = false;
+    let mut order = EpochOrder::new(t.seed, examples.len());
+    let k = cfg.prompt.k;
+
+    while state.step < total {
+        if opts.stop.raised() || stop_at.is_some_and(|s| state.step >= s) {
+            interrupted = opts.stop.raised();
+            break;
+        }
+        let step = state.step;
+        let started = Instant::now();
+        let lr = lr_at(t, step as usize, total as usize);
+        let positions: Vec<u64> = (state.examples_seen..state.examples_seen + per_step).collect();
+        let insts: Vec<&Instance> = positions.iter().map(|&g| examples[order.example(g)]).collect();
+        let prompt_ids = insts
+            .iter()
+            .map(|inst| Ok(prompts.build(&PromptContext::from_instance(&ds, inst))?.ids))
+            .collect::<Result<Vec<_>>>()?;
+        let seeds: Vec<u64> = positions.iter().map(|&g| derive_seed(t.seed, SEED_SAMPLING, g)).collect();
+        let mut scored = Vec::with_capacity(insts.len() * cfg.grpo.group);
+        let mut reward = |p: usize, c: &Completion| -> Result<f64> {
+            let s = score_completion(&ds, cfg, insts[p], c);
+            let total = s.breakdown.total;
+            scored.push(s);
+            Ok(total)
+        };
+        let report = grpo::step(&loaded.model, &loaded.tokenizer, &prompt_ids, &seeds, &mut reward, &step_cfg, &mut opt, lr, None)
+            .with_context(|| format!("GRPO step {}", step + 1))?;
+        let step_s = started.elapsed().as_secs_f64();
+
+        state.step += 1;
+        state.examples_seen += per_step;
+        state.tokens_seen += report.completion_tokens.iter().sum::<usize>() as u64;
+        state.elapsed_s += step_s;
+        let record = step_record(state.step, lr, k, &scored, &report, step_s, state.elapsed_s);
+        let reward_mean = record["reward"].as_f64().unwrap_or_default();
+        first_reward.get_or_insert(reward_mean);
+        last_reward = Some(reward_mean);
+        log.log(&record)?;
+        bar.set_position(state.step);
+        bar.set_message(format!(
+            "reward {reward_mean:.3} acc@{k} {:.2} kl {:.4} {step_s:.1}s/step",
+            record["acc_k"].as_f64().unwrap_or_default(),
+            report.loss.kl
+        ));
+
+        let last = state.step == total;
+        if t.eval_every > 0 && (state.step % t.eval_every as u64 == 0 || last) {
+            bar.set_message(format!("reward {reward_mean:.3}, validating on {} val instances", t.eval_instances));
+            validate_and_keep_best(&loaded, &ds, &cfg.prompt, t, &opts.stop, &mut state, &run, &mut log, &bar)?;
+        }
+        let save_due = t.save_every > 0 && state.step % t.save_every as u64 == 0;
+        let stopping = opts.stop.raised() || stop_at.is_some_and(|s| state.step >= s);
+        if save_due || last || stopping {
+            checkpoint = Some(run.save_checkpoint(&loaded.model, &base, &opt, &state, t.keep_checkpoints)?);
+            saved_at = Some(state.step);
+        }
+    }
+    if saved_at != Some(state.step) {
+        checkpoint = Some(run.save_checkpoint(&loaded.model, &base, &opt, &state, t.keep_checkpoints)?);
+    }
+    let finished = state.step == total;
+    if finished {
+        run.save_adapter_copy("final", &loaded.model, &base, &json!({"step": state.step, "best": state.best}))?;
+    }
+    bar.finish_and_clear();
+    if !finished && !interrupted && stop_at.is_none() {
+        bail!("training stopped early at step {} of {total}", state.step);
+    }
+    Ok(GrpoSummary {
+        dir: root,
+        step: state.step,
+        total_steps: total,
+        finished,
+        interrupted,
+        checkpoint,
+        first_reward,
+        last_reward,
+        best: state.best,
+        step_seconds: if state.step > 0 { state.elapsed_s / state.step as f64 } else { 0.0 },
+    })
+}
