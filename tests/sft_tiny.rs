@@ -7,8 +7,8 @@ use std::process::{Command, Output};
 
 use refine_poi::config::RunConfig;
 use refine_poi::model::tiny::{tiny_config, write_tiny_model};
-use refine_poi::sft::{self, SftOptions};
-use refine_poi::train::StopFlag;
+use refine_poi::sft;
+use refine_poi::train::{RunOptions, StopFlag};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_refine-poi"))
@@ -89,8 +89,8 @@ seed = 11
     }
 }
 
-fn quiet() -> SftOptions {
-    SftOptions { quiet: true, ..Default::default() }
+fn quiet() -> RunOptions {
+    RunOptions { quiet: true, ..Default::default() }
 }
 
 fn losses(dir: &Path) -> Vec<f64> {
@@ -147,20 +147,20 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
     let resumed = Setup::new();
     let cfg = resumed.cfg(&sets);
     // Stop after 1 step (a checkpoint is written there, off the save cadence) ...
-    let a = sft::run(&cfg, &SftOptions { stop_after: Some(1), ..quiet() }).unwrap();
+    let a = sft::run(&cfg, &RunOptions { stop_after: Some(1), ..quiet() }).unwrap();
     assert!(!a.finished && a.step == 1);
     // ... a fresh start in the same folder is refused ...
     let e = format!("{:#}", sft::run(&cfg, &quiet()).unwrap_err());
     assert!(e.contains("--resume"), "{e}");
     // ... resume for 3 more steps, then a Ctrl-C before the next step ...
-    let b = sft::run(&cfg, &SftOptions { resume: true, stop_after: Some(3), ..quiet() }).unwrap();
+    let b = sft::run(&cfg, &RunOptions { resume: true, stop_after: Some(3), ..quiet() }).unwrap();
     assert_eq!(b.step, 4);
     let stop = StopFlag::new();
     stop.raise();
-    let c = sft::run(&cfg, &SftOptions { resume: true, stop: stop.clone(), ..quiet() }).unwrap();
+    let c = sft::run(&cfg, &RunOptions { resume: true, stop: stop.clone(), ..quiet() }).unwrap();
     assert!(c.interrupted && c.step == 4);
     // ... and the rest.
-    let d = sft::run(&cfg, &SftOptions { resume: true, ..quiet() }).unwrap();
+    let d = sft::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
     assert!(d.finished && d.step == 6);
 
     assert_eq!(adapter_bytes(&full.dir.join("final")), adapter_bytes(&d.dir.join("final")), "final adapters differ");
@@ -183,9 +183,9 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
 fn broken_or_mismatched_checkpoints_are_clear_errors() {
     let s = Setup::new();
     let cfg = s.cfg(&[]);
-    let run = sft::run(&cfg, &SftOptions { stop_after: Some(2), ..quiet() }).unwrap();
+    let run = sft::run(&cfg, &RunOptions { stop_after: Some(2), ..quiet() }).unwrap();
     let ckpt = run.dir.join("checkpoints/step-2");
-    let resume = |cfg: &RunConfig| format!("{:#}", sft::run(cfg, &SftOptions { resume: true, ..quiet() }).unwrap_err());
+    let resume = |cfg: &RunConfig| format!("{:#}", sft::run(cfg, &RunOptions { resume: true, ..quiet() }).unwrap_err());
     let backup = s.tmp.path().join("backup");
     let copy = |from: &Path, to: &Path| {
         std::fs::create_dir_all(to).unwrap();
@@ -234,7 +234,7 @@ fn broken_or_mismatched_checkpoints_are_clear_errors() {
     assert!(e.contains("corrupt"), "{e}");
     std::fs::write(run.dir.join("checkpoints/last"), "step-2").unwrap();
     // Restored, it resumes and finishes.
-    let done = sft::run(&cfg, &SftOptions { resume: true, ..quiet() }).unwrap();
+    let done = sft::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
     assert!(done.finished);
     // Nothing to resume in an empty run_dir.
     let e = resume(&s.cfg(&["run_dir=elsewhere-never-created"]));
