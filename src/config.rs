@@ -342,10 +342,13 @@ impl RunConfig {
         Ok(cfg)
     }
 
-    /// Parses a resolved config (the run directory's `config.toml`).
+    /// Parses a resolved config (a stage directory's `config.toml`); the sections that stage
+    /// leaves out (the other stage's) take the defaults.
     pub fn from_toml(text: &str) -> Result<RunConfig> {
         let table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("not valid TOML: {e}"))?;
-        from_value(toml::Value::Table(table))
+        let mut value = toml::Value::try_from(RunConfig::default()).context("serialising the default config")?;
+        merge(&mut value, toml::Value::Table(table));
+        from_value(value)
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -54,17 +54,21 @@ pub struct GrpoSummary {
     pub step_seconds: f64,
 }
 
-/// The adapter `grpo.init_adapter` names: `sft` (the warm-up's `best/`), `none`, or a folder.
+/// The adapter `grpo.init_adapter` names: `sft` (the warm-up's `best/`, or its `final/` when
+/// it never validated), `none`, or a folder.
 pub fn init_adapter(cfg: &RunConfig) -> Result<Option<PathBuf>> {
     match cfg.grpo.init_adapter.as_str() {
         "none" => Ok(None),
         "sft" => {
-            let dir = cfg.stage_dir(crate::sft::STAGE).join("best");
-            ensure!(
-                dir.join("adapter_config.json").is_file(),
-                "grpo.init_adapter = \"sft\" starts from the SFT warm-up's best adapter, but {} has none: run `refine-poi sft-warmup` with this config first, or set grpo.init_adapter to \"none\" (a fresh adapter) or an adapter folder",
-                dir.display()
-            );
+            // best/ when the warm-up validated, else its final adapter.
+            let sft = cfg.stage_dir(crate::sft::STAGE);
+            let found = ["best", "final"].iter().map(|d| sft.join(d)).find(|d| d.join("adapter_config.json").is_file());
+            let dir = found.with_context(|| {
+                format!(
+                    "grpo.init_adapter = \"sft\" starts from the SFT warm-up's adapter, but {} has neither best/ nor final/: run `refine-poi sft-warmup` with this config first, or set grpo.init_adapter to \"none\" (a fresh adapter) or an adapter folder",
+                    sft.display()
+                )
+            })?;
             Ok(Some(dir))
         }
         path => {

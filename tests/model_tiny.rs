@@ -67,6 +67,29 @@ fn zero_b_adapter_leaves_logits_unchanged() {
 }
 
 /// Sum of next-token log-likelihoods of the sequence: the shape of every training loss here.
+#[test]
+fn a_pinned_reference_adapter_is_what_adapter_off_computes() {
+    let (dir, mut m) = tiny("llama", DType::F32);
+    m.model.attach_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..Default::default() }, 3).unwrap();
+    randomize_b(&m, 1);
+    let tokens = ids(&m, "pinned reference");
+    let base = logits(&m, &tokens, Mode::REFERENCE);
+    let start = logits(&m, &tokens, Mode::INFERENCE);
+    assert!(max_diff(&base, &start) > 1e-3, "the adapter must change the output");
+    m.model.pin_reference_adapter().unwrap();
+    assert_eq!(max_diff(&start, &logits(&m, &tokens, Mode::REFERENCE)), 0.0);
+    // The trained adapter moves (and is reloaded from a checkpoint); the reference stays put.
+    randomize_b(&m, 2);
+    let moved = logits(&m, &tokens, Mode::INFERENCE);
+    assert!(max_diff(&moved, &start) > 1e-3);
+    assert_eq!(max_diff(&start, &logits(&m, &tokens, Mode::REFERENCE)), 0.0);
+    let saved = dir.path().join("moved");
+    m.model.save_adapter(&saved, "tiny").unwrap();
+    m.model.load_adapter(&saved).unwrap();
+    assert_eq!(max_diff(&moved, &logits(&m, &tokens, Mode::INFERENCE)), 0.0);
+    assert_eq!(max_diff(&start, &logits(&m, &tokens, Mode::REFERENCE)), 0.0);
+}
+
 fn log_likelihood(m: &LoadedModel, tokens: &[u32]) -> Tensor {
     let input = Tensor::new(&tokens[..tokens.len() - 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let targets = Tensor::new(&tokens[1..], &Device::Cpu).unwrap().unsqueeze(0).unwrap().unsqueeze(D::Minus1).unwrap();

@@ -2,92 +2,15 @@
 //! handful of examples, a stopped-and-resumed run equals an uninterrupted one bit for bit,
 //! broken or mismatched checkpoints are clear errors, and the binary runs end to end.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::{bin, text, Setup};
 use refine_poi::config::RunConfig;
-use refine_poi::model::tiny::{tiny_config, write_tiny_model};
 use refine_poi::sft;
 use refine_poi::train::{RunOptions, StopFlag};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_refine-poi"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A tiny model folder, a small preprocessed dataset, and a config file using both.
-struct Setup {
-    tmp: tempfile::TempDir,
-    config: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let tmp = tempfile::tempdir().unwrap();
-        let model = tmp.path().join("tiny");
-        write_tiny_model(&model, &tiny_config("llama"), 3).unwrap();
-        let data = tmp.path().join("data");
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tsmc2014_synthetic.txt");
-        let out = bin()
-            .args(["preprocess", "--format", "foursquare", "--quiet", "--input"])
-            .arg(&fixture)
-            .arg("--out")
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        // Short prompts (the tiny tokenizer has one token per byte), small steps, no validation.
-        let config = tmp.path().join("sft.toml");
-        let body = format!(
-            r#"run_dir = "{run}"
-[model]
-path = "{model}"
-[data]
-dir = "{data}"
-train_instances = 6
-[prompt]
-k = 3
-long_term = false
-categories = false
-times = false
-max_prompt_tokens = 0
-system_message = "Next POI."
-[lora]
-r = 4
-alpha = 8
-dropout = 0.1
-targets = ["q", "k", "v", "o", "gate", "up", "down"]
-[sft]
-answer = "list"
-lr = 5e-3
-warmup_steps = 2
-batch_size = 2
-grad_accum = 2
-max_steps = 6
-eval_every = 0
-eval_instances = 4
-eval_batch_size = 4
-eval_max_new_tokens = 12
-save_every = 2
-keep_checkpoints = 2
-seed = 11
-"#,
-            run = tmp.path().join("runs").display(),
-            model = model.display(),
-            data = data.display()
-        );
-        std::fs::write(&config, body).unwrap();
-        Setup { tmp, config }
-    }
-
-    fn cfg(&self, sets: &[&str]) -> RunConfig {
-        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        RunConfig::load(Some(&self.config), &sets).unwrap()
-    }
-}
 
 fn quiet() -> RunOptions {
     RunOptions { quiet: true, ..Default::default() }

@@ -1,0 +1,104 @@
+//! What the training tests share: the binary, and a tiny model with a small preprocessed
+//! dataset and a run config using both (short prompts, a few steps of each stage).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use refine_poi::config::RunConfig;
+use refine_poi::model::tiny::{tiny_config, write_tiny_model};
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_refine-poi"))
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A tiny model folder, a small preprocessed dataset, and a config file using both.
+pub struct Setup {
+    pub tmp: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("tiny");
+        write_tiny_model(&model, &tiny_config("llama"), 3).unwrap();
+        let data = tmp.path().join("data");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tsmc2014_synthetic.txt");
+        let out = bin()
+            .args(["preprocess", "--format", "foursquare", "--quiet", "--input"])
+            .arg(&fixture)
+            .arg("--out")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        // Short prompts (the tiny tokenizer has one token per byte), small steps, no validation.
+        let config = tmp.path().join("sft.toml");
+        let body = format!(
+            r#"run_dir = "{run}"
+[model]
+path = "{model}"
+[data]
+dir = "{data}"
+train_instances = 6
+[prompt]
+k = 3
+long_term = false
+categories = false
+times = false
+max_prompt_tokens = 0
+system_message = "Next POI."
+[lora]
+r = 4
+alpha = 8
+dropout = 0.1
+targets = ["q", "k", "v", "o", "gate", "up", "down"]
+[sft]
+answer = "list"
+lr = 5e-3
+warmup_steps = 2
+batch_size = 2
+grad_accum = 2
+max_steps = 6
+eval_every = 0
+eval_instances = 4
+eval_batch_size = 4
+eval_max_new_tokens = 12
+save_every = 2
+keep_checkpoints = 2
+seed = 11
+[grpo]
+init_adapter = "none"
+group = 4
+prompts_per_step = 2
+max_new_tokens = 10
+temperature = 1.5
+lr = 1e-2
+max_steps = 4
+eval_every = 0
+eval_instances = 4
+eval_batch_size = 4
+eval_max_new_tokens = 12
+save_every = 2
+keep_checkpoints = 2
+seed = 5
+"#,
+            run = tmp.path().join("runs").display(),
+            model = model.display(),
+            data = data.display()
+        );
+        std::fs::write(&config, body).unwrap();
+        Setup { tmp, config }
+    }
+
+    pub fn cfg(&self, sets: &[&str]) -> RunConfig {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RunConfig::load(Some(&self.config), &sets).unwrap()
+    }
+}
+
