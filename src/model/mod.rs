@@ -9,6 +9,7 @@ pub mod lora;
 pub mod skinny;
 pub mod tiny;
 pub mod tokenizer;
+pub mod train_ops;
 pub mod transformer;
 
 use std::path::{Path, PathBuf};

@@ -129,8 +129,9 @@ impl Linear {
                 }
                 _ => &x2,
             };
-            let low = input.matmul(&a.t()?)?;
-            let delta = (low.matmul(&b.t()?)? * scale)?;
+            // The scale goes on the rank-r intermediate, not the full-width output.
+            let low = (input.matmul(&a.t()?)? * scale)?;
+            let delta = low.matmul(&b.t()?)?;
             y = (y + delta)?;
         }
         let mut out_dims = dims;
@@ -185,7 +186,9 @@ pub struct CausalLm {
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> candle_core::Result<Tensor> {
-    if mode.grad {
+    if mode.grad && super::train_ops::supported(x.device(), x.dtype()) {
+        super::train_ops::rms_norm(x, weight, eps)
+    } else if mode.grad {
         candle_nn::ops::rms_norm_slow(x, weight, eps as f32)
     } else {
         candle_nn::ops::rms_norm(x, weight, eps as f32)
@@ -204,6 +207,9 @@ fn softmax(x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
 fn apply_rope(x: &Tensor, rope: &Rope, mode: Mode) -> candle_core::Result<Tensor> {
     if !mode.grad {
         return candle_nn::rotary_emb::rope(x, &rope.cos, &rope.sin);
+    }
+    if super::train_ops::supported(x.device(), x.dtype()) {
+        return super::train_ops::rope(x, &rope.cos, &rope.sin);
     }
     // Tables are (T, hd/2) when every row shares positions, else (B, T, hd/2): make them
     // broadcast against (B, H, T, hd).
@@ -268,11 +274,21 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        if fused_attention(mode, x.device(), x.dtype()) {
-            let y = super::attention_cpu::causal_attention(&q, &k, &v, pads)?;
-            return self.o.forward(&y, mode);
-        }
-        self.attend(&q, &k, &v, mask, mode)
+        self.attend_causal(&q, &k, &v, pads, mask, mode)
+    }
+
+    /// Causal attention (query i of row b at position `keys − T + i` sees keys `pads[b]..=` it)
+    /// and the output projection: a fused kernel when the mode and device have one, else
+    /// candle's ops with the equivalent additive `mask`.
+    fn attend_causal(&self, q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], mask: Option<&Tensor>, mode: Mode) -> candle_core::Result<Tensor> {
+        let y = if fused_attention(mode, q.device(), q.dtype()) {
+            super::attention_cpu::causal_attention(q, k, v, pads)?
+        } else if mode.grad && super::train_ops::supported(q.device(), q.dtype()) {
+            super::train_ops::attention(q, k, v, pads)?
+        } else {
+            return self.attend(q, k, v, mask, mode);
+        };
+        self.o.forward(&y, mode)
     }
 }
 
@@ -555,16 +571,17 @@ impl CausalLm {
             Tensor::from_vec(mask, (1, 1, t, past + t), &self.device)?.to_dtype(self.dtype)
         };
         let (mask_p, mask_c) = (causal(p, 0)?, causal(c, p)?);
+        let pads_c = vec![0; g];
         let eps = self.config.rms_norm_eps;
         for block in &self.blocks {
             let a = &block.attn;
             let (qp, kp, vp) = a.project(&rms_norm(&xp, &block.attn_norm, eps, mode)?, &rope_p, mode)?;
             let (qc, kc, vc) = a.project(&rms_norm(&xc, &block.attn_norm, eps, mode)?, &rope_c, mode)?;
-            let attn_p = a.attend(&qp, &kp, &vp, Some(&mask_p), mode)?;
+            let attn_p = a.attend_causal(&qp, &kp, &vp, &[0], Some(&mask_p), mode)?;
             let shape = (g, a.kv_heads, p, a.head_dim);
             let keys = Tensor::cat(&[&kp.broadcast_as(shape)?.contiguous()?, &kc], 2)?;
             let values = Tensor::cat(&[&vp.broadcast_as(shape)?.contiguous()?, &vc], 2)?;
-            let attn_c = a.attend(&qc, &keys, &values, Some(&mask_c), mode)?;
+            let attn_c = a.attend_causal(&qc, &keys, &values, &pads_c, Some(&mask_c), mode)?;
             xp = (xp + attn_p)?;
             xc = (xc + attn_c)?;
             xp = (&xp + block.mlp.forward(&rms_norm(&xp, &block.mlp_norm, eps, mode)?, mode)?)?;
