@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::advantages::{group_advantages, GroupStats};
@@ -66,8 +66,7 @@ pub fn token_logprobs(logits: &Tensor, tokens: &Tensor) -> candle_core::Result<T
         DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
         _ => logits.clone(),
     };
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    logp.gather(&tokens.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)
+    crate::model::train_ops::target_logprobs(&logits, tokens)
 }
 
 /// The GRPO loss of one group or batch. `logp` (G, C) carries gradients; `old_logp` and

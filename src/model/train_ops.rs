@@ -187,3 +187,162 @@ impl CustomOp1 for Rope {
         Ok(Some(candle_nn::rotary_emb::rope(&dy.contiguous()?, &self.cos, &self.sin.neg()?)?))
     }
 }
+
+/// `log softmax(logits)[target]` per row: logits (..., V) and u32 targets (...) give (...). The
+/// (rows, V) log-softmax is never stored: the forward keeps one number per row, and the
+/// backward, `dy · (onehot(target) − softmax(logits))`, recomputes the row's log-sum-exp.
+pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    if !supported(logits.device(), logits.dtype()) {
+        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        return logp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1);
+    }
+    let lead = logits.dims()[..logits.rank() - 1].to_vec();
+    if targets.dims() != lead.as_slice() || targets.dtype() != DType::U32 {
+        candle_core::bail!("target_logprobs: targets {:?} ({:?}) for logits {:?}", targets.dims(), targets.dtype(), logits.dims());
+    }
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, TargetLogprobs)
+}
+
+struct TargetLogprobs;
+
+/// The row's log-sum-exp, in f64.
+fn log_sum_exp<T: candle_core::WithDType>(row: &[T]) -> f64 {
+    let max = row.iter().map(|x| x.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+    max + row.iter().map(|x| (x.to_f64() - max).exp()).sum::<f64>().ln()
+}
+
+fn target_logprobs_fwd<T: candle_core::WithDType>(x: &[T], t: &[u32], v: usize) -> candle_core::Result<Vec<T>> {
+    use rayon::prelude::*;
+    if t.iter().any(|&id| id as usize >= v) {
+        candle_core::bail!("target_logprobs: a target id is outside the vocabulary of {v}");
+    }
+    Ok(x.par_chunks(v).zip(t.par_iter()).map(|(row, &id)| T::from_f64(row[id as usize].to_f64() - log_sum_exp(row))).collect())
+}
+
+fn target_logprobs_bwd<T: candle_core::WithDType>(x: &[T], t: &[u32], dy: &[T], v: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(t.par_iter().zip(dy.par_iter())).for_each(|((out, row), (&id, &g))| {
+        let (lse, g) = (log_sum_exp(row), g.to_f64());
+        for (j, (o, xj)) in out.iter_mut().zip(row).enumerate() {
+            let onehot = if j == id as usize { 1.0 } else { 0.0 };
+            *o = T::from_f64(g * (onehot - (xj.to_f64() - lse).exp()));
+        }
+    });
+    dx
+}
+
+impl candle_core::CustomOp2 for TargetLogprobs {
+    fn name(&self) -> &'static str {
+        "target-logprobs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = *l1.dims().last().unwrap_or(&1);
+        let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("target_logprobs needs contiguous inputs")
+        };
+        let CpuStorage::U32(t) = s2 else { candle_core::bail!("target_logprobs: targets must be u32") };
+        let out = match s1 {
+            CpuStorage::F32(x) => CpuStorage::F32(target_logprobs_fwd(&x[a..b], &t[c..d], v)?),
+            CpuStorage::F64(x) => CpuStorage::F64(target_logprobs_fwd(&x[a..b], &t[c..d], v)?),
+            _ => candle_core::bail!("target_logprobs supports f32 and f64"),
+        };
+        Ok((out, l2.shape().clone()))
+    }
+
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let v = logits.dim(D::Minus1)?;
+        let t = targets.flatten_all()?.to_vec1::<u32>()?;
+        let dx = match logits.dtype() {
+            DType::F64 => {
+                let (x, g) = (logits.flatten_all()?.to_vec1::<f64>()?, dy.flatten_all()?.to_vec1::<f64>()?);
+                Tensor::from_vec(target_logprobs_bwd(&x, &t, &g, v), logits.shape(), logits.device())?
+            }
+            _ => {
+                let (x, g) = (logits.flatten_all()?.to_vec1::<f32>()?, dy.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+                Tensor::from_vec(target_logprobs_bwd(&x, &t, &g, v), logits.shape(), logits.device())?
+            }
+        };
+        Ok((Some(dx), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each fused op against the same function written with candle's differentiable ops: equal
+    //! values, and equal gradients of a random linear functional of the output.
+    use super::*;
+    use candle_core::Var;
+
+    fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f64 / 500.0) - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// Values and input gradients of `f` and `g` on the same inputs, compared.
+    fn same_values_and_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, g: impl Fn(&[Tensor]) -> Tensor, tol: f64) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (f(&ts), g(&ts));
+        assert!(max_diff(&a, &b) < tol, "values differ by {}", max_diff(&a, &b));
+        let w = rand(a.dims(), 7, a.dtype());
+        let (ga, gb) = ((&a * &w).unwrap().sum_all().unwrap().backward().unwrap(), (&b * &w).unwrap().sum_all().unwrap().backward().unwrap());
+        for (i, v) in vars.iter().enumerate() {
+            let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+            assert!(max_diff(x, y) < tol, "input {i}: gradients differ by {}", max_diff(x, y));
+        }
+    }
+
+    fn composite_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> Tensor {
+        let (b, h, t, d) = q.dims4().unwrap();
+        let (_, kv, l, _) = k.dims4().unwrap();
+        let rep = |x: &Tensor| Tensor::cat(&vec![x.unsqueeze(2).unwrap(); h / kv], 2).unwrap().reshape((b, h, l, d)).unwrap();
+        let s = (q.matmul(&rep(k).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let s = s.broadcast_add(&causal_mask(pads, t, l, q.dtype()).unwrap()).unwrap();
+        let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+        p.matmul(&rep(v)).unwrap().transpose(1, 2).unwrap().reshape((b, t, h * d)).unwrap()
+    }
+
+    #[test]
+    fn attention_matches_candle_ops_with_padding_gqa_and_a_past() {
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-10 } else { 2e-5 };
+            // 2 rows (one left-padded by 2), 4 query heads over 2 KV heads, 3 queries over 5 keys.
+            let inputs = [rand(&[2, 4, 3, 8], 1, dtype), rand(&[2, 2, 5, 8], 2, dtype), rand(&[2, 2, 5, 8], 3, dtype)];
+            let pads = [0, 2];
+            same_values_and_grads(&inputs, |x| attention(&x[0], &x[1], &x[2], &pads).unwrap(), |x| composite_attention(&x[0], &x[1], &x[2], &pads), tol);
+        }
+    }
+
+    #[test]
+    fn rms_norm_rope_and_target_logprobs_match_candle_ops() {
+        let dtype = DType::F64;
+        let w = rand(&[6], 4, dtype);
+        same_values_and_grads(&[rand(&[2, 3, 6], 5, dtype)], |x| rms_norm(&x[0], &w, 1e-5).unwrap(), |x| candle_nn::ops::rms_norm_slow(&x[0], &w, 1e-5).unwrap(), 1e-10);
+        let (cos, sin) = (rand(&[3, 4], 6, dtype), rand(&[3, 4], 8, dtype));
+        let composite_rope = |x: &Tensor| {
+            let (c, s) = (Tensor::cat(&[&cos, &cos], 1).unwrap(), Tensor::cat(&[&sin, &sin], 1).unwrap());
+            let (x1, x2) = (x.narrow(3, 0, 4).unwrap(), x.narrow(3, 4, 4).unwrap());
+            let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], 3).unwrap();
+            (x.broadcast_mul(&c).unwrap() + rotated.broadcast_mul(&s).unwrap()).unwrap()
+        };
+        same_values_and_grads(&[rand(&[2, 2, 3, 8], 9, dtype)], |x| rope(&x[0], &cos, &sin).unwrap(), |x| composite_rope(&x[0]), 1e-10);
+        let targets = Tensor::new(&[[0u32, 6, 3], [2, 2, 1]], &Device::Cpu).unwrap();
+        let composite_logp = |x: &Tensor| {
+            let logp = candle_nn::ops::log_softmax(x, D::Minus1).unwrap();
+            logp.gather(&targets.unsqueeze(2).unwrap(), D::Minus1).unwrap().squeeze(2).unwrap()
+        };
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let logits = (rand(&[2, 3, 7], 10, dtype) * 5.0).unwrap();
+            same_values_and_grads(&[logits], |x| target_logprobs(&x[0], &targets).unwrap(), |x| composite_logp(&x[0]), tol);
+        }
+        let bad = Tensor::new(&[[9u32, 0, 0], [0, 0, 0]], &Device::Cpu).unwrap();
+        assert!(target_logprobs(&rand(&[2, 3, 7], 1, dtype), &bad).is_err(), "an id outside the vocabulary is an error");
+    }
+}

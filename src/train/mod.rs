@@ -211,10 +211,8 @@ pub fn token_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Resul
     let h = hidden.dim(D::Minus1)?;
     let picked = hidden.reshape((rows.len() * t, h))?.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
     let logits = model.logits(&picked)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let n = targets.len();
-    let targets = Tensor::from_vec(targets, (n, 1), device)?;
-    Ok(logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?)
+    Ok(crate::model::train_ops::target_logprobs(&logits, &Tensor::from_vec(targets, n, device)?)?)
 }
 
 /// A stop request (Ctrl-C): the loop finishes or abandons the current step, writes a
