@@ -157,3 +157,48 @@ fn a_missing_model_says_how_to_get_it() {
     let out = bin().args(["generate", "--prompt", "x", "--model", "no/such/path.gguf"]).output().unwrap();
     assert!(error_line(&out).contains("neither a GGUF file"));
 }
+
+/// The export merges the adapter: the exported folder alone gives the logits of base + adapter,
+/// for Llama (tied embeddings) and Qwen2 (q/k/v bias).
+#[test]
+fn export_writes_a_merged_hugging_face_folder() {
+    use candle_core::{Device, Tensor};
+    use refine_poi::model::{load, LoraConfig, Mode};
+    for model_type in ["llama", "qwen2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        write_tiny_model(&base, &tiny_config(model_type), 5).unwrap();
+        let mut m = load(base.to_str().unwrap()).unwrap();
+        m.model.attach_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: vec!["q".into(), "v".into(), "down".into()] }, 2).unwrap();
+        // B = 0 at init: give it values so the merge matters.
+        for (name, var) in m.model.lora_vars() {
+            if name.contains("lora_B") {
+                let n = var.elem_count();
+                let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.02).collect();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            }
+        }
+        let adapter = tmp.path().join("adapter");
+        m.model.save_adapter(&adapter, "tiny").unwrap();
+        let out = tmp.path().join("merged");
+        ok(bin().args(["export", "--model", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap());
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+            assert!(out.join(f).is_file(), "{f} missing");
+        }
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert!(config["architectures"][0].as_str().unwrap().ends_with("ForCausalLM"), "{config}");
+        let merged = load(out.to_str().unwrap()).unwrap();
+        let ids = m.tokenizer.encode("merge me 42", false).unwrap();
+        assert_eq!(ids, merged.tokenizer.encode("merge me 42", false).unwrap(), "same tokenizer");
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let want = m.model.forward(&t, None, None, Mode::INFERENCE).unwrap();
+        let got = merged.model.forward(&t, None, None, Mode::INFERENCE).unwrap();
+        let base_logits = m.model.forward(&t, None, None, Mode::REFERENCE).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&want, &base_logits) > 1e-3, "the adapter changes the logits");
+        assert!(diff(&want, &got) < 1e-4, "{model_type}: merged logits differ by {}", diff(&want, &got));
+        // A non-empty --out is refused.
+        let again = bin().args(["export", "--model", base.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+        assert!(error_line(&again).contains("not empty"));
+    }
+}

@@ -8,6 +8,7 @@ use crate::model;
 
 pub mod bench;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod preprocess;
 pub mod recommend;
@@ -32,6 +33,8 @@ pub enum Command {
     SftWarmup(train::Args),
     /// GRPO on recommendation rewards from a run config (TOML): the `[grpo]` and `[rewards]` tables.
     GrpoTrain(train::Args),
+    /// Merge a LoRA adapter into the model and write a Hugging Face model folder.
+    Export(export::Args),
     /// Measure the model's prefill and decode speed and peak memory (JSON).
     Bench(bench::Args),
     /// Complete one prompt with a model (+ adapter): a sanity tool.
@@ -45,6 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Recommend(args) => recommend::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Export(args) => export::run(args),
         Command::SftWarmup(args) => train::run_sft(args),
         Command::GrpoTrain(args) => train::run_grpo(args),
     }

@@ -424,6 +424,32 @@ impl CausalLm {
         })
     }
 
+    /// Every weight under its Hugging Face name with the adapter merged in (`W + scale · B A`;
+    /// the base weights themselves are untouched): what `refine-poi export` writes. The output
+    /// projection is left out when it is tied to the embedding.
+    pub fn merged_weights(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, block) in self.blocks.iter().enumerate() {
+            out.push((format!("model.layers.{i}.input_layernorm.weight"), block.attn_norm.clone()));
+            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), block.mlp_norm.clone()));
+        }
+        for lin in self.linears() {
+            let weight = match &lin.lora {
+                Some(l) => (&lin.weight + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?)?,
+                None => lin.weight.clone(),
+            };
+            out.push((format!("{}.weight", lin.path), weight));
+            if let Some(bias) = &lin.bias {
+                out.push((format!("{}.bias", lin.path), bias.clone()));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.final_norm.clone()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.clone()));
+        }
+        Ok(out)
+    }
+
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.blocks.iter_mut().flat_map(|b| {
             [&mut b.attn.q, &mut b.attn.k, &mut b.attn.v, &mut b.attn.o, &mut b.mlp.gate, &mut b.mlp.up, &mut b.mlp.down]
