@@ -20,3 +20,4 @@ pub mod rewards;
 pub mod advantages;
 pub mod grpo;
 pub mod grpo_train;
+pub mod report;

@@ -57,6 +57,9 @@ pub fn dedup_list(list: &[u32]) -> Vec<u32> {
     list.iter().copied().filter(|id| seen.insert(*id)).collect()
 }
 
+/// The metrics' names in reports, in [`Metrics::values`] order.
+pub const METRIC_NAMES: [&str; 6] = ["acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr"];
+
 /// The six metrics of one instance, or their means.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Metrics {
@@ -69,6 +72,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The values in [`METRIC_NAMES`] order.
+    pub fn values(&self) -> [f64; 6] {
+        [self.acc1, self.acc5, self.acc10, self.ndcg5, self.ndcg10, self.mrr]
+    }
+
     /// Acc@k = 1 if r <= k; NDCG@k = 1 / log2(r + 1) if r <= k; MRR = 1 / r; all 0 for a miss.
     pub fn from_rank(rank: Rank) -> Metrics {
         let Some(r) = rank.filter(|r| r.is_finite() && *r >= 1.0) else {
@@ -150,13 +158,9 @@ impl Serialize for GroupSummary {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut m = s.serialize_map(Some(7))?;
-        let v = self.metrics;
-        m.serialize_entry("acc@1", &v.map(|x| x.acc1))?;
-        m.serialize_entry("acc@5", &v.map(|x| x.acc5))?;
-        m.serialize_entry("acc@10", &v.map(|x| x.acc10))?;
-        m.serialize_entry("ndcg@5", &v.map(|x| x.ndcg5))?;
-        m.serialize_entry("ndcg@10", &v.map(|x| x.ndcg10))?;
-        m.serialize_entry("mrr", &v.map(|x| x.mrr))?;
+        for (i, name) in METRIC_NAMES.iter().enumerate() {
+            m.serialize_entry(name, &self.metrics.map(|x| x.values()[i]))?;
+        }
         m.serialize_entry("n", &self.n)?;
         m.end()
     }

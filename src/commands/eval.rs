@@ -58,8 +58,13 @@ impl LlmArgs {
 
     /// Loads the model (and adapter) as a recommender.
     pub fn recommender(&self, batch_size: usize) -> Result<LlmRecommender> {
+        self.recommender_with(batch_size, self.prompt_config()?)
+    }
+
+    /// [`LlmArgs::recommender`] with the prompt options given.
+    pub fn recommender_with(&self, batch_size: usize, prompt: PromptConfig) -> Result<LlmRecommender> {
         let (loaded, name) = self.model.load()?;
-        LlmRecommender::new(loaded, self.prompt_config()?, batch_size, self.max_new_tokens, format!("llm:{name}"))
+        LlmRecommender::new(loaded, prompt, batch_size, self.max_new_tokens, format!("llm:{name}"))
     }
 }
 
@@ -81,18 +86,23 @@ impl From<EvalSplit> for Split {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Dataset directory written by `refine-poi preprocess`.
-    #[arg(long)]
-    pub data: PathBuf,
+    /// Dataset directory written by `refine-poi preprocess` (with --run: the run's data.dir).
+    #[arg(long, required_unless_present = "run")]
+    pub data: Option<PathBuf>,
+    /// Evaluate a training run (`runs/x/grpo`, or `runs/x`: its grpo/, else sft/): its adapter
+    /// (best/, else final/) with the run's model, data and prompt from its config.toml.
+    /// Implies --method llm; the report goes to `{run}/eval/{split}[-{limit}].json` by default.
+    #[arg(long, conflicts_with_all = ["method", "prompt_config", "model", "adapter"])]
+    pub run: Option<PathBuf>,
     /// Split to evaluate.
     #[arg(long, value_enum, default_value = "test")]
     pub split: EvalSplit,
     /// Method to evaluate.
-    #[arg(long, value_enum)]
-    pub method: Method,
+    #[arg(long, value_enum, required_unless_present = "run")]
+    pub method: Option<Method>,
     /// Where to write the JSON report.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "run")]
+    pub out: Option<PathBuf>,
     /// Also write each instance's ranked list (JSONL) here.
     #[arg(long)]
     pub predictions: Option<PathBuf>,
@@ -112,17 +122,63 @@ pub struct Args {
     pub llm: LlmArgs,
 }
 
+/// What `--run` resolves to: the data, the recommender's settings, and the default report path.
+struct RunTarget {
+    data: PathBuf,
+    llm: LlmArgs,
+    prompt: PromptConfig,
+    out: PathBuf,
+}
+
+fn run_target(dir: &std::path::Path, args: &Args) -> Result<RunTarget> {
+    let stage = crate::train::checkpoint::find_stage_dir(dir)?;
+    let path = stage.join(crate::config::CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let cfg = crate::config::RunConfig::from_toml(&text).with_context(|| format!("bad run config {}", path.display()))?;
+    let adapter = ["best", "final"]
+        .iter()
+        .map(|d| stage.join(d))
+        .find(|d| d.join("adapter_config.json").is_file())
+        .with_context(|| format!("{} has no best/ or final/ adapter yet", stage.display()))?;
+    let mut prompt = cfg.prompt.clone();
+    if let Some(k) = args.llm.k {
+        prompt.k = k;
+    }
+    let split = match args.split {
+        EvalSplit::Val => "val",
+        EvalSplit::Test => "test",
+    };
+    let name = match args.limit {
+        Some(n) => format!("{split}-{n}.json"),
+        None => format!("{split}.json"),
+    };
+    let llm = LlmArgs { model: super::ModelArgs { model: cfg.model.path.clone(), adapter: Some(adapter) }, ..args.llm.clone() };
+    Ok(RunTarget { data: args.data.clone().unwrap_or(cfg.data.dir), llm, prompt, out: args.out.clone().unwrap_or(stage.join("eval").join(name)) })
+}
+
 pub fn run(args: Args) -> Result<()> {
     let split: Split = args.split.into();
+    let target = args.run.as_deref().map(|dir| run_target(dir, &args)).transpose()?;
+    let data = match &target {
+        Some(t) => t.data.clone(),
+        None => args.data.clone().context("--data is required")?,
+    };
+    let out = match &target {
+        Some(t) => t.out.clone(),
+        None => args.out.clone().context("--out is required")?,
+    };
     let t0 = Instant::now();
-    let ds = Dataset::load_splits(&args.data, &[split])?;
+    let ds = Dataset::load_splits(&data, &[split])?;
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mut method: Box<dyn Recommender> = match args.method {
-        Method::Popularity => Baseline::Popularity.build(&ds),
-        Method::Counter => Baseline::Counter.build(&ds),
-        Method::Markov => Baseline::Markov.build(&ds),
-        Method::Llm => Box::new(args.llm.recommender(args.batch_size.unwrap_or(8))?),
+    let batch = args.batch_size.unwrap_or(8);
+    let mut method: Box<dyn Recommender> = match (&target, args.method) {
+        (Some(t), _) => Box::new(t.llm.recommender_with(batch, t.prompt.clone())?),
+        (None, Some(Method::Popularity)) => Baseline::Popularity.build(&ds),
+        (None, Some(Method::Counter)) => Baseline::Counter.build(&ds),
+        (None, Some(Method::Markov)) => Baseline::Markov.build(&ds),
+        (None, Some(Method::Llm)) => Box::new(args.llm.recommender(batch)?),
+        (None, None) => anyhow::bail!("--method is required"),
     };
     let fit_s = t1.elapsed().as_secs_f64();
     let opts = EvalOptions {
@@ -136,11 +192,11 @@ pub fn run(args: Args) -> Result<()> {
 
     let mut json = serde_json::to_value(&report)?;
     if let Some(obj) = json.as_object_mut() {
-        obj.insert("dataset".into(), args.data.display().to_string().into());
+        obj.insert("dataset".into(), data.display().to_string().into());
         obj.insert("load_s".into(), load_s.into());
         obj.insert("fit_s".into(), fit_s.into());
     }
-    for path in std::iter::once(&args.out).chain(&args.predictions) {
+    for path in std::iter::once(&out).chain(&args.predictions) {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -148,14 +204,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     let mut text = serde_json::to_string_pretty(&json)?;
     text.push('\n');
-    crate::fsutil::write_atomic(&args.out, text.as_bytes())?;
+    crate::fsutil::write_atomic(&out, text.as_bytes())?;
     if let Some(p) = &args.predictions {
         write_predictions(p, &results)?;
     }
     print!("{}", format_table(&report));
     println!(
         "(loaded in {load_s:.2} s, fitted in {fit_s:.3} s; report: {})",
-        args.out.display()
+        out.display()
     );
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod export;
 pub mod generate;
 pub mod preprocess;
 pub mod recommend;
+pub mod report;
 pub mod train;
 
 #[derive(Parser, Debug)]
@@ -33,6 +34,8 @@ pub enum Command {
     SftWarmup(train::Args),
     /// GRPO on recommendation rewards from a run config (TOML): the `[grpo]` and `[rewards]` tables.
     GrpoTrain(train::Args),
+    /// Compare training runs: config differences, eval metrics, training curves (SVG).
+    Report(report::Args),
     /// Merge a LoRA adapter into the model and write a Hugging Face model folder.
     Export(export::Args),
     /// Measure the model's prefill and decode speed and peak memory (JSON).
@@ -49,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Recommend(args) => recommend::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Export(args) => export::run(args),
+        Command::Report(args) => report::run(args),
         Command::SftWarmup(args) => train::run_sft(args),
         Command::GrpoTrain(args) => train::run_grpo(args),
     }

@@ -93,6 +93,20 @@ pub fn fnv_hex(text: &str) -> String {
     format!("{h:016x}")
 }
 
+/// The stage directory a user names: `path` itself when it holds `config.toml`, else its
+/// `grpo/`, else its `sft/` (a run root with both stages means its GRPO stage).
+pub fn find_stage_dir(path: &Path) -> Result<PathBuf> {
+    if path.join(CONFIG_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    for stage in [crate::grpo_train::STAGE, crate::sft::STAGE] {
+        if path.join(stage).join(CONFIG_FILE).is_file() {
+            return Ok(path.join(stage));
+        }
+    }
+    anyhow::bail!("{} is not a training run: no config.toml in it or in its grpo/ or sft/", path.display())
+}
+
 pub struct RunDir {
     pub root: PathBuf,
 }
