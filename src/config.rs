@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::data::protocol::SplitFractions;
+use crate::data::readers::{BBox, Format};
 use crate::grpo::LossNorm;
 use crate::model::{LoraConfig, DEFAULT_MODEL};
 use crate::prompt::PromptConfig;
@@ -34,6 +36,7 @@ pub struct RunConfig {
     /// Base folder of the run. Each stage writes its own subfolder: `sft-warmup` writes
     /// `{run_dir}/sft`, `grpo-train` `{run_dir}/grpo`.
     pub run_dir: PathBuf,
+    pub preprocess: PreprocessSection,
     pub model: ModelSection,
     pub data: DataSection,
     pub prompt: PromptConfig,
@@ -41,6 +44,45 @@ pub struct RunConfig {
     pub sft: SftConfig,
     pub grpo: GrpoConfig,
     pub rewards: RewardsConfig,
+}
+
+/// `[preprocess]`: how `refine-poi preprocess --config` builds the dataset in `data.dir` from
+/// raw check-ins (the keys of `preprocess`'s flags).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessSection {
+    /// `foursquare` (TSMC2014 raw), `gowalla` (SNAP) or `csv`.
+    pub format: Format,
+    /// The raw check-in file (gzip is detected).
+    pub input: PathBuf,
+    /// k-core: minimum check-ins per user and per POI.
+    pub min_user: usize,
+    pub min_poi: usize,
+    /// A gap longer than this many hours starts a new trajectory.
+    pub gap_hours: f64,
+    /// Train and validation fractions of the sorted check-in times, `"0.8,0.1"`.
+    pub split: String,
+    /// Keep only check-ins inside `"min_lat,min_lon,max_lat,max_lon"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bbox: Option<String>,
+    /// Gowalla: a `venue_id,category` CSV.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub categories: Option<PathBuf>,
+    /// Gowalla: the local offset in minutes of every check-in (default: from the longitude).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tz_offset_min: Option<i32>,
+    /// Fail on the first bad row instead of skipping and counting it.
+    pub strict: bool,
+}
+
+impl PreprocessSection {
+    pub fn split_fractions(&self) -> Result<SplitFractions> {
+        self.split.parse().map_err(|e| anyhow::anyhow!("preprocess.split: {e}"))
+    }
+
+    pub fn bbox(&self) -> Result<Option<BBox>> {
+        self.bbox.as_deref().map(|b| b.parse().map_err(|e| anyhow::anyhow!("preprocess.bbox: {e}"))).transpose()
+    }
 }
 
 /// `[model]`: the base weights, and where the adapter starts.
@@ -248,6 +290,18 @@ impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
             run_dir: PathBuf::from("runs/nyc"),
+            preprocess: PreprocessSection {
+                format: Format::Csv,
+                input: PathBuf::from("data/nyc/checkins.csv.gz"),
+                min_user: 10,
+                min_poi: 10,
+                gap_hours: 24.0,
+                split: "0.8,0.1".to_string(),
+                bbox: None,
+                categories: None,
+                tz_offset_min: None,
+                strict: false,
+            },
             model: ModelSection { path: DEFAULT_MODEL.to_string(), adapter: None },
             data: DataSection { dir: PathBuf::from("runs/nyc/data"), train_instances: 0 },
             prompt: PromptConfig::default(),
@@ -352,6 +406,8 @@ impl RunConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.preprocess.split_fractions()?;
+        self.preprocess.bbox()?;
         self.prompt.validate()?;
         self.lora.target_modules().context("bad [lora]")?;
         ensure!((0.0..1.0).contains(&self.lora.dropout), "lora.dropout must be in [0, 1)");

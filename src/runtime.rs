@@ -8,7 +8,15 @@
 /// candle's element-wise thread pool spins for a while after each op before parking; on two
 /// cores that spinning steals the core gemm's threads need. A short spin (unless the user set
 /// `CANDLE_BARRIER_POOL_SPIN_LIMIT`) measured ~510–570 → ~615 prefill tokens/s.
+///
+/// SIGPIPE gets its default action back (Rust ignores it): `refine-poi report ... | head` ends
+/// quietly, as Unix tools do, instead of panicking on the closed pipe.
 pub fn tune() {
+    #[cfg(unix)]
+    // SAFETY: restoring a signal's default disposition before other threads start.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; it is called before other threads start.
     unsafe {

@@ -8,19 +8,27 @@ use serde_json::json;
 
 use crate::data::protocol::{self, ProtocolConfig, SplitFractions};
 use crate::data::readers::{self, BBox, Format, ReadOptions};
+use crate::config::RunConfig;
 use crate::data::{Split, dataset::FORMAT_VERSION};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Take every setting from a run config's `[preprocess]` table and write to its `data.dir`
+    /// (e.g. `--config configs/tky.toml --set preprocess.input=raw/TKY.txt`).
+    #[arg(long, conflicts_with_all = ["format", "input", "out", "min_user", "min_poi", "gap_hours", "split", "strict", "bbox", "categories", "tz_offset_min"])]
+    pub config: Option<PathBuf>,
+    /// Override a config key (with --config), e.g. `--set preprocess.input=raw.txt`.
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
+    pub sets: Vec<String>,
     /// Input format: foursquare (TSMC2014 raw), gowalla (SNAP), csv (with a header).
-    #[arg(long, value_enum)]
-    pub format: Format,
+    #[arg(long, value_enum, required_unless_present = "config")]
+    pub format: Option<Format>,
     /// Raw check-in file (gzip is detected and decompressed automatically).
-    #[arg(long)]
-    pub input: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    pub input: Option<PathBuf>,
     /// Output dataset directory (created; existing dataset files in it are replaced).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    pub out: Option<PathBuf>,
     /// k-core: minimum check-ins per user.
     #[arg(long, default_value_t = 10)]
     pub min_user: usize,
@@ -50,24 +58,43 @@ pub struct Args {
     pub quiet: bool,
 }
 
+/// The settings of one run, from the flags or from a config.
+struct Settings {
+    format: Format,
+    input: PathBuf,
+    out: PathBuf,
+    read: ReadOptions,
+    protocol: ProtocolConfig,
+}
+
+fn settings(args: &Args) -> Result<Settings> {
+    if let Some(path) = &args.config {
+        let cfg = RunConfig::load(Some(path), &args.sets)?;
+        let p = &cfg.preprocess;
+        let read = ReadOptions { format: p.format, strict: p.strict, bbox: p.bbox()?, tz_offset_min: p.tz_offset_min, categories: p.categories.clone() };
+        let protocol = ProtocolConfig { min_user: p.min_user, min_poi: p.min_poi, gap_hours: p.gap_hours, split: p.split_fractions()? };
+        return Ok(Settings { format: p.format, input: p.input.clone(), out: cfg.data.dir.clone(), read, protocol });
+    }
+    let (Some(format), Some(input), Some(out)) = (args.format, args.input.clone(), args.out.clone()) else {
+        anyhow::bail!("give --format, --input and --out, or --config");
+    };
+    let read = ReadOptions { format, strict: args.strict, bbox: args.bbox, tz_offset_min: args.tz_offset_min, categories: args.categories.clone() };
+    let protocol = ProtocolConfig { min_user: args.min_user, min_poi: args.min_poi, gap_hours: args.gap_hours, split: args.split };
+    Ok(Settings { format, input, out, read, protocol })
+}
+
 pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
-    let ropts = ReadOptions {
-        format: args.format,
-        strict: args.strict,
-        bbox: args.bbox,
-        tz_offset_min: args.tz_offset_min,
-        categories: args.categories.clone(),
-    };
+    let Settings { format, input, out, read: ropts, protocol: cfg } = settings(&args)?;
     let spinner = if args.quiet {
         indicatif::ProgressBar::hidden()
     } else {
         let s = indicatif::ProgressBar::new_spinner();
-        s.set_message(format!("reading {}", args.input.display()));
+        s.set_message(format!("reading {}", input.display()));
         s.enable_steady_tick(std::time::Duration::from_millis(200));
         s
     };
-    let raw = readers::read(&args.input, &ropts);
+    let raw = readers::read(&input, &ropts);
     spinner.finish_and_clear();
     let raw = raw?;
     let rep = &raw.report;
@@ -75,7 +102,7 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!(
             "read {} rows from {}: {} valid, {} skipped, {} outside the box",
             rep.rows_read,
-            args.input.display(),
+            input.display(),
             rep.rows_valid,
             rep.rows_skipped(),
             rep.rows_outside_bbox
@@ -86,28 +113,22 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("skipped {l}");
     }
 
-    let cfg = ProtocolConfig {
-        min_user: args.min_user,
-        min_poi: args.min_poi,
-        gap_hours: args.gap_hours,
-        split: args.split,
-    };
     let (ds, st) = protocol::run(&raw, &cfg)?;
 
     let stats = json!({
         "format_version": FORMAT_VERSION,
         "params": {
-            "format": args.format,
-            "input": args.input.display().to_string(),
-            "min_user": args.min_user,
-            "min_poi": args.min_poi,
-            "gap_hours": args.gap_hours,
-            "split": [args.split.train.num as f64 / args.split.train.den as f64,
-                      args.split.val.num as f64 / args.split.val.den as f64],
-            "strict": args.strict,
-            "bbox": args.bbox,
-            "tz_offset_min": args.tz_offset_min,
-            "categories": args.categories.as_ref().map(|p| p.display().to_string()),
+            "format": format,
+            "input": input.display().to_string(),
+            "min_user": cfg.min_user,
+            "min_poi": cfg.min_poi,
+            "gap_hours": cfg.gap_hours,
+            "split": [cfg.split.train.num as f64 / cfg.split.train.den as f64,
+                      cfg.split.val.num as f64 / cfg.split.val.den as f64],
+            "strict": ropts.strict,
+            "bbox": ropts.bbox,
+            "tz_offset_min": ropts.tz_offset_min,
+            "categories": ropts.categories.as_ref().map(|p| p.display().to_string()),
         },
         "users": st.users,
         "pois": st.pois,
@@ -130,11 +151,11 @@ pub fn run(args: Args) -> Result<()> {
             "short_trajectory_checkins_dropped": st.short_trajectory_checkins_dropped,
         },
     });
-    ds.save(&args.out, &stats)?;
+    ds.save(&out, &stats)?;
 
     println!(
         "{}: {} users, {} POIs, {} categories, {} check-ins ({:.1} s)",
-        args.out.display(),
+        out.display(),
         st.users,
         st.pois,
         st.categories,
