@@ -68,21 +68,24 @@ fn decode(model: &CausalLm, mut cache: KvCache, first: u32, rows: usize, steps: 
 }
 
 /// Seconds for the forward and backward of one group's completion log-likelihood, with the
-/// prompt shared (computed once) or repeated in each of the G rows.
+/// prompt shared (computed once for the group) or not: each of the G sequences (prompt +
+/// completion) run on its own, the prompt recomputed every time, gradients accumulated.
 fn training_forward_seconds(model: &CausalLm, prompt: &[u32], tokens: &Tensor, shared: bool) -> anyhow::Result<f64> {
     let start = Instant::now();
-    let logp = if shared {
-        crate::grpo::group_logprobs(model, prompt, tokens, Mode::TRAIN)?
+    if shared {
+        let logp = crate::grpo::group_logprobs(model, prompt, tokens, Mode::TRAIN)?;
+        let _grads = logp.sum_all()?.backward()?;
     } else {
         let (g, c) = tokens.dims2()?;
-        let prompt_rows = Tensor::new(prompt, model.device())?.unsqueeze(0)?.repeat((g, 1))?;
-        let full = Tensor::cat(&[&prompt_rows, tokens], 1)?;
-        // Only the completion positions go through the output projection, as in the shared path.
-        let hidden = model.forward_hidden(&full.narrow(1, 0, prompt.len() + c - 1)?, None, None, Mode::TRAIN)?;
-        let logits = model.logits(&hidden.narrow(1, prompt.len() - 1, c)?)?;
-        crate::grpo::token_logprobs(&logits, tokens)?
-    };
-    let _grads = logp.sum_all()?.backward()?;
+        for row in 0..g {
+            let completion = tokens.get(row)?.to_vec1::<u32>()?;
+            let ids: Vec<u32> = prompt.iter().copied().chain(completion).collect();
+            let seq = crate::train::ScoredSeq { ids, score_from: prompt.len() };
+            let logp = crate::train::token_logprobs(model, &[seq], Mode::TRAIN)?;
+            debug_assert_eq!(logp.dim(0)?, c);
+            let _grads = logp.sum_all()?.backward()?;
+        }
+    }
     Ok(start.elapsed().as_secs_f64())
 }
 
