@@ -138,7 +138,7 @@ pub fn generate_seeded(
         let mut next = Vec::with_capacity(active.len());
         for (slot, &r) in active.iter().enumerate() {
             let row = &mut rows[r];
-            let token = sample_token(&mut logits[slot], cfg, &mut row.rng);
+            let token = sample_token(&logits[slot], cfg, &mut row.rng);
             if tokenizer.eos_ids.contains(&token) {
                 row.finish = Some(FinishReason::Eos);
             } else {
@@ -188,23 +188,45 @@ fn collect(rows: Vec<Row>, prompts: usize, tokenizer: &TextTokenizer, stop: &[St
     Ok(out)
 }
 
-/// Picks the next token from one row's logits (modified in place).
-pub fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u32 {
+/// Picks the next token from one row's logits.
+///
+/// Plain temperature sampling walks the vocabulary in id order (no sort: sorting 49k logits
+/// per row per step was measured at about a third of GRPO's sampling time). With top-k or
+/// top-p, only the candidates are sorted: the k best, or for top-p alone the tokens within
+/// e^-28 (~1e-12) of the most likely one (the rest cannot change the nucleus measurably).
+pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u32 {
     if cfg.greedy {
         return argmax(logits);
     }
     let inv_t = (1.0 / cfg.temperature) as f32;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // Candidates sorted by probability, cut by top-k and top-p, then sampled.
-    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    let k = if cfg.top_k == 0 { logits.len() } else { cfg.top_k.min(logits.len()) };
-    if k < logits.len() {
+    let weight = |i: u32| (((logits[i as usize] - max) * inv_t) as f64).exp();
+    let n = logits.len();
+    let k = if cfg.top_k == 0 { n } else { cfg.top_k.min(n) };
+    if k == n && cfg.top_p >= 1.0 {
+        let total: f64 = (0..n as u32).map(weight).sum();
+        let mut u = rng.random::<f64>() * total;
+        for i in 0..n as u32 {
+            u -= weight(i);
+            if u <= 0.0 {
+                return i;
+            }
+        }
+        return argmax(logits);
+    }
+    let (mut order, total) = if k < n {
+        let mut order: Vec<u32> = (0..n as u32).collect();
         order.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         order.truncate(k);
-    }
+        let total = order.iter().map(|&i| weight(i)).sum::<f64>();
+        (order, total)
+    } else {
+        let total = (0..n as u32).map(weight).sum::<f64>();
+        let floor = (-28.0f64).exp();
+        ((0..n as u32).filter(|&i| weight(i) >= floor).collect(), total)
+    };
     order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    let mut probs: Vec<f64> = order.iter().map(|&i| (((logits[i as usize] - max) * inv_t) as f64).exp()).collect();
-    let total: f64 = probs.iter().sum();
+    let mut probs: Vec<f64> = order.iter().map(|&i| weight(i)).collect();
     if cfg.top_p < 1.0 {
         let mut acc = 0.0;
         let mut cut = probs.len();
@@ -256,7 +278,7 @@ mod tests {
     fn top_k_one_is_greedy() {
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..20 {
-            assert_eq!(sample_token(&mut [0.1, 2.0, 1.9, -3.0], &cfg(1, 1.0, 1.0), &mut rng), 1);
+            assert_eq!(sample_token(&[0.1, 2.0, 1.9, -3.0], &cfg(1, 1.0, 1.0), &mut rng), 1);
         }
     }
 
@@ -267,7 +289,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let mut seen = [0usize; 4];
         for _ in 0..2000 {
-            seen[sample_token(&mut logits.clone(), &cfg(0, 0.8, 1.0), &mut rng) as usize] += 1;
+            seen[sample_token(&logits, &cfg(0, 0.8, 1.0), &mut rng) as usize] += 1;
         }
         assert_eq!(seen[2] + seen[3], 0);
         assert!(seen[1] > 300 && seen[0] > 1000, "{seen:?}");
@@ -277,7 +299,7 @@ mod tests {
     fn sampling_follows_the_distribution() {
         let logits = [0.0f32, (3.0f32).ln()]; // probabilities 0.25, 0.75
         let mut rng = StdRng::seed_from_u64(3);
-        let ones = (0..4000).filter(|_| sample_token(&mut logits.clone(), &cfg(0, 1.0, 1.0), &mut rng) == 1).count();
+        let ones = (0..4000).filter(|_| sample_token(&logits, &cfg(0, 1.0, 1.0), &mut rng) == 1).count();
         assert!((2850..3150).contains(&ones), "{ones}");
     }
 
@@ -285,7 +307,7 @@ mod tests {
     fn low_temperature_sharpens() {
         let logits = [0.0f32, 0.5];
         let mut rng = StdRng::seed_from_u64(5);
-        let ones = (0..1000).filter(|_| sample_token(&mut logits.clone(), &cfg(0, 1.0, 0.05), &mut rng) == 1).count();
+        let ones = (0..1000).filter(|_| sample_token(&logits, &cfg(0, 1.0, 0.05), &mut rng) == 1).count();
         assert!(ones > 990, "{ones}");
     }
 
