@@ -190,12 +190,15 @@ pub fn render_csv(header: &[String], rows: &[Vec<String>]) -> Result<String> {
     Ok(String::from_utf8(w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?)
 }
 
+/// Reads a panel's value from a `metrics.jsonl` record (`None`: the record has none).
+type Reader = Box<dyn Fn(&Value) -> Option<f64>>;
+
 /// One panel of the curves: a title and a way to read its value from a log record.
 struct Panel {
     title: String,
     /// Smoothed with a trailing moving average (noisy per-step training values).
     smooth: bool,
-    read: Box<dyn Fn(&Value) -> Option<f64>>,
+    read: Reader,
 }
 
 /// Trailing moving average over `window` points.
