@@ -188,6 +188,45 @@ impl CustomOp1 for Rope {
     }
 }
 
+/// A LoRA linear layer `x Wᵀ (+ bias) + scale · (x Aᵀ) Bᵀ` for x (rows, in), with W and the
+/// bias frozen, as one node: the base output, the rank-r intermediate, the update and their sum
+/// are not kept for the backward pass, which computes `dx = dy W + scale · (dy B) A`,
+/// `dA = scale · (dy B)ᵀ x` and `dB = scale · dyᵀ (x Aᵀ)`, never W's gradient.
+pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3(a, b, LoraLinear { w: w.clone(), bias: bias.cloned(), scale })
+}
+
+struct LoraLinear {
+    w: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "train-lora-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (storage_tensor(s1, l1)?, storage_tensor(s2, l2)?, storage_tensor(s3, l3)?);
+        let mut y = x.matmul(&self.w.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let y = (y + (x.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?)?;
+        tensor_storage(&y)
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let dyb = (dy.matmul(&b)? * self.scale)?;
+        let dx = (dy.matmul(&self.w)? + dyb.matmul(&a)?)?;
+        let da = dyb.t()?.matmul(&x)?;
+        let db = dy.t()?.matmul(&(x.matmul(&a.t()?)? * self.scale)?)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
 /// `log softmax(logits)[target]` per row: logits (..., V) and u32 targets (...) give (...). The
 /// (rows, V) log-softmax is never stored: the forward keeps one number per row, and the
 /// backward, `dy · (onehot(target) − softmax(logits))`, recomputes the row's log-sum-exp.
@@ -317,6 +356,19 @@ mod tests {
             let inputs = [rand(&[2, 4, 3, 8], 1, dtype), rand(&[2, 2, 5, 8], 2, dtype), rand(&[2, 2, 5, 8], 3, dtype)];
             let pads = [0, 2];
             same_values_and_grads(&inputs, |x| attention(&x[0], &x[1], &x[2], &pads).unwrap(), |x| composite_attention(&x[0], &x[1], &x[2], &pads), tol);
+        }
+    }
+
+    #[test]
+    fn lora_linear_matches_candle_ops() {
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            let (w, bias) = (rand(&[5, 6], 11, dtype), rand(&[5], 12, dtype));
+            let inputs = [rand(&[4, 6], 13, dtype), rand(&[3, 6], 14, dtype), rand(&[5, 3], 15, dtype)];
+            let composite = |x: &[Tensor]| {
+                let base = x[0].matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+                (base + (x[0].matmul(&x[1].t().unwrap()).unwrap().matmul(&x[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap()
+            };
+            same_values_and_grads(&inputs, |x| lora_linear(&x[0], &w, Some(&bias), &x[1], &x[2], 2.0).unwrap(), composite, tol);
         }
     }
 

@@ -110,6 +110,15 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_dim()))?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.out_dim();
+        // Training without dropout: base + adapter as one node (see train_ops::lora_linear).
+        if let (true, true, Some(lora)) = (mode.grad && mode.adapter, super::train_ops::supported(x.device(), x.dtype()), &self.lora) {
+            if mode.dropout.is_none() || lora.dropout == 0.0 {
+                let y = super::train_ops::lora_linear(&x2, &self.weight, self.bias.as_ref(), lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)?;
+                return y.reshape(out_dims);
+            }
+        }
         let mut y = matmul_wt(&x2, &self.weight, mode)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
@@ -134,8 +143,6 @@ impl Linear {
             let delta = low.matmul(&b.t()?)?;
             y = (y + delta)?;
         }
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.out_dim();
         y.reshape(out_dims)
     }
 }
