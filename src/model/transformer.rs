@@ -113,11 +113,14 @@ impl Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_dim();
         // Training without dropout: base + adapter as one node (see train_ops::lora_linear).
-        if let (true, true, Some(lora)) = (mode.grad && mode.adapter, super::train_ops::supported(x.device(), x.dtype()), &self.lora) {
-            if mode.dropout.is_none() || lora.dropout == 0.0 {
-                let y = super::train_ops::lora_linear(&x2, &self.weight, self.bias.as_ref(), lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)?;
-                return y.reshape(out_dims);
-            }
+        if let Some(lora) = &self.lora
+            && mode.grad
+            && mode.adapter
+            && (mode.dropout.is_none() || lora.dropout == 0.0)
+            && super::train_ops::supported(x.device(), x.dtype())
+        {
+            let y = super::train_ops::lora_linear(&x2, &self.weight, self.bias.as_ref(), lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)?;
+            return y.reshape(out_dims);
         }
         let mut y = matmul_wt(&x2, &self.weight, mode)?;
         if let Some(bias) = &self.bias {
