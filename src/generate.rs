@@ -190,8 +190,8 @@ fn collect(rows: Vec<Row>, prompts: usize, tokenizer: &TextTokenizer, stop: &[St
 
 /// Picks the next token from one row's logits.
 ///
-/// Plain temperature sampling walks the vocabulary in id order (no sort: sorting 49k logits
-/// per row per step was measured at about a third of GRPO's sampling time). With top-k or
+/// Plain temperature sampling walks the vocabulary in id order, with no sort of its 49k logits
+/// per row and step (GRPO samples this way). With top-k or
 /// top-p, only the candidates are sorted: the k best, or for top-p alone the tokens within
 /// e^-28 (~1e-12) of the most likely one (the rest cannot change the nucleus measurably).
 pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u32 {
