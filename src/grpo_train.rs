@@ -18,7 +18,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::{json, Map, Value};
 
 use crate::answer::{parse_answer, ANSWER_CLOSE};
@@ -30,7 +30,7 @@ use crate::prompt::{PromptBuilder, PromptContext};
 use crate::rewards::{score, RewardBreakdown, RewardInput};
 use crate::train::checkpoint::{fnv_hex, BestVal, MetricsLog, RunDir, TrainerState};
 use crate::train::optim::{lr_at, AdamW, AdamWParams};
-use crate::train::{derive_seed, load_model, progress_bar, train_instances, validate_and_keep_best, EpochOrder, RunOptions, SEED_SAMPLING};
+use crate::train::{derive_seed, load_model, progress_bar, train_instances, validate_and_keep_best, EpochOrder, RunOptions, StageLoop, SEED_SAMPLING};
 
 pub const STAGE: &str = "grpo";
 
@@ -232,16 +232,14 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
 
     let base = loaded.source.clone();
     let bar = progress_bar(total, state.step, opts.quiet, "grpo");
-    let stop_at = opts.stop_after.map(|n| state.step + n);
-    let mut saved_at = latest.as_ref().map(|_| state.step);
-    let mut checkpoint = latest.clone();
+    let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after);
     let (mut first_reward, mut last_reward) = (None, None);
     let mut interrupted = false;
     let mut order = EpochOrder::new(t.seed, examples.len());
     let k = cfg.prompt.k;
 
     while state.step < total {
-        if opts.stop.raised() || stop_at.is_some_and(|s| state.step >= s) {
+        if cadence.stopping(&opts.stop, state.step) {
             interrupted = opts.stop.raised();
             break;
         }
@@ -282,36 +280,21 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
             report.loss.kl
         ));
 
-        let last = state.step == total;
-        if t.eval_every > 0 && (state.step % t.eval_every as u64 == 0 || last) {
+        if cadence.val_due(state.step) {
             bar.set_message(format!("reward {reward_mean:.3}, validating on {} val instances", t.eval_instances));
             validate_and_keep_best(&loaded, &ds, &cfg.prompt, t, &opts.stop, &mut state, &run, &mut log, &bar)?;
         }
-        let save_due = t.save_every > 0 && state.step % t.save_every as u64 == 0;
-        let stopping = opts.stop.raised() || stop_at.is_some_and(|s| state.step >= s);
-        if save_due || last || stopping {
-            checkpoint = Some(run.save_checkpoint(&loaded.model, &base, &opt, &state, t.keep_checkpoints)?);
-            saved_at = Some(state.step);
-        }
+        cadence.after_step(&loaded.model, &opt, &state, &opts.stop)?;
     }
-    if saved_at != Some(state.step) {
-        checkpoint = Some(run.save_checkpoint(&loaded.model, &base, &opt, &state, t.keep_checkpoints)?);
-    }
-    let finished = state.step == total;
-    if finished {
-        run.save_adapter_copy("final", &loaded.model, &base, &json!({"step": state.step, "best": state.best}))?;
-    }
+    let finished = cadence.finish(&loaded.model, &opt, &state, interrupted)?;
     bar.finish_and_clear();
-    if !finished && !interrupted && stop_at.is_none() {
-        bail!("training stopped early at step {} of {total}", state.step);
-    }
     Ok(GrpoSummary {
         dir: root,
         step: state.step,
         total_steps: total,
         finished,
         interrupted,
-        checkpoint,
+        checkpoint: cadence.checkpoint,
         first_reward,
         last_reward,
         best: state.best,

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
 use crate::answer::format_answer;
@@ -27,7 +27,7 @@ use crate::model::{Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptContext};
 use crate::train::checkpoint::{fnv_hex, BestVal, MetricsLog, RunDir, TrainerState};
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW, AdamWParams, GradAccum};
-use crate::train::{derive_seed, load_model, progress_bar, token_logprobs, train_instances, validate_and_keep_best, EpochOrder, RunOptions, ScoredSeq, SEED_DROPOUT};
+use crate::train::{derive_seed, load_model, progress_bar, token_logprobs, train_instances, validate_and_keep_best, EpochOrder, RunOptions, ScoredSeq, StageLoop, SEED_DROPOUT};
 
 pub const STAGE: &str = "sft";
 
@@ -183,9 +183,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
 
     let base = loaded.source.clone();
     let bar = progress_bar(total, state.step, opts.quiet, "sft");
-    let stop_at = opts.stop_after.map(|n| state.step + n);
-    let mut saved_at = latest.as_ref().map(|_| state.step);
-    let mut checkpoint = latest.clone();
+    let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after);
     let (mut first_loss, mut last_loss) = (None, None);
     let mut interrupted = false;
     let mut order = EpochOrder::new(t.seed, examples.len());
@@ -193,7 +191,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     let per_step = cfg.sft.examples_per_step() as u64;
 
     while state.step < total {
-        if opts.stop.raised() || stop_at.is_some_and(|s| state.step >= s) {
+        if cadence.stopping(&opts.stop, state.step) {
             interrupted = opts.stop.raised();
             break;
         }
@@ -255,36 +253,21 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         bar.set_position(state.step);
         bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
 
-        let last = state.step == total;
-        if t.eval_every > 0 && (state.step % t.eval_every as u64 == 0 || last) {
+        if cadence.val_due(state.step) {
             bar.set_message(format!("loss {loss_sum:.4}, validating on {} val instances", t.eval_instances));
             validate_and_keep_best(&loaded, &ds, &cfg.prompt, t, &opts.stop, &mut state, &run, &mut log, &bar)?;
         }
-        let save_due = t.save_every > 0 && state.step % t.save_every as u64 == 0;
-        let stopping = opts.stop.raised() || stop_at.is_some_and(|s| state.step >= s);
-        if save_due || last || stopping {
-            checkpoint = Some(run.save_checkpoint(&loaded.model, &base, &opt, &state, t.keep_checkpoints)?);
-            saved_at = Some(state.step);
-        }
+        cadence.after_step(&loaded.model, &opt, &state, &opts.stop)?;
     }
-    if saved_at != Some(state.step) {
-        checkpoint = Some(run.save_checkpoint(&loaded.model, &base, &opt, &state, t.keep_checkpoints)?);
-    }
-    let finished = state.step == total;
-    if finished {
-        run.save_adapter_copy("final", &loaded.model, &base, &json!({"step": state.step, "best": state.best}))?;
-    }
+    let finished = cadence.finish(&loaded.model, &opt, &state, interrupted)?;
     bar.finish_and_clear();
-    if !finished && !interrupted && stop_at.is_none() {
-        bail!("training stopped early at step {} of {total}", state.step);
-    }
     Ok(SftSummary {
         dir: root,
         step: state.step,
         total_steps: total,
         finished,
         interrupted,
-        checkpoint,
+        checkpoint: cadence.checkpoint,
         first_loss,
         last_loss,
         best: state.best,

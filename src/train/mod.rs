@@ -14,7 +14,7 @@ pub mod val;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{Tensor, D};
@@ -26,6 +26,7 @@ use crate::data::{Dataset, Instance, Split};
 use crate::model::{self, CausalLm, LoadedModel, Mode};
 use crate::prompt::PromptConfig;
 use checkpoint::{BestVal, MetricsLog, RunDir, TrainerState};
+use optim::AdamW;
 
 /// Keys of the derived seeds (see [`derive_seed`]), one per kind of random draw.
 pub const SEED_DATA: u64 = 1;
@@ -125,6 +126,62 @@ pub fn load_model(cfg: &RunConfig, adapter: Option<&Path>, key: &str, seed: u64)
     }
     loaded.model.set_lora_dropout(cfg.lora.dropout);
     Ok(loaded)
+}
+
+/// The cadence every stage's loop follows: when to stop, validate and checkpoint, and what it
+/// writes at the end (a checkpoint of the last completed step, `final/` when all steps ran).
+pub struct StageLoop<'a> {
+    run: &'a RunDir,
+    t: &'a TrainConfig,
+    /// The base model's name, recorded in every adapter written.
+    base: String,
+    total: u64,
+    /// `--stop-after`: the step this invocation stops at.
+    stop_at: Option<u64>,
+    saved_at: Option<u64>,
+    /// The newest checkpoint.
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl<'a> StageLoop<'a> {
+    /// `latest` is the checkpoint resumed from (at `step`), if any.
+    pub fn new(run: &'a RunDir, t: &'a TrainConfig, base: String, total: u64, step: u64, latest: Option<PathBuf>, stop_after: Option<u64>) -> Self {
+        StageLoop { run, t, base, total, stop_at: stop_after.map(|n| step + n), saved_at: latest.as_ref().map(|_| step), checkpoint: latest }
+    }
+
+    /// Ctrl-C was pressed or `--stop-after` is reached at `step`.
+    pub fn stopping(&self, stop: &StopFlag, step: u64) -> bool {
+        stop.raised() || self.stop_at.is_some_and(|s| step >= s)
+    }
+
+    /// Validation is due after `step` (every `eval_every` steps and at the end).
+    pub fn val_due(&self, step: u64) -> bool {
+        self.t.eval_every > 0 && (step.is_multiple_of(self.t.eval_every as u64) || step == self.total)
+    }
+
+    /// After a completed step: a checkpoint every `save_every` steps, at the end, and when stopping.
+    pub fn after_step(&mut self, model: &CausalLm, opt: &AdamW, state: &TrainerState, stop: &StopFlag) -> Result<()> {
+        let due = self.t.save_every > 0 && state.step.is_multiple_of(self.t.save_every as u64);
+        if due || state.step == self.total || self.stopping(stop, state.step) {
+            self.checkpoint = Some(self.run.save_checkpoint(model, &self.base, opt, state, self.t.keep_checkpoints)?);
+            self.saved_at = Some(state.step);
+        }
+        Ok(())
+    }
+
+    /// After the loop: the last completed step checkpointed and, when every step ran, `final/`.
+    /// Returns whether the stage finished; stopping early without a request is an error.
+    pub fn finish(&mut self, model: &CausalLm, opt: &AdamW, state: &TrainerState, interrupted: bool) -> Result<bool> {
+        if self.saved_at != Some(state.step) {
+            self.checkpoint = Some(self.run.save_checkpoint(model, &self.base, opt, state, self.t.keep_checkpoints)?);
+        }
+        let finished = state.step == self.total;
+        if finished {
+            self.run.save_adapter_copy("final", model, &self.base, &serde_json::json!({"step": state.step, "best": state.best}))?;
+        }
+        ensure!(finished || interrupted || self.stop_at.is_some(), "training stopped early at step {} of {}", state.step, self.total);
+        Ok(finished)
+    }
 }
 
 /// Validates the model at `state.step` on the fixed val sample, logs the record to
