@@ -28,7 +28,7 @@ use crate::generate::{Completion, SamplingConfig};
 use crate::grpo::{self, LossConfig, StepConfig, StepReport};
 use crate::prompt::{PromptBuilder, PromptContext};
 use crate::rewards::{score, RewardBreakdown, RewardInput};
-use crate::train::checkpoint::{fnv_hex, BestVal, MetricsLog, RunDir, TrainerState};
+use crate::train::checkpoint::{fnv_hex, BestVal, RunDir};
 use crate::train::optim::{lr_at, AdamW, AdamWParams};
 use crate::train::{derive_seed, load_model, progress_bar, train_instances, validate_and_keep_best, EpochOrder, RunOptions, StageLoop, SEED_SAMPLING};
 
@@ -38,8 +38,9 @@ pub const STAGE: &str = "grpo";
 const INIT_DIR: &str = "init";
 
 /// What a run did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct GrpoSummary {
+    #[serde(rename = "run_dir")]
     pub dir: PathBuf,
     pub step: u64,
     pub total_steps: u64,
@@ -206,15 +207,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let per_step = cfg.grpo.prompts_per_step as u64;
     let total = t.total_steps(examples.len(), cfg.grpo.prompts_per_step) as u64;
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
-    let (mut state, mut log) = match &latest {
-        Some(dir) => {
-            let state = RunDir::load_checkpoint(dir, &mut loaded.model, &mut opt, STAGE, &config_hash)?;
-            ensure!(state.total_steps == total, "checkpoint {} plans {} steps, this config {total}", dir.display(), state.total_steps);
-            let log = MetricsLog::resume(&run.metrics(), state.step)?;
-            (state, log)
-        }
-        None => (TrainerState::new(STAGE, t.seed, total, config_hash.clone()), MetricsLog::create(&run.metrics())?),
-    };
+    let (mut state, mut log) = run.restore_or_start(latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
     let step_cfg = step_config(cfg);
     if !opts.quiet {
         let from = start.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());

@@ -25,7 +25,7 @@ use crate::config::{AnswerForm, RunConfig};
 use crate::data::{Dataset, Instance};
 use crate::model::{Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptContext};
-use crate::train::checkpoint::{fnv_hex, BestVal, MetricsLog, RunDir, TrainerState};
+use crate::train::checkpoint::{fnv_hex, BestVal, RunDir};
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW, AdamWParams, GradAccum};
 use crate::train::{derive_seed, load_model, progress_bar, token_logprobs, train_instances, validate_and_keep_best, EpochOrder, RunOptions, ScoredSeq, StageLoop, SEED_DROPOUT};
 
@@ -121,9 +121,10 @@ impl<'a> ExampleBuilder<'a> {
 }
 
 /// What a run did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct SftSummary {
     /// The stage's run directory.
+    #[serde(rename = "run_dir")]
     pub dir: PathBuf,
     pub step: u64,
     pub total_steps: u64,
@@ -160,15 +161,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     let builder = ExampleBuilder::new(&ds, cfg, &loaded.tokenizer)?;
     let total = t.total_steps(examples.len(), cfg.sft.examples_per_step()) as u64;
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
-    let (mut state, mut log) = match &latest {
-        Some(dir) => {
-            let state = RunDir::load_checkpoint(dir, &mut loaded.model, &mut opt, STAGE, &config_hash)?;
-            ensure!(state.total_steps == total, "checkpoint {} plans {} steps, this config {total}", dir.display(), state.total_steps);
-            let log = MetricsLog::resume(&run.metrics(), state.step)?;
-            (state, log)
-        }
-        None => (TrainerState::new(STAGE, t.seed, total, config_hash.clone()), MetricsLog::create(&run.metrics())?),
-    };
+    let (mut state, mut log) = run.restore_or_start(latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
     if !opts.quiet {
         let from = latest.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
         eprintln!(

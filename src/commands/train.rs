@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use serde_json::{json, Value};
 
 use crate::config::RunConfig;
 use crate::train::{RunOptions, StopFlag};
@@ -39,9 +38,9 @@ impl Args {
     }
 }
 
-/// Prints the summary, says how the run ended, and exits 130 after an interrupt.
-fn finish(report: Value, dir: &std::path::Path, step: u64, total: u64, finished: bool, interrupted: bool, quiet: bool) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(&report)?);
+/// Prints the summary (JSON), says how the run ended, and exits 130 after an interrupt.
+fn finish(summary: &impl serde::Serialize, dir: &std::path::Path, step: u64, total: u64, finished: bool, interrupted: bool, quiet: bool) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(summary)?);
     if !quiet {
         if finished {
             eprintln!("done: adapter in {}/final, best val in {}/best", dir.display(), dir.display());
@@ -58,35 +57,11 @@ fn finish(report: Value, dir: &std::path::Path, step: u64, total: u64, finished:
 pub fn run_sft(args: Args) -> Result<()> {
     let (cfg, opts) = args.load()?;
     let s = sft::run(&cfg, &opts)?;
-    let report = json!({
-        "run_dir": s.dir,
-        "step": s.step,
-        "total_steps": s.total_steps,
-        "finished": s.finished,
-        "interrupted": s.interrupted,
-        "checkpoint": s.checkpoint,
-        "first_loss": s.first_loss,
-        "last_loss": s.last_loss,
-        "best": s.best,
-        "tokens_per_s": s.tokens_per_s,
-    });
-    finish(report, &s.dir, s.step, s.total_steps, s.finished, s.interrupted, args.quiet)
+    finish(&s, &s.dir, s.step, s.total_steps, s.finished, s.interrupted, args.quiet)
 }
 
 pub fn run_grpo(args: Args) -> Result<()> {
     let (cfg, opts) = args.load()?;
     let s = grpo_train::run(&cfg, &opts)?;
-    let report = json!({
-        "run_dir": s.dir,
-        "step": s.step,
-        "total_steps": s.total_steps,
-        "finished": s.finished,
-        "interrupted": s.interrupted,
-        "checkpoint": s.checkpoint,
-        "first_reward": s.first_reward,
-        "last_reward": s.last_reward,
-        "best": s.best,
-        "step_seconds": s.step_seconds,
-    });
-    finish(report, &s.dir, s.step, s.total_steps, s.finished, s.interrupted, args.quiet)
+    finish(&s, &s.dir, s.step, s.total_steps, s.finished, s.interrupted, args.quiet)
 }

@@ -219,6 +219,21 @@ impl RunDir {
         Ok(dir)
     }
 
+    /// The state and log a stage's loop starts from: restored from the checkpoint `latest` (which
+    /// must plan the same `total` steps) with the log cut back to it, or fresh.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore_or_start(&self, latest: Option<&Path>, model: &mut CausalLm, opt: &mut AdamW, stage: &str, seed: u64, total: u64, config_hash: &str) -> Result<(TrainerState, MetricsLog)> {
+        match latest {
+            Some(dir) => {
+                let state = RunDir::load_checkpoint(dir, model, opt, stage, config_hash)?;
+                ensure!(state.total_steps == total, "checkpoint {} plans {} steps, this config {total}", dir.display(), state.total_steps);
+                let log = MetricsLog::resume(&self.metrics(), state.step)?;
+                Ok((state, log))
+            }
+            None => Ok((TrainerState::new(stage, seed, total, config_hash.to_string()), MetricsLog::create(&self.metrics())?)),
+        }
+    }
+
     /// Restores the checkpoint in `dir` into `model` (its adapter), `opt` and returns its state;
     /// `config_hash` and `stage` must match. A missing, malformed or mismatched piece is an
     /// error naming the checkpoint.
