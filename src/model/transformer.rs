@@ -5,7 +5,7 @@
 //! Batches are left-padded: row `b` has `pads[b]` padding tokens before its first real token,
 //! and its real tokens get positions 0, 1, ... exactly as when the row runs alone.
 
-use candle_core::{D, DType, Device, Module, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
@@ -122,15 +122,26 @@ impl Linear {
             let y = super::train_ops::lora_linear(&x2, &self.weight, self.bias.as_ref(), lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)?;
             return y.reshape(out_dims);
         }
-        let mut y = matmul_wt(&x2, &self.weight, mode)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
         let factors = match (&self.lora, mode.adapter) {
             (Some(lora), true) => Some((lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)),
             (Some(lora), false) => lora.reference.as_ref().map(|(a, b, s)| (a, b, *s)),
             (None, _) => None,
         };
+        // Decoding: base and adapter in one pass over the weight (no dropout without grad).
+        if !mode.grad
+            && mode.dropout.is_none()
+            && let Some((a, b, scale)) = factors
+            && let Some(mut y) = super::skinny::matmul_wt_lora(&x2, &self.weight, Some(super::skinny::LowRank { a, b, scale }))?
+        {
+            if let Some(bias) = &self.bias {
+                y = y.broadcast_add(bias)?;
+            }
+            return y.reshape(out_dims);
+        }
+        let mut y = matmul_wt(&x2, &self.weight, mode)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
         if let (Some((a, b, scale)), Some(lora)) = (factors, &self.lora) {
             let dropped;
             let input = match mode.dropout {
@@ -304,8 +315,8 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::Activation::Silu.forward(&self.gate.forward(x, mode)?)?;
-        self.down.forward(&(gate * self.up.forward(x, mode)?)?, mode)
+        let hidden = super::train_ops::swiglu(&self.gate.forward(x, mode)?, &self.up.forward(x, mode)?)?;
+        self.down.forward(&hidden, mode)
     }
 }
 
