@@ -324,12 +324,14 @@ pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result
 struct TargetLogprobs;
 
 /// The row's log-sum-exp, in f64.
-fn log_sum_exp<T: candle_core::WithDType>(row: &[T]) -> f64 {
-    let max = row.iter().map(|x| x.to_f64()).fold(f64::NEG_INFINITY, f64::max);
-    max + row.iter().map(|x| (x.to_f64() - max).exp()).sum::<f64>().ln()
+/// exp in the logits' own precision (f32 exp is about twice as fast as f64's over 49k-wide
+/// rows), summed in f64.
+fn log_sum_exp<T: candle_core::WithDType + num_traits::Float>(row: &[T]) -> f64 {
+    let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max);
+    max.to_f64() + row.iter().map(|&x| (x - max).exp().to_f64()).sum::<f64>().ln()
 }
 
-fn target_logprobs_fwd<T: candle_core::WithDType>(x: &[T], t: &[u32], v: usize) -> candle_core::Result<Vec<T>> {
+fn target_logprobs_fwd<T: candle_core::WithDType + num_traits::Float>(x: &[T], t: &[u32], v: usize) -> candle_core::Result<Vec<T>> {
     use rayon::prelude::*;
     if t.iter().any(|&id| id as usize >= v) {
         candle_core::bail!("target_logprobs: a target id is outside the vocabulary of {v}");
@@ -337,15 +339,15 @@ fn target_logprobs_fwd<T: candle_core::WithDType>(x: &[T], t: &[u32], v: usize) 
     Ok(x.par_chunks(v).zip(t.par_iter()).map(|(row, &id)| T::from_f64(row[id as usize].to_f64() - log_sum_exp(row))).collect())
 }
 
-fn target_logprobs_bwd<T: candle_core::WithDType>(x: &[T], t: &[u32], dy: &[T], v: usize) -> Vec<T> {
+fn target_logprobs_bwd<T: candle_core::WithDType + num_traits::Float>(x: &[T], t: &[u32], dy: &[T], v: usize) -> Vec<T> {
     use rayon::prelude::*;
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(t.par_iter().zip(dy.par_iter())).for_each(|((out, row), (&id, &g))| {
-        let (lse, g) = (log_sum_exp(row), g.to_f64());
-        for (j, (o, xj)) in out.iter_mut().zip(row).enumerate() {
-            let onehot = if j == id as usize { 1.0 } else { 0.0 };
-            *o = T::from_f64(g * (onehot - (xj.to_f64() - lse).exp()));
+        let (lse, g) = (T::from_f64(log_sum_exp(row)), g);
+        for (o, &xj) in out.iter_mut().zip(row) {
+            *o = -g * (xj - lse).exp();
         }
+        out[id as usize] = out[id as usize] + g;
     });
     dx
 }
