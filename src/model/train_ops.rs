@@ -347,7 +347,7 @@ fn target_logprobs_bwd<T: candle_core::WithDType + num_traits::Float>(x: &[T], t
         for (o, &xj) in out.iter_mut().zip(row) {
             *o = -g * (xj - lse).exp();
         }
-        out[id as usize] = out[id as usize] + g;
+        out[id as usize] += g;
     });
     dx
 }
