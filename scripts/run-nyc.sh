@@ -11,6 +11,8 @@ limit=${LIMIT:-64}         # test instances for the model evaluations (the same 
 sft_steps=${SFT_STEPS:-4}  # optimizer steps of the warm-up (4 examples each)
 grpo_steps=${GRPO_STEPS:-4} # GRPO steps (2 prompts x 8 samples each)
 
+# A fresh start each time (the training commands refuse to overwrite a run that has checkpoints).
+rm -rf "$out"
 cargo build --release --quiet
 bash scripts/fetch-model.sh
 bin=target/release/refine-poi
