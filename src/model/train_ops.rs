@@ -323,9 +323,8 @@ pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result
 
 struct TargetLogprobs;
 
-/// The row's log-sum-exp, in f64.
-/// exp in the logits' own precision (f32 exp is about twice as fast as f64's over 49k-wide
-/// rows), summed in f64.
+/// The row's log-sum-exp: exp in the logits' own precision (f32's is about twice as fast as
+/// f64's over 49k-wide rows), the sum in f64.
 fn log_sum_exp<T: candle_core::WithDType + num_traits::Float>(row: &[T]) -> f64 {
     let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max);
     max.to_f64() + row.iter().map(|&x| (x - max).exp().to_f64()).sum::<f64>().ln()
