@@ -128,19 +128,22 @@ impl Linear {
             (None, _) => None,
         };
         // Decoding: base and adapter in one pass over the weight (no dropout without grad).
-        if !mode.grad
-            && mode.dropout.is_none()
-            && let Some((a, b, scale)) = factors
-            && let Some(mut y) = super::skinny::matmul_wt_lora(&x2, &self.weight, Some(super::skinny::LowRank { a, b, scale }))?
-        {
-            if let Some(bias) = &self.bias {
-                y = y.broadcast_add(bias)?;
+        let folded = match factors {
+            Some((a, b, scale)) if !mode.grad && mode.dropout.is_none() => {
+                super::skinny::matmul_wt_lora(&x2, &self.weight, Some(super::skinny::LowRank { a, b, scale }))?
             }
-            return y.reshape(out_dims);
-        }
-        let mut y = matmul_wt(&x2, &self.weight, mode)?;
+            _ => None,
+        };
+        let adapter_done = folded.is_some();
+        let mut y = match folded {
+            Some(y) => y,
+            None => matmul_wt(&x2, &self.weight, mode)?,
+        };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
+        }
+        if adapter_done {
+            return y.reshape(out_dims);
         }
         if let (Some((a, b, scale)), Some(lora)) = (factors, &self.lora) {
             let dropped;
