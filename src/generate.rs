@@ -126,11 +126,10 @@ pub fn generate_seeded(
     if cfg.max_new_tokens == 0 {
         return collect(rows, prompts.len(), tokenizer, &cfg.stop);
     }
-    // One cache row per sample: the prompt's prefill, repeated.
+    // One cache row per sample, reading its prompt's prefill as a shared prefix.
     let row_of: Vec<usize> = (0..rows.len()).map(|r| rows[r].prompt).collect();
-    let merged = KvCache::concat(&caches.iter().collect::<Vec<_>>(), cfg.max_new_tokens)?;
+    let mut cache = KvCache::share(&caches.iter().collect::<Vec<_>>(), &row_of, cfg.max_new_tokens)?;
     drop(caches);
-    let mut cache = merged.select_rows(&row_of)?;
     let mut active: Vec<usize> = (0..rows.len()).collect();
     let mut logits = first_logits;
     loop {

@@ -168,7 +168,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for _ in 0..args.repeats {
         let (cache, first, secs) = prefill(model, &prompt, args.new_tokens)?;
         prefill_s.push(secs);
-        let batch = cache.select_rows(&vec![0; args.samples])?;
+        let batch = KvCache::share(&[&cache], &vec![0; args.samples], args.new_tokens)?;
         decode1_s.push(decode(model, cache, first, 1, args.new_tokens)?);
         decode_g_s.push(decode(model, batch, first, args.samples, args.new_tokens)?);
     }

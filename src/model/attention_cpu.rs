@@ -20,7 +20,38 @@ struct View<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::kernels;
+    use super::*;
+
+    /// Reading a shared prefix in place equals attending over it copied into every row: rows
+    /// of different prompts, left padding in the prefix, one query (decoding) or several.
+    #[test]
+    fn shared_prefix_equals_copied_keys() {
+        let dev = Device::Cpu;
+        let (kv, group, d, plen) = (2, 3, 64, 7);
+        let pk = Tensor::randn(0f32, 1.0, (2, kv, plen, d), &dev).unwrap();
+        let pv = Tensor::randn(0f32, 1.0, (2, kv, plen, d), &dev).unwrap();
+        let of_row = [1usize, 0, 1];
+        let pads = [2usize, 0, 2];
+        for (own, t) in [(1, 1), (4, 1), (5, 3)] {
+            let b = of_row.len();
+            let q = Tensor::randn(0f32, 1.0, (b, kv * group, t, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, kv, own, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, kv, own, d), &dev).unwrap();
+            let idx = Tensor::new(of_row.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev).unwrap();
+            let kf = Tensor::cat(&[&pk.index_select(&idx, 0).unwrap(), &k], 2).unwrap();
+            let vf = Tensor::cat(&[&pv.index_select(&idx, 0).unwrap(), &v], 2).unwrap();
+            let want = causal_attention(&q, &kf, &vf, &pads).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let prefix = SharedKv { k: &pk, v: &pv, of_row: &of_row };
+            let got = causal_attention_with_prefix(&q, Some(prefix), &k, &v, &pads).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in want.iter().zip(&got) {
+                assert!((a - b).abs() < 1e-5, "own {own}, t {t}: {a} vs {b}");
+            }
+        }
+        let bad = SharedKv { k: &pk, v: &pv, of_row: &[2, 0, 1] };
+        let q = Tensor::zeros((3, kv * group, 1, d), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((3, kv, 1, d), DType::F32, &dev).unwrap();
+        assert!(causal_attention_with_prefix(&q, Some(bad), &k, &k, &pads).is_err());
+    }
 
     #[test]
     fn fast_exp_is_accurate_on_softmax_inputs() {
@@ -44,23 +75,60 @@ mod tests {
     }
 }
 
-fn with_view<R>(t: &Tensor, f: impl FnOnce(Option<View>) -> R) -> R {
-    let (storage, layout): (_, &Layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(data)) => f(Some(View { data, offset: layout.start_offset(), stride: layout.stride().to_vec() })),
-        _ => f(None),
-    }
+/// Views of f32 CPU tensors, `None` if any is not one. The storage guards live in `f`'s frame.
+fn with_views<R>(ts: &[&Tensor], f: impl FnOnce(Option<Vec<View>>) -> R) -> R {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let views = guards
+        .iter()
+        .map(|(storage, layout): &(_, &Layout)| match &**storage {
+            Storage::Cpu(CpuStorage::F32(data)) => Some(View { data, offset: layout.start_offset(), stride: layout.stride().to_vec() }),
+            _ => None,
+        })
+        .collect();
+    f(views)
+}
+
+/// Keys and values several rows share (a prompt's prefill read by its G samples):
+/// (prompts, KV, P, D), row b reading prompt `of_row[b]` at positions `0..P`.
+pub struct SharedKv<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub of_row: &'a [usize],
 }
 
 /// Attention of q (B, H, T, D) over k, v (B, KV, L, D) (views into the cache are fine), with
 /// query i of row b at absolute position `L - T + i` seeing keys `pads[b]..=` its position.
 /// Returns (B, T, H * D). Only for f32 CPU tensors (see [`supported`]).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> candle_core::Result<Tensor> {
+    causal_attention_with_prefix(q, None, k, v, pads)
+}
+
+/// [`causal_attention`] where row b's keys are its shared prefix's P positions followed by its
+/// own L: absolute positions `0..P + L`, the prefix read in place (not copied per row), so the
+/// G rows of one prompt stream its keys and values from memory once.
+pub fn causal_attention_with_prefix(
+    q: &Tensor,
+    prefix: Option<SharedKv>,
+    k: &Tensor,
+    v: &Tensor,
+    pads: &[usize],
+) -> candle_core::Result<Tensor> {
     if !supported(q.device(), q.dtype()) {
         candle_core::bail!("fused CPU attention needs f32 CPU tensors");
     }
     let (b, h, t, d) = q.dims4()?;
-    let (_, kv, l, _) = k.dims4()?;
+    let (_, kv, own, _) = k.dims4()?;
+    let (plen, of_row) = match &prefix {
+        Some(p) => {
+            let (prompts, pkv, plen, pd) = p.k.dims4()?;
+            if pkv != kv || pd != d || p.v.dims4()? != (prompts, kv, plen, d) || p.of_row.len() != b || p.of_row.iter().any(|&r| r >= prompts) {
+                candle_core::bail!("shared prefix does not fit the rows' keys");
+            }
+            (plen, p.of_row)
+        }
+        None => (0, &[][..]),
+    };
+    let l = plen + own;
     let group = h / kv;
     let past = l - t;
     let scale = 1.0 / (d as f32).sqrt();
@@ -70,57 +138,85 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> c
     let items: Vec<(usize, usize, usize)> = (0..b)
         .flat_map(|bi| (0..kv).flat_map(move |g| (0..t).step_by(q_block).map(move |i0| (bi, g, i0))))
         .collect();
-    let results = with_view(k, |kview| {
-        with_view(v, |vview| {
-            let (Some(kview), Some(vview)) = (kview, vview) else { return None };
-            if kview.stride[3] != 1 || vview.stride[3] != 1 {
-                return None;
+    let mut tensors = vec![k, v];
+    if let Some(p) = &prefix {
+        tensors.extend([p.k, p.v]);
+    }
+    let results = with_views(&tensors, |views| {
+        let views = views?;
+        if views.iter().any(|view| view.stride[3] != 1) {
+            return None;
+        }
+        let (kview, vview) = (&views[0], &views[1]);
+        // Position j of row b, head g: its key row in the prefix (j < plen) or the row's own.
+        let key_at = |view_own: &View, view_prefix: Option<&View>, bi: usize, g: usize, j: usize| -> (usize, usize) {
+            match view_prefix {
+                Some(pv) if j < plen => (pv.offset + of_row[bi] * pv.stride[0] + g * pv.stride[1] + j * pv.stride[2], pv.stride[2]),
+                _ => (view_own.offset + bi * view_own.stride[0] + g * view_own.stride[1] + (j - plen) * view_own.stride[2], view_own.stride[2]),
             }
-            Some(
-                {
-                // Prefill: K of each (row, kv head), transposed once to (D, L), so scores for
-                // many keys become broadcast multiply-adds over contiguous memory. Decoding (one
-                // query per head) reads K once as it is: a transpose would cost more than it saves.
-                let transpose = t > 1;
-                let kts: Vec<Vec<f32>> = (0..if transpose { b * kv } else { 0 })
-                    .into_par_iter()
-                    .map(|bg| {
-                        let base = kview.offset + (bg / kv) * kview.stride[0] + (bg % kv) * kview.stride[1];
-                        transpose_rows(kview.data, base, kview.stride[2], l, d)
-                    })
-                    .collect();
-                items
-                    .par_iter()
-                    .map(|&(bi, g, i0)| {
-                        let i1 = (i0 + q_block).min(t);
-                        let kbase = kview.offset + bi * kview.stride[0] + g * kview.stride[1];
-                        let vbase = vview.offset + bi * vview.stride[0] + g * vview.stride[1];
-                        let mut out = vec![0f32; (i1 - i0) * group * d];
-                        let mut scores = vec![0f32; past + i1];
-                        for i in i0..i1 {
-                            let pos = past + i;
-                            let (first, last) = if pos < pads[bi] { (pos, pos) } else { (pads[bi], pos) };
-                            for hh in 0..group {
-                                let head = g * group + hh;
-                                let qrow = &qs[((bi * h + head) * t + i) * d..((bi * h + head) * t + i + 1) * d];
-                                let s = &mut scores[first..=last];
-                                if transpose {
-                                    kernels::scores(qrow, &kts[bi * kv + g], l, first, s, scale);
-                                } else {
-                                    let rows = &kview.data[kbase + first * kview.stride[2]..];
-                                    kernels::dot_scores(qrow, rows, kview.stride[2], s, scale);
+        };
+        let (pk, pv) = (views.get(2), views.get(3));
+        // Prefill: K of each (row, kv head), transposed once to (D, L), so scores for many keys
+        // become broadcast multiply-adds over contiguous memory. Decoding (one query per head)
+        // reads K once as it is: a transpose would cost more than it saves.
+        let transpose = t > 1 && prefix.is_none();
+        let kts: Vec<Vec<f32>> = (0..if transpose { b * kv } else { 0 })
+            .into_par_iter()
+            .map(|bg| {
+                let base = kview.offset + (bg / kv) * kview.stride[0] + (bg % kv) * kview.stride[1];
+                transpose_rows(kview.data, base, kview.stride[2], l, d)
+            })
+            .collect();
+        Some(
+            items
+                .par_iter()
+                .map(|&(bi, g, i0)| {
+                    let i1 = (i0 + q_block).min(t);
+                    let mut out = vec![0f32; (i1 - i0) * group * d];
+                    let mut scores = vec![0f32; past + i1];
+                    let mut part = vec![0f32; d];
+                    for i in i0..i1 {
+                        let pos = past + i;
+                        let (first, last) = if pos < pads[bi] { (pos, pos) } else { (pads[bi], pos) };
+                        // Keys first..=last: those in the prefix, then the row's own.
+                        let split = plen.clamp(first, last + 1);
+                        let (n_prefix, n_own) = (split - first, last + 1 - split);
+                        for hh in 0..group {
+                            let head = g * group + hh;
+                            let qrow = &qs[((bi * h + head) * t + i) * d..((bi * h + head) * t + i + 1) * d];
+                            let s = &mut scores[first..=last];
+                            if transpose {
+                                kernels::scores(qrow, &kts[bi * kv + g], l, first, s, scale);
+                            } else {
+                                if n_prefix > 0 {
+                                    let (at, stride) = key_at(kview, pk, bi, g, first);
+                                    kernels::dot_scores(qrow, &pk.expect("prefix view").data[at..], stride, &mut s[..n_prefix], scale);
                                 }
-                                let sum = kernels::exp_normalize(s);
-                                let o = &mut out[((i - i0) * group + hh) * d..((i - i0) * group + hh + 1) * d];
-                                kernels::weighted_sum(s, sum, vview.data, vbase + first * vview.stride[2], vview.stride[2], o);
+                                if n_own > 0 {
+                                    let (at, stride) = key_at(kview, None, bi, g, split);
+                                    kernels::dot_scores(qrow, &kview.data[at..], stride, &mut s[n_prefix..], scale);
+                                }
+                            }
+                            let sum = kernels::exp_normalize(s);
+                            let o = &mut out[((i - i0) * group + hh) * d..((i - i0) * group + hh + 1) * d];
+                            let (own_at, own_stride) = key_at(vview, None, bi, g, split);
+                            if n_prefix == 0 {
+                                kernels::weighted_sum(s, sum, vview.data, own_at, own_stride, o);
+                            } else {
+                                let pview = pv.expect("prefix view");
+                                let (at, stride) = key_at(vview, Some(pview), bi, g, first);
+                                kernels::weighted_sum(&s[..n_prefix], sum, pview.data, at, stride, o);
+                                if n_own > 0 {
+                                    kernels::weighted_sum(&s[n_prefix..], sum, vview.data, own_at, own_stride, &mut part);
+                                    o.iter_mut().zip(&part).for_each(|(y, x)| *y += x);
+                                }
                             }
                         }
-                        ((bi, g, i0, i1), out)
-                    })
-                    .collect::<Vec<_>>()
-                },
-            )
-        })
+                    }
+                    ((bi, g, i0, i1), out)
+                })
+                .collect::<Vec<_>>(),
+        )
     });
     let Some(results) = results else { candle_core::bail!("fused CPU attention needs f32 CPU tensors with contiguous rows") };
     let mut out = vec![0f32; b * t * h * d];

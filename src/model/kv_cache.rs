@@ -1,29 +1,67 @@
 //! Key/value cache for batched decoding: preallocated per layer, rows left-padded to a common
-//! length, rows droppable (finished sequences stop costing compute) and mergeable (the G samples
-//! of a prompt share one prefill).
+//! length, rows droppable (finished sequences stop costing compute). The G samples of a prompt
+//! share one prefill, and its keys and values are stored once: a cache may start with a shared
+//! prefix that each row reads from its prompt's copy, followed by the row's own positions.
 
 use candle_core::{Tensor, D};
 
+/// Keys and values of the prompts that several rows continue, stored once per prompt.
+#[derive(Clone)]
+pub(crate) struct SharedPrefix {
+    /// Per layer: keys and values, each (prompts, kv_heads, len, head_dim).
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    /// The prompt (index into the prefix) each row continues.
+    of_row: Vec<usize>,
+}
+
+/// What attention reads for one layer: the rows' own keys and values, (rows, kv_heads, keys,
+/// head_dim), after the shared prefix when there is one.
+pub(crate) struct CachedKv {
+    pub k: Tensor,
+    pub v: Tensor,
+    /// Prefix keys and values, (prompts, kv_heads, prefix_len, head_dim), and each row's prompt.
+    pub prefix: Option<(Tensor, Tensor, Vec<usize>)>,
+}
+
+impl CachedKv {
+    /// Keys and values with the prefix copied into every row: (rows, kv_heads, all keys,
+    /// head_dim), for the attention paths that take one tensor per row.
+    pub fn materialize(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        let Some((pk, pv, of_row)) = &self.prefix else { return Ok((self.k.clone(), self.v.clone())) };
+        let idx = Tensor::from_vec(of_row.iter().map(|&r| r as u32).collect::<Vec<_>>(), of_row.len(), pk.device())?;
+        let k = Tensor::cat(&[&pk.index_select(&idx, 0)?, &self.k], 2)?;
+        let v = Tensor::cat(&[&pv.index_select(&idx, 0)?, &self.v], 2)?;
+        Ok((k, v))
+    }
+}
+
 pub struct KvCache {
-    /// Per layer: keys and values, each (rows, kv_heads, capacity, head_dim), valid up to `len`.
+    /// Per layer: the rows' own keys and values, each (rows, kv_heads, capacity, head_dim),
+    /// valid up to `len`; they follow the shared prefix, if any.
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
     capacity: usize,
     pads: Vec<usize>,
+    shared: Option<SharedPrefix>,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize, capacity: usize) -> Self {
-        KvCache { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity: capacity.max(1), pads: Vec::new() }
+        KvCache { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity: capacity.max(1), pads: Vec::new(), shared: None }
     }
 
-    /// Positions filled so far (including left padding).
+    fn prefix_len(&self) -> usize {
+        self.shared.as_ref().map_or(0, |s| s.len)
+    }
+
+    /// Positions filled so far (including left padding and the shared prefix).
     pub fn len(&self) -> usize {
-        self.len
+        self.prefix_len() + self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     pub fn rows(&self) -> usize {
@@ -44,8 +82,8 @@ impl KvCache {
     }
 
     /// Writes a layer's new keys/values (rows, kv_heads, t, head_dim) after the filled part and
-    /// returns views of everything filled, (rows, kv_heads, len + t, head_dim).
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    /// returns everything this layer's attention reads.
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<CachedKv> {
         let t = k.dim(2)?;
         let needed = self.len + t;
         let capacity = &mut self.capacity;
@@ -74,10 +112,15 @@ impl KvCache {
         let (kk, vv) = slot.as_ref().expect("slot filled above");
         kk.slice_set(&k.contiguous()?, 2, self.len)?;
         vv.slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((kk.narrow(2, 0, needed)?, vv.narrow(2, 0, needed)?))
+        let prefix = self.shared.as_ref().map(|s| {
+            let (pk, pv) = &s.layers[layer];
+            (pk.clone(), pv.clone(), s.of_row.clone())
+        });
+        Ok(CachedKv { k: kk.narrow(2, 0, needed)?, v: vv.narrow(2, 0, needed)?, prefix })
     }
 
-    /// A cache holding only the given rows, in that order (rows may repeat).
+    /// A cache holding only the given rows, in that order (rows may repeat). The shared
+    /// prefix is not copied.
     pub fn select_rows(&self, rows: &[usize]) -> candle_core::Result<KvCache> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for slot in &self.layers {
@@ -89,31 +132,42 @@ impl KvCache {
                 None => None,
             });
         }
-        Ok(KvCache { layers, len: self.len, capacity: self.capacity, pads: rows.iter().map(|&r| self.pads[r]).collect() })
+        let shared = self.shared.as_ref().map(|s| SharedPrefix { of_row: rows.iter().map(|&r| s.of_row[r]).collect(), ..s.clone() });
+        Ok(KvCache { layers, len: self.len, capacity: self.capacity, pads: rows.iter().map(|&r| self.pads[r]).collect(), shared })
     }
 
-    /// Stacks caches row-wise, left-padding the shorter ones to a common length, with room for
-    /// `extra` more positions.
-    pub fn concat(parts: &[&KvCache], extra: usize) -> candle_core::Result<KvCache> {
-        let len = parts.iter().map(|p| p.len).max().unwrap_or(0);
-        let capacity = len + extra.max(1);
-        let num_layers = parts.first().map_or(0, |p| p.layers.len());
-        let mut pads = Vec::new();
-        for p in parts {
-            pads.extend(p.pads.iter().map(|&pad| pad + len - p.len));
+    /// A cache whose rows continue the given prefilled prompts (`prompts`, one row each, no
+    /// shared prefix of their own), row i continuing prompt `of_row[i]`. The prompts'
+    /// keys and values become one shared prefix, left-padded to a common length and stored once
+    /// however many rows read them; the rows get room for `extra` positions of their own.
+    pub fn share(prompts: &[&KvCache], of_row: &[usize], extra: usize) -> candle_core::Result<KvCache> {
+        let err = |m: &str| candle_core::Error::Msg(m.into());
+        if prompts.iter().any(|p| p.shared.is_some() || p.rows() != 1) {
+            return Err(err("a shared prefix is made of one-row caches"));
         }
+        if of_row.iter().any(|&p| p >= prompts.len()) {
+            return Err(err("a row continues a prompt that is not there"));
+        }
+        let len = prompts.iter().map(|p| p.len).max().unwrap_or(0);
+        let num_layers = prompts.first().map_or(0, |p| p.layers.len());
+        let pads: Vec<usize> = prompts.iter().map(|p| p.pads[0] + len - p.len).collect();
         let mut layers = Vec::with_capacity(num_layers);
         for layer in 0..num_layers {
-            let mut ks = Vec::new();
-            let mut vs = Vec::new();
-            for p in parts {
-                let (k, v) = p.layers[layer].as_ref().ok_or_else(|| candle_core::Error::Msg("concat of an empty cache".into()))?;
-                ks.push(Self::place(k, p.len, len - p.len, capacity)?);
-                vs.push(Self::place(v, p.len, len - p.len, capacity)?);
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
+            for p in prompts {
+                let (k, v) = p.layers[layer].as_ref().ok_or_else(|| err("a shared prefix of an empty cache"))?;
+                ks.push(Self::place(k, p.len, len - p.len, len)?);
+                vs.push(Self::place(v, p.len, len - p.len, len)?);
             }
-            layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+            layers.push((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
         }
-        Ok(KvCache { layers, len, capacity, pads })
+        Ok(KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            capacity: extra.max(1),
+            pads: of_row.iter().map(|&p| pads[p]).collect(),
+            shared: Some(SharedPrefix { layers, len, of_row: of_row.to_vec() }),
+        })
     }
 
     /// `t`'s first `filled` positions moved right by `shift`, zero elsewhere, `capacity` long.

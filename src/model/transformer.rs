@@ -9,7 +9,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
-use super::kv_cache::KvCache;
+use super::kv_cache::{CachedKv, KvCache};
 
 /// How a forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,23 +294,27 @@ impl Attention {
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
         let (q, k, v) = self.project(x, rope, mode)?;
-        let (k, v) = match cache {
+        let kv = match cache {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
-            None => (k, v),
+            None => CachedKv { k, v, prefix: None },
         };
-        self.attend_causal(&q, &k, &v, pads, mask, mode)
+        self.attend_causal(&q, &kv, pads, mask, mode)
     }
 
     /// Causal attention (query i of row b at position `keys − T + i` sees keys `pads[b]..=` it)
-    /// and the output projection: a fused kernel when the mode and device have one, else
-    /// candle's ops with the equivalent additive `mask`.
-    fn attend_causal(&self, q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], mask: Option<&Tensor>, mode: Mode) -> candle_core::Result<Tensor> {
+    /// and the output projection: a fused kernel when the mode and device have one (it reads a
+    /// shared prefix in place), else candle's ops with the equivalent additive `mask`.
+    fn attend_causal(&self, q: &Tensor, kv: &CachedKv, pads: &[usize], mask: Option<&Tensor>, mode: Mode) -> candle_core::Result<Tensor> {
         let y = if fused_attention(mode, q.device(), q.dtype()) {
-            super::attention_cpu::causal_attention(q, k, v, pads)?
-        } else if mode.grad && super::train_ops::supported(q.device(), q.dtype()) {
-            super::train_ops::attention(q, k, v, pads)?
+            let prefix = kv.prefix.as_ref().map(|(k, v, of_row)| super::attention_cpu::SharedKv { k, v, of_row });
+            super::attention_cpu::causal_attention_with_prefix(q, prefix, &kv.k, &kv.v, pads)?
         } else {
-            return self.attend(q, k, v, mask, mode);
+            let (k, v) = kv.materialize()?;
+            if mode.grad && super::train_ops::supported(q.device(), q.dtype()) {
+                super::train_ops::attention(q, &k, &v, pads)?
+            } else {
+                return self.attend(q, &k, &v, mask, mode);
+            }
         };
         self.o.forward(&y, mode)
     }
@@ -627,11 +631,11 @@ impl CausalLm {
             let a = &block.attn;
             let (qp, kp, vp) = a.project(&rms_norm(&xp, &block.attn_norm, eps, mode)?, &rope_p, mode)?;
             let (qc, kc, vc) = a.project(&rms_norm(&xc, &block.attn_norm, eps, mode)?, &rope_c, mode)?;
-            let attn_p = a.attend_causal(&qp, &kp, &vp, &[0], Some(&mask_p), mode)?;
-            let shape = (g, a.kv_heads, p, a.head_dim);
-            let keys = Tensor::cat(&[&kp.broadcast_as(shape)?.contiguous()?, &kc], 2)?;
-            let values = Tensor::cat(&[&vp.broadcast_as(shape)?.contiguous()?, &vc], 2)?;
-            let attn_c = a.attend_causal(&qc, &keys, &values, &pads_c, Some(&mask_c), mode)?;
+            let prompt_kv = CachedKv { k: kp.clone(), v: vp.clone(), prefix: None };
+            let attn_p = a.attend_causal(&qp, &prompt_kv, &[0], Some(&mask_p), mode)?;
+            // Every completion reads the prompt's keys and values as a shared prefix.
+            let completion_kv = CachedKv { k: kc, v: vc, prefix: Some((kp, vp, vec![0; g])) };
+            let attn_c = a.attend_causal(&qc, &completion_kv, &pads_c, Some(&mask_c), mode)?;
             xp = (xp + attn_p)?;
             xc = (xc + attn_c)?;
             xp = (&xp + block.mlp.forward(&rms_norm(&xp, &block.mlp_norm, eps, mode)?, mode)?)?;
