@@ -114,7 +114,7 @@ pub fn generate_seeded(
     let mut first_logits = Vec::with_capacity(prompts.len() * samples);
     for (p, prompt) in prompts.iter().enumerate() {
         anyhow::ensure!(!prompt.is_empty(), "prompt {p} is empty");
-        let mut cache = model.new_cache(prompt.len() + cfg.max_new_tokens);
+        let mut cache = model.new_cache(prompt.len()); // read-only after the prefill: rows append to their own part
         let ids = Tensor::new(prompt.as_slice(), device)?.unsqueeze(0)?;
         let logits = model.forward_last(&ids, None, Some(&mut cache), mode)?.squeeze(0)?.to_vec1::<f32>()?;
         for s in 0..samples {
