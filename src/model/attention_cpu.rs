@@ -248,8 +248,9 @@ fn transpose_rows(data: &[f32], base: usize, row_stride: usize, n: usize, d: usi
     out
 }
 
-/// The two inner loops, compiled for AVX2+FMA when the CPU has it (the plain loops vectorise).
-mod kernels {
+/// The inner loops, compiled for AVX2+FMA when the CPU has it (the plain loops vectorise).
+/// The softmax pieces are shared with the fused training ops.
+pub(crate) mod kernels {
     /// s[j - first] = scale * sum_c q[c] * kt[c * keys + j] for j in first..first + s.len().
     pub fn scores(q: &[f32], kt: &[f32], keys: usize, first: usize, s: &mut [f32], scale: f32) {
         #[cfg(target_arch = "x86_64")]
@@ -386,6 +387,68 @@ mod kernels {
             sum += *x;
         }
         sum
+    }
+
+    /// sum_j exp(s[j] - shift) for shift >= max(s), accumulated in f64 per block of 64 (the
+    /// log-sum-exp of 49k-wide vocabulary rows).
+    pub fn exp_sum(s: &[f32], shift: f32) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                return unsafe { exp_sum_avx2(s, shift) };
+            }
+        }
+        exp_sum_plain(s, shift)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_sum_avx2(s: &[f32], shift: f32) -> f64 {
+        exp_sum_plain(s, shift)
+    }
+
+    #[inline(always)]
+    fn exp_sum_plain(s: &[f32], shift: f32) -> f64 {
+        let mut total = 0f64;
+        for block in s.chunks(64) {
+            let mut lanes = [0f32; LANES];
+            let mut chunks = block.chunks_exact(LANES);
+            for c in &mut chunks {
+                for l in 0..LANES {
+                    lanes[l] += exp(c[l] - shift);
+                }
+            }
+            let rest: f32 = chunks.remainder().iter().map(|&x| exp(x - shift)).sum();
+            total += (lanes.iter().sum::<f32>() + rest) as f64;
+        }
+        total
+    }
+
+    /// out[j] = scale * exp(s[j] - shift), for shift >= max(s).
+    pub fn exp_scaled(s: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                unsafe { exp_scaled_avx2(s, shift, scale, out) };
+                return;
+            }
+        }
+        exp_scaled_plain(s, shift, scale, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_scaled_avx2(s: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+        exp_scaled_plain(s, shift, scale, out)
+    }
+
+    #[inline(always)]
+    fn exp_scaled_plain(s: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(s) {
+            *o = scale * exp(x - shift);
+        }
     }
 
     /// exp(x) for x <= 0 (softmax inputs after subtracting the max), relative error ~2e-7:

@@ -15,6 +15,7 @@
 //! on detached tensors, so they work for both.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Tensor, D};
+use super::attention_cpu::kernels;
 
 /// Whether the fused training ops run on this device and dtype.
 pub fn supported(device: &Device, dtype: DType) -> bool {
@@ -323,29 +324,51 @@ pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result
 
 struct TargetLogprobs;
 
-/// The row's log-sum-exp: exp in the logits' own precision (f32's is about twice as fast as
-/// f64's over 49k-wide rows), the sum in f64.
-fn log_sum_exp<T: candle_core::WithDType + num_traits::Float>(row: &[T]) -> f64 {
-    let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max);
-    max.to_f64() + row.iter().map(|&x| (x - max).exp().to_f64()).sum::<f64>().ln()
+/// The log-softmax pieces of one vocabulary row, f32 rows through the vectorised exp of the
+/// attention kernels (49k-wide rows, three passes per completion token), f64 rows exact.
+trait SoftmaxRow: candle_core::WithDType + num_traits::Float {
+    /// log sum_j exp(row[j]), the sum in f64.
+    fn log_sum_exp(row: &[Self]) -> f64;
+    /// out[j] = scale * exp(row[j] - lse).
+    fn exp_scaled(row: &[Self], lse: Self, scale: Self, out: &mut [Self]);
 }
 
-fn target_logprobs_fwd<T: candle_core::WithDType + num_traits::Float>(x: &[T], t: &[u32], v: usize) -> candle_core::Result<Vec<T>> {
+impl SoftmaxRow for f32 {
+    fn log_sum_exp(row: &[f32]) -> f64 {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        max as f64 + kernels::exp_sum(row, max).ln()
+    }
+    fn exp_scaled(row: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
+        kernels::exp_scaled(row, lse, scale, out)
+    }
+}
+
+impl SoftmaxRow for f64 {
+    fn log_sum_exp(row: &[f64]) -> f64 {
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        max + row.iter().map(|&x| (x - max).exp()).sum::<f64>().ln()
+    }
+    fn exp_scaled(row: &[f64], lse: f64, scale: f64, out: &mut [f64]) {
+        for (o, &x) in out.iter_mut().zip(row) {
+            *o = scale * (x - lse).exp();
+        }
+    }
+}
+
+fn target_logprobs_fwd<T: SoftmaxRow>(x: &[T], t: &[u32], v: usize) -> candle_core::Result<Vec<T>> {
     use rayon::prelude::*;
     if t.iter().any(|&id| id as usize >= v) {
         candle_core::bail!("target_logprobs: a target id is outside the vocabulary of {v}");
     }
-    Ok(x.par_chunks(v).zip(t.par_iter()).map(|(row, &id)| T::from_f64(row[id as usize].to_f64() - log_sum_exp(row))).collect())
+    Ok(x.par_chunks(v).zip(t.par_iter()).map(|(row, &id)| T::from_f64(row[id as usize].to_f64() - T::log_sum_exp(row))).collect())
 }
 
-fn target_logprobs_bwd<T: candle_core::WithDType + num_traits::Float>(x: &[T], t: &[u32], dy: &[T], v: usize) -> Vec<T> {
+fn target_logprobs_bwd<T: SoftmaxRow>(x: &[T], t: &[u32], dy: &[T], v: usize) -> Vec<T> {
     use rayon::prelude::*;
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(t.par_iter().zip(dy.par_iter())).for_each(|((out, row), (&id, &g))| {
-        let (lse, g) = (T::from_f64(log_sum_exp(row)), g);
-        for (o, &xj) in out.iter_mut().zip(row) {
-            *o = -g * (xj - lse).exp();
-        }
+        // d logp(id) / d x_j = [j = id] - softmax_j.
+        T::exp_scaled(row, T::from_f64(T::log_sum_exp(row)), -g, out);
         out[id as usize] += g;
     });
     dx
