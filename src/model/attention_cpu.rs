@@ -199,15 +199,16 @@ pub fn causal_attention_with_prefix(
                             }
                             let sum = kernels::exp_normalize(s);
                             let o = &mut out[((i - i0) * group + hh) * d..((i - i0) * group + hh + 1) * d];
-                            let (own_at, own_stride) = key_at(vview, None, bi, g, split);
                             if n_prefix == 0 {
-                                kernels::weighted_sum(s, sum, vview.data, own_at, own_stride, o);
+                                let (at, stride) = key_at(vview, None, bi, g, split);
+                                kernels::weighted_sum(s, sum, vview.data, at, stride, o);
                             } else {
                                 let pview = pv.expect("prefix view");
                                 let (at, stride) = key_at(vview, Some(pview), bi, g, first);
                                 kernels::weighted_sum(&s[..n_prefix], sum, pview.data, at, stride, o);
                                 if n_own > 0 {
-                                    kernels::weighted_sum(&s[n_prefix..], sum, vview.data, own_at, own_stride, &mut part);
+                                    let (at, stride) = key_at(vview, None, bi, g, split);
+                                    kernels::weighted_sum(&s[n_prefix..], sum, vview.data, at, stride, &mut part);
                                     o.iter_mut().zip(&part).for_each(|(y, x)| *y += x);
                                 }
                             }
