@@ -156,8 +156,8 @@ impl KvCache {
             let (mut ks, mut vs) = (Vec::new(), Vec::new());
             for p in prompts {
                 let (k, v) = p.layers[layer].as_ref().ok_or_else(|| err("a shared prefix of an empty cache"))?;
-                ks.push(Self::place(k, p.len, len - p.len, len)?);
-                vs.push(Self::place(v, p.len, len - p.len, len)?);
+                ks.push(Self::left_pad(k, p.len, len - p.len)?);
+                vs.push(Self::left_pad(v, p.len, len - p.len)?);
             }
             layers.push((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
         }
@@ -170,19 +170,13 @@ impl KvCache {
         })
     }
 
-    /// `t`'s first `filled` positions moved right by `shift`, zero elsewhere, `capacity` long.
-    fn place(t: &Tensor, filled: usize, shift: usize, capacity: usize) -> candle_core::Result<Tensor> {
+    /// `t`'s first `filled` positions after `shift` zero positions.
+    fn left_pad(t: &Tensor, filled: usize, shift: usize) -> candle_core::Result<Tensor> {
+        let filled = t.narrow(2, 0, filled)?;
+        if shift == 0 {
+            return Ok(filled);
+        }
         let (rows, heads, _, dim) = t.dims4()?;
-        let zeros = |n: usize| Tensor::zeros((rows, heads, n, dim), t.dtype(), t.device());
-        let mut pieces = Vec::new();
-        if shift > 0 {
-            pieces.push(zeros(shift)?);
-        }
-        pieces.push(t.narrow(2, 0, filled)?);
-        let tail = capacity - shift - filled;
-        if tail > 0 {
-            pieces.push(zeros(tail)?);
-        }
-        Tensor::cat(&pieces, D::Minus2)
+        Tensor::cat(&[&Tensor::zeros((rows, heads, shift, dim), t.dtype(), t.device())?, &filled], D::Minus2)
     }
 }
