@@ -11,6 +11,7 @@ pub mod baselines;
 pub mod eval;
 pub mod answer;
 pub mod prompt;
+pub mod visits;
 pub mod runtime;
 pub mod llm_rec;
 pub mod config;

@@ -3,22 +3,24 @@
 //! chat messages, rendered through the model's chat template and fitted to a token budget.
 //!
 //! The user message, in order: the user; the most visited POIs with visit counts (long-term);
-//! the most recent earlier check-ins, i.e. the history before the current trajectory
-//! (long-term); the current trajectory's check-ins (short-term); the target's local time and
-//! weekday; and the instruction to answer with exactly k distinct POI ids as
-//! `<answer>id, id, ...</answer>` (with reasoning, inside `<think>...</think>` first). Each
-//! check-in is a line with its local time, POI id and category. POI ids are the dataset's dense
-//! ids, the ones [`crate::answer::parse_answer`] reads back.
+//! optionally the POIs visited around the target's time of day, with those visits and all
+//! visits (long-term, `hour_visits`); the most recent earlier check-ins, i.e. the history before
+//! the current trajectory (long-term); the current trajectory's check-ins (short-term); the
+//! target's local time and weekday; and the instruction to answer with exactly k distinct POI
+//! ids as `<answer>id, id, ...</answer>` (with reasoning, inside `<think>...</think>` first).
+//! Each check-in is a line with its local time, POI id and category. POI ids are the dataset's
+//! dense ids, the ones [`crate::answer::parse_answer`] reads back. Visit counts and their orders
+//! are [`crate::visits`]'.
 //!
 //! The token budget counts the final chat-templated text. Over budget, context is dropped oldest
 //! first, deterministically: the oldest earlier check-ins, then the oldest check-ins of the
 //! trajectory (its last one is always kept), then the least visited entries of the most-visited
-//! list. The most-visited list goes last because it carries the most signal: about three
-//! quarters of NYC targets are returns, and it is the per-user counter's own ranking. Each line's tokens are counted once to estimate how much to drop; the
+//! list, then the last entries of the around-the-hour list. The visit lists go last because
+//! they carry the most signal: about three quarters of NYC targets are returns, the
+//! most-visited list is the per-user counter's own ranking, and the around-the-hour list
+//! ranks better still. Each line's tokens are counted once to estimate how much to drop; the
 //! estimate is then verified on the rendered text and adjusted, so the result is within budget
 //! and drops no more than it must (up to the tokenizer merging tokens across lines).
-
-use std::collections::HashMap;
 
 use anyhow::{Context, Result, bail, ensure};
 use chrono::NaiveDateTime;
@@ -28,6 +30,7 @@ pub use crate::answer::format_answer;
 use crate::answer::{ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN};
 use crate::data::{Checkin, Dataset, Instance, Poi};
 use crate::model::{ChatMessage, TextTokenizer};
+use crate::visits::{DEFAULT_WINDOW_MIN, around_the_hour, count_visits};
 
 /// The system message unless [`PromptConfig::system_message`] replaces it.
 pub const DEFAULT_SYSTEM_MESSAGE: &str = "You are a next point-of-interest (POI) recommender. \
@@ -55,6 +58,11 @@ pub struct PromptConfig {
     pub top_visited: usize,
     /// At most this many earlier check-ins (the most recent ones).
     pub recent_checkins: usize,
+    /// At most this many entries in the list of POIs visited around the target's time of day
+    /// (0 = no such list). Needs `long_term` and `times`.
+    pub hour_visits: usize,
+    /// The window of that list: visits within this many minutes of the target's time of day.
+    pub hour_window_min: u32,
     /// Replaces the default system message ([`DEFAULT_SYSTEM_MESSAGE`]).
     pub system_message: Option<String>,
 }
@@ -70,6 +78,8 @@ impl Default for PromptConfig {
             max_prompt_tokens: 512,
             top_visited: 10,
             recent_checkins: 20,
+            hour_visits: 0,
+            hour_window_min: DEFAULT_WINDOW_MIN,
             system_message: None,
         }
     }
@@ -78,6 +88,10 @@ impl Default for PromptConfig {
 impl PromptConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.k >= 1, "prompt.k must be at least 1");
+        if self.hour_visits > 0 {
+            ensure!(self.long_term && self.times, "prompt.hour_visits needs prompt.long_term and prompt.times");
+            ensure!(self.hour_window_min <= 12 * 60, "prompt.hour_window_min is at most 720 (12 hours either way)");
+        }
         Ok(())
     }
 
@@ -183,11 +197,13 @@ pub struct Dropped {
     pub top_visited: usize,
     /// Check-ins of the current trajectory (oldest first; never its last one).
     pub trajectory: usize,
+    /// Entries of the around-the-hour list (last first).
+    pub hour_visits: usize,
 }
 
 impl Dropped {
     pub fn total(&self) -> usize {
-        self.earlier + self.top_visited + self.trajectory
+        self.earlier + self.top_visited + self.trajectory + self.hour_visits
     }
 }
 
@@ -278,6 +294,10 @@ impl<'t> PromptBuilder<'t> {
 }
 
 const TOP_HEADER: &str = "Most visited POIs:";
+/// The around-the-hour list's header names the time and window, so it is built per prompt.
+fn hour_header(cfg: &PromptConfig, at: NaiveDateTime) -> String {
+    format!("Visited around {} (within {} min, any day):", at.format("%H:%M"), cfg.hour_window_min)
+}
 const EARLIER_HEADER: &str = "Earlier check-ins (oldest first):";
 const TRAJECTORY_HEADER: &str = "Current trajectory (oldest first):";
 
@@ -286,6 +306,9 @@ struct Parts {
     head: String,
     /// Most visited first.
     top: Vec<String>,
+    hour_header: String,
+    /// Most visits around the hour first.
+    hour: Vec<String>,
     /// Oldest first.
     earlier: Vec<String>,
     /// Oldest first; never empty.
@@ -303,19 +326,15 @@ impl Parts {
         };
         let user = if ctx.user.trim().is_empty() { "the user".to_string() } else { format!("user {}", one_line(&ctx.user)) };
 
-        let (mut top, mut earlier) = (Vec::new(), Vec::new());
+        let (mut top, mut hour, mut earlier) = (Vec::new(), Vec::new(), Vec::new());
         if cfg.long_term {
-            // Visit counts over the whole history; ties by train popularity, then id (the
-            // counter baseline's order).
-            let mut counts: HashMap<u32, u64> = HashMap::new();
-            for c in ctx.earlier.iter().chain(ctx.trajectory) {
-                *counts.entry(c.poi).or_default() += 1;
+            let visits = count_visits(ctx.earlier.iter().chain(ctx.trajectory), ctx.pois, ctx.target_local, cfg.hour_window_min);
+            let plural = |n: u64| if n == 1 { "" } else { "s" };
+            for v in visits.iter().take(cfg.top_visited) {
+                top.push(format!("- {}: {} visit{}", poi(v.poi)?, v.total, plural(v.total)));
             }
-            let mut ranked: Vec<(u32, u64)> = counts.into_iter().collect();
-            let popularity = |id: u32| ctx.pois.get(id as usize).map_or(0, |p| p.train_visits);
-            ranked.sort_by(|a, b| b.1.cmp(&a.1).then(popularity(b.0).cmp(&popularity(a.0))).then(a.0.cmp(&b.0)));
-            for &(id, n) in ranked.iter().take(cfg.top_visited) {
-                top.push(format!("- {}: {n} visit{}", poi(id)?, if n == 1 { "" } else { "s" }));
+            for v in around_the_hour(&visits).iter().take(cfg.hour_visits) {
+                hour.push(format!("- {}: {} of {} visit{}", poi(v.poi)?, v.near, v.total, plural(v.total)));
             }
             let from = ctx.earlier.len().saturating_sub(cfg.recent_checkins);
             for c in &ctx.earlier[from..] {
@@ -356,7 +375,8 @@ impl Parts {
         } else {
             format!("Answer with exactly {ids}, most likely first, in this format:\n{format}")
         };
-        Ok(Parts { head, top, earlier, trajectory, tail: format!("{question}\n{instruction}") })
+        let hour_header = hour_header(cfg, ctx.target_local);
+        Ok(Parts { head, top, hour_header, hour, earlier, trajectory, tail: format!("{question}\n{instruction}") })
     }
 
     /// The first `d` units in drop order, as counts per section.
@@ -364,7 +384,8 @@ impl Parts {
         let earlier = d.min(self.earlier.len());
         let trajectory = (d - earlier).min(self.trajectory.len() - 1);
         let top_visited = (d - earlier - trajectory).min(self.top.len());
-        Dropped { earlier, top_visited, trajectory }
+        let hour_visits = (d - earlier - trajectory - top_visited).min(self.hour.len());
+        Dropped { earlier, top_visited, trajectory, hour_visits }
     }
 
     /// The text each droppable unit takes, in drop order (a section's header goes with its last
@@ -382,6 +403,10 @@ impl Parts {
             let header = if i == 0 { format!("\n{TOP_HEADER}\n") } else { String::new() };
             units.push(format!("{header}{line}\n"));
         }
+        for (i, line) in self.hour.iter().enumerate().rev() {
+            let header = if i == 0 { format!("\n{}\n", self.hour_header) } else { String::new() };
+            units.push(format!("{header}{line}\n"));
+        }
         units
     }
 
@@ -393,6 +418,7 @@ impl Parts {
             }
         };
         section(TOP_HEADER, &self.top[..self.top.len() - dropped.top_visited]);
+        section(&self.hour_header, &self.hour[..self.hour.len() - dropped.hour_visits]);
         section(EARLIER_HEADER, &self.earlier[dropped.earlier..]);
         section(TRAJECTORY_HEADER, &self.trajectory[dropped.trajectory..]);
         sections.push(self.tail.clone());
@@ -651,7 +677,7 @@ mod tests {
             last = d;
             budget -= 7;
         }
-        assert_eq!(last, Dropped { earlier: 15, top_visited: 10, trajectory: 2 });
+        assert_eq!(last, Dropped { earlier: 15, top_visited: 10, trajectory: 2, hour_visits: 0 });
         // Below the fixed part: a clear error.
         let cfg = PromptConfig { max_prompt_tokens: 50, ..Default::default() };
         let inst = &ds.instances(Split::Test)[0];
@@ -660,12 +686,62 @@ mod tests {
     }
 
     #[test]
+    fn around_the_hour_list() {
+        let (_d, m) = tiny_model();
+        let ds = dataset();
+        // The target is at 14:00; every check-in is at 08:00, 10:00, 12:00 or 14:00, so a
+        // 60-minute window holds none of the history and the section is left out.
+        let u = user_text(&build(&m, PromptConfig { hour_visits: 3, ..unlimited() }, &ds)).to_string();
+        assert!(!u.contains("Visited around"), "{u}");
+        // 120 minutes take in the 12:00 check-ins: POI 2 three times, POIs 14, 16, 21 once
+        // (ties in the counter's order: train popularity id % 3, so 14, 16, 21).
+        let cfg = PromptConfig { hour_visits: 3, hour_window_min: 120, ..unlimited() };
+        let u = user_text(&build(&m, cfg, &ds)).to_string();
+        let header = "Visited around 14:00 (within 120 min, any day):";
+        let section = u.split(header).nth(1).unwrap().split("\n\n").next().unwrap();
+        let lines: Vec<&str> = section.trim().lines().collect();
+        assert_eq!(lines, ["- POI 2 (Gym): 3 of 3 visits", "- POI 14 (Bakery): 1 of 1 visit", "- POI 16 (Coffee Shop): 1 of 1 visit"]);
+        let pos = |s: &str| u.find(s).unwrap();
+        assert!(pos(TOP_HEADER) < pos(header) && pos(header) < pos(EARLIER_HEADER), "{u}");
+        // It needs the long-term memory and the times.
+        for cfg in [PromptConfig { hour_visits: 3, times: false, ..unlimited() }, PromptConfig { hour_visits: 3, long_term: false, ..unlimited() }] {
+            let err = PromptBuilder::new(cfg, &m.tokenizer).err().unwrap();
+            assert!(err.to_string().contains("prompt.hour_visits needs"), "{err}");
+        }
+    }
+
+    #[test]
+    fn budget_drops_the_around_the_hour_list_last() {
+        let (_d, m) = tiny_model();
+        let ds = dataset();
+        let hour = PromptConfig { hour_visits: 10, hour_window_min: 120, ..unlimited() };
+        let n = build(&m, hour.clone(), &ds).ids.len();
+        let mut budget = n;
+        let mut last = Dropped::default();
+        while let Ok(p) = PromptBuilder::new(PromptConfig { max_prompt_tokens: budget, ..hour.clone() }, &m.tokenizer)
+            .unwrap()
+            .build(&PromptContext::from_instance(&ds, &ds.instances(Split::Test)[0]))
+        {
+            assert!(p.ids.len() <= budget);
+            if p.dropped.hour_visits > 0 {
+                assert_eq!((p.dropped.earlier, p.dropped.trajectory, p.dropped.top_visited), (15, 2, 10), "{:?}", p.dropped);
+                // The list loses its last entries first.
+                let kept_first = user_text(&p).contains("- POI 2 (Gym): 3 of 3 visits");
+                assert_eq!(kept_first, p.dropped.hour_visits < 4, "{:?}", p.dropped);
+            }
+            last = p.dropped;
+            budget -= 5;
+        }
+        assert_eq!(last, Dropped { earlier: 15, top_visited: 10, trajectory: 2, hour_visits: 4 });
+    }
+
+    #[test]
     fn budget_just_below_full_drops_one_line() {
         let (_d, m) = tiny_model();
         let ds = dataset();
         let n = build(&m, unlimited(), &ds).ids.len();
         let p = build(&m, PromptConfig { max_prompt_tokens: n - 1, ..Default::default() }, &ds);
-        assert_eq!(p.dropped, Dropped { earlier: 1, top_visited: 0, trajectory: 0 });
+        assert_eq!(p.dropped, Dropped { earlier: 1, top_visited: 0, trajectory: 0, hour_visits: 0 });
         assert!(!user_text(&p).contains("2012-04-02 08:00"));
         assert!(user_text(&p).contains("2012-04-02 10:00"));
         let p = build(&m, PromptConfig { max_prompt_tokens: n, ..Default::default() }, &ds);

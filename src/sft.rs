@@ -13,7 +13,6 @@
 //! on their cadence. Examples come in a seeded permutation per epoch and dropout masks are
 //! seeded by (seed, step, micro-batch), so a resumed run repeats an uninterrupted one exactly.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -24,7 +23,8 @@ use crate::answer::format_answer;
 use crate::config::{AnswerForm, RunConfig};
 use crate::data::{Dataset, Instance};
 use crate::model::{Mode, TextTokenizer};
-use crate::prompt::{PromptBuilder, PromptContext};
+use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
+use crate::visits::{count_visits, hour_first_order};
 use crate::train::checkpoint::{fnv_hex, BestVal, RunDir};
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW, AdamWParams, GradAccum};
 use crate::train::{derive_seed, load_model, progress_bar, token_logprobs, train_instances, validate_and_keep_best, EpochOrder, RunOptions, ScoredSeq, StageLoop, SEED_DROPOUT};
@@ -32,25 +32,18 @@ use crate::train::{derive_seed, load_model, progress_bar, token_logprobs, train_
 pub const STAGE: &str = "sft";
 
 
-/// The target list of an instance's answer.
-pub fn target_ids(ds: &Dataset, inst: &Instance, form: AnswerForm, k: usize, popular: &[u32]) -> Vec<u32> {
-    let target = inst.target.poi;
+/// The target list of an instance's answer. The list form puts the ground truth first, then
+/// the user's other visited POIs in the order the prompt's lists show them (around the hour
+/// first when `prompt.hour_visits` is on, then by visits: [`crate::visits`]), then popular POIs.
+pub fn target_ids(ds: &Dataset, inst: &Instance, form: AnswerForm, prompt: &PromptConfig, popular: &[u32]) -> Vec<u32> {
+    let (target, k) = (inst.target.poi, prompt.k);
     match form {
         AnswerForm::Single => vec![target],
         AnswerForm::List => {
+            let visits = count_visits(ds.history(inst), ds.pois(), inst.target.local_time(), prompt.hour_window_min);
+            let visited = if prompt.hour_visits > 0 { hour_first_order(&visits) } else { visits.iter().map(|v| v.poi).collect() };
             let mut out = vec![target];
-            // The user's history by visit count, ties by train popularity, then id (the counter
-            // baseline's order, and the prompt's most-visited list).
-            let mut counts: HashMap<u32, u64> = HashMap::new();
-            for c in ds.history(inst) {
-                *counts.entry(c.poi).or_default() += 1;
-            }
-            let pois = ds.pois();
-            let mut ranked: Vec<(u32, u64)> = counts.into_iter().filter(|&(p, _)| p != target).collect();
-            ranked.sort_by(|a, b| {
-                b.1.cmp(&a.1).then(pois[b.0 as usize].train_visits.cmp(&pois[a.0 as usize].train_visits)).then(a.0.cmp(&b.0))
-            });
-            out.extend(ranked.iter().map(|r| r.0).take(k.saturating_sub(1)));
+            out.extend(visited.into_iter().filter(|&p| p != target).take(k.saturating_sub(1)));
             for &p in popular {
                 if out.len() >= k {
                     break;
@@ -107,7 +100,7 @@ impl<'a> ExampleBuilder<'a> {
     }
 
     pub fn answer_text(&self, inst: &Instance) -> String {
-        format_answer(&target_ids(self.ds, inst, self.form, self.prompts.config().k, &self.popular), None)
+        format_answer(&target_ids(self.ds, inst, self.form, self.prompts.config(), &self.popular), None)
     }
 
     pub fn build(&self, inst: &Instance) -> Result<ScoredSeq> {
@@ -266,4 +259,43 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         best: state.best,
         tokens_per_s: if state.elapsed_s > 0.0 { state.tokens_seen as f64 / state.elapsed_s } else { 0.0 },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Checkin, Poi, Split, Trajectory, User};
+
+    /// One user: a train trajectory POI 1 at 08:00 and 09:00, POI 2 at 18:00 (day 0); a test
+    /// trajectory POI 3 at 18:00 on day 3, then the target POI 0 at 18:30. No train popularity.
+    fn dataset() -> Dataset {
+        let at = |poi, day: i64, h: i64, m: i64| Checkin { poi, utc: 1_333_324_800 + day * 86_400 + h * 3600 + m * 60, tz_offset_min: 0 };
+        let checkins = vec![at(1, 0, 8, 0), at(1, 0, 9, 0), at(2, 0, 18, 0), at(3, 3, 18, 0), at(0, 3, 18, 30)];
+        let pois = (0..5).map(|id| Poi { id, venue_id: format!("v{id}"), category: "c".into(), lat: 0.0, lon: 0.0, train_visits: 0 }).collect();
+        let trajectories = vec![
+            Trajectory { id: 0, user: 0, split: Split::Train, start: 0, len: 3 },
+            Trajectory { id: 1, user: 0, split: Split::Test, start: 3, len: 2 },
+        ];
+        let inst = Instance { id: 0, split: Split::Test, user: 0, trajectory: 1, target: checkins[4], prefix: vec![checkins[3]], is_return: false };
+        let users = vec![User { id: 0, source_id: "u0".into() }];
+        Dataset::new(pois, users, checkins, trajectories, [vec![], vec![], vec![inst]]).unwrap()
+    }
+
+    #[test]
+    fn list_answers_follow_the_prompts_order() {
+        let ds = dataset();
+        let inst = &ds.instances(Split::Test)[0];
+        let popular = popularity_order(&ds);
+        let prompt = PromptConfig { k: 5, ..Default::default() };
+        assert_eq!(target_ids(&ds, inst, AnswerForm::Single, &prompt, &popular), [0]);
+        // Ground truth, then by visits (POI 1 twice; 2 and 3 once, by id), then popularity.
+        assert_eq!(target_ids(&ds, inst, AnswerForm::List, &prompt, &popular), [0, 1, 2, 3, 4]);
+        // With the around-the-hour list: POIs 2 and 3 were visited at 18:00, within the hour of
+        // 18:30, so they come before POI 1.
+        let hour = PromptConfig { hour_visits: 10, ..prompt.clone() };
+        assert_eq!(target_ids(&ds, inst, AnswerForm::List, &hour, &popular), [0, 2, 3, 1, 4]);
+        // k caps the list.
+        let short = PromptConfig { k: 2, ..hour };
+        assert_eq!(target_ids(&ds, inst, AnswerForm::List, &short, &popular), [0, 2]);
+    }
 }

@@ -17,6 +17,8 @@ pub enum Method {
     Popularity,
     Counter,
     Markov,
+    /// The counter, POIs visited around the target's time of day first.
+    CounterHour,
     /// The model (+ adapter), prompted per instance and decoded greedily.
     Llm,
 }
@@ -177,6 +179,7 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(Method::Popularity)) => Baseline::Popularity.build(&ds),
         (None, Some(Method::Counter)) => Baseline::Counter.build(&ds),
         (None, Some(Method::Markov)) => Baseline::Markov.build(&ds),
+        (None, Some(Method::CounterHour)) => Baseline::CounterHour.build(&ds),
         (None, Some(Method::Llm)) => Box::new(args.llm.recommender(batch)?),
         (None, None) => anyhow::bail!("--method is required"),
     };
