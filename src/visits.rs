@@ -57,7 +57,7 @@ pub fn count_visits<'a>(
 /// of `visits` (which [`count_visits`] returns in the counter's order).
 pub fn around_the_hour(visits: &[Visits]) -> Vec<Visits> {
     let mut near: Vec<Visits> = visits.iter().copied().filter(|v| v.near > 0).collect();
-    near.sort_by(|a, b| b.near.cmp(&a.near)); // stable
+    near.sort_by_key(|v| std::cmp::Reverse(v.near)); // stable
     near
 }
 
