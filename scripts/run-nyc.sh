@@ -19,11 +19,11 @@ bin=target/release/refine-poi
 run=(--config configs/nyc.toml --set run_dir=$out --set data.dir=$out/data --quiet)
 
 $bin preprocess "${run[@]}"
-for method in popularity counter markov; do
+for method in popularity counter markov counter-hour; do
   $bin eval --data $out/data --split test --method $method --out $out/eval/$method-test.json --quiet
   $bin eval --data $out/data --split test --method $method --limit "$limit" --out $out/eval/$method-test-$limit.json --quiet
 done
-$bin eval --data $out/data --split test --method llm --limit "$limit" \
+$bin eval --data $out/data --split test --method llm --limit "$limit" --prompt-config configs/nyc.toml \
   --out $out/eval/zero-shot-test-$limit.json --predictions $out/eval/zero-shot-test-$limit.jsonl --quiet
 $bin sft-warmup "${run[@]}" --set sft.max_steps=$sft_steps --set sft.eval_every=0 > /dev/null
 $bin grpo-train "${run[@]}" --set grpo.max_steps=$grpo_steps --set grpo.eval_every=0 > /dev/null

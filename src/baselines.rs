@@ -125,7 +125,8 @@ impl Recommender for Counter {
 /// The counter with the POIs visited around the target's time of day first: a POI scores
 /// `near × (1 + the history's largest visit count) + visits + tie-break`, so more visits within
 /// [`DEFAULT_WINDOW_MIN`] of the target's time of day always rank higher, and equal ones fall
-/// back to the counter's order.
+/// back to the counter's order. The window is fixed at 60 minutes (the default of
+/// `prompt.hour_window_min`), so the baseline's numbers never depend on a prompt config.
 pub struct CounterHour {
     counter: Counter,
 }
@@ -213,6 +214,7 @@ mod tests {
     use super::*;
     use crate::data::protocol::{ProtocolConfig, run, tests::raw};
     use crate::eval::{EvalOptions, evaluate};
+    use crate::visits::hour_first_order;
 
     const H: i64 = 3600;
 
@@ -281,6 +283,29 @@ mod tests {
         // u2's target c@301h (13:00): only b@300h (12:00) is within the hour; a@0 and c@100h
         // (04:00) are not.
         assert_eq!(scores(Baseline::CounterHour, &d, 1), vec![1.0 + tb(3.0), 3.0 + 4.0 + tb(3.0), 1.0 + tb(1.0)]);
+    }
+
+    #[test]
+    fn counter_hour_ranks_fewer_visits_at_this_hour_first() {
+        // Train: a at 00:00 and 01:00, b at 10:00 (day 0). Test: x at 04:00 on day 4, then the
+        // target b at 10:00. The counter ranks a (2 visits) over b and x (1 each); around 10:00
+        // only b was visited, so counter-hour puts b first, then a, then x.
+        let rows = raw(&[("1", "a", 0), ("1", "a", H), ("1", "b", 10 * H), ("1", "x", 100 * H), ("1", "b", 106 * H)]);
+        let cfg = ProtocolConfig { min_user: 1, min_poi: 1, split: "0.6,0".parse().unwrap(), ..Default::default() };
+        let (d, st) = run(&rows, &cfg).unwrap();
+        assert_eq!(st.instances.test, 1);
+        let order = |s: Vec<f64>| {
+            let mut ids: Vec<usize> = (0..s.len()).filter(|&i| s[i] >= 1.0).collect();
+            ids.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
+            ids.iter().map(|&i| d.pois()[i].venue_id.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(order(scores(Baseline::Counter, &d, 0)), ["a", "b", "x"]);
+        assert_eq!(order(scores(Baseline::CounterHour, &d, 0)), ["b", "a", "x"]);
+        // The same order as the SFT answers' and the prompt's (src/visits.rs).
+        let inst = &d.instances(Split::Test)[0];
+        let visits = count_visits(d.history(inst), d.pois(), inst.target.local_time(), DEFAULT_WINDOW_MIN);
+        let by_visits: Vec<String> = hour_first_order(&visits).iter().map(|&p| d.pois()[p as usize].venue_id.clone()).collect();
+        assert_eq!(by_visits, ["b", "a", "x"]);
     }
 
     #[test]

@@ -294,12 +294,13 @@ impl<'t> PromptBuilder<'t> {
 }
 
 const TOP_HEADER: &str = "Most visited POIs:";
+const EARLIER_HEADER: &str = "Earlier check-ins (oldest first):";
+const TRAJECTORY_HEADER: &str = "Current trajectory (oldest first):";
+
 /// The around-the-hour list's header names the time and window, so it is built per prompt.
 fn hour_header(cfg: &PromptConfig, at: NaiveDateTime) -> String {
     format!("Visited around {} (within {} min, any day):", at.format("%H:%M"), cfg.hour_window_min)
 }
-const EARLIER_HEADER: &str = "Earlier check-ins (oldest first):";
-const TRAJECTORY_HEADER: &str = "Current trajectory (oldest first):";
 
 /// The lines of a prompt before the budget: every section's lines, in display order.
 struct Parts {

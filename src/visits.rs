@@ -1,5 +1,6 @@
 //! A user's visit counts per POI: the one definition behind the prompt's visit lists, the SFT
-//! answer lists and the hour-aware counter baseline.
+//! answer lists and the hour-aware counter baseline (the protocol's `counter` baseline keeps its
+//! own dense f64 scores, as DESIGN.md defines them).
 //!
 //! Two orders: by visits (the counter baseline's order: most visits first, ties by train
 //! popularity, then id), and around an hour (visits whose local time of day lies within a
@@ -61,8 +62,9 @@ pub fn around_the_hour(visits: &[Visits]) -> Vec<Visits> {
     near
 }
 
-/// Every visited POI, those visited around the hour first (as [`around_the_hour`]), then the
-/// rest in the counter's order: the order the prompt's two lists suggest, read top to bottom.
+/// Every visited POI: the around-the-hour list ([`around_the_hour`]), then the remaining POIs in
+/// the counter's order. Uncapped: the SFT answers and the `counter-hour` baseline read it
+/// whatever `prompt.hour_visits` and `prompt.top_visited` show.
 pub fn hour_first_order(visits: &[Visits]) -> Vec<u32> {
     let near = around_the_hour(visits);
     let rest = visits.iter().filter(|v| v.near == 0);

@@ -102,7 +102,7 @@ fn preprocess_then_eval_every_baseline() {
     }
 
     for split in ["test", "val"] {
-        for method in ["popularity", "counter", "markov"] {
+        for method in ["popularity", "counter", "markov", "counter-hour"] {
             let report = tmp.path().join(format!("{method}-{split}.json"));
             let preds = tmp.path().join(format!("{method}-{split}.jsonl"));
             let out = run(&[
