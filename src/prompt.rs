@@ -59,7 +59,8 @@ pub struct PromptConfig {
     /// At most this many earlier check-ins (the most recent ones).
     pub recent_checkins: usize,
     /// At most this many entries in the list of POIs visited around the target's time of day
-    /// (0 = no such list). Needs `long_term` and `times`.
+    /// (0 = no such list). It is part of the long-term memory and names the target's time, so
+    /// it is shown only with `long_term` and `times` on (an ablation of either removes it too).
     pub hour_visits: usize,
     /// The window of that list: visits within this many minutes of the target's time of day.
     pub hour_window_min: u32,
@@ -88,11 +89,13 @@ impl Default for PromptConfig {
 impl PromptConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.k >= 1, "prompt.k must be at least 1");
-        if self.hour_visits > 0 {
-            ensure!(self.long_term && self.times, "prompt.hour_visits needs prompt.long_term and prompt.times");
-            ensure!(self.hour_window_min <= 12 * 60, "prompt.hour_window_min is at most 720 (12 hours either way)");
-        }
+        ensure!(self.hour_window_min <= 12 * 60, "prompt.hour_window_min is at most 720 (12 hours either way)");
         Ok(())
+    }
+
+    /// Whether prompts show the around-the-hour list (see [`PromptConfig::hour_visits`]).
+    pub fn shows_hour_list(&self) -> bool {
+        self.hour_visits > 0 && self.long_term && self.times
     }
 
     /// The chat messages without a token budget (nothing dropped).
@@ -334,7 +337,8 @@ impl Parts {
             for v in visits.iter().take(cfg.top_visited) {
                 top.push(format!("- {}: {} visit{}", poi(v.poi)?, v.total, plural(v.total)));
             }
-            for v in around_the_hour(&visits).iter().take(cfg.hour_visits) {
+            let shown = if cfg.shows_hour_list() { cfg.hour_visits } else { 0 };
+            for v in around_the_hour(&visits).iter().take(shown) {
                 hour.push(format!("- {}: {} of {} visit{}", poi(v.poi)?, v.near, v.total, plural(v.total)));
             }
             let from = ctx.earlier.len().saturating_sub(cfg.recent_checkins);
@@ -697,18 +701,21 @@ mod tests {
         // 120 minutes take in the 12:00 check-ins: POI 2 three times, POIs 14, 16, 21 once
         // (ties in the counter's order: train popularity id % 3, so 14, 16, 21).
         let cfg = PromptConfig { hour_visits: 3, hour_window_min: 120, ..unlimited() };
-        let u = user_text(&build(&m, cfg, &ds)).to_string();
+        let u = user_text(&build(&m, cfg.clone(), &ds)).to_string();
         let header = "Visited around 14:00 (within 120 min, any day):";
         let section = u.split(header).nth(1).unwrap().split("\n\n").next().unwrap();
         let lines: Vec<&str> = section.trim().lines().collect();
         assert_eq!(lines, ["- POI 2 (Gym): 3 of 3 visits", "- POI 14 (Bakery): 1 of 1 visit", "- POI 16 (Coffee Shop): 1 of 1 visit"]);
         let pos = |s: &str| u.find(s).unwrap();
         assert!(pos(TOP_HEADER) < pos(header) && pos(header) < pos(EARLIER_HEADER), "{u}");
-        // It needs the long-term memory and the times.
-        for cfg in [PromptConfig { hour_visits: 3, times: false, ..unlimited() }, PromptConfig { hour_visits: 3, long_term: false, ..unlimited() }] {
-            let err = PromptBuilder::new(cfg, &m.tokenizer).err().unwrap();
-            assert!(err.to_string().contains("prompt.hour_visits needs"), "{err}");
+        // It belongs to the long-term memory and names the time: ablating either removes it.
+        for cfg in [PromptConfig { times: false, ..cfg.clone() }, PromptConfig { long_term: false, ..cfg.clone() }] {
+            assert!(!cfg.shows_hour_list());
+            let u = user_text(&build(&m, cfg, &ds)).to_string();
+            assert!(!u.contains("Visited around") && !u.contains(" of 3 visits"), "{u}");
         }
+        let err = PromptBuilder::new(PromptConfig { hour_window_min: 721, ..cfg }, &m.tokenizer).err().unwrap();
+        assert!(err.to_string().contains("at most 720"), "{err}");
     }
 
     #[test]

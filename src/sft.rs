@@ -41,7 +41,7 @@ pub fn target_ids(ds: &Dataset, inst: &Instance, form: AnswerForm, prompt: &Prom
         AnswerForm::Single => vec![target],
         AnswerForm::List => {
             let visits = count_visits(ds.history(inst), ds.pois(), inst.target.local_time(), prompt.hour_window_min);
-            let visited = if prompt.hour_visits > 0 { hour_first_order(&visits) } else { visits.iter().map(|v| v.poi).collect() };
+            let visited = if prompt.shows_hour_list() { hour_first_order(&visits) } else { visits.iter().map(|v| v.poi).collect() };
             let mut out = vec![target];
             out.extend(visited.into_iter().filter(|&p| p != target).take(k.saturating_sub(1)));
             for &p in popular {
@@ -294,6 +294,9 @@ mod tests {
         // 18:30, so they come before POI 1.
         let hour = PromptConfig { hour_visits: 10, ..prompt.clone() };
         assert_eq!(target_ids(&ds, inst, AnswerForm::List, &hour, &popular), [0, 2, 3, 1, 4]);
+        // An ablation that hides the list (no times) falls back to the order by visits.
+        let no_times = PromptConfig { times: false, ..hour.clone() };
+        assert_eq!(target_ids(&ds, inst, AnswerForm::List, &no_times, &popular), [0, 1, 2, 3, 4]);
         // k caps the list.
         let short = PromptConfig { k: 2, ..hour };
         assert_eq!(target_ids(&ds, inst, AnswerForm::List, &short, &popular), [0, 2]);
