@@ -133,11 +133,13 @@ pub struct CounterHour {
 
 impl CounterHour {
     pub fn scores(&self, ds: &Dataset, inst: &Instance) -> Vec<f64> {
-        let mut s = self.counter.scores(ds, inst);
+        // One pass over the history: the visit counts carry both the counter's totals and the
+        // visits near the hour.
+        let mut s = self.counter.tiebreak.clone();
         let visits = count_visits(ds.history(inst), ds.pois(), inst.target.local_time(), DEFAULT_WINDOW_MIN);
         let step = 1.0 + visits.iter().map(|v| v.total).max().unwrap_or(0) as f64;
         for v in &visits {
-            s[v.poi as usize] += v.near as f64 * step;
+            s[v.poi as usize] += v.total as f64 + v.near as f64 * step;
         }
         s
     }
