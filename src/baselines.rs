@@ -1,4 +1,4 @@
-//! The three baselines of DESIGN.md, and one more, each a [`Recommender`] answering with dense
+//! The three baselines of the evaluation protocol (`docs/protocol.md`, "Baselines"), and one more, each a [`Recommender`] answering with dense
 //! scores:
 //!
 //! - [`Popularity`]: a POI's check-ins in train trajectories.
@@ -7,7 +7,7 @@
 //!   popularity), in f64.
 //! - [`Markov`]: first-order transition counts between consecutive check-ins of train
 //!   trajectories, read from the prefix's last POI; POIs never reached from it score 0 (a miss).
-//! - [`CounterHour`] (not in DESIGN.md): the counter, but POIs visited around the target's time
+//! - [`CounterHour`] (not in the protocol): the counter, but POIs visited around the target's time
 //!   of day first ([`crate::visits::hour_first_order`], a 60-minute window), the order the
 //!   prompt's around-the-hour list suggests; the yardstick for a model that reads that list.
 

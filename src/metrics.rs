@@ -1,4 +1,4 @@
-//! The one metric implementation (DESIGN.md, "Metrics"), used by every method: baselines now,
+//! The one metric implementation (`docs/protocol.md`, "Metrics"), used by every method: baselines now,
 //! the LLM later.
 //!
 //! A method's answer for an instance becomes the target's rank `r` (1-based, possibly

@@ -66,7 +66,7 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>
 /// Reads a run (see the module doc).
 pub fn load_run(path: &Path) -> Result<Run> {
     let dir = crate::train::checkpoint::find_stage_dir(path)?;
-    let config_path = dir.join(crate::config::CONFIG_FILE);
+    let config_path = dir.join(crate::train::checkpoint::CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
     let table: toml::Value = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", config_path.display()))?;
     let mut config = BTreeMap::new();
@@ -235,7 +235,7 @@ fn panels(runs: &[Run]) -> Vec<Panel> {
         Panel { title: "KL to the reference".into(), smooth: true, read: Box::new(|r| r.get("kl")?.as_f64()) },
         Panel { title: "val MRR".into(), smooth: false, read: Box::new(|r| r.get("val")?.get("all")?.get("mrr")?.as_f64()) },
     ];
-    for spec in crate::rewards::REWARDS {
+    for spec in crate::train::grpo::rewards::REWARDS {
         let name = spec.name;
         all.push(Panel { title: format!("reward: {name}"), smooth: true, read: Box::new(move |r| r.get("rewards")?.get(name)?.as_f64()) });
     }

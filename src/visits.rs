@@ -1,6 +1,6 @@
 //! A user's visit counts per POI: the one definition behind the prompt's visit lists, the SFT
 //! answer lists and the hour-aware counter baseline (the protocol's `counter` baseline keeps its
-//! own dense f64 scores, as DESIGN.md defines them).
+//! own dense f64 scores, as `docs/protocol.md` defines them).
 //!
 //! Two orders: by visits (the counter baseline's order: most visits first, ties by train
 //! popularity, then id), and around an hour (visits whose local time of day lies within a

@@ -73,7 +73,7 @@ fn decode(model: &CausalLm, mut cache: KvCache, first: u32, rows: usize, steps: 
 fn training_forward_seconds(model: &CausalLm, prompt: &[u32], tokens: &Tensor, shared: bool) -> anyhow::Result<f64> {
     let start = Instant::now();
     if shared {
-        let logp = crate::grpo::group_logprobs(model, prompt, tokens, Mode::TRAIN)?;
+        let logp = crate::train::grpo::loss::group_logprobs(model, prompt, tokens, Mode::TRAIN)?;
         let _grads = logp.sum_all()?.backward()?;
     } else {
         let (g, c) = tokens.dims2()?;
@@ -81,7 +81,7 @@ fn training_forward_seconds(model: &CausalLm, prompt: &[u32], tokens: &Tensor, s
             let completion = tokens.get(row)?.to_vec1::<u32>()?;
             let ids: Vec<u32> = prompt.iter().copied().chain(completion).collect();
             let seq = crate::train::ScoredSeq { ids, score_from: prompt.len() };
-            let logp = crate::train::token_logprobs(model, &[seq], Mode::TRAIN)?;
+            let logp = crate::train::scored_logprobs(model, &[seq], Mode::TRAIN)?;
             debug_assert_eq!(logp.dim(0)?, c);
             let _grads = logp.sum_all()?.backward()?;
         }
@@ -90,7 +90,7 @@ fn training_forward_seconds(model: &CausalLm, prompt: &[u32], tokens: &Tensor, s
 }
 
 fn grpo_bench(args: &Args, mut loaded: crate::model::LoadedModel, prompt: Vec<u32>) -> anyhow::Result<()> {
-    use crate::grpo::{completion_tensors, step, LossConfig, StepConfig};
+    use crate::train::grpo::loss::{LossConfig, StepConfig, completion_tensors, step};
     use crate::train::optim::{AdamW, AdamWParams};
     let lora = crate::model::LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, ..Default::default() };
     loaded.model.attach_lora(&lora, 0)?;

@@ -134,9 +134,9 @@ struct RunTarget {
 
 fn run_target(dir: &std::path::Path, args: &Args) -> Result<RunTarget> {
     let stage = crate::train::checkpoint::find_stage_dir(dir)?;
-    let path = stage.join(crate::config::CONFIG_FILE);
+    let path = stage.join(crate::train::checkpoint::CONFIG_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let cfg = crate::config::RunConfig::from_toml(&text).with_context(|| format!("bad run config {}", path.display()))?;
+    let cfg = crate::train::config::RunConfig::from_toml(&text).with_context(|| format!("bad run config {}", path.display()))?;
     let adapter = ["best", "final"]
         .iter()
         .map(|d| stage.join(d))

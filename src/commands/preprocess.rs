@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::data::protocol::{self, ProtocolConfig, SplitFractions};
 use crate::data::readers::{self, BBox, Format, ReadOptions};
-use crate::config::RunConfig;
+use crate::train::config::RunConfig;
 use crate::data::{Split, dataset::FORMAT_VERSION};
 
 #[derive(clap::Args, Debug)]

@@ -1,14 +1,14 @@
 //! `refine-poi sft-warmup` and `refine-poi grpo-train`: the training stages, each driven by a
-//! run config (see [`crate::config`], [`crate::sft`] and [`crate::grpo_train`]). Both take the
+//! run config (see [`crate::train::config`], [`crate::train::sft`] and [`crate::train::grpo`]). Both take the
 //! same arguments and print a JSON summary; Ctrl-C writes a checkpoint and exits with 130.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::config::RunConfig;
+use crate::train::config::RunConfig;
 use crate::train::{RunOptions, StopFlag};
-use crate::{grpo_train, sft};
+use crate::train::{grpo, sft};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -62,6 +62,6 @@ pub fn run_sft(args: Args) -> Result<()> {
 
 pub fn run_grpo(args: Args) -> Result<()> {
     let (cfg, opts) = args.load()?;
-    let s = grpo_train::run(&cfg, &opts)?;
+    let s = grpo::run(&cfg, &opts)?;
     finish(&s, &s.dir, s.step, s.total_steps, s.finished, s.interrupted, args.quiet)
 }

@@ -1,5 +1,4 @@
-//! Check-in data: the raw-format readers, the evaluation protocol (DESIGN.md, "The evaluation
-//! protocol"), and the on-disk dataset directory that every later stage loads.
+//! Check-in data: the raw-format readers, the evaluation protocol (`docs/protocol.md`), and the on-disk dataset directory that every later stage loads.
 //!
 //! - [`readers`]: Foursquare TSMC2014, Gowalla SNAP and generic CSV into interned raw rows.
 //! - [`protocol`]: k-core, trajectories, time split, instances and history, exactly as specified.
@@ -9,6 +8,7 @@
 //! [`Dataset`], [`Instance`], [`Checkin`], [`Poi`], [`User`], [`Trajectory`], [`Split`].
 
 pub mod dataset;
+pub mod preprocess;
 pub mod protocol;
 pub mod readers;
 

@@ -1,4 +1,4 @@
-//! The evaluation protocol of DESIGN.md, step by step, on interned raw rows:
+//! The evaluation protocol (`docs/protocol.md`), step by step, on interned raw rows:
 //!
 //! 1. [`kcore`]: users with fewer than `min_user` and POIs with fewer than `min_poi` check-ins
 //!    are dropped, repeatedly, until nothing changes (counts over the whole data set).

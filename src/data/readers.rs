@@ -1,4 +1,4 @@
-//! Readers for the three raw check-in formats (DESIGN.md, "Data formats that `preprocess` reads").
+//! Readers for the three raw check-in formats (`docs/datasets.md`, "What preprocess reads").
 //!
 //! Every reader produces the same [`RawData`]: user and venue ids interned to indices in input
 //! order, one [`RawCheckin`] per valid row (in input order, which later breaks timestamp ties),

@@ -6,6 +6,7 @@ pub mod config;
 pub mod gguf;
 pub mod kv_cache;
 pub mod lora;
+pub mod peft;
 pub mod skinny;
 pub mod tiny;
 pub mod tokenizer;

@@ -88,11 +88,16 @@ fn dot_rows(xs: &[f32], rows: usize, ws: &[f32], n: usize, k: usize) -> Vec<f32>
     out
 }
 
+/// For every weight row j of `w` (n rows of `k`) and x row i of `xs` (`rows` rows of `k`):
+/// out[j * rows + i] = dot(x_i, w_j).
 fn dot_block(xs: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
+    // The vector path reads raw pointers: these are the bounds it relies on.
+    assert!(k > 0 && xs.len() >= rows * k && w.len() % k == 0 && out.len() == w.len() / k * rows, "dot_block: mismatched slices");
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features this function is compiled for were just detected.
+            // SAFETY: the features this function is compiled for were just detected, and the
+            // slice lengths it requires were asserted above.
             unsafe { avx2::dot_block(xs, rows, w, k, out) };
             return;
         }
@@ -110,9 +115,16 @@ mod avx2 {
 
     /// Four rows of x against one weight row, two vectors per step: 8 independent FMA chains,
     /// each weight vector loaded once for four rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA, and the slices are as [`super::dot_block`] asserts: `k > 0`,
+    /// `xs.len() >= rows * k`, `w.len()` a multiple of `k`, `out.len() == w.len() / k * rows`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_block(xs: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
-        // SAFETY: every pointer stays inside `xs` / `w` (chunk bounds checked above).
+        // SAFETY: each `xp[q]` starts a row of `xs` that holds k elements (xs.len() >= rows * k)
+        // and each `wp` a k-element row of `w`; the vector loads read [c, c + 16) with
+        // c + 16 <= body <= k, the scalar tail reads [body, k). The prefetch address is
+        // computed with wrapping arithmetic, only issued below the end of `w`, and never read.
         unsafe {
             let body = k - k % 16;
             let end = w.as_ptr_range().end;

@@ -5,10 +5,12 @@
 //! Batches are left-padded: row `b` has `pads[b]` padding tokens before its first real token,
 //! and its real tokens get positions 0, 1, ... exactly as when the row runs alone.
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
+use super::lora::{Lora, LoraConfig};
+use crate::seed::{fnv1a, splitmix64};
 use super::kv_cache::{CachedKv, KvCache};
 
 /// How a forward pass runs.
@@ -36,28 +38,6 @@ impl Mode {
     }
 }
 
-/// Low-rank update `dropout(x) A^T B^T * scale` on top of a frozen linear layer (PEFT's LoRA:
-/// dropout on the adapter's input only, inverted scaling, active only in modes that ask for it).
-pub struct Lora {
-    pub a: Var,
-    pub b: Var,
-    pub scale: f64,
-    /// Probability of zeroing an input element of the adapter branch in a dropout pass.
-    pub dropout: f64,
-    /// A frozen copy of (A, B, scale) that adapter-off passes apply: the reference policy when
-    /// it is not the base model (e.g. GRPO's KL kept against its SFT start). It belongs to the
-    /// layer: loading another adapter (a checkpoint) keeps it.
-    pub reference: Option<(Tensor, Tensor, f64)>,
-}
-
-/// A mixing step of SplitMix64: a well-spread 64-bit hash of `x`.
-pub(crate) fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
 /// The dropout mask of an (rows, cols) input: each element is 0 with probability `p`, else
 /// 1 / (1 - p); element i's draw is a hash of (seed, i).
 fn dropout_mask(rows: usize, cols: usize, p: f64, seed: u64, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
@@ -77,10 +57,6 @@ fn dropout_mask(rows: usize, cols: usize, p: f64, seed: u64, device: &Device, dt
     Tensor::from_vec(data, (rows, cols), device)?.to_dtype(dtype)
 }
 
-/// FNV-1a of a layer path: each layer's masks come from their own stream.
-fn path_hash(path: &str) -> u64 {
-    path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
 
 /// A linear layer `y = x W^T (+ bias)`, optionally with a LoRA adapter.
 pub struct Linear {
@@ -149,7 +125,7 @@ impl Linear {
             let dropped;
             let input = match mode.dropout {
                 Some(seed) if mode.adapter && lora.dropout > 0.0 => {
-                    let mask = dropout_mask(rows, self.in_dim(), lora.dropout, seed ^ path_hash(&self.path), x2.device(), x2.dtype())?;
+                    let mask = dropout_mask(rows, self.in_dim(), lora.dropout, seed ^ fnv1a(self.path.as_bytes()), x2.device(), x2.dtype())?;
                     dropped = (&x2 * mask)?;
                     &dropped
                 }
@@ -206,7 +182,7 @@ pub struct CausalLm {
     device: Device,
     dtype: DType,
     /// The attached adapter's settings, if any (see `lora.rs`).
-    pub lora_config: Option<super::lora::LoraConfig>,
+    pub lora_config: Option<LoraConfig>,
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> candle_core::Result<Tensor> {

@@ -22,11 +22,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::config::Stage;
 use super::optim::AdamW;
-use crate::config::CONFIG_FILE;
 use crate::fsutil::write_atomic;
 use crate::model::CausalLm;
 
+/// Name of the resolved config in a stage's run directory.
+pub const CONFIG_FILE: &str = "config.toml";
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -66,10 +68,10 @@ pub struct TrainerState {
 }
 
 impl TrainerState {
-    pub fn new(stage: &str, seed: u64, total_steps: u64, config_hash: String) -> Self {
+    pub fn new(stage: Stage, seed: u64, total_steps: u64, config_hash: String) -> Self {
         TrainerState {
             format_version: STATE_VERSION,
-            stage: stage.to_string(),
+            stage: stage.name().to_string(),
             step: 0,
             total_steps,
             examples_seen: 0,
@@ -83,23 +85,13 @@ impl TrainerState {
     }
 }
 
-/// 64-bit FNV-1a, as hex.
-pub fn fnv_hex(text: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
 /// The stage directory a user names: `path` itself when it holds `config.toml`, else its
 /// `grpo/`, else its `sft/` (a run root with both stages means its GRPO stage).
 pub fn find_stage_dir(path: &Path) -> Result<PathBuf> {
     if path.join(CONFIG_FILE).is_file() {
         return Ok(path.to_path_buf());
     }
-    for stage in [crate::grpo_train::STAGE, crate::sft::STAGE] {
+    for stage in [Stage::Grpo.name(), Stage::Sft.name()] {
         if path.join(stage).join(CONFIG_FILE).is_file() {
             return Ok(path.join(stage));
         }
@@ -222,7 +214,7 @@ impl RunDir {
     /// The state and log a stage's loop starts from: restored from the checkpoint `latest` (which
     /// must plan the same `total` steps) with the log cut back to it, or fresh.
     #[allow(clippy::too_many_arguments)]
-    pub fn restore_or_start(&self, latest: Option<&Path>, model: &mut CausalLm, opt: &mut AdamW, stage: &str, seed: u64, total: u64, config_hash: &str) -> Result<(TrainerState, MetricsLog)> {
+    pub fn restore_or_start(&self, latest: Option<&Path>, model: &mut CausalLm, opt: &mut AdamW, stage: Stage, seed: u64, total: u64, config_hash: &str) -> Result<(TrainerState, MetricsLog)> {
         match latest {
             Some(dir) => {
                 let state = RunDir::load_checkpoint(dir, model, opt, stage, config_hash)?;
@@ -237,13 +229,13 @@ impl RunDir {
     /// Restores the checkpoint in `dir` into `model` (its adapter), `opt` and returns its state;
     /// `config_hash` and `stage` must match. A missing, malformed or mismatched piece is an
     /// error naming the checkpoint.
-    pub fn load_checkpoint(dir: &Path, model: &mut CausalLm, opt: &mut AdamW, stage: &str, config_hash: &str) -> Result<TrainerState> {
+    pub fn load_checkpoint(dir: &Path, model: &mut CausalLm, opt: &mut AdamW, stage: Stage, config_hash: &str) -> Result<TrainerState> {
         let ctx = || format!("cannot resume from checkpoint {}", dir.display());
         let state_path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display())).with_context(ctx)?;
         let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_path.display())).with_context(ctx)?;
         ensure!(state.format_version == STATE_VERSION, "{}: format version {} (expected {STATE_VERSION})", state_path.display(), state.format_version);
-        ensure!(state.stage == stage, "{} is a {} checkpoint, not {stage}", dir.display(), state.stage);
+        ensure!(state.stage == stage.name(), "{} is a {} checkpoint, not {}", dir.display(), state.stage, stage.name());
         ensure!(
             state.config_hash == config_hash,
             "checkpoint {} was written with a different config (hash {} vs {config_hash})",
@@ -385,11 +377,5 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let steps: Vec<u64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
-    }
-
-    #[test]
-    fn fnv_is_stable() {
-        assert_eq!(fnv_hex(""), "cbf29ce484222325");
-        assert_ne!(fnv_hex("a"), fnv_hex("b"));
     }
 }

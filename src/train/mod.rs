@@ -1,14 +1,21 @@
-//! Training machinery shared by the stages (`sft-warmup`, `grpo-train`):
+//! Training: the two stages and what they share.
 //!
-//! - [`optim`]: AdamW on the adapter with saveable state, gradient accumulation, global-norm
-//!   clipping, the warm-up + cosine schedule.
+//! - [`sft`]: the SFT warm-up (`sft-warmup`); [`grpo`]: GRPO (`grpo-train`), with its
+//!   objective, advantages and rewards.
+//! - [`config`]: the run config both stages read, and the [`config::Stage`]s.
+//! - [`schedule`]: the loop's settings and the learning-rate schedule; [`optim`]: AdamW on the
+//!   adapter with saveable state, gradient accumulation, global-norm clipping.
 //! - [`checkpoint`]: the run directory, atomic checkpoints, `best/`, `metrics.jsonl`.
 //! - [`val`]: greedy validation on a fixed val sample through the eval harness.
-//! - here: log-probabilities of target tokens in a padded batch (the shape of every loss), the
-//!   counter-based seeds every random draw uses, the Ctrl-C flag and the progress bar.
+//! - here: the stage loop's cadence, the data order, log-probabilities of target tokens in a
+//!   padded batch (the shape of every loss), the Ctrl-C flag and the progress bar.
 
 pub mod checkpoint;
+pub mod config;
+pub mod grpo;
 pub mod optim;
+pub mod schedule;
+pub mod sft;
 pub mod val;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,32 +24,18 @@ use std::sync::Arc;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::{D, DType, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::config::{RunConfig, TrainConfig};
+use crate::seed::{SEED_DATA, SEED_LORA_INIT, SEED_SUBSET, derive_seed};
+use config::RunConfig;
+use schedule::TrainConfig;
 use crate::data::{Dataset, Instance, Split};
 use crate::model::{self, CausalLm, LoadedModel, Mode};
 use crate::prompt::PromptConfig;
 use checkpoint::{BestVal, MetricsLog, RunDir, TrainerState};
 use optim::AdamW;
-
-/// Keys of the derived seeds (see [`derive_seed`]), one per kind of random draw.
-pub const SEED_DATA: u64 = 1;
-pub const SEED_SUBSET: u64 = 2;
-pub const SEED_DROPOUT: u64 = 3;
-pub const SEED_LORA_INIT: u64 = 4;
-pub const SEED_SAMPLING: u64 = 5;
-
-/// A seed derived from (seed, a, b): every random draw in training is one of these, keyed by
-/// what it is for (e.g. the step and micro-batch of a dropout pass), so that resuming at a step
-/// replays exactly the draws an uninterrupted run makes.
-pub fn derive_seed(seed: u64, a: u64, b: u64) -> u64 {
-    let mut x = crate::model::transformer::splitmix64(seed ^ 0x005E_ED0F_7EA1);
-    x = crate::model::transformer::splitmix64(x ^ a);
-    crate::model::transformer::splitmix64(x ^ b)
-}
 
 /// How a run is driven (beyond its config).
 #[derive(Debug, Clone, Default)]
@@ -238,10 +231,20 @@ impl ScoredSeq {
     }
 }
 
+/// log p(token) under `logits`: (..., V) logits and (...) token ids give (...), in f32 at
+/// least (half-precision logits are widened first).
+pub fn token_logprobs(logits: &Tensor, tokens: &Tensor) -> candle_core::Result<Tensor> {
+    let logits = match logits.dtype() {
+        DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
+        _ => logits.clone(),
+    };
+    crate::model::train_ops::target_logprobs(&logits, tokens)
+}
+
 /// Log-probabilities of the scored tokens of `rows`, run as one left-padded batch: a flat
 /// (N,) tensor in row order (row 0's scored tokens, then row 1's, ...), differentiable when
 /// `mode.grad`. Only the scored positions go through the output projection.
-pub fn token_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Result<Tensor> {
+pub fn scored_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Result<Tensor> {
     ensure!(!rows.is_empty(), "empty batch");
     for (i, r) in rows.iter().enumerate() {
         ensure!(r.score_from >= 1 && r.score_from < r.ids.len(), "row {i}: nothing to score (score_from {} of {} tokens)", r.score_from, r.ids.len());
@@ -269,7 +272,7 @@ pub fn token_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Resul
     let picked = hidden.reshape((rows.len() * t, h))?.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
     let logits = model.logits(&picked)?;
     let n = targets.len();
-    Ok(crate::model::train_ops::target_logprobs(&logits, &Tensor::from_vec(targets, n, device)?)?)
+    Ok(token_logprobs(&logits, &Tensor::from_vec(targets, n, device)?)?)
 }
 
 /// A stop request (Ctrl-C): the loop finishes or abandons the current step, writes a

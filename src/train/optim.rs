@@ -1,6 +1,7 @@
 //! The optimiser side of training, shared by SFT and GRPO: AdamW over the adapter's `Var`s with
 //! explicit moment tensors (so its state saves and loads exactly), gradient accumulation over
-//! micro-batches, global-norm clipping, and the warm-up + decay learning-rate schedule.
+//! micro-batches, global-norm clipping.
+//! The learning-rate schedule is [`super::schedule`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::config::{Schedule, TrainConfig};
+use super::schedule::TrainConfig;
 
 /// AdamW hyper-parameters (PyTorch's `torch.optim.AdamW` semantics: decoupled weight decay,
 /// bias-corrected moments, eps added after the square root).
@@ -197,52 +198,9 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
-/// The learning rate of the `step`-th update (0-based) of a run of `total` updates: a linear
-/// warm-up reaching `lr` at update `warmup_steps`, then the schedule down to
-/// `lr * min_lr_ratio` at the last update.
-pub fn lr_at(t: &TrainConfig, step: usize, total: usize) -> f64 {
-    let n = step + 1;
-    let warmup = t.warmup_steps;
-    if n <= warmup {
-        return t.lr * n as f64 / warmup as f64;
-    }
-    let span = total.saturating_sub(warmup).max(1);
-    let progress = ((n - warmup) as f64 / span as f64).min(1.0);
-    let floor = t.min_lr_ratio;
-    let factor = match t.schedule {
-        Schedule::Constant => 1.0,
-        Schedule::Linear => 1.0 - (1.0 - floor) * progress,
-        Schedule::Cosine => floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-    };
-    t.lr * factor
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RunConfig;
-
-    #[test]
-    fn schedule_warms_up_then_decays_to_the_floor() {
-        let mut t = RunConfig::default().sft.train;
-        t.lr = 1.0;
-        t.warmup_steps = 4;
-        t.min_lr_ratio = 0.1;
-        let total = 20;
-        let lrs: Vec<f64> = (0..total).map(|s| lr_at(&t, s, total)).collect();
-        assert_eq!(&lrs[..4], &[0.25, 0.5, 0.75, 1.0]);
-        assert!(lrs[4..].windows(2).all(|w| w[1] <= w[0]), "{lrs:?}");
-        assert!((lrs[total - 1] - 0.1).abs() < 1e-12);
-        // Halfway through the decay, cosine is at the midpoint.
-        assert!((lr_at(&t, 4 + 7, total) - 0.55).abs() < 1e-12);
-        t.schedule = Schedule::Linear;
-        assert!((lr_at(&t, 4 + 7, total) - 0.55).abs() < 1e-12);
-        assert!((lr_at(&t, total - 1, total) - 0.1).abs() < 1e-12);
-        t.schedule = Schedule::Constant;
-        assert_eq!(lr_at(&t, total - 1, total), 1.0);
-        t.warmup_steps = 0;
-        assert_eq!(lr_at(&t, 0, total), 1.0);
-    }
 
     #[test]
     fn adamw_matches_hand_computed_updates() {

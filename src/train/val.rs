@@ -71,7 +71,7 @@ pub struct ValSettings {
 }
 
 impl ValSettings {
-    pub fn from_train(t: &crate::config::TrainConfig) -> Self {
+    pub fn from_train(t: &crate::train::schedule::TrainConfig) -> Self {
         ValSettings { instances: t.eval_instances, batch_size: t.eval_batch_size, max_new_tokens: t.eval_max_new_tokens }
     }
 }

@@ -2,17 +2,11 @@
 //! run equals an uninterrupted one bit for bit, the log carries every documented statistic, the
 //! KL reference is the starting adapter, and the binary reports a missing SFT start clearly.
 
-mod common;
-
 use std::path::Path;
 
-use common::{bin, text, Setup};
-use refine_poi::{grpo_train, sft};
+use crate::common::{Setup, bin, quiet, text};
+use refine_poi::train::{grpo, sft};
 use refine_poi::train::{RunOptions, StopFlag};
-
-fn quiet() -> RunOptions {
-    RunOptions { quiet: true, ..Default::default() }
-}
 
 fn records(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -34,7 +28,7 @@ fn warmed_up(s: &Setup) -> Vec<String> {
     sets
 }
 
-fn cfg_with(s: &Setup, base: &[String], more: &[&str]) -> refine_poi::config::RunConfig {
+fn cfg_with(s: &Setup, base: &[String], more: &[&str]) -> refine_poi::train::config::RunConfig {
     let all: Vec<&str> = base.iter().map(String::as_str).chain(more.iter().copied()).collect();
     s.cfg(&all)
 }
@@ -44,7 +38,7 @@ fn stop_and_resume_equals_an_uninterrupted_run_and_the_log_is_complete() {
     let straight = Setup::new();
     let sets = warmed_up(&straight);
     let cfg = cfg_with(&straight, &sets, &[]);
-    let full = grpo_train::run(&cfg, &quiet()).unwrap();
+    let full = grpo::run(&cfg, &quiet()).unwrap();
     assert!(full.finished && full.step == 4);
     let log = records(&full.dir);
     assert_eq!(log.len(), 4);
@@ -72,17 +66,17 @@ fn stop_and_resume_equals_an_uninterrupted_run_and_the_log_is_complete() {
     let resumed = Setup::new();
     let sets = warmed_up(&resumed);
     let cfg = cfg_with(&resumed, &sets, &[]);
-    let a = grpo_train::run(&cfg, &RunOptions { stop_after: Some(1), ..quiet() }).unwrap();
+    let a = grpo::run(&cfg, &RunOptions { stop_after: Some(1), ..quiet() }).unwrap();
     assert!(!a.finished && a.step == 1);
-    let e = format!("{:#}", grpo_train::run(&cfg, &quiet()).unwrap_err());
+    let e = format!("{:#}", grpo::run(&cfg, &quiet()).unwrap_err());
     assert!(e.contains("--resume"), "{e}");
     let stop = StopFlag::new();
-    let b = grpo_train::run(&cfg, &RunOptions { resume: true, stop_after: Some(2), ..quiet() }).unwrap();
+    let b = grpo::run(&cfg, &RunOptions { resume: true, stop_after: Some(2), ..quiet() }).unwrap();
     assert_eq!(b.step, 3);
     stop.raise();
-    let c = grpo_train::run(&cfg, &RunOptions { resume: true, stop, ..quiet() }).unwrap();
+    let c = grpo::run(&cfg, &RunOptions { resume: true, stop, ..quiet() }).unwrap();
     assert!(c.interrupted && c.step == 3);
-    let d = grpo_train::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
+    let d = grpo::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
     assert!(d.finished && d.step == 4);
     let bytes = |dir: &Path| std::fs::read(dir.join("final/adapter_model.safetensors")).unwrap();
     assert_eq!(bytes(&full.dir), bytes(&d.dir), "final adapters differ");
@@ -99,9 +93,9 @@ fn stop_and_resume_equals_an_uninterrupted_run_and_the_log_is_complete() {
 
     // Editing [sft] does not block resuming GRPO; editing [grpo] does, naming the key.
     let finished_sft = cfg_with(&resumed, &sets, &["sft.lr=1e-3"]);
-    assert!(grpo_train::run(&finished_sft, &RunOptions { resume: true, ..quiet() }).unwrap().finished);
+    assert!(grpo::run(&finished_sft, &RunOptions { resume: true, ..quiet() }).unwrap().finished);
     let changed = cfg_with(&resumed, &sets, &["grpo.beta=0.5"]);
-    let e = format!("{:#}", grpo_train::run(&changed, &RunOptions { resume: true, ..quiet() }).unwrap_err());
+    let e = format!("{:#}", grpo::run(&changed, &RunOptions { resume: true, ..quiet() }).unwrap_err());
     assert!(e.contains("config differs") && e.contains("grpo.beta"), "{e}");
 }
 

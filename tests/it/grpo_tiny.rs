@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use refine_poi::generate::SamplingConfig;
-use refine_poi::grpo::{step, LossConfig, LossNorm, StepConfig};
+use refine_poi::train::grpo::config::LossNorm;
+use refine_poi::train::grpo::loss::{LossConfig, StepConfig, step};
 use refine_poi::model::tiny::{tiny_config, write_tiny_model};
 use refine_poi::model::{load_on, LoadedModel, LoraConfig, ModelSource, Mode};
 use refine_poi::train::optim::{AdamW, AdamWParams};

@@ -300,7 +300,9 @@ fn prefix_shared_group_forward_equals_separate_sequences() {
 
 #[test]
 fn grpo_loss_gradient_matches_finite_differences() {
-    use refine_poi::grpo::{grpo_loss, token_logprobs, LossConfig, LossNorm};
+    use refine_poi::train::grpo::config::LossNorm;
+    use refine_poi::train::grpo::loss::{LossConfig, grpo_loss};
+    use refine_poi::train::token_logprobs;
     let (_d, mut m) = tiny("llama", DType::F64);
     let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q".into(), "up".into()] };
     m.model.attach_lora(&cfg, 13).unwrap();

@@ -13,6 +13,8 @@
 //! on their cadence. Examples come in a seeded permutation per epoch and dropout masks are
 //! seeded by (seed, step, micro-batch), so a resumed run repeats an uninterrupted one exactly.
 
+pub mod config;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -20,16 +22,19 @@ use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
 use crate::answer::format_answer;
-use crate::config::{AnswerForm, RunConfig};
 use crate::data::{Dataset, Instance};
 use crate::model::{Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
 use crate::visits::{count_visits, hour_first_order};
-use crate::train::checkpoint::{fnv_hex, BestVal, RunDir};
-use crate::train::optim::{clip_grad_norm, lr_at, AdamW, AdamWParams, GradAccum};
-use crate::train::{derive_seed, load_model, progress_bar, token_logprobs, train_instances, validate_and_keep_best, EpochOrder, RunOptions, ScoredSeq, StageLoop, SEED_DROPOUT};
+use crate::train::checkpoint::{BestVal, RunDir};
+use crate::train::optim::{AdamW, AdamWParams, GradAccum, clip_grad_norm};
+use crate::train::schedule::lr_at;
+use crate::seed::{fnv_hex, SEED_DROPOUT, derive_seed};
+use crate::train::config::{RunConfig, Stage};
+use crate::train::{EpochOrder, RunOptions, ScoredSeq, StageLoop, load_model, progress_bar, scored_logprobs, train_instances, validate_and_keep_best};
+use config::AnswerForm;
 
-pub const STAGE: &str = "sft";
+const STAGE: Stage = Stage::Sft;
 
 
 /// The target list of an instance's answer. The list form puts the ground truth first, then
@@ -203,7 +208,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
                 break;
             }
             let mode = Mode::TRAIN.with_dropout(derive_seed(t.seed, SEED_DROPOUT, step * 1_000_003 + micro as u64));
-            let logp = token_logprobs(&loaded.model, chunk, mode)?;
+            let logp = scored_logprobs(&loaded.model, chunk, mode)?;
             let loss = (logp.sum_all()?.neg()? / answer_tokens as f64)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             accum.add(&loss.backward()?, opt.params())?;

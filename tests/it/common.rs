@@ -1,11 +1,11 @@
 //! What the training tests share: the binary, and a tiny model with a small preprocessed
 //! dataset and a run config using both (short prompts, a few steps of each stage).
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
-use refine_poi::config::RunConfig;
+use refine_poi::train::RunOptions;
+use refine_poi::train::config::RunConfig;
 use refine_poi::model::tiny::{tiny_config, write_tiny_model};
 
 pub fn bin() -> Command {
@@ -14,6 +14,31 @@ pub fn bin() -> Command {
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the binary runs")
+}
+
+/// A success: its stdout.
+pub fn ok(out: Output) -> String {
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// A user error: non-zero exit, exactly one `error:` line, no panic; returns that line.
+pub fn error_line(out: &Output) -> String {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line: {err}");
+    errors[0].to_string()
+}
+
+/// Training options without a progress bar.
+pub fn quiet() -> RunOptions {
+    RunOptions { quiet: true, ..Default::default() }
 }
 
 /// A tiny model folder, a small preprocessed dataset, and a config file using both.

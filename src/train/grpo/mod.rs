@@ -1,5 +1,5 @@
 //! The `grpo-train` loop: group-relative policy optimisation of the LoRA adapter on the
-//! recommendation rewards ([`crate::rewards`]), one [`crate::grpo::step`] per optimizer step.
+//! recommendation rewards ([`rewards`]), one [`loss::step`] per optimizer step.
 //!
 //! Each step takes the next `prompts_per_step` train instances (a seeded order per epoch),
 //! builds their prompts ([`crate::prompt`]), samples `group` completions each (one shared
@@ -18,21 +18,29 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+pub mod advantages;
+pub mod config;
+pub mod loss;
+pub mod rewards;
+
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Map, Value};
 
 use crate::answer::{parse_answer, ANSWER_CLOSE};
-use crate::config::{ReferencePolicy, RunConfig};
 use crate::data::{Dataset, Instance};
 use crate::generate::{Completion, SamplingConfig};
-use crate::grpo::{self, LossConfig, StepConfig, StepReport};
 use crate::prompt::{PromptBuilder, PromptContext};
-use crate::rewards::{score, RewardBreakdown, RewardInput};
-use crate::train::checkpoint::{fnv_hex, BestVal, RunDir};
-use crate::train::optim::{lr_at, AdamW, AdamWParams};
-use crate::train::{derive_seed, load_model, progress_bar, train_instances, validate_and_keep_best, EpochOrder, RunOptions, StageLoop, SEED_SAMPLING};
+use config::ReferencePolicy;
+use loss::{LossConfig, StepConfig, StepReport};
+use rewards::{RewardBreakdown, RewardInput, score};
+use crate::train::checkpoint::{BestVal, RunDir};
+use crate::train::optim::{AdamW, AdamWParams};
+use crate::train::schedule::lr_at;
+use crate::seed::{fnv_hex, SEED_SAMPLING, derive_seed};
+use crate::train::config::{RunConfig, Stage};
+use crate::train::{EpochOrder, RunOptions, StageLoop, load_model, progress_bar, train_instances, validate_and_keep_best};
 
-pub const STAGE: &str = "grpo";
+const STAGE: Stage = Stage::Grpo;
 
 /// The copy of the starting adapter inside the run directory.
 const INIT_DIR: &str = "init";
@@ -62,7 +70,7 @@ pub fn init_adapter(cfg: &RunConfig) -> Result<Option<PathBuf>> {
         "none" => Ok(None),
         "sft" => {
             // best/ when the warm-up validated, else its final adapter.
-            let sft = cfg.stage_dir(crate::sft::STAGE);
+            let sft = cfg.stage_dir(Stage::Sft);
             let found = ["best", "final"].iter().map(|d| sft.join(d)).find(|d| d.join("adapter_config.json").is_file());
             let dir = found.with_context(|| {
                 format!(
@@ -253,7 +261,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
             scored.push(s);
             Ok(total)
         };
-        let report = grpo::step(&loaded.model, &loaded.tokenizer, &prompt_ids, &seeds, &mut reward, &step_cfg, &mut opt, lr, None)
+        let report = loss::step(&loaded.model, &loaded.tokenizer, &prompt_ids, &seeds, &mut reward, &step_cfg, &mut opt, lr, None)
             .with_context(|| format!("GRPO step {}", step + 1))?;
         let step_s = started.elapsed().as_secs_f64();
 

@@ -2,32 +2,10 @@
 //! random model, including the hub path in offline mode and bad inputs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use refine_poi::model::tiny::{tiny_config, write_tiny_model};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_refine-poi"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    text(&out.stdout)
-}
-
-/// A user error: non-zero exit, one `error:` line, no panic; returns that line.
-fn error_line(out: &Output) -> String {
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    lines[0].to_string()
-}
+use crate::common::{bin, error_line, ok};
 
 /// A tiny model folder and a small preprocessed dataset.
 fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {

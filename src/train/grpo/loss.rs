@@ -12,22 +12,13 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::advantages::{group_advantages, GroupStats};
+use super::config::LossNorm;
+
+use super::advantages::{DEFAULT_EPS, GroupStats, group_advantages};
 use crate::generate::{generate_seeded, Completion, FinishReason, SamplingConfig};
 use crate::model::{CausalLm, Mode, TextTokenizer};
-use crate::train::optim::{clip_grad_norm, AdamW, GradAccum};
-
-/// How per-token losses are averaged into one number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum LossNorm {
-    /// Mean over each sequence's tokens, then over sequences (the original GRPO).
-    Sequence,
-    /// Sum over all tokens of the batch / their number (DAPO).
-    Token,
-    /// Sum over all tokens / (sequences × max new tokens), a constant (Dr. GRPO).
-    Constant,
-}
+use crate::train::optim::{AdamW, GradAccum, clip_grad_norm};
+use crate::train::token_logprobs;
 
 /// The objective's hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,15 +49,6 @@ pub struct LossStats {
     /// Share of tokens whose ratio was clipped (the clipped branch was the active one).
     pub clip_fraction: f64,
     pub tokens: f64,
-}
-
-/// log p(token) under `logits`: (G, C, V) logits and (G, C) token ids give (G, C).
-pub fn token_logprobs(logits: &Tensor, tokens: &Tensor) -> candle_core::Result<Tensor> {
-    let logits = match logits.dtype() {
-        DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
-        _ => logits.clone(),
-    };
-    crate::model::train_ops::target_logprobs(&logits, tokens)
 }
 
 /// The GRPO loss of one group or batch. `logp` (G, C) carries gradients; `old_logp` and
@@ -211,7 +193,7 @@ pub fn step(
             rewards.push(reward(p, c)?);
         }
     }
-    let (advantages, groups) = group_advantages(&rewards, cfg.group, cfg.scale_rewards, crate::advantages::DEFAULT_EPS)?;
+    let (advantages, groups) = group_advantages(&rewards, cfg.group, cfg.scale_rewards, DEFAULT_EPS)?;
     times.reward = t0.elapsed().as_secs_f64();
 
     let (device, dtype) = (model.device().clone(), model.dtype());
@@ -245,7 +227,7 @@ pub fn step(
         let mut accum = GradAccum::new(params.len());
         for (p, tokens, mask, adv, old, reference) in &prepared {
             let mode = match dropout_seed {
-                Some(seed) => Mode::TRAIN.with_dropout(crate::train::derive_seed(seed, update as u64, *p as u64)),
+                Some(seed) => Mode::TRAIN.with_dropout(crate::seed::derive_seed(seed, update as u64, *p as u64)),
                 None => Mode::TRAIN,
             };
             let logp = group_logprobs(model, &prompts[*p], tokens, mode)?;

@@ -2,36 +2,16 @@
 //! `tests/fixtures`, bad inputs included.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use refine_poi::data::{Dataset, Split};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_refine-poi"))
-}
+use crate::common::{error_line, run, text};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("the binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A user error: non-zero exit, exactly one `error:` line, no panic; returns that line.
-fn expect_error(out: &Output) -> String {
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line: {err}");
-    errors[0].to_string()
 }
 
 fn preprocess(format: &str, input: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -235,7 +215,7 @@ fn bad_inputs_fail_with_one_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = tmp.path().join("out");
 
-    let e = expect_error(&preprocess(
+    let e = error_line(&preprocess(
         "csv",
         &tmp.path().join("missing.csv"),
         &out_dir,
@@ -248,10 +228,10 @@ fn bad_inputs_fail_with_one_clear_message() {
 
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, b"").unwrap();
-    let e = expect_error(&preprocess("foursquare", &empty, &out_dir, &[]));
+    let e = error_line(&preprocess("foursquare", &empty, &out_dir, &[]));
     assert!(e.contains("empty"), "{e}");
 
-    let e = expect_error(&preprocess(
+    let e = error_line(&preprocess(
         "foursquare",
         &fixture("tsmc2014_sample.txt"),
         &out_dir,
@@ -260,7 +240,7 @@ fn bad_inputs_fail_with_one_clear_message() {
     assert!(e.contains("line 6"), "{e}");
 
     // Default 10-core on an 8-row file: nothing is left.
-    let e = expect_error(&preprocess(
+    let e = error_line(&preprocess(
         "foursquare",
         &fixture("tsmc2014_sample.txt"),
         &out_dir,
@@ -268,7 +248,7 @@ fn bad_inputs_fail_with_one_clear_message() {
     ));
     assert!(e.contains("nothing left after the k-core filter"), "{e}");
 
-    let e = expect_error(&preprocess(
+    let e = error_line(&preprocess(
         "csv",
         &fixture("tsmc2014_sample.txt"),
         &out_dir,
@@ -276,7 +256,7 @@ fn bad_inputs_fail_with_one_clear_message() {
     ));
     assert!(e.contains("lacks column"), "{e}");
 
-    let e = expect_error(&preprocess(
+    let e = error_line(&preprocess(
         "csv",
         &fixture("checkins_sample.csv"),
         &out_dir,
@@ -286,10 +266,10 @@ fn bad_inputs_fail_with_one_clear_message() {
 
     // Unknown format and split: clap's own message, still an `error:` line and no panic.
     let out = preprocess("parquet", &fixture("checkins_sample.csv"), &out_dir, &[]);
-    let e = expect_error(&out);
+    let e = error_line(&out);
     assert!(e.contains("parquet"), "{e}");
 
-    let e = expect_error(&run(&[
+    let e = error_line(&run(&[
         "eval",
         "--data",
         tmp.path().join("nope").to_str().unwrap(),
@@ -300,7 +280,7 @@ fn bad_inputs_fail_with_one_clear_message() {
     ]));
     assert!(e.contains("does not exist"), "{e}");
 
-    let e = expect_error(&run(&[
+    let e = error_line(&run(&[
         "eval", "--data", "x", "--split", "train", "--method", "counter", "--out", "r.json",
     ]));
     assert!(e.contains("train"), "{e}");
@@ -317,7 +297,7 @@ fn eval_rejects_a_corrupt_dataset() {
             .success()
     );
     std::fs::write(data.join("test.jsonl"), b"{\"id\": 0, \"user\": \n").unwrap();
-    let e = expect_error(&run(&[
+    let e = error_line(&run(&[
         "eval",
         "--data",
         data.to_str().unwrap(),

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use refine_poi::config::RunConfig;
+use refine_poi::train::config::RunConfig;
 
 fn configs_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")

@@ -20,7 +20,7 @@
 //!   past position `k`, or absent, is a miss.
 //! - Every reward lies in `[0, 1]`, never panics, and is 0 for a completion with no answer.
 //!
-//! [`rewards_markdown`] renders the reward and parameter tables for the README.
+//! [`rewards_markdown`] renders the reward and parameter tables of `docs/rewards.md`.
 
 use std::fmt::Write as _;
 
@@ -78,7 +78,7 @@ pub struct RewardSpec {
     pub func: RewardFn,
     /// Weight when the config does not set one.
     pub default_weight: f64,
-    /// The formula, as Markdown (for the README and `rewards_markdown`).
+    /// The formula, as Markdown (`docs/rewards.md`, through [`rewards_markdown`]).
     pub formula: &'static str,
 }
 
@@ -440,15 +440,11 @@ pub fn score(input: &RewardInput<'_>, weights: &RewardWeights) -> RewardBreakdow
     RewardBreakdown { terms, total }
 }
 
-/// The README's reward documentation: a Markdown table of the rewards (name, default weight,
+/// The reward documentation of `docs/rewards.md`: a Markdown table of the rewards (name, default weight,
 /// formula) and one of the parameters (key, default), generated from [`REWARDS`] and
 /// [`RewardParams::default`].
 pub fn rewards_markdown() -> String {
-    let mut s = String::from(
-        "Notation: the list is the answer's in-range ids in order, each at its first occurrence; \
-         r is the target's 1-based position in it; a hit is r ≤ k. Total = Σ weight · reward.\n\n\
-         | reward (`[rewards.weights]` key) | default weight | value in [0, 1] |\n|---|---|---|\n",
-    );
+    let mut s = String::from("| reward (`[rewards.weights]` key) | default weight | value in [0, 1] |\n|---|---|---|\n");
     for r in REWARDS {
         let _ = writeln!(s, "| `{}` | {:?} | {} |", r.name, r.default_weight, r.formula);
     }
@@ -896,6 +892,26 @@ mod tests {
         // The params table lists every field of RewardParams.
         let fields = toml::Value::try_from(RewardParams::default()).unwrap();
         assert_eq!(fields.as_table().unwrap().len(), 4);
+    }
+
+    /// `docs/rewards.md` shows the registry's tables as they are: every reward with its default
+    /// weight and formula, every parameter. `REFINE_POI_BLESS=1` rewrites the doc's table.
+    #[test]
+    fn the_docs_show_every_reward_with_its_formula() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/rewards.md");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        let (begin, end) = ("<!-- rewards-table: generated from src/train/grpo/rewards.rs, checked by a test -->\n", "<!-- /rewards-table -->");
+        let start = doc.find(begin).expect("docs/rewards.md lacks the table's begin marker") + begin.len();
+        let stop = doc[start..].find(end).expect("docs/rewards.md lacks the table's end marker") + start;
+        let want = rewards_markdown();
+        if std::env::var_os("REFINE_POI_BLESS").is_some() {
+            std::fs::write(&path, format!("{}{want}{}", &doc[..start], &doc[stop..])).unwrap();
+            return;
+        }
+        assert_eq!(doc[start..stop], want, "docs/rewards.md is out of date: rerun this test with REFINE_POI_BLESS=1");
+        for spec in REWARDS {
+            assert!(doc.contains(spec.formula), "docs/rewards.md lacks the formula of {}", spec.name);
+        }
     }
 
     #[test]

@@ -2,19 +2,12 @@
 //! handful of examples, a stopped-and-resumed run equals an uninterrupted one bit for bit,
 //! broken or mismatched checkpoints are clear errors, and the binary runs end to end.
 
-mod common;
-
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use common::{bin, text, Setup};
-use refine_poi::config::RunConfig;
-use refine_poi::sft;
+use crate::common::{Setup, quiet, text};
+use refine_poi::train::config::RunConfig;
+use refine_poi::train::sft;
 use refine_poi::train::{RunOptions, StopFlag};
-
-fn quiet() -> RunOptions {
-    RunOptions { quiet: true, ..Default::default() }
-}
 
 fn losses(dir: &Path) -> Vec<f64> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -177,20 +170,16 @@ fn starting_adapter_must_agree_with_the_lora_section() {
     assert!(e.contains("make them agree"), "{e}");
 }
 
-fn run_bin(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
 #[test]
 fn the_binary_trains_resumes_and_reports_config_errors() {
     let s = Setup::new();
     let config = s.config.to_str().unwrap();
-    let out = run_bin(&["sft-warmup", "--config", config, "--set", "sft.max_steps=4", "--stop-after", "2", "--quiet"]);
+    let out = crate::common::run(&["sft-warmup", "--config", config, "--set", "sft.max_steps=4", "--stop-after", "2", "--quiet"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["step"], 2);
     assert_eq!(report["finished"], false);
-    let out = run_bin(&["sft-warmup", "--config", config, "--set", "sft.max_steps=4", "--resume", "--quiet"]);
+    let out = crate::common::run(&["sft-warmup", "--config", config, "--set", "sft.max_steps=4", "--resume", "--quiet"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["step"], 4);
@@ -208,7 +197,7 @@ fn the_binary_trains_resumes_and_reports_config_errors() {
     }
     // The adapter is a PEFT adapter the eval command loads.
     let cfg = s.cfg(&[]);
-    let out = run_bin(&[
+    let out = crate::common::run(&[
         "eval", "--data", cfg.data.dir.to_str().unwrap(), "--split", "val", "--method", "llm", "--model", &cfg.model.path,
         "--adapter", dir.join("final").to_str().unwrap(), "--limit", "2", "--max-new-tokens", "8", "--quiet",
         "--out", s.tmp.path().join("eval.json").to_str().unwrap(),
@@ -223,13 +212,13 @@ fn the_binary_trains_resumes_and_reports_config_errors() {
     ] {
         let mut args = vec!["sft-warmup", "--config", config, "--quiet"];
         args.extend(sets);
-        let out = run_bin(&args);
+        let out = crate::common::run(&args);
         let err = text(&out.stderr);
         assert!(!out.status.success() && !err.contains("panicked"), "{err}");
         let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
         assert_eq!(lines.len(), 1, "{err}");
         assert!(lines[0].contains(expect), "{err}");
     }
-    let out = run_bin(&["sft-warmup", "--config", "/no/such.toml", "--quiet"]);
+    let out = crate::common::run(&["sft-warmup", "--config", "/no/such.toml", "--quiet"]);
     assert!(text(&out.stderr).contains("cannot read config /no/such.toml"));
 }

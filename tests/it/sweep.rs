@@ -1,12 +1,10 @@
 //! `scripts/sweep.sh` on tiny settings: it trains and evaluates every variant into its own run
 //! directory, writes the report (table and curves), and a second invocation skips finished work.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::{text, Setup};
+use crate::common::{Setup, text};
 
 fn sweep(s: &Setup, variants: &Path, out: &Path) -> std::process::Output {
     Command::new("bash")

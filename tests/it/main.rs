@@ -1,0 +1,14 @@
+//! The integration tests, one crate (each test binary links the whole library): the binary
+//! driven end to end, tiny random models through every training path, and the default model
+//! against the reference implementation.
+
+mod cli_data;
+mod cli_model;
+mod common;
+mod configs;
+mod grpo_tiny;
+mod grpo_train;
+mod model_tiny;
+mod reference_model;
+mod sft_tiny;
+mod sweep;
