@@ -140,12 +140,8 @@ pub fn parse_answer(text: &str, num_pois: usize) -> ParsedAnswer {
             }
         }
     }
-    out.well_formed = out.closed
-        && out.items > 0
-        && out.non_numeric == 0
-        && out.out_of_range == 0
-        && out.duplicates == 0
-        && out.decorated == 0;
+    out.well_formed =
+        out.closed && out.items > 0 && out.non_numeric == 0 && out.out_of_range == 0 && out.duplicates == 0 && out.decorated == 0;
     out
 }
 
@@ -155,7 +151,10 @@ fn is_separator(c: char) -> bool {
 
 enum Item<'a> {
     /// The id's ASCII digits; `clean` when the item was nothing else.
-    Number { digits: &'a str, clean: bool },
+    Number {
+        digits: &'a str,
+        clean: bool,
+    },
     NonNumeric,
 }
 
@@ -526,11 +525,61 @@ mod tests {
     fn fragment() -> impl Strategy<Value = String> {
         prop_oneof![
             prop::sample::select(vec![
-                "<answer>", "</answer>", "<think>", "</think>", "<ANSWER>", "</Answer>", "<answer", "answer>", "</",
-                "<", ">", "<<answer>>", ",", ", ", ";", "\n", " ", "\t", "|", "，", "POI ", "poi #", "id ", "#", "1. ",
-                "2) ", "- ", "* ", "• ", "[", "]", "(", ")", "{", "}", "\"", "'", "(Bar)", " - Gym", ": ", ".", "-",
-                "0", "00", "4294967295", "4294967296", "18446744073709551615", "18446744073709551616",
-                "340282366920938463463374607431768211456", "٣", "１２", "é", "🙂", "\u{200b}", "\u{0}",
+                "<answer>",
+                "</answer>",
+                "<think>",
+                "</think>",
+                "<ANSWER>",
+                "</Answer>",
+                "<answer",
+                "answer>",
+                "</",
+                "<",
+                ">",
+                "<<answer>>",
+                ",",
+                ", ",
+                ";",
+                "\n",
+                " ",
+                "\t",
+                "|",
+                "，",
+                "POI ",
+                "poi #",
+                "id ",
+                "#",
+                "1. ",
+                "2) ",
+                "- ",
+                "* ",
+                "• ",
+                "[",
+                "]",
+                "(",
+                ")",
+                "{",
+                "}",
+                "\"",
+                "'",
+                "(Bar)",
+                " - Gym",
+                ": ",
+                ".",
+                "-",
+                "0",
+                "00",
+                "4294967295",
+                "4294967296",
+                "18446744073709551615",
+                "18446744073709551616",
+                "340282366920938463463374607431768211456",
+                "٣",
+                "１２",
+                "é",
+                "🙂",
+                "\u{200b}",
+                "\u{0}",
             ])
             .prop_map(str::to_string),
             (0u64..2000).prop_map(|n| n.to_string()),

@@ -60,9 +60,7 @@ pub struct Popularity {
 
 impl Popularity {
     pub fn new(ds: &Dataset) -> Self {
-        Popularity {
-            scores: popularity(ds),
-        }
+        Popularity { scores: popularity(ds) }
     }
 }
 
@@ -72,10 +70,7 @@ impl Recommender for Popularity {
     }
 
     fn predict(&mut self, _ds: &Dataset, batch: &[&Instance]) -> Result<Vec<Prediction>> {
-        Ok(batch
-            .iter()
-            .map(|_| Prediction::Scores(self.scores.clone()))
-            .collect())
+        Ok(batch.iter().map(|_| Prediction::Scores(self.scores.clone())).collect())
     }
 }
 
@@ -89,10 +84,7 @@ impl Counter {
     pub fn new(ds: &Dataset) -> Self {
         let pop = popularity(ds);
         let max = pop.iter().copied().fold(0.0, f64::max);
-        let tiebreak = pop
-            .iter()
-            .map(|p| if max > 0.0 { 1e-6 * p / max } else { 0.0 })
-            .collect();
+        let tiebreak = pop.iter().map(|p| if max > 0.0 { 1e-6 * p / max } else { 0.0 }).collect();
         Counter { tiebreak }
     }
 
@@ -115,10 +107,7 @@ impl Recommender for Counter {
 
     fn predict(&mut self, ds: &Dataset, batch: &[&Instance]) -> Result<Vec<Prediction>> {
         let this = &*self;
-        Ok(batch
-            .par_iter()
-            .map(|inst| Prediction::Scores(this.scores(ds, inst)))
-            .collect())
+        Ok(batch.par_iter().map(|inst| Prediction::Scores(this.scores(ds, inst))).collect())
     }
 }
 
@@ -236,12 +225,7 @@ mod tests {
             ("2", "b", 300 * H),
             ("2", "c", 301 * H),
         ]);
-        let cfg = ProtocolConfig {
-            min_user: 1,
-            min_poi: 1,
-            split: "0.6,0".parse().unwrap(),
-            ..Default::default()
-        };
+        let cfg = ProtocolConfig { min_user: 1, min_poi: 1, split: "0.6,0".parse().unwrap(), ..Default::default() };
         let (ds, st) = run(&rows, &cfg).unwrap();
         assert_eq!(st.instances.test, 2);
         ds
@@ -322,17 +306,10 @@ mod tests {
     #[test]
     fn harness_end_to_end_on_the_toy() {
         let d = ds();
-        let opts = EvalOptions {
-            keep_results: true,
-            ..Default::default()
-        };
+        let opts = EvalOptions { keep_results: true, ..Default::default() };
         // Counter: u1 target a ranked 1; u2 target c: b 3, then a 1+1e-6 > c 1+1e-6/3: rank 3.
-        let (r, res) =
-            evaluate(&d, Split::Test, Baseline::Counter.build(&d).as_mut(), &opts).unwrap();
-        assert_eq!(
-            res.iter().map(|x| x.rank).collect::<Vec<_>>(),
-            vec![Some(1.0), Some(3.0)]
-        );
+        let (r, res) = evaluate(&d, Split::Test, Baseline::Counter.build(&d).as_mut(), &opts).unwrap();
+        assert_eq!(res.iter().map(|x| x.rank).collect::<Vec<_>>(), vec![Some(1.0), Some(3.0)]);
         assert_eq!(res[1].ranked, vec![1, 0, 2]);
         let all = r.metrics.all.metrics.unwrap();
         assert_eq!(all.acc1, 0.5);
@@ -340,17 +317,8 @@ mod tests {
         assert_eq!((r.metrics.returns.n, r.metrics.discovery.n), (2, 0));
         assert!(r.invalid_rate.is_none());
         // Popularity: a and b tie at 3: target a gets rank 1.5; c rank 3.
-        let (_, res) = evaluate(
-            &d,
-            Split::Test,
-            Baseline::Popularity.build(&d).as_mut(),
-            &opts,
-        )
-        .unwrap();
-        assert_eq!(
-            res.iter().map(|x| x.rank).collect::<Vec<_>>(),
-            vec![Some(1.5), Some(3.0)]
-        );
+        let (_, res) = evaluate(&d, Split::Test, Baseline::Popularity.build(&d).as_mut(), &opts).unwrap();
+        assert_eq!(res.iter().map(|x| x.rank).collect::<Vec<_>>(), vec![Some(1.5), Some(3.0)]);
         // Markov: u1 target a has score 0 from a -> miss; u2 target c has 0 from b -> miss.
         let (r, _) = evaluate(&d, Split::Test, Baseline::Markov.build(&d).as_mut(), &opts).unwrap();
         assert_eq!(r.metrics.all.metrics.unwrap().mrr, 0.0);
@@ -372,10 +340,7 @@ mod tests {
             1
         }
         fn predict(&mut self, _: &Dataset, batch: &[&Instance]) -> Result<Vec<Prediction>> {
-            Ok(batch
-                .iter()
-                .map(|i| self.0[i.id as usize].clone())
-                .collect())
+            Ok(batch.iter().map(|i| self.0[i.id as usize].clone()).collect())
         }
     }
 
@@ -383,14 +348,8 @@ mod tests {
     fn list_methods_report_the_invalid_rate() {
         let d = ds();
         let mut m = Fixed(vec![
-            Prediction::List {
-                ids: vec![1, 1, 0],
-                valid: true,
-            }, // target a = 0 at rank 2
-            Prediction::List {
-                ids: vec![2],
-                valid: false,
-            }, // unparsable: a miss
+            Prediction::List { ids: vec![1, 1, 0], valid: true }, // target a = 0 at rank 2
+            Prediction::List { ids: vec![2], valid: false },      // unparsable: a miss
         ]);
         let (r, _) = evaluate(&d, Split::Test, &mut m, &EvalOptions::default()).unwrap();
         assert_eq!(r.invalid, Some(1));

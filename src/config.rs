@@ -65,7 +65,12 @@ pub fn from_value<T: DeserializeOwned>(value: toml::Value) -> Result<T> {
 /// serde reports a bad value of a `#[serde(flatten)]`ed struct `I` at the section that holds
 /// it (`sft`), not at the key. This names the key (`sft.lr`): it deserialises the section's
 /// keys that belong to `I` (those of `inner_keys`, serialised from an `I`) on their own.
-pub fn explain_flattened<I: DeserializeOwned + Serialize>(value: &toml::Value, err: anyhow::Error, section: &str, inner: &I) -> anyhow::Error {
+pub fn explain_flattened<I: DeserializeOwned + Serialize>(
+    value: &toml::Value,
+    err: anyhow::Error,
+    section: &str,
+    inner: &I,
+) -> anyhow::Error {
     if !err.to_string().starts_with(&format!("config key `{section}`:")) {
         return err;
     }

@@ -64,21 +64,15 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        EvalOptions {
-            batch_size: None,
-            top_n: 20,
-            keep_results: false,
-            quiet: true,
-            limit: None,
-        }
+        EvalOptions { batch_size: None, top_n: 20, keep_results: false, quiet: true, limit: None }
     }
 }
 
 /// The instances `--limit n` evaluates: a fixed pseudo-random sample (seed 0) of n instances, in
 /// instance order, so every method with the same limit sees the same instances.
 pub fn sample(instances: &[Instance], limit: Option<usize>) -> Vec<&Instance> {
-    use rand::seq::SliceRandom;
     use rand::SeedableRng;
+    use rand::seq::SliceRandom;
     match limit {
         Some(n) if n < instances.len() => {
             let mut idx: Vec<usize> = (0..instances.len()).collect();
@@ -150,12 +144,7 @@ pub fn rank_of(pred: &Prediction, target: u32, num_pois: usize) -> Result<Rank> 
 
 /// Top `n` POIs by score (positive scores only), best first, ties by ascending id.
 pub fn top_n(scores: &[f64], n: usize) -> Vec<(u32, f64)> {
-    let mut v: Vec<(u32, f64)> = scores
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| **s > 0.0)
-        .map(|(i, s)| (i as u32, *s))
-        .collect();
+    let mut v: Vec<(u32, f64)> = scores.iter().enumerate().filter(|(_, s)| **s > 0.0).map(|(i, s)| (i as u32, *s)).collect();
     let cmp = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if v.len() > n && n > 0 {
         v.select_nth_unstable_by(n - 1, cmp);
@@ -168,30 +157,20 @@ pub fn top_n(scores: &[f64], n: usize) -> Vec<(u32, f64)> {
 
 /// Evaluates `method` on `split`. Returns the report and, with `keep_results`, one result per
 /// instance in instance order.
-pub fn evaluate(
-    ds: &Dataset,
-    split: Split,
-    method: &mut dyn Recommender,
-    opts: &EvalOptions,
-) -> Result<(EvalReport, Vec<InstanceResult>)> {
+pub fn evaluate(ds: &Dataset, split: Split, method: &mut dyn Recommender, opts: &EvalOptions) -> Result<(EvalReport, Vec<InstanceResult>)> {
     let instances = sample(ds.instances(split), opts.limit);
     if instances.is_empty() {
         bail!("split {split} has no instances to evaluate");
     }
-    let batch_size = opts
-        .batch_size
-        .unwrap_or_else(|| method.batch_size())
-        .max(1);
+    let batch_size = opts.batch_size.unwrap_or_else(|| method.batch_size()).max(1);
     let num_pois = ds.num_pois();
     let bar = if opts.quiet {
         indicatif::ProgressBar::hidden()
     } else {
         let b = indicatif::ProgressBar::new(instances.len() as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b.set_message(format!("eval {} on {split}", method.name()));
         b
@@ -206,12 +185,7 @@ pub fn evaluate(
         let preds = method.predict(ds, &batch)?;
         let mut details = method.take_details().into_iter();
         if preds.len() != batch.len() {
-            bail!(
-                "{} returned {} predictions for a batch of {}",
-                method.name(),
-                preds.len(),
-                batch.len()
-            );
+            bail!("{} returned {} predictions for a batch of {}", method.name(), preds.len(), batch.len());
         }
         let keep = opts.keep_results;
         let top = opts.top_n;
@@ -224,11 +198,7 @@ pub fn evaluate(
                     let (ranked, scores, valid) = match p {
                         Prediction::Scores(s) => {
                             let t = top_n(s, top);
-                            (
-                                t.iter().map(|x| x.0).collect(),
-                                Some(t.iter().map(|x| x.1).collect()),
-                                None,
-                            )
+                            (t.iter().map(|x| x.0).collect(), Some(t.iter().map(|x| x.1).collect()), None)
                         }
                         Prediction::List { ids, valid } => (ids.clone(), None, Some(*valid)),
                     };
@@ -273,11 +243,7 @@ pub fn evaluate(
         invalid_rate: (lists > 0).then(|| invalid as f64 / n as f64),
         num_pois: num_pois as u64,
         elapsed_s: elapsed,
-        instances_per_s: if elapsed > 0.0 {
-            n as f64 / elapsed
-        } else {
-            f64::INFINITY
-        },
+        instances_per_s: if elapsed > 0.0 { n as f64 / elapsed } else { f64::INFINITY },
     };
     Ok((report, results))
 }
@@ -292,11 +258,7 @@ pub fn format_table(r: &EvalReport) -> String {
         "{:<10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}\n",
         "group", "n", "Acc@1", "Acc@5", "Acc@10", "NDCG@5", "NDCG@10", "MRR"
     ));
-    for (name, g) in [
-        ("all", &r.metrics.all),
-        ("return", &r.metrics.returns),
-        ("discovery", &r.metrics.discovery),
-    ] {
+    for (name, g) in [("all", &r.metrics.all), ("return", &r.metrics.returns), ("discovery", &r.metrics.discovery)] {
         match g.metrics {
             Some(m) => s.push_str(&format!(
                 "{:<10} {:>7} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>7.4}\n",
@@ -306,11 +268,7 @@ pub fn format_table(r: &EvalReport) -> String {
         }
     }
     if let Some(rate) = r.invalid_rate {
-        s.push_str(&format!(
-            "invalid answers: {} ({:.2}%)\n",
-            r.invalid.unwrap_or(0),
-            rate * 100.0
-        ));
+        s.push_str(&format!("invalid answers: {} ({:.2}%)\n", r.invalid.unwrap_or(0), rate * 100.0));
     }
     s
 }
@@ -323,8 +281,7 @@ pub fn write_predictions(path: &Path, results: &[InstanceResult]) -> Result<()> 
         serde_json::to_writer(&mut w, r)?;
         w.write_all(b"\n")?;
     }
-    w.flush()
-        .with_context(|| format!("writing {}", path.display()))
+    w.flush().with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -341,15 +298,9 @@ mod tests {
 
     #[test]
     fn invalid_lists_are_misses_and_scores_must_cover_all_pois() {
-        let p = Prediction::List {
-            ids: vec![3, 4],
-            valid: false,
-        };
+        let p = Prediction::List { ids: vec![3, 4], valid: false };
         assert_eq!(rank_of(&p, 3, 10).unwrap(), None);
-        let p = Prediction::List {
-            ids: vec![3, 3, 4],
-            valid: true,
-        };
+        let p = Prediction::List { ids: vec![3, 3, 4], valid: true };
         assert_eq!(rank_of(&p, 4, 10).unwrap(), Some(2.0));
         assert!(rank_of(&Prediction::Scores(vec![1.0; 3]), 0, 10).is_err());
     }

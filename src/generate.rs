@@ -4,8 +4,8 @@
 //! a completion does not depend on what else is in the batch.
 
 use candle_core::Tensor;
-use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{CausalLm, KvCache, Mode, TextTokenizer};
@@ -118,7 +118,13 @@ pub fn generate_seeded(
         let ids = Tensor::new(prompt.as_slice(), device)?.unsqueeze(0)?;
         let logits = model.forward_last(&ids, None, Some(&mut cache), mode)?.squeeze(0)?.to_vec1::<f32>()?;
         for s in 0..samples {
-            rows.push(Row { prompt: p, sample: s, rng: StdRng::seed_from_u64(row_seed(cfg.seed, prompt_seeds[p], s)), tokens: Vec::new(), finish: None });
+            rows.push(Row {
+                prompt: p,
+                sample: s,
+                rng: StdRng::seed_from_u64(row_seed(cfg.seed, prompt_seeds[p], s)),
+                tokens: Vec::new(),
+                finish: None,
+            });
             first_logits.push(logits.clone());
         }
         caches.push(cache);

@@ -1,20 +1,20 @@
 //! refine-poi: check-ins to prompts, a candle causal LM with LoRA, GRPO with recommendation
 //! rewards, and one evaluation protocol for models and baselines alike.
 
-pub mod commands;
-pub mod fsutil;
-pub mod model;
-pub mod generate;
-pub mod data;
-pub mod metrics;
-pub mod baselines;
-pub mod eval;
 pub mod answer;
+pub mod baselines;
+pub mod commands;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod fsutil;
+pub mod generate;
+pub mod llm_rec;
+pub mod metrics;
+pub mod model;
 pub mod prompt;
-pub mod visits;
+pub mod report;
 pub mod runtime;
 pub mod seed;
-pub mod llm_rec;
-pub mod config;
 pub mod train;
-pub mod report;
+pub mod visits;

@@ -5,10 +5,10 @@
 use anyhow::Result;
 use serde_json::json;
 
-use crate::answer::{parse_answer, ANSWER_CLOSE};
+use crate::answer::{ANSWER_CLOSE, parse_answer};
 use crate::data::{Dataset, Instance};
 use crate::eval::{Prediction, Recommender};
-use crate::generate::{generate, SamplingConfig};
+use crate::generate::{SamplingConfig, generate};
 use crate::model::{LoadedModel, Mode};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
 

@@ -84,14 +84,7 @@ impl Metrics {
         };
         let acc = |k: f64| if r <= k { 1.0 } else { 0.0 };
         let ndcg = |k: f64| if r <= k { 1.0 / (r + 1.0).log2() } else { 0.0 };
-        Metrics {
-            acc1: acc(1.0),
-            acc5: acc(5.0),
-            acc10: acc(10.0),
-            ndcg5: ndcg(5.0),
-            ndcg10: ndcg(10.0),
-            mrr: 1.0 / r,
-        }
+        Metrics { acc1: acc(1.0), acc5: acc(5.0), acc10: acc(10.0), ndcg5: ndcg(5.0), ndcg10: ndcg(10.0), mrr: 1.0 / r }
     }
 
     fn add(&mut self, o: &Metrics) {
@@ -139,10 +132,7 @@ impl Accumulator {
 
     /// The means as a report group (`null` metrics when empty).
     pub fn summary(&self) -> GroupSummary {
-        GroupSummary {
-            metrics: self.mean(),
-            n: self.n,
-        }
+        GroupSummary { metrics: self.mean(), n: self.n }
     }
 }
 
@@ -186,11 +176,7 @@ impl GroupedAccumulator {
     }
 
     pub fn summary(&self) -> GroupedSummary {
-        GroupedSummary {
-            all: self.all.summary(),
-            returns: self.returns.summary(),
-            discovery: self.discovery.summary(),
-        }
+        GroupedSummary { all: self.all.summary(), returns: self.returns.summary(), discovery: self.discovery.summary() }
     }
 }
 
@@ -249,17 +235,7 @@ mod tests {
     #[test]
     fn metric_values_by_hand() {
         let m = Metrics::from_rank(Some(1.0));
-        assert_eq!(
-            m,
-            Metrics {
-                acc1: 1.0,
-                acc5: 1.0,
-                acc10: 1.0,
-                ndcg5: 1.0,
-                ndcg10: 1.0,
-                mrr: 1.0
-            }
-        );
+        assert_eq!(m, Metrics { acc1: 1.0, acc5: 1.0, acc10: 1.0, ndcg5: 1.0, ndcg10: 1.0, mrr: 1.0 });
         // r = 3: 1 / log2(4) = 0.5.
         let m = Metrics::from_rank(Some(3.0));
         assert_eq!((m.acc1, m.acc5, m.acc10), (0.0, 1.0, 1.0));
@@ -291,11 +267,7 @@ mod tests {
         let s = g.summary();
         assert_eq!((s.all.n, s.returns.n, s.discovery.n), (3, 2, 1));
         let all = s.all.metrics.unwrap();
-        assert!(
-            close(all.acc1, 1.0 / 3.0)
-                && close(all.ndcg5, 1.5 / 3.0)
-                && close(all.mrr, (1.0 + 1.0 / 3.0) / 3.0)
-        );
+        assert!(close(all.acc1, 1.0 / 3.0) && close(all.ndcg5, 1.5 / 3.0) && close(all.mrr, (1.0 + 1.0 / 3.0) / 3.0));
         let r = s.returns.metrics.unwrap();
         assert!(close(r.acc1, 0.5) && close(r.ndcg10, 0.75));
         assert_eq!(s.discovery.metrics.unwrap(), Metrics::default());

@@ -157,13 +157,7 @@ impl<'a> PromptContext<'a> {
     ) -> Result<PromptContext<'a>> {
         ensure!(!history.is_empty(), "the history has no check-ins");
         for (i, c) in history.iter().enumerate() {
-            ensure!(
-                (c.poi as usize) < pois.len(),
-                "check-in {} names POI {}, but the dataset has POI ids 0..{}",
-                i + 1,
-                c.poi,
-                pois.len()
-            );
+            ensure!((c.poi as usize) < pois.len(), "check-in {} names POI {}, but the dataset has POI ids 0..{}", i + 1, c.poi, pois.len());
             ensure!(
                 c.utc < target_utc,
                 "check-in {} ({}) is not before the target time ({})",
@@ -176,10 +170,7 @@ impl<'a> PromptContext<'a> {
             }
         }
         let gap_secs = gap_hours * 3600.0;
-        let start = (1..history.len())
-            .rev()
-            .find(|&i| (history[i].utc - history[i - 1].utc) as f64 > gap_secs)
-            .unwrap_or(0);
+        let start = (1..history.len()).rev().find(|&i| (history[i].utc - history[i - 1].utc) as f64 > gap_secs).unwrap_or(0);
         let target = Checkin { poi: 0, utc: target_utc, tz_offset_min: target_tz_offset_min };
         Ok(PromptContext {
             user: user.into(),
@@ -260,9 +251,7 @@ impl<'t> PromptBuilder<'t> {
         // says are enough, then measure again.
         let (mut over_d, mut over_n) = (0usize, first.ids.len());
         let mut fit = loop {
-            let d = (over_d + 1..=max_d)
-                .find(|&d| over_n.saturating_sub(freed[d] - freed[over_d]) <= budget)
-                .unwrap_or(max_d);
+            let d = (over_d + 1..=max_d).find(|&d| over_n.saturating_sub(freed[d] - freed[over_d]) <= budget).unwrap_or(max_d);
             let p = self.render(&parts, d)?;
             if p.ids.len() <= budget {
                 break (d, p);
@@ -360,11 +349,7 @@ impl Parts {
             });
         }
 
-        let head = if cfg.times {
-            format!("Check-ins of {user}, in local time.")
-        } else {
-            format!("Check-ins of {user}.")
-        };
+        let head = if cfg.times { format!("Check-ins of {user}, in local time.") } else { format!("Check-ins of {user}.") };
         let question = if cfg.times {
             format!("The next check-in is on {}. Which POI will it be?", ctx.target_local.format("%A %Y-%m-%d at %H:%M"))
         } else {
@@ -454,8 +439,7 @@ mod tests {
     fn tiny_model() -> (tempfile::TempDir, LoadedModel) {
         let dir = tempfile::tempdir().unwrap();
         write_tiny_model(dir.path(), &tiny_config("llama"), 0).unwrap();
-        let m = load_on(&ModelSource::Folder(dir.path().to_path_buf()), &candle_core::Device::Cpu, candle_core::DType::F32)
-            .unwrap();
+        let m = load_on(&ModelSource::Folder(dir.path().to_path_buf()), &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
         (dir, m)
     }
 
@@ -493,15 +477,8 @@ mod tests {
             trajectories.push(Trajectory { id: t as u32, user: 0, split, start, len: pois.len() });
         }
         let traj = &checkins[trajectories[5].start..];
-        let inst = Instance {
-            id: 0,
-            split: Split::Test,
-            user: 0,
-            trajectory: 5,
-            target: traj[3],
-            prefix: traj[..3].to_vec(),
-            is_return: false,
-        };
+        let inst =
+            Instance { id: 0, split: Split::Test, user: 0, trajectory: 5, target: traj[3], prefix: traj[..3].to_vec(), is_return: false };
         let users = vec![User { id: 0, source_id: "u0".into() }];
         Dataset::new(pois(), users, checkins, trajectories, [vec![], vec![], vec![inst]]).unwrap()
     }
@@ -831,13 +808,7 @@ mod tests {
         let (_d, m) = tiny_model();
         assert!(PromptBuilder::new(PromptConfig { k: 0, ..Default::default() }, &m.tokenizer).is_err());
         let pois = pois();
-        let ctx = PromptContext {
-            user: "1".into(),
-            target_local: NaiveDateTime::default(),
-            trajectory: &[],
-            earlier: &[],
-            pois: &pois,
-        };
+        let ctx = PromptContext { user: "1".into(), target_local: NaiveDateTime::default(), trajectory: &[], earlier: &[], pois: &pois };
         assert!(PromptConfig::default().messages(&ctx).is_err());
         let traj = [Checkin { poi: 400, utc: 0, tz_offset_min: 0 }];
         let ctx = PromptContext { trajectory: &traj, ..ctx };

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::metrics::METRIC_NAMES;
@@ -83,10 +83,12 @@ pub fn load_run(path: &Path) -> Result<Run> {
     let mut evaluations = Vec::new();
     let eval_dir = dir.join("eval");
     if eval_dir.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&eval_dir)?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(&eval_dir)?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
         files.sort();
         for f in files {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&f)?).with_context(|| format!("{} is not an eval report", f.display()))?;
+            let v: Value =
+                serde_json::from_str(&std::fs::read_to_string(&f)?).with_context(|| format!("{} is not an eval report", f.display()))?;
             let metrics = v.get("metrics").cloned().with_context(|| format!("{} has no metrics: not an eval report", f.display()))?;
             let name = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             evaluations.push(Evaluation { name, metrics });
@@ -119,7 +121,8 @@ pub fn short_names(runs: &mut [Run]) {
     if runs.len() < 2 {
         return;
     }
-    let parts: Vec<Vec<String>> = runs.iter().map(|r| Path::new(&r.name).components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect()).collect();
+    let parts: Vec<Vec<String>> =
+        runs.iter().map(|r| Path::new(&r.name).components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect()).collect();
     let shortest = parts.iter().map(Vec::len).min().unwrap_or(0);
     let shared = (0..shortest.saturating_sub(1)).take_while(|&i| parts.iter().all(|p| p[i] == parts[0][i])).count();
     for (run, p) in runs.iter_mut().zip(&parts) {
@@ -134,7 +137,8 @@ pub fn table(runs: &[Run]) -> (Vec<String>, Vec<Vec<String>>) {
     header.extend(METRIC_NAMES.iter().map(|m| m.to_string()));
     let mut rows = Vec::new();
     for run in runs {
-        let differences = diff.iter().map(|k| format!("{k}={}", run.config.get(k).map_or("-", String::as_str))).collect::<Vec<_>>().join(" ");
+        let differences =
+            diff.iter().map(|k| format!("{k}={}", run.config.get(k).map_or("-", String::as_str))).collect::<Vec<_>>().join(" ");
         let stage = run.stage_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut base = vec![run.name.clone(), stage, differences, run.last_step().to_string()];
         if run.evaluations.is_empty() {
@@ -158,8 +162,11 @@ pub fn table(runs: &[Run]) -> (Vec<String>, Vec<Vec<String>>) {
 
 /// Columns padded to their widest cell.
 pub fn render_text(header: &[String], rows: &[Vec<String>]) -> String {
-    let widths: Vec<usize> = (0..header.len()).map(|c| std::iter::once(header).chain(rows.iter().map(Vec::as_slice)).map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
-    let line = |r: &[String]| r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| std::iter::once(header).chain(rows.iter().map(Vec::as_slice)).map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let line =
+        |r: &[String]| r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string();
     let mut out = line(header);
     out.push('\n');
     for r in rows {
@@ -214,12 +221,8 @@ fn moving_average(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
 
 /// Points a run contributes to a panel: (step, value) for each record that has one.
 fn series(run: &Run, panel: &Panel) -> Vec<(f64, f64)> {
-    let pts: Vec<(f64, f64)> = run
-        .log
-        .iter()
-        .filter_map(|r| Some((r.get("step")?.as_f64()?, (panel.read)(r)?)))
-        .filter(|p| p.1.is_finite())
-        .collect();
+    let pts: Vec<(f64, f64)> =
+        run.log.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, (panel.read)(r)?))).filter(|p| p.1.is_finite()).collect();
     if panel.smooth { moving_average(&pts, SMOOTHING) } else { pts }
 }
 
@@ -230,7 +233,11 @@ pub const SMOOTHING: usize = 10;
 /// (GRPO), val MRR.
 fn panels(runs: &[Run]) -> Vec<Panel> {
     let mut all = vec![
-        Panel { title: "loss (SFT)".into(), smooth: true, read: Box::new(|r| r.get("loss").filter(|_| r.get("reward").is_none())?.as_f64()) },
+        Panel {
+            title: "loss (SFT)".into(),
+            smooth: true,
+            read: Box::new(|r| r.get("loss").filter(|_| r.get("reward").is_none())?.as_f64()),
+        },
         Panel { title: "total reward".into(), smooth: true, read: Box::new(|r| r.get("reward")?.as_f64()) },
         Panel { title: "KL to the reference".into(), smooth: true, read: Box::new(|r| r.get("kl")?.as_f64()) },
         Panel { title: "val MRR".into(), smooth: false, read: Box::new(|r| r.get("val")?.get("all")?.get("mrr")?.as_f64()) },
@@ -256,7 +263,8 @@ pub fn plot_curves(runs: &[Run], path: &Path) -> Result<Vec<String>> {
     let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot draw {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| err(&e))?;
     for (area, panel) in root.split_evenly((rows, cols)).iter().zip(&panels) {
-        let lines: Vec<(String, Vec<(f64, f64)>)> = runs.iter().map(|r| (r.name.clone(), series(r, panel))).filter(|(_, s)| !s.is_empty()).collect();
+        let lines: Vec<(String, Vec<(f64, f64)>)> =
+            runs.iter().map(|r| (r.name.clone(), series(r, panel))).filter(|(_, s)| !s.is_empty()).collect();
         let pts = lines.iter().flat_map(|(_, s)| s.iter());
         let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
         for &(x, y) in pts {

@@ -36,12 +36,7 @@ pub fn clock_distance_min(a: NaiveDateTime, b: NaiveDateTime) -> u32 {
 
 /// Visit counts over `checkins`, in the counter's order. `near` counts the check-ins whose local
 /// time of day is within `window_min` minutes of `at`'s (bounds included).
-pub fn count_visits<'a>(
-    checkins: impl IntoIterator<Item = &'a Checkin>,
-    pois: &[Poi],
-    at: NaiveDateTime,
-    window_min: u32,
-) -> Vec<Visits> {
+pub fn count_visits<'a>(checkins: impl IntoIterator<Item = &'a Checkin>, pois: &[Poi], at: NaiveDateTime, window_min: u32) -> Vec<Visits> {
     let mut counts: HashMap<u32, (u64, u64)> = HashMap::new();
     for c in checkins {
         let e = counts.entry(c.poi).or_default();

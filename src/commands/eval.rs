@@ -155,7 +155,12 @@ fn run_target(dir: &std::path::Path, args: &Args) -> Result<RunTarget> {
         None => format!("{split}.json"),
     };
     let llm = LlmArgs { model: super::ModelArgs { model: cfg.model.path.clone(), adapter: Some(adapter) }, ..args.llm.clone() };
-    Ok(RunTarget { data: args.data.clone().unwrap_or(cfg.data.dir), llm, prompt, out: args.out.clone().unwrap_or(stage.join("eval").join(name)) })
+    Ok(RunTarget {
+        data: args.data.clone().unwrap_or(cfg.data.dir),
+        llm,
+        prompt,
+        out: args.out.clone().unwrap_or(stage.join("eval").join(name)),
+    })
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -201,8 +206,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     for path in std::iter::once(&out).chain(&args.predictions) {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
     }
     let mut text = serde_json::to_string_pretty(&json)?;
@@ -212,9 +216,6 @@ pub fn run(args: Args) -> Result<()> {
         write_predictions(p, &results)?;
     }
     print!("{}", format_table(&report));
-    println!(
-        "(loaded in {load_s:.2} s, fitted in {fit_s:.3} s; report: {})",
-        out.display()
-    );
+    println!("(loaded in {load_s:.2} s, fitted in {fit_s:.3} s; report: {})", out.display());
     Ok(())
 }

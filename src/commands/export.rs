@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result, ensure};
 use serde_json::json;
 
 use super::ModelArgs;
@@ -31,11 +31,8 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
 
-    let tensors: HashMap<String, candle_core::Tensor> = model
-        .merged_weights()?
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(candle_core::DType::F32)?)))
-        .collect::<Result<_>>()?;
+    let tensors: HashMap<String, candle_core::Tensor> =
+        model.merged_weights()?.into_iter().map(|(k, t)| Ok((k, t.to_dtype(candle_core::DType::F32)?))).collect::<Result<_>>()?;
     candle_core::safetensors::save(&tensors, out.join("model.safetensors")).context("cannot write model.safetensors")?;
 
     let cfg = &model.config;

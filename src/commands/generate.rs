@@ -1,12 +1,11 @@
 //! `refine-poi generate`: a sanity tool — complete one prompt, optionally showing the first
 //! step's top logits.
 
-
 use candle_core::Tensor;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
-use crate::generate::{generate, SamplingConfig};
+use crate::generate::{SamplingConfig, generate};
 use crate::model::{ChatMessage, Mode};
 
 #[derive(ClapArgs, Debug)]

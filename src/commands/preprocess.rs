@@ -8,8 +8,8 @@ use serde_json::json;
 
 use crate::data::protocol::{self, ProtocolConfig, SplitFractions};
 use crate::data::readers::{self, BBox, Format, ReadOptions};
-use crate::train::config::RunConfig;
 use crate::data::{Split, dataset::FORMAT_VERSION};
+use crate::train::config::RunConfig;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -71,14 +71,26 @@ fn settings(args: &Args) -> Result<Settings> {
     if let Some(path) = &args.config {
         let cfg = RunConfig::load(Some(path), &args.sets)?;
         let p = &cfg.preprocess;
-        let read = ReadOptions { format: p.format, strict: p.strict, bbox: p.bbox()?, tz_offset_min: p.tz_offset_min, categories: p.categories.clone() };
+        let read = ReadOptions {
+            format: p.format,
+            strict: p.strict,
+            bbox: p.bbox()?,
+            tz_offset_min: p.tz_offset_min,
+            categories: p.categories.clone(),
+        };
         let protocol = ProtocolConfig { min_user: p.min_user, min_poi: p.min_poi, gap_hours: p.gap_hours, split: p.split_fractions()? };
         return Ok(Settings { format: p.format, input: p.input.clone(), out: cfg.data.dir.clone(), read, protocol });
     }
     let (Some(format), Some(input), Some(out)) = (args.format, args.input.clone(), args.out.clone()) else {
         anyhow::bail!("give --format, --input and --out, or --config");
     };
-    let read = ReadOptions { format, strict: args.strict, bbox: args.bbox, tz_offset_min: args.tz_offset_min, categories: args.categories.clone() };
+    let read = ReadOptions {
+        format,
+        strict: args.strict,
+        bbox: args.bbox,
+        tz_offset_min: args.tz_offset_min,
+        categories: args.categories.clone(),
+    };
     let protocol = ProtocolConfig { min_user: args.min_user, min_poi: args.min_poi, gap_hours: args.gap_hours, split: args.split };
     Ok(Settings { format, input, out, read, protocol })
 }
@@ -162,10 +174,7 @@ pub fn run(args: Args) -> Result<()> {
         st.checkins,
         start.elapsed().as_secs_f64()
     );
-    println!(
-        "{:<6} {:>12} {:>10} {:>8} {:>14}",
-        "split", "trajectories", "instances", "return", "dropped"
-    );
+    println!("{:<6} {:>12} {:>10} {:>8} {:>14}", "split", "trajectories", "instances", "return", "dropped");
     for s in Split::ALL {
         let dropped = st
             .dropped_instances

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -88,7 +88,9 @@ fn history_from_file(ds: &Dataset, spec: &str) -> Result<(Vec<Checkin>, i64, i32
     for (i, c) in raw.iter().enumerate() {
         let n = i + 1;
         let poi = match (&c.venue_id, c.poi) {
-            (Some(v), None) => *by_venue.get(v.as_str()).with_context(|| format!("{spec}: check-in {n}: venue '{v}' is not in the dataset's POI table"))?,
+            (Some(v), None) => {
+                *by_venue.get(v.as_str()).with_context(|| format!("{spec}: check-in {n}: venue '{v}' is not in the dataset's POI table"))?
+            }
             (None, Some(p)) => {
                 ensure!((p as usize) < ds.num_pois(), "{spec}: check-in {n}: POI {p} is not in the dataset (ids 0..{})", ds.num_pois());
                 p
@@ -109,10 +111,7 @@ fn history_from_file(ds: &Dataset, spec: &str) -> Result<(Vec<Checkin>, i64, i32
 
 pub fn run(args: Args) -> Result<()> {
     let ds = Dataset::load_splits(&args.data, &[])?;
-    let gap_hours = Dataset::read_stats(&args.data)?
-        .pointer("/params/gap_hours")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(24.0);
+    let gap_hours = Dataset::read_stats(&args.data)?.pointer("/params/gap_hours").and_then(|v| v.as_f64()).unwrap_or(24.0);
     let (label, history, target, tz) = match (&args.user, &args.history) {
         (Some(user), _) => {
             let u = ds
@@ -167,8 +166,12 @@ pub fn run(args: Args) -> Result<()> {
         for r in &list {
             println!(
                 "{:>4}  {:>6}  {:<26} {:<28} {:>10.5} {:>11.5}",
-                r["rank"], r["poi"], r["venue_id"].as_str().unwrap_or(""), r["category"].as_str().unwrap_or(""),
-                r["latitude"].as_f64().unwrap_or(f64::NAN), r["longitude"].as_f64().unwrap_or(f64::NAN)
+                r["rank"],
+                r["poi"],
+                r["venue_id"].as_str().unwrap_or(""),
+                r["category"].as_str().unwrap_or(""),
+                r["latitude"].as_f64().unwrap_or(f64::NAN),
+                r["longitude"].as_f64().unwrap_or(f64::NAN)
             );
         }
     }

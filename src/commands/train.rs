@@ -39,7 +39,15 @@ impl Args {
 }
 
 /// Prints the summary (JSON), says how the run ended, and exits 130 after an interrupt.
-fn finish(summary: &impl serde::Serialize, dir: &std::path::Path, step: u64, total: u64, finished: bool, interrupted: bool, quiet: bool) -> Result<()> {
+fn finish(
+    summary: &impl serde::Serialize,
+    dir: &std::path::Path,
+    step: u64,
+    total: u64,
+    finished: bool,
+    interrupted: bool,
+    quiet: bool,
+) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(summary)?);
     if !quiet {
         if finished {

@@ -86,56 +86,28 @@ impl Dataset {
         trajectories: Vec<Trajectory>,
         instances: [Vec<Instance>; 3],
     ) -> Result<Dataset> {
-        ensure!(
-            pois.iter().enumerate().all(|(i, p)| p.id as usize == i),
-            "POI ids are not 0..n in order"
-        );
-        ensure!(
-            users.iter().enumerate().all(|(i, u)| u.id as usize == i),
-            "user ids are not 0..n in order"
-        );
+        ensure!(pois.iter().enumerate().all(|(i, p)| p.id as usize == i), "POI ids are not 0..n in order");
+        ensure!(users.iter().enumerate().all(|(i, u)| u.id as usize == i), "user ids are not 0..n in order");
         let np = pois.len();
-        ensure!(
-            checkins.iter().all(|c| (c.poi as usize) < np),
-            "a check-in names a POI id out of range"
-        );
+        ensure!(checkins.iter().all(|c| (c.poi as usize) < np), "a check-in names a POI id out of range");
         // Trajectories tile the check-ins, grouped by user, in time order.
         let mut user_start = vec![usize::MAX; users.len() + 1];
         let mut next = 0usize;
         let mut prev_user: Option<u32> = None;
         for (i, t) in trajectories.iter().enumerate() {
             ensure!(t.id as usize == i, "trajectory ids are not 0..n in order");
-            ensure!(
-                (t.user as usize) < users.len(),
-                "trajectory {i} names user {} out of range",
-                t.user
-            );
-            ensure!(
-                t.start == next && t.len >= 2,
-                "trajectory {i} does not continue the check-in table"
-            );
+            ensure!((t.user as usize) < users.len(), "trajectory {i} names user {} out of range", t.user);
+            ensure!(t.start == next && t.len >= 2, "trajectory {i} does not continue the check-in table");
             next = t.start + t.len;
-            ensure!(
-                next <= checkins.len(),
-                "trajectory {i} runs past the check-in table"
-            );
+            ensure!(next <= checkins.len(), "trajectory {i} runs past the check-in table");
             match prev_user {
                 Some(p) if p == t.user => {
-                    ensure!(
-                        checkins[t.start - 1].utc <= checkins[t.start].utc,
-                        "trajectories of user {} are not in time order",
-                        t.user
-                    );
+                    ensure!(checkins[t.start - 1].utc <= checkins[t.start].utc, "trajectories of user {} are not in time order", t.user);
                 }
                 Some(p) if p > t.user => bail!("trajectories are not grouped by user in order"),
                 _ => user_start[t.user as usize] = t.start,
             }
-            ensure!(
-                checkins[t.start..next]
-                    .windows(2)
-                    .all(|w| w[0].utc <= w[1].utc),
-                "trajectory {i} is not in time order"
-            );
+            ensure!(checkins[t.start..next].windows(2).all(|w| w[0].utc <= w[1].utc), "trajectory {i} is not in time order");
             prev_user = Some(t.user);
         }
         ensure!(next == checkins.len(), "check-ins outside every trajectory");
@@ -146,41 +118,17 @@ impl Dataset {
                 user_start[u] = user_start[u + 1];
             }
         }
-        let mut ds = Dataset {
-            pois,
-            users,
-            checkins,
-            user_start,
-            trajectories,
-            instances: Default::default(),
-        };
+        let mut ds = Dataset { pois, users, checkins, user_start, trajectories, instances: Default::default() };
         for (s, mut list) in Split::ALL.into_iter().zip(instances) {
             for (i, inst) in list.iter_mut().enumerate() {
+                ensure!(inst.split == s && inst.id as usize == i, "{s} instance {i} has a wrong id or split");
+                ensure!((inst.user as usize) < ds.users.len(), "{s} instance {i}: user out of range");
+                let t =
+                    ds.trajectories.get(inst.trajectory as usize).with_context(|| format!("{s} instance {i}: trajectory out of range"))?;
+                ensure!(t.user == inst.user && t.split == s, "{s} instance {i} does not match its trajectory");
+                ensure!(!inst.prefix.is_empty(), "{s} instance {i} has an empty prefix");
                 ensure!(
-                    inst.split == s && inst.id as usize == i,
-                    "{s} instance {i} has a wrong id or split"
-                );
-                ensure!(
-                    (inst.user as usize) < ds.users.len(),
-                    "{s} instance {i}: user out of range"
-                );
-                let t = ds
-                    .trajectories
-                    .get(inst.trajectory as usize)
-                    .with_context(|| format!("{s} instance {i}: trajectory out of range"))?;
-                ensure!(
-                    t.user == inst.user && t.split == s,
-                    "{s} instance {i} does not match its trajectory"
-                );
-                ensure!(
-                    !inst.prefix.is_empty(),
-                    "{s} instance {i} has an empty prefix"
-                );
-                ensure!(
-                    inst.prefix
-                        .iter()
-                        .chain([&inst.target])
-                        .all(|c| (c.poi as usize) < np),
+                    inst.prefix.iter().chain([&inst.target]).all(|c| (c.poi as usize) < np),
                     "{s} instance {i} names a POI id out of range"
                 );
                 inst.is_return = ds.compute_is_return(inst);
@@ -206,12 +154,7 @@ impl Dataset {
 
     /// Distinct non-empty category names, sorted.
     pub fn categories(&self) -> Vec<String> {
-        let set: BTreeSet<&str> = self
-            .pois
-            .iter()
-            .map(|p| p.category.as_str())
-            .filter(|c| !c.is_empty())
-            .collect();
+        let set: BTreeSet<&str> = self.pois.iter().map(|p| p.category.as_str()).filter(|c| !c.is_empty()).collect();
         set.into_iter().map(str::to_string).collect()
     }
 
@@ -258,18 +201,10 @@ impl Dataset {
 
     /// Writes the directory (created if needed); `stats` is written as `stats.json`.
     pub fn save(&self, dir: &Path, stats: &serde_json::Value) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create output directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
         let path = dir.join("pois.csv");
         let mut w = csv::Writer::from_writer(create(&path)?);
-        w.write_record([
-            "poi_id",
-            "venue_id",
-            "category",
-            "latitude",
-            "longitude",
-            "train_visits",
-        ])?;
+        w.write_record(["poi_id", "venue_id", "category", "latitude", "longitude", "train_visits"])?;
         for p in &self.pois {
             w.write_record([
                 p.id.to_string(),
@@ -292,15 +227,7 @@ impl Dataset {
 
         let path = dir.join("checkins.csv");
         let mut w = csv::Writer::from_writer(create(&path)?);
-        w.write_record([
-            "user_id",
-            "poi_id",
-            "unix_time",
-            "utc_time",
-            "tz_offset_min",
-            "trajectory_id",
-            "split",
-        ])?;
+        w.write_record(["user_id", "poi_id", "unix_time", "utc_time", "tz_offset_min", "trajectory_id", "split"])?;
         for t in &self.trajectories {
             for c in self.trajectory_checkins(t) {
                 w.write_record([
@@ -323,16 +250,14 @@ impl Dataset {
                 serde_json::to_writer(&mut w, &InstanceJson::from(inst))?;
                 w.write_all(b"\n")?;
             }
-            w.flush()
-                .with_context(|| format!("writing {}", path.display()))?;
+            w.flush().with_context(|| format!("writing {}", path.display()))?;
         }
 
         let path = dir.join("stats.json");
         let mut w = create(&path)?;
         serde_json::to_writer_pretty(&mut w, stats)?;
         w.write_all(b"\n")?;
-        w.flush()
-            .with_context(|| format!("writing {}", path.display()))?;
+        w.flush().with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 
@@ -345,35 +270,25 @@ impl Dataset {
     /// `instances()` are empty). POIs, users, check-ins and trajectories are always loaded.
     pub fn load_splits(dir: &Path, splits: &[Split]) -> Result<Dataset> {
         if !dir.is_dir() {
-            bail!(
-                "dataset directory {} does not exist (run `refine-poi preprocess` first)",
-                dir.display()
-            );
+            bail!("dataset directory {} does not exist (run `refine-poi preprocess` first)", dir.display());
         }
         let check_version = || -> Result<()> {
             let path = dir.join("stats.json");
             let Ok(text) = std::fs::read_to_string(&path) else {
                 return Ok(());
             };
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not valid JSON", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
             if let Some(fv) = v.get("format_version").and_then(|x| x.as_u64())
                 && fv != u64::from(FORMAT_VERSION)
             {
-                bail!(
-                    "{} has format_version {fv}; this build reads {FORMAT_VERSION}",
-                    path.display()
-                );
+                bail!("{} has format_version {fv}; this build reads {FORMAT_VERSION}", path.display());
             }
             Ok(())
         };
         check_version()?;
 
         let pois = read_csv_table(&dir.join("pois.csv"), |line, r: PoiRow| {
-            ensure!(
-                r.latitude.is_finite() && r.longitude.is_finite(),
-                "line {line}: bad coordinates"
-            );
+            ensure!(r.latitude.is_finite() && r.longitude.is_finite(), "line {line}: bad coordinates");
             Ok(Poi {
                 id: r.poi_id,
                 venue_id: r.venue_id,
@@ -383,29 +298,17 @@ impl Dataset {
                 train_visits: r.train_visits,
             })
         })?;
-        let users = read_csv_table(&dir.join("users.csv"), |_, r: UserRow| {
-            Ok(User {
-                id: r.user_id,
-                source_id: r.source_id,
-            })
-        })?;
+        let users = read_csv_table(&dir.join("users.csv"), |_, r: UserRow| Ok(User { id: r.user_id, source_id: r.source_id }))?;
 
         let path = dir.join("checkins.csv");
         let rows: Vec<CheckinRow> = read_csv_table(&path, |line, r: CheckinRow| {
-            ensure!(
-                r.tz_offset_min.abs() <= MAX_TZ_OFFSET_MIN,
-                "line {line}: timezone offset out of range"
-            );
+            ensure!(r.tz_offset_min.abs() <= MAX_TZ_OFFSET_MIN, "line {line}: timezone offset out of range");
             Ok(r)
         })?;
         let mut checkins = Vec::with_capacity(rows.len());
         let mut trajectories: Vec<Trajectory> = Vec::new();
         for (i, r) in rows.iter().enumerate() {
-            checkins.push(Checkin {
-                poi: r.poi_id,
-                utc: r.unix_time,
-                tz_offset_min: r.tz_offset_min,
-            });
+            checkins.push(Checkin { poi: r.poi_id, utc: r.unix_time, tz_offset_min: r.tz_offset_min });
             match trajectories.last_mut() {
                 Some(t) if t.id == r.trajectory_id => {
                     ensure!(
@@ -417,13 +320,7 @@ impl Dataset {
                     );
                     t.len += 1;
                 }
-                _ => trajectories.push(Trajectory {
-                    id: r.trajectory_id,
-                    user: r.user_id,
-                    split: r.split,
-                    start: i,
-                    len: 1,
-                }),
+                _ => trajectories.push(Trajectory { id: r.trajectory_id, user: r.user_id, split: r.split, start: i, len: 1 }),
             }
         }
 
@@ -432,16 +329,14 @@ impl Dataset {
         let mut stored: [Vec<Option<bool>>; 3] = Default::default();
         for &s in splits {
             let path = dir.join(format!("{s}.jsonl"));
-            let file =
-                File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
             for (n, line) in BufReader::new(file).lines().enumerate() {
                 let line = line.with_context(|| format!("reading {}", path.display()))?;
                 if line.trim().is_empty() {
                     continue;
                 }
-                let j: InstanceJson = serde_json::from_str(&line).with_context(|| {
-                    format!("{} line {}: not a valid instance", path.display(), n + 1)
-                })?;
+                let j: InstanceJson =
+                    serde_json::from_str(&line).with_context(|| format!("{} line {}: not a valid instance", path.display(), n + 1))?;
                 stored[s.index()].push(j.is_return);
                 instances[s.index()].push(j.into_instance(s));
             }
@@ -468,8 +363,7 @@ impl Dataset {
     /// The directory's `stats.json`, if present.
     pub fn read_stats(dir: &Path) -> Result<serde_json::Value> {
         let path = dir.join("stats.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
     }
 }
@@ -480,19 +374,12 @@ fn create(path: &PathBuf) -> Result<BufWriter<File>> {
 }
 
 fn finish_csv(w: csv::Writer<BufWriter<File>>, path: &Path) -> Result<()> {
-    let mut inner = w
-        .into_inner()
-        .map_err(|e| anyhow::anyhow!("writing {}: {}", path.display(), e.error()))?;
-    inner
-        .flush()
-        .with_context(|| format!("writing {}", path.display()))
+    let mut inner = w.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {}", path.display(), e.error()))?;
+    inner.flush().with_context(|| format!("writing {}", path.display()))
 }
 
 /// Reads a headed CSV file into rows, naming the file and line of any error.
-fn read_csv_table<R: serde::de::DeserializeOwned, T>(
-    path: &Path,
-    mut f: impl FnMut(u64, R) -> Result<T>,
-) -> Result<Vec<T>> {
+fn read_csv_table<R: serde::de::DeserializeOwned, T>(path: &Path, mut f: impl FnMut(u64, R) -> Result<T>) -> Result<Vec<T>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut rdr = csv::Reader::from_reader(BufReader::with_capacity(1 << 16, file));
     let mut out = Vec::new();
@@ -556,11 +443,7 @@ impl From<&Checkin> for CheckinJson {
 
 impl CheckinJson {
     fn to_checkin(&self) -> Checkin {
-        Checkin {
-            poi: self.poi,
-            utc: self.unix_time,
-            tz_offset_min: self.tz_offset_min,
-        }
+        Checkin { poi: self.poi, utc: self.unix_time, tz_offset_min: self.tz_offset_min }
     }
 }
 

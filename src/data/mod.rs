@@ -18,19 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use dataset::{Dataset, Poi, Trajectory, User};
 
 /// One of the three splits of the protocol.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     Train,
@@ -76,9 +64,7 @@ impl Checkin {
     /// Local wall-clock time (UTC shifted by the offset), for "Tuesday 14:00"-style features.
     pub fn local_time(&self) -> NaiveDateTime {
         let secs = self.utc.saturating_add(i64::from(self.tz_offset_min) * 60);
-        DateTime::from_timestamp(secs, 0)
-            .unwrap_or_default()
-            .naive_utc()
+        DateTime::from_timestamp(secs, 0).unwrap_or_default().naive_utc()
     }
 
     /// UTC time as a chrono value.
@@ -117,18 +103,14 @@ pub struct Instance {
 
 /// `2012-04-03T18:00:09Z`.
 pub fn format_utc(utc: i64) -> String {
-    DateTime::from_timestamp(utc, 0)
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Secs, true)
+    DateTime::from_timestamp(utc, 0).unwrap_or_default().to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 /// `2012-04-03T14:00:09-04:00` (or `…Z` when the offset is zero).
 pub fn format_local(utc: i64, tz_offset_min: i32) -> String {
     let t = DateTime::from_timestamp(utc, 0).unwrap_or_default();
     match FixedOffset::east_opt(tz_offset_min.saturating_mul(60)) {
-        Some(off) => t
-            .with_timezone(&off)
-            .to_rfc3339_opts(SecondsFormat::Secs, true),
+        Some(off) => t.with_timezone(&off).to_rfc3339_opts(SecondsFormat::Secs, true),
         None => t.to_rfc3339_opts(SecondsFormat::Secs, true),
     }
 }
@@ -143,18 +125,11 @@ mod tests {
     #[test]
     fn checkin_times() {
         // 2012-04-03T18:00:09Z
-        let c = Checkin {
-            poi: 0,
-            utc: 1_333_476_009,
-            tz_offset_min: -240,
-        };
+        let c = Checkin { poi: 0, utc: 1_333_476_009, tz_offset_min: -240 };
         assert_eq!(c.utc_iso(), "2012-04-03T18:00:09Z");
         assert_eq!(c.local_iso(), "2012-04-03T14:00:09-04:00");
         assert_eq!(c.local_time().to_string(), "2012-04-03 14:00:09");
-        let tokyo = Checkin {
-            tz_offset_min: 540,
-            ..c
-        };
+        let tokyo = Checkin { tz_offset_min: 540, ..c };
         assert_eq!(tokyo.local_iso(), "2012-04-04T03:00:09+09:00");
         assert_eq!(format_local(0, 0), "1970-01-01T00:00:00Z");
     }

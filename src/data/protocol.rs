@@ -37,10 +37,7 @@ impl Fraction {
     }
 
     fn add(self, o: Fraction) -> Fraction {
-        Fraction {
-            num: self.num * o.den + o.num * self.den,
-            den: self.den * o.den,
-        }
+        Fraction { num: self.num * o.den + o.num * self.den, den: self.den * o.den }
     }
 
     fn as_f64(self) -> f64 {
@@ -63,20 +60,9 @@ impl std::str::FromStr for Fraction {
             return Err(err());
         }
         let den = 10u64.pow(frac.len() as u32);
-        let int: u64 = if int.is_empty() {
-            0
-        } else {
-            int.parse().map_err(|_| err())?
-        };
-        let f: u64 = if frac.is_empty() {
-            0
-        } else {
-            frac.parse().map_err(|_| err())?
-        };
-        let num = int
-            .checked_mul(den)
-            .and_then(|x| x.checked_add(f))
-            .ok_or_else(err)?;
+        let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| err())? };
+        let f: u64 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| err())? };
+        let num = int.checked_mul(den).and_then(|x| x.checked_add(f)).ok_or_else(err)?;
         if num > den {
             return Err(err());
         }
@@ -93,10 +79,7 @@ pub struct SplitFractions {
 
 impl Default for SplitFractions {
     fn default() -> Self {
-        SplitFractions {
-            train: Fraction { num: 8, den: 10 },
-            val: Fraction { num: 1, den: 10 },
-        }
+        SplitFractions { train: Fraction { num: 8, den: 10 }, val: Fraction { num: 1, den: 10 } }
     }
 }
 
@@ -105,9 +88,7 @@ impl std::str::FromStr for SplitFractions {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let Some((a, b)) = s.split_once(',') else {
-            return Err(format!(
-                "expected TRAIN,VAL fractions like 0.8,0.1, got '{s}'"
-            ));
+            return Err(format!("expected TRAIN,VAL fractions like 0.8,0.1, got '{s}'"));
         };
         let train: Fraction = a.parse()?;
         let val: Fraction = b.parse()?;
@@ -139,12 +120,7 @@ pub struct ProtocolConfig {
 
 impl Default for ProtocolConfig {
     fn default() -> Self {
-        ProtocolConfig {
-            min_user: 10,
-            min_poi: 10,
-            gap_hours: 24.0,
-            split: SplitFractions::default(),
-        }
+        ProtocolConfig { min_user: 10, min_poi: 10, gap_hours: 24.0, split: SplitFractions::default() }
     }
 }
 
@@ -223,13 +199,7 @@ pub struct ProtocolStats {
 }
 
 /// Step 1. Returns which rows survive and how many rounds removed something.
-pub fn kcore(
-    rows: &[RawCheckin],
-    n_users: usize,
-    n_venues: usize,
-    min_user: usize,
-    min_poi: usize,
-) -> (Vec<bool>, usize) {
+pub fn kcore(rows: &[RawCheckin], n_users: usize, n_venues: usize, min_user: usize, min_poi: usize) -> (Vec<bool>, usize) {
     let mut keep = vec![true; rows.len()];
     let mut rounds = 0;
     loop {
@@ -263,12 +233,7 @@ pub struct RawTrajectory {
 /// Step 2. Trajectories of kept rows, grouped by raw user (ascending) and in time order within
 /// a user; equal timestamps keep input order. Returns the trajectories with at least 2
 /// check-ins, and the number of dropped trajectories and their check-ins.
-pub fn trajectories(
-    rows: &[RawCheckin],
-    keep: &[bool],
-    n_users: usize,
-    gap_hours: f64,
-) -> (Vec<RawTrajectory>, u64, u64) {
+pub fn trajectories(rows: &[RawCheckin], keep: &[bool], n_users: usize, gap_hours: f64) -> (Vec<RawTrajectory>, u64, u64) {
     let mut by_user: Vec<Vec<usize>> = vec![Vec::new(); n_users];
     for (i, r) in rows.iter().enumerate() {
         if keep[i] {
@@ -284,10 +249,7 @@ pub fn trajectories(
         let mut cur: Vec<usize> = Vec::new();
         let mut flush = |cur: &mut Vec<usize>| {
             if cur.len() >= 2 {
-                out.push(RawTrajectory {
-                    user: u as u32,
-                    rows: std::mem::take(cur),
-                });
+                out.push(RawTrajectory { user: u as u32, rows: std::mem::take(cur) });
             } else if !cur.is_empty() {
                 dropped += 1;
                 dropped_rows += cur.len() as u64;
@@ -316,21 +278,9 @@ pub fn cutoffs(mut times: Vec<i64>, split: SplitFractions) -> Cutoffs {
     let at = |i: usize| times.get(i).copied().unwrap_or(i64::MAX);
     let (c1, c2) = (at(i1), at(i2));
     let iso = |c: i64| {
-        if c == i64::MAX {
-            "end".to_string()
-        } else {
-            format_utc(c)
-        }
+        if c == i64::MAX { "end".to_string() } else { format_utc(c) }
     };
-    Cutoffs {
-        n,
-        c1_index: i1,
-        c2_index: i2,
-        c1,
-        c2,
-        c1_utc: iso(c1),
-        c2_utc: iso(c2),
-    }
+    Cutoffs { n, c1_index: i1, c2_index: i2, c1, c2, c1_utc: iso(c1), c2_utc: iso(c2) }
 }
 
 /// Step 3's rule for one trajectory, from the time of its first check-in.
@@ -358,22 +308,13 @@ fn id_order(s: &str) -> (bool, u128, &str) {
 /// ids numerically). A POI's category and coordinates are those of its first valid row.
 pub fn run(raw: &RawData, cfg: &ProtocolConfig) -> Result<(Dataset, ProtocolStats)> {
     if !(cfg.gap_hours.is_finite() && cfg.gap_hours >= 0.0) {
-        bail!(
-            "--gap-hours must be a non-negative number, got {}",
-            cfg.gap_hours
-        );
+        bail!("--gap-hours must be a non-negative number, got {}", cfg.gap_hours);
     }
     let rows = &raw.rows;
     let mut st = ProtocolStats::default();
 
     // 1. k-core.
-    let (keep, rounds) = kcore(
-        rows,
-        raw.users.len(),
-        raw.venues.len(),
-        cfg.min_user,
-        cfg.min_poi,
-    );
+    let (keep, rounds) = kcore(rows, raw.users.len(), raw.venues.len(), cfg.min_user, cfg.min_poi);
     st.kcore_rounds = rounds;
     st.checkins_after_kcore = keep.iter().filter(|k| **k).count() as u64;
     if st.checkins_after_kcore == 0 {
@@ -400,22 +341,13 @@ pub fn run(raw: &RawData, cfg: &ProtocolConfig) -> Result<(Dataset, ProtocolStat
     st.short_trajectories_dropped = dropped;
     st.short_trajectory_checkins_dropped = dropped_rows;
     if trajs.is_empty() {
-        bail!(
-            "nothing left after splitting into trajectories: every trajectory (gap > {} h) has fewer than 2 check-ins",
-            cfg.gap_hours
-        );
+        bail!("nothing left after splitting into trajectories: every trajectory (gap > {} h) has fewer than 2 check-ins", cfg.gap_hours);
     }
 
     // 3. Split by time.
-    let times: Vec<i64> = trajs
-        .iter()
-        .flat_map(|t| t.rows.iter().map(|&i| rows[i].utc))
-        .collect();
+    let times: Vec<i64> = trajs.iter().flat_map(|t| t.rows.iter().map(|&i| rows[i].utc)).collect();
     st.cutoffs = cutoffs(times, cfg.split);
-    let splits: Vec<Split> = trajs
-        .iter()
-        .map(|t| split_of(rows[t.rows[0]].utc, &st.cutoffs))
-        .collect();
+    let splits: Vec<Split> = trajs.iter().map(|t| split_of(rows[t.rows[0]].utc, &st.cutoffs)).collect();
 
     // Dense ids.
     let mut user_used = vec![false; raw.users.len()];
@@ -438,11 +370,8 @@ pub fn run(raw: &RawData, cfg: &ProtocolConfig) -> Result<(Dataset, ProtocolStat
     for (d, &v) in venue_order.iter().enumerate() {
         venue_dense[v] = d as u32;
     }
-    let to_checkin = |i: usize| Checkin {
-        poi: venue_dense[rows[i].venue as usize],
-        utc: rows[i].utc,
-        tz_offset_min: rows[i].tz_offset_min,
-    };
+    let to_checkin =
+        |i: usize| Checkin { poi: venue_dense[rows[i].venue as usize], utc: rows[i].utc, tz_offset_min: rows[i].tz_offset_min };
 
     // Trajectories in dense-user order (raw trajectories of a user are already in time order).
     let mut by_dense_user: Vec<Vec<usize>> = vec![Vec::new(); user_order.len()];
@@ -503,11 +432,7 @@ pub fn run(raw: &RawData, cfg: &ProtocolConfig) -> Result<(Dataset, ProtocolStat
                 }
             }
             Split::Val | Split::Test => {
-                let dropped = if t.split == Split::Val {
-                    &mut dropped_val
-                } else {
-                    &mut dropped_test
-                };
+                let dropped = if t.split == Split::Val { &mut dropped_val } else { &mut dropped_test };
                 let j = cs.len() - 1;
                 if !user_has_train[t.user as usize] {
                     dropped.user_not_in_train += 1;
@@ -539,14 +464,7 @@ pub fn run(raw: &RawData, cfg: &ProtocolConfig) -> Result<(Dataset, ProtocolStat
             }
         })
         .collect();
-    let users: Vec<User> = user_order
-        .iter()
-        .enumerate()
-        .map(|(d, &u)| User {
-            id: d as u32,
-            source_id: raw.users[u].clone(),
-        })
-        .collect();
+    let users: Vec<User> = user_order.iter().enumerate().map(|(d, &u)| User { id: d as u32, source_id: raw.users[u].clone() }).collect();
 
     let ds = Dataset::new(pois, users, checkins, trajectories_out, instances)?;
     st.users = ds.users().len() as u64;
@@ -558,11 +476,7 @@ pub fn run(raw: &RawData, cfg: &ProtocolConfig) -> Result<(Dataset, ProtocolStat
         let ret = inst.iter().filter(|i| i.is_return).count() as u64;
         *st.instances.get_mut(s) = inst.len() as u64;
         *st.return_instances.get_mut(s) = ret;
-        *st.return_share.get_mut(s) = if inst.is_empty() {
-            0.0
-        } else {
-            ret as f64 / inst.len() as f64
-        };
+        *st.return_share.get_mut(s) = if inst.is_empty() { 0.0 } else { ret as f64 / inst.len() as f64 };
     }
     Ok((ds, st))
 }
@@ -588,31 +502,17 @@ pub(crate) mod tests {
             let vi = match d.venues.iter().position(|x| x.id == v) {
                 Some(i) => i,
                 None => {
-                    d.venues.push(Venue {
-                        id: v.to_string(),
-                        category: format!("cat-{v}"),
-                        lat: 1.0,
-                        lon: 2.0,
-                    });
+                    d.venues.push(Venue { id: v.to_string(), category: format!("cat-{v}"), lat: 1.0, lon: 2.0 });
                     d.venues.len() - 1
                 }
             };
-            d.rows.push(RawCheckin {
-                user: ui as u32,
-                venue: vi as u32,
-                utc: t,
-                tz_offset_min: 0,
-            });
+            d.rows.push(RawCheckin { user: ui as u32, venue: vi as u32, utc: t, tz_offset_min: 0 });
         }
         d
     }
 
     fn cfg(min_user: usize, min_poi: usize) -> ProtocolConfig {
-        ProtocolConfig {
-            min_user,
-            min_poi,
-            ..Default::default()
-        }
+        ProtocolConfig { min_user, min_poi, ..Default::default() }
     }
 
     #[test]
@@ -620,21 +520,10 @@ pub(crate) mod tests {
         // min 2/2. Round 1 drops venue "c" (1 check-in). That leaves user "y" with a single
         // check-in, dropped in round 2, which leaves venue "b" with 1, dropped in round 3,
         // which leaves user "z" with 1 (round 4). "x" keeps a,a.
-        let d = raw(&[
-            ("x", "a", 1),
-            ("x", "a", 2),
-            ("y", "b", 3),
-            ("y", "c", 4),
-            ("z", "b", 5),
-            ("z", "d", 6),
-            ("w", "d", 7),
-            ("w", "d", 8),
-        ]);
+        let d =
+            raw(&[("x", "a", 1), ("x", "a", 2), ("y", "b", 3), ("y", "c", 4), ("z", "b", 5), ("z", "d", 6), ("w", "d", 7), ("w", "d", 8)]);
         let (keep, rounds) = kcore(&d.rows, d.users.len(), d.venues.len(), 2, 2);
-        assert_eq!(
-            keep,
-            vec![true, true, false, false, false, false, true, true]
-        );
+        assert_eq!(keep, vec![true, true, false, false, false, false, true, true]);
         assert_eq!(rounds, 4);
         // Removing in one pass only (no fixed point) would have kept y/b and z.
         let (keep1, _) = kcore(&d.rows, d.users.len(), d.venues.len(), 1, 1);
@@ -652,30 +541,13 @@ pub(crate) mod tests {
         ]);
         let keep = vec![true; d.rows.len()];
         let (t, dropped, dropped_rows) = trajectories(&d.rows, &keep, 1, 24.0);
-        assert_eq!(
-            t,
-            vec![
-                RawTrajectory {
-                    user: 0,
-                    rows: vec![0, 1]
-                },
-                RawTrajectory {
-                    user: 0,
-                    rows: vec![2, 3]
-                },
-            ]
-        );
+        assert_eq!(t, vec![RawTrajectory { user: 0, rows: vec![0, 1] }, RawTrajectory { user: 0, rows: vec![2, 3] },]);
         assert_eq!((dropped, dropped_rows), (1, 1));
     }
 
     #[test]
     fn trajectories_sort_by_time_and_keep_input_order_on_ties() {
-        let d = raw(&[
-            ("u", "late", 50),
-            ("u", "tie2", 10),
-            ("u", "first", 5),
-            ("u", "tie3", 10),
-        ]);
+        let d = raw(&[("u", "late", 50), ("u", "tie2", 10), ("u", "first", 5), ("u", "tie3", 10)]);
         let keep = vec![true; 4];
         let (t, _, _) = trajectories(&d.rows, &keep, 1, 24.0);
         assert_eq!(t[0].rows, vec![2, 1, 3, 0]);
@@ -716,10 +588,7 @@ pub(crate) mod tests {
         assert!("-0.1,0.1".parse::<SplitFractions>().is_err());
         assert!("x,0.1".parse::<SplitFractions>().is_err());
         assert!("1.5,0".parse::<SplitFractions>().is_err());
-        assert_eq!(
-            ".5".parse::<Fraction>().unwrap(),
-            Fraction { num: 5, den: 10 }
-        );
+        assert_eq!(".5".parse::<Fraction>().unwrap(), Fraction { num: 5, den: 10 });
     }
 
     /// A small end-to-end case. Times in hours; n = 20 check-ins after step 2; with the split
@@ -759,81 +628,33 @@ pub(crate) mod tests {
 
     #[test]
     fn end_to_end_toy() {
-        let c = ProtocolConfig {
-            split: "0.5,0.2".parse().unwrap(),
-            ..cfg(1, 1)
-        };
+        let c = ProtocolConfig { split: "0.5,0.2".parse().unwrap(), ..cfg(1, 1) };
         let (ds, st) = run(&toy(), &c).unwrap();
         assert_eq!(st.short_trajectories_dropped, 1);
         assert_eq!(st.cutoffs.n, 20);
         assert_eq!((st.cutoffs.c1, st.cutoffs.c2), (300 * H, 400 * H));
         assert_eq!(st.users, 4);
         assert_eq!(st.pois, 5); // a b c d e (z dropped with its lone check-in)
-        assert_eq!(
-            ds.pois()
-                .iter()
-                .map(|p| p.venue_id.as_str())
-                .collect::<Vec<_>>(),
-            ["a", "b", "c", "d", "e"]
-        );
+        assert_eq!(ds.pois().iter().map(|p| p.venue_id.as_str()).collect::<Vec<_>>(), ["a", "b", "c", "d", "e"]);
         // train trajectories: u1 [a b c], u1 [a b], u2 [c b c], u4 [e a]
-        assert_eq!(
-            st.trajectories,
-            PerSplit {
-                train: 4,
-                val: 2,
-                test: 3
-            }
-        );
-        assert_eq!(
-            ds.pois().iter().map(|p| p.train_visits).collect::<Vec<_>>(),
-            [3, 3, 3, 0, 1]
-        );
+        assert_eq!(st.trajectories, PerSplit { train: 4, val: 2, test: 3 });
+        assert_eq!(ds.pois().iter().map(|p| p.train_visits).collect::<Vec<_>>(), [3, 3, 3, 0, 1]);
         assert_eq!(st.instances.train, 2 + 1 + 2 + 1);
         // val: u2 [b d] -> d unseen in train; u3 [a b] -> no train trajectory.
-        assert_eq!(
-            st.dropped_instances["val"],
-            Dropped {
-                user_not_in_train: 1,
-                poi_not_in_train: 1
-            }
-        );
+        assert_eq!(st.dropped_instances["val"], Dropped { user_not_in_train: 1, poi_not_in_train: 1 });
         assert_eq!(st.instances.val, 0);
         // test: u1 [b a] kept, u2 [b c] kept, u3 [a c] dropped (user).
-        assert_eq!(
-            st.dropped_instances["test"],
-            Dropped {
-                user_not_in_train: 1,
-                poi_not_in_train: 0
-            }
-        );
+        assert_eq!(st.dropped_instances["test"], Dropped { user_not_in_train: 1, poi_not_in_train: 0 });
         let test = ds.instances(Split::Test);
         assert_eq!(test.len(), 2);
         assert_eq!(ds.users()[test[0].user as usize].source_id, "1");
-        assert_eq!(
-            test[0].target,
-            Checkin {
-                poi: 0,
-                utc: 401 * H,
-                tz_offset_min: 0
-            }
-        );
-        assert_eq!(
-            test[0].prefix,
-            vec![Checkin {
-                poi: 1,
-                utc: 400 * H,
-                tz_offset_min: 0
-            }]
-        );
+        assert_eq!(test[0].target, Checkin { poi: 0, utc: 401 * H, tz_offset_min: 0 });
+        assert_eq!(test[0].prefix, vec![Checkin { poi: 1, utc: 400 * H, tz_offset_min: 0 }]);
         assert!(test[0].is_return);
         assert!(test[1].is_return);
         // u4's train instance: target a, history [e] -> discovery.
         let train = ds.instances(Split::Train);
-        let u4 = train
-            .iter()
-            .find(|i| ds.users()[i.user as usize].source_id == "4")
-            .unwrap();
+        let u4 = train.iter().find(|i| ds.users()[i.user as usize].source_id == "4").unwrap();
         assert!(!u4.is_return);
         // History of u1's test instance: everything of u1 before 401 h (6 check-ins).
         assert_eq!(ds.history(&test[0]).len(), 6);
@@ -844,28 +665,13 @@ pub(crate) mod tests {
     fn history_is_strictly_before_the_target_time() {
         // The prefix check-in shares the target's timestamp: it is in the prefix but not in
         // the history, so visiting the same POI at the same second is not a "return".
-        let d = raw(&[
-            ("u", "a", 0),
-            ("u", "b", 10),
-            ("u", "c", 100),
-            ("u", "c", 100),
-        ]);
-        let (ds, _) = run(
-            &d,
-            &ProtocolConfig {
-                split: "1,0".parse().unwrap(),
-                ..cfg(1, 1)
-            },
-        )
-        .unwrap();
+        let d = raw(&[("u", "a", 0), ("u", "b", 10), ("u", "c", 100), ("u", "c", 100)]);
+        let (ds, _) = run(&d, &ProtocolConfig { split: "1,0".parse().unwrap(), ..cfg(1, 1) }).unwrap();
         let train = ds.instances(Split::Train);
         assert_eq!(train.len(), 3);
         let last = &train[2];
         assert_eq!(last.prefix.len(), 3);
-        assert_eq!(
-            ds.history(last).iter().map(|c| c.utc).collect::<Vec<_>>(),
-            [0, 10]
-        );
+        assert_eq!(ds.history(last).iter().map(|c| c.utc).collect::<Vec<_>>(), [0, 10]);
         assert!(!last.is_return);
         assert!(ds.history(&train[0]).iter().all(|c| c.utc < 10));
     }
@@ -881,27 +687,10 @@ pub(crate) mod tests {
 
     #[test]
     fn user_and_poi_ids_are_dense_and_sorted_numerically() {
-        let d = raw(&[
-            ("10", "v2", 0),
-            ("10", "v10", 1),
-            ("9", "v10", 2),
-            ("9", "v2", 3),
-        ]);
+        let d = raw(&[("10", "v2", 0), ("10", "v10", 1), ("9", "v10", 2), ("9", "v2", 3)]);
         let (ds, _) = run(&d, &cfg(1, 1)).unwrap();
-        assert_eq!(
-            ds.users()
-                .iter()
-                .map(|u| u.source_id.as_str())
-                .collect::<Vec<_>>(),
-            ["9", "10"]
-        );
-        assert_eq!(
-            ds.pois()
-                .iter()
-                .map(|p| p.venue_id.as_str())
-                .collect::<Vec<_>>(),
-            ["v10", "v2"]
-        );
+        assert_eq!(ds.users().iter().map(|u| u.source_id.as_str()).collect::<Vec<_>>(), ["9", "10"]);
+        assert_eq!(ds.pois().iter().map(|p| p.venue_id.as_str()).collect::<Vec<_>>(), ["v10", "v2"]);
         assert_eq!(ds.pois()[0].category, "cat-v10");
     }
 
@@ -914,14 +703,8 @@ pub(crate) mod tests {
         }
 
         fn to_raw(rows: &[(u8, u8, i64)]) -> RawData {
-            let owned: Vec<(String, String, i64)> = rows
-                .iter()
-                .map(|&(u, v, t)| (u.to_string(), format!("v{v}"), t * H / 4))
-                .collect();
-            let refs: Vec<(&str, &str, i64)> = owned
-                .iter()
-                .map(|(u, v, t)| (u.as_str(), v.as_str(), *t))
-                .collect();
+            let owned: Vec<(String, String, i64)> = rows.iter().map(|&(u, v, t)| (u.to_string(), format!("v{v}"), t * H / 4)).collect();
+            let refs: Vec<(&str, &str, i64)> = owned.iter().map(|(u, v, t)| (u.as_str(), v.as_str(), *t)).collect();
             raw(&refs)
         }
 

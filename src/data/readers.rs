@@ -66,28 +66,15 @@ impl std::str::FromStr for BBox {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split(',').map(str::trim).collect();
         if parts.len() != 4 {
-            return Err(format!(
-                "expected min_lat,min_lon,max_lat,max_lon, got '{s}'"
-            ));
+            return Err(format!("expected min_lat,min_lon,max_lat,max_lon, got '{s}'"));
         }
         let mut v = [0f64; 4];
         for (slot, p) in v.iter_mut().zip(&parts) {
-            *slot = p
-                .parse::<f64>()
-                .ok()
-                .filter(|x| x.is_finite())
-                .ok_or_else(|| format!("'{p}' is not a number"))?;
+            *slot = p.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| format!("'{p}' is not a number"))?;
         }
-        let b = BBox {
-            min_lat: v[0],
-            min_lon: v[1],
-            max_lat: v[2],
-            max_lon: v[3],
-        };
+        let b = BBox { min_lat: v[0], min_lon: v[1], max_lat: v[2], max_lon: v[3] };
         if b.min_lat > b.max_lat || b.min_lon > b.max_lon {
-            return Err(format!(
-                "empty box '{s}': need min_lat <= max_lat and min_lon <= max_lon"
-            ));
+            return Err(format!("empty box '{s}': need min_lat <= max_lat and min_lon <= max_lon"));
         }
         Ok(b)
     }
@@ -109,13 +96,7 @@ pub struct ReadOptions {
 
 impl ReadOptions {
     pub fn new(format: Format) -> Self {
-        ReadOptions {
-            format,
-            strict: false,
-            bbox: None,
-            tz_offset_min: None,
-            categories: None,
-        }
+        ReadOptions { format, strict: false, bbox: None, tz_offset_min: None, categories: None }
     }
 }
 
@@ -184,11 +165,7 @@ impl ReadReport {
             .iter()
             .map(|(reason, s)| {
                 let lines: Vec<String> = s.first_lines.iter().map(u64::to_string).collect();
-                let more = if s.count as usize > s.first_lines.len() {
-                    ", …"
-                } else {
-                    ""
-                };
+                let more = if s.count as usize > s.first_lines.len() { ", …" } else { "" };
                 format!(
                     "{reason}: {} row{} (line{} {}{more})",
                     s.count,
@@ -246,13 +223,7 @@ struct Builder<'p> {
 
 impl<'p> Builder<'p> {
     fn new(path: &'p Path, opts: &ReadOptions) -> Self {
-        Builder {
-            path,
-            opts: opts.clone(),
-            data: RawData::default(),
-            user_ix: HashMap::new(),
-            venue_ix: HashMap::new(),
-        }
+        Builder { path, opts: opts.clone(), data: RawData::default(), user_ix: HashMap::new(), venue_ix: HashMap::new() }
     }
 
     fn accept(&mut self, line: u64, parsed: Result<Row<'_>, BadRow>) -> Result<()> {
@@ -261,12 +232,7 @@ impl<'p> Builder<'p> {
             Ok(r) => r,
             Err(b) => {
                 if self.opts.strict {
-                    bail!(
-                        "{} line {line}: {} ({})",
-                        self.path.display(),
-                        b.detail,
-                        b.reason
-                    );
+                    bail!("{} line {line}: {} ({})", self.path.display(), b.detail, b.reason);
                 }
                 self.data.report.skip(b.reason, line);
                 return Ok(());
@@ -290,18 +256,9 @@ impl<'p> Builder<'p> {
             });
         });
         if self.data.rows.len() >= u32::MAX as usize {
-            bail!(
-                "{}: more than {} rows are not supported",
-                self.path.display(),
-                u32::MAX
-            );
+            bail!("{}: more than {} rows are not supported", self.path.display(), u32::MAX);
         }
-        self.data.rows.push(RawCheckin {
-            user,
-            venue,
-            utc: row.utc,
-            tz_offset_min: row.tz_offset_min,
-        });
+        self.data.rows.push(RawCheckin { user, venue, utc: row.utc, tz_offset_min: row.tz_offset_min });
         self.data.report.rows_valid += 1;
         Ok(())
     }
@@ -319,22 +276,15 @@ fn intern(map: &mut HashMap<String, u32>, key: &str, on_new: impl FnOnce()) -> u
 
 /// Opens a file for reading, decompressing gzip when the content starts with its magic bytes.
 pub fn open_input(path: &Path) -> Result<Box<dyn BufRead>> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot open input file {}", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot open input file {}", path.display()))?;
     if meta.is_dir() {
         bail!("input {} is a directory, not a file", path.display());
     }
-    let file =
-        File::open(path).with_context(|| format!("cannot open input file {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("cannot open input file {}", path.display()))?;
     let mut reader = BufReader::with_capacity(1 << 16, file);
-    let head = reader
-        .fill_buf()
-        .with_context(|| format!("reading {}", path.display()))?;
+    let head = reader.fill_buf().with_context(|| format!("reading {}", path.display()))?;
     if head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b {
-        Ok(Box::new(BufReader::with_capacity(
-            1 << 16,
-            MultiGzDecoder::new(reader),
-        )))
+        Ok(Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(reader))))
     } else {
         Ok(Box::new(reader))
     }
@@ -344,14 +294,10 @@ pub fn open_input(path: &Path) -> Result<Box<dyn BufRead>> {
 pub fn read(path: &Path, opts: &ReadOptions) -> Result<RawData> {
     if opts.format != Format::Gowalla {
         if opts.tz_offset_min.is_some() {
-            bail!(
-                "--tz-offset-min applies only to --format gowalla (other formats carry the offset per row)"
-            );
+            bail!("--tz-offset-min applies only to --format gowalla (other formats carry the offset per row)");
         }
         if opts.categories.is_some() {
-            bail!(
-                "--categories applies only to --format gowalla (other formats carry the category per row)"
-            );
+            bail!("--categories applies only to --format gowalla (other formats carry the category per row)");
         }
     }
     if let Some(tz) = opts.tz_offset_min
@@ -362,14 +308,10 @@ pub fn read(path: &Path, opts: &ReadOptions) -> Result<RawData> {
     let input = open_input(path)?;
     let mut b = Builder::new(path, opts);
     match opts.format {
-        Format::Foursquare => {
-            read_lines(path, input, |line, text| b.accept(line, parse_tsmc(text)))?
-        }
+        Format::Foursquare => read_lines(path, input, |line, text| b.accept(line, parse_tsmc(text)))?,
         Format::Gowalla => {
             let tz = opts.tz_offset_min;
-            read_lines(path, input, |line, text| {
-                b.accept(line, parse_gowalla(text, tz))
-            })?
+            read_lines(path, input, |line, text| b.accept(line, parse_gowalla(text, tz)))?
         }
         Format::Csv => read_csv(path, input, &mut b)?,
     }
@@ -383,22 +325,12 @@ pub fn read(path: &Path, opts: &ReadOptions) -> Result<RawData> {
         }
     }
     if data.report.rows_read == 0 {
-        bail!(
-            "input file {} has no check-in rows (it is empty)",
-            path.display()
-        );
+        bail!("input file {} has no check-in rows (it is empty)", path.display());
     }
     if data.rows.is_empty() {
-        let mut msg = format!(
-            "no usable check-ins in {}: {} rows read",
-            path.display(),
-            data.report.rows_read
-        );
+        let mut msg = format!("no usable check-ins in {}: {} rows read", path.display(), data.report.rows_read);
         if data.report.rows_outside_bbox > 0 {
-            msg.push_str(&format!(
-                ", {} outside --bbox",
-                data.report.rows_outside_bbox
-            ));
+            msg.push_str(&format!(", {} outside --bbox", data.report.rows_outside_bbox));
         }
         for l in data.report.summary_lines() {
             msg.push_str("; skipped ");
@@ -410,18 +342,12 @@ pub fn read(path: &Path, opts: &ReadOptions) -> Result<RawData> {
 }
 
 /// Calls `f(line_number, text)` for every non-blank line, decoding lossily, `\r\n` tolerated.
-fn read_lines(
-    path: &Path,
-    mut input: Box<dyn BufRead>,
-    mut f: impl FnMut(u64, &str) -> Result<()>,
-) -> Result<()> {
+fn read_lines(path: &Path, mut input: Box<dyn BufRead>, mut f: impl FnMut(u64, &str) -> Result<()>) -> Result<()> {
     let mut buf = Vec::with_capacity(256);
     let mut line = 0u64;
     loop {
         buf.clear();
-        let n = input
-            .read_until(b'\n', &mut buf)
-            .with_context(|| format!("reading {} after line {line}", path.display()))?;
+        let n = input.read_until(b'\n', &mut buf).with_context(|| format!("reading {} after line {line}", path.display()))?;
         if n == 0 {
             return Ok(());
         }
@@ -482,28 +408,13 @@ pub fn tz_from_longitude(lon: f64) -> i32 {
     ((lon / 15.0).round() as i32).clamp(-12, 12) * 60
 }
 
-const CSV_COLUMNS: [&str; 7] = [
-    "user_id",
-    "venue_id",
-    "category",
-    "latitude",
-    "longitude",
-    "utc_time",
-    "tz_offset_min",
-];
+const CSV_COLUMNS: [&str; 7] = ["user_id", "venue_id", "category", "latitude", "longitude", "utc_time", "tz_offset_min"];
 
 /// Generic CSV: columns found by header name (any order, extra columns ignored). `category`
 /// and `tz_offset_min` may be absent (then empty and 0); the others are required.
 fn read_csv(path: &Path, input: Box<dyn BufRead>, b: &mut Builder<'_>) -> Result<()> {
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .trim(csv::Trim::All)
-        .from_reader(input);
-    let header = rdr
-        .byte_headers()
-        .with_context(|| format!("reading the header of {}", path.display()))?
-        .clone();
+    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::All).from_reader(input);
+    let header = rdr.byte_headers().with_context(|| format!("reading the header of {}", path.display()))?.clone();
     if header.is_empty() || header.iter().all(|h| h.is_empty()) {
         bail!("input file {} is empty", path.display());
     }
@@ -534,9 +445,7 @@ fn read_csv(path: &Path, input: Box<dyn BufRead>, b: &mut Builder<'_>) -> Result
     let need = idx.iter().flatten().max().copied().unwrap_or(0) + 1;
     let mut rec = csv::ByteRecord::new();
     loop {
-        let more = rdr
-            .read_byte_record(&mut rec)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let more = rdr.read_byte_record(&mut rec).with_context(|| format!("reading {}", path.display()))?;
         if !more {
             return Ok(());
         }
@@ -544,17 +453,9 @@ fn read_csv(path: &Path, input: Box<dyn BufRead>, b: &mut Builder<'_>) -> Result
         if rec.iter().all(|f| f.is_empty()) {
             continue;
         }
-        let fields: Vec<std::borrow::Cow<'_, str>> =
-            rec.iter().map(String::from_utf8_lossy).collect();
+        let fields: Vec<std::borrow::Cow<'_, str>> = rec.iter().map(String::from_utf8_lossy).collect();
         let parsed = if fields.len() < need {
-            Err(bad(
-                "field_count",
-                format!(
-                    "expected {} comma-separated fields, found {}",
-                    names.len(),
-                    fields.len()
-                ),
-            ))
+            Err(bad("field_count", format!("expected {} comma-separated fields, found {}", names.len(), fields.len())))
         } else {
             let get = |k: usize| idx[k].map(|i| fields[i].as_ref());
             parse_csv_row(&get)
@@ -583,39 +484,16 @@ fn parse_csv_row<'a>(get: &dyn Fn(usize) -> Option<&'a str>) -> Result<Row<'a>, 
 /// missing from the table keep an empty category. Any malformed row is an error with its line.
 pub fn read_category_table(path: &Path) -> Result<HashMap<String, String>> {
     let input = open_input(path).context("--categories")?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .trim(csv::Trim::All)
-        .from_reader(input);
-    let header = rdr
-        .byte_headers()
-        .with_context(|| format!("reading the header of {}", path.display()))?
-        .clone();
-    let names: Vec<String> = header
-        .iter()
-        .map(|h| {
-            String::from_utf8_lossy(h)
-                .trim_start_matches('\u{feff}')
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .collect();
-    let (Some(vi), Some(ci)) = (
-        names.iter().position(|n| n == "venue_id"),
-        names.iter().position(|n| n == "category"),
-    ) else {
-        bail!(
-            "{} line 1: a category table needs a header with venue_id,category",
-            path.display()
-        );
+    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::All).from_reader(input);
+    let header = rdr.byte_headers().with_context(|| format!("reading the header of {}", path.display()))?.clone();
+    let names: Vec<String> =
+        header.iter().map(|h| String::from_utf8_lossy(h).trim_start_matches('\u{feff}').trim().to_ascii_lowercase()).collect();
+    let (Some(vi), Some(ci)) = (names.iter().position(|n| n == "venue_id"), names.iter().position(|n| n == "category")) else {
+        bail!("{} line 1: a category table needs a header with venue_id,category", path.display());
     };
     let mut map = HashMap::new();
     let mut rec = csv::ByteRecord::new();
-    while rdr
-        .read_byte_record(&mut rec)
-        .with_context(|| format!("reading {}", path.display()))?
-    {
+    while rdr.read_byte_record(&mut rec).with_context(|| format!("reading {}", path.display()))? {
         let line = rec.position().map(|p| p.line()).unwrap_or(0);
         if rec.iter().all(|f| f.is_empty()) {
             continue;
@@ -627,19 +505,14 @@ pub fn read_category_table(path: &Path) -> Result<HashMap<String, String>> {
         if v.is_empty() {
             bail!("{} line {line}: empty venue_id", path.display());
         }
-        map.entry(v)
-            .or_insert_with(|| String::from_utf8_lossy(c).into_owned());
+        map.entry(v).or_insert_with(|| String::from_utf8_lossy(c).into_owned());
     }
     Ok(map)
 }
 
 fn nonempty<'a>(s: &'a str, what: &str) -> Result<&'a str, BadRow> {
     let s = s.trim();
-    if s.is_empty() {
-        Err(bad("empty_id", format!("empty {what}")))
-    } else {
-        Ok(s)
-    }
+    if s.is_empty() { Err(bad("empty_id", format!("empty {what}"))) } else { Ok(s) }
 }
 
 fn parse_coords(lat: &str, lon: &str) -> Result<(f64, f64), BadRow> {
@@ -656,38 +529,24 @@ fn parse_coords(lat: &str, lon: &str) -> Result<(f64, f64), BadRow> {
 fn parse_tz(s: &str) -> Result<i32, BadRow> {
     let s = s.trim();
     // Accept "-240" and "-240.0"; the offset must be a whole number of minutes.
-    let v = s.parse::<i32>().ok().or_else(|| {
-        s.parse::<f64>()
-            .ok()
-            .filter(|x| x.fract() == 0.0 && x.abs() <= f64::from(MAX_TZ_OFFSET_MIN))
-            .map(|x| x as i32)
-    });
+    let v = s
+        .parse::<i32>()
+        .ok()
+        .or_else(|| s.parse::<f64>().ok().filter(|x| x.fract() == 0.0 && x.abs() <= f64::from(MAX_TZ_OFFSET_MIN)).map(|x| x as i32));
     match v {
         Some(v) if v.abs() <= MAX_TZ_OFFSET_MIN => Ok(v),
-        _ => Err(bad(
-            "bad_tz_offset",
-            format!("bad timezone offset '{s}' (whole minutes, |offset| < 24 h)"),
-        )),
+        _ => Err(bad("bad_tz_offset", format!("bad timezone offset '{s}' (whole minutes, |offset| < 24 h)"))),
     }
 }
 
 /// `Tue Apr 03 18:00:09 +0000 2012` (the offset is honoured; TSMC2014 always writes +0000).
 pub fn parse_tsmc_time_str(s: &str) -> Option<i64> {
-    DateTime::parse_from_str(s.trim(), "%a %b %d %H:%M:%S %z %Y")
-        .ok()
-        .map(|t| t.timestamp())
+    DateTime::parse_from_str(s.trim(), "%a %b %d %H:%M:%S %z %Y").ok().map(|t| t.timestamp())
 }
 
 fn parse_tsmc_time(s: &str) -> Result<i64, BadRow> {
-    parse_tsmc_time_str(s).ok_or_else(|| {
-        bad(
-            "bad_time",
-            format!(
-                "bad time '{}' (expected like 'Tue Apr 03 18:00:09 +0000 2012')",
-                s.trim()
-            ),
-        )
-    })
+    parse_tsmc_time_str(s)
+        .ok_or_else(|| bad("bad_time", format!("bad time '{}' (expected like 'Tue Apr 03 18:00:09 +0000 2012')", s.trim())))
 }
 
 /// ISO 8601 / RFC 3339 (`2012-04-03T18:00:09Z`, any offset, fractional seconds truncated);
@@ -706,15 +565,7 @@ pub fn parse_iso_time_str(s: &str) -> Option<i64> {
 }
 
 fn parse_iso_time(s: &str) -> Result<i64, BadRow> {
-    parse_iso_time_str(s).ok_or_else(|| {
-        bad(
-            "bad_time",
-            format!(
-                "bad time '{}' (expected ISO 8601 like '2012-04-03T18:00:09Z')",
-                s.trim()
-            ),
-        )
-    })
+    parse_iso_time_str(s).ok_or_else(|| bad("bad_time", format!("bad time '{}' (expected ISO 8601 like '2012-04-03T18:00:09Z')", s.trim())))
 }
 
 #[cfg(test)]
@@ -723,9 +574,7 @@ mod tests {
     use std::io::Write;
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
     }
 
     fn write_tmp(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
@@ -736,26 +585,11 @@ mod tests {
 
     #[test]
     fn time_parsers() {
-        assert_eq!(
-            parse_tsmc_time_str("Tue Apr 03 18:00:09 +0000 2012"),
-            Some(1_333_476_009)
-        );
-        assert_eq!(
-            parse_iso_time_str("2012-04-03T18:00:09Z"),
-            Some(1_333_476_009)
-        );
-        assert_eq!(
-            parse_iso_time_str("2012-04-03T14:00:09-04:00"),
-            Some(1_333_476_009)
-        );
-        assert_eq!(
-            parse_iso_time_str("2012-04-03 18:00:09"),
-            Some(1_333_476_009)
-        );
-        assert_eq!(
-            parse_iso_time_str("2012-04-03T18:00:09.750Z"),
-            Some(1_333_476_009)
-        );
+        assert_eq!(parse_tsmc_time_str("Tue Apr 03 18:00:09 +0000 2012"), Some(1_333_476_009));
+        assert_eq!(parse_iso_time_str("2012-04-03T18:00:09Z"), Some(1_333_476_009));
+        assert_eq!(parse_iso_time_str("2012-04-03T14:00:09-04:00"), Some(1_333_476_009));
+        assert_eq!(parse_iso_time_str("2012-04-03 18:00:09"), Some(1_333_476_009));
+        assert_eq!(parse_iso_time_str("2012-04-03T18:00:09.750Z"), Some(1_333_476_009));
         assert_eq!(parse_iso_time_str("yesterday"), None);
         assert_eq!(parse_tsmc_time_str("2012-04-03T18:00:09Z"), None);
     }
@@ -783,11 +617,7 @@ mod tests {
 
     #[test]
     fn foursquare_fixture_with_non_utf8_row() {
-        let d = read(
-            &fixture("tsmc2014_sample.txt"),
-            &ReadOptions::new(Format::Foursquare),
-        )
-        .unwrap();
+        let d = read(&fixture("tsmc2014_sample.txt"), &ReadOptions::new(Format::Foursquare)).unwrap();
         assert_eq!(d.report.rows_read, 8);
         assert_eq!(d.rows.len(), 7);
         assert_eq!(d.report.skipped["bad_time"].first_lines, vec![6]);
@@ -797,11 +627,7 @@ mod tests {
         assert_eq!(d.rows[0].utc, 1_333_476_009);
         assert_eq!(d.rows[0].tz_offset_min, -240);
         // Row 4 has the byte 0xE9 in its category: decoded lossily, row kept.
-        let cafe = d
-            .venues
-            .iter()
-            .find(|v| v.id == "4b5b981bf964a520a8f528e3")
-            .unwrap();
+        let cafe = d.venues.iter().find(|v| v.id == "4b5b981bf964a520a8f528e3").unwrap();
         assert_eq!(cafe.category, "Caf\u{fffd}");
         assert_eq!(d.rows.iter().filter(|r| r.tz_offset_min == 540).count(), 1);
     }
@@ -810,9 +636,7 @@ mod tests {
     fn foursquare_strict_names_the_line() {
         let mut o = ReadOptions::new(Format::Foursquare);
         o.strict = true;
-        let err = read(&fixture("tsmc2014_sample.txt"), &o)
-            .unwrap_err()
-            .to_string();
+        let err = read(&fixture("tsmc2014_sample.txt"), &o).unwrap_err().to_string();
         assert!(err.contains("line 6"), "{err}");
         assert!(err.contains("bad time"), "{err}");
     }
@@ -841,16 +665,8 @@ mod tests {
 
     #[test]
     fn csv_fixture_plain_and_gzip() {
-        let plain = read(
-            &fixture("checkins_sample.csv"),
-            &ReadOptions::new(Format::Csv),
-        )
-        .unwrap();
-        let gz = read(
-            &fixture("checkins_sample.csv.gz"),
-            &ReadOptions::new(Format::Csv),
-        )
-        .unwrap();
+        let plain = read(&fixture("checkins_sample.csv"), &ReadOptions::new(Format::Csv)).unwrap();
+        let gz = read(&fixture("checkins_sample.csv.gz"), &ReadOptions::new(Format::Csv)).unwrap();
         assert_eq!(plain.rows, gz.rows);
         assert_eq!(plain.venues, gz.venues);
         assert_eq!(plain.report.rows_read, 5);
@@ -865,10 +681,7 @@ mod tests {
     fn gzip_detected_by_magic_not_name() {
         let dir = tempfile::tempdir().unwrap();
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        enc.write_all(
-            b"user_id,venue_id,utc_time,latitude,longitude\nu1,v1,2012-04-03T18:00:09Z,1,2\n",
-        )
-        .unwrap();
+        enc.write_all(b"user_id,venue_id,utc_time,latitude,longitude\nu1,v1,2012-04-03T18:00:09Z,1,2\n").unwrap();
         let p = write_tmp(&dir, "looks_plain.csv", &enc.finish().unwrap());
         let d = read(&p, &ReadOptions::new(Format::Csv)).unwrap();
         assert_eq!(d.rows.len(), 1);
@@ -886,55 +699,27 @@ mod tests {
         }
         let e = read(&dir.path().join("nope.txt"), &ReadOptions::new(Format::Csv)).unwrap_err();
         assert!(format!("{e:#}").contains("cannot open input file"));
-        let header_only = write_tmp(
-            &dir,
-            "h.csv",
-            b"user_id,venue_id,category,latitude,longitude,utc_time,tz_offset_min\n",
-        );
-        assert!(
-            read(&header_only, &ReadOptions::new(Format::Csv))
-                .unwrap_err()
-                .to_string()
-                .contains("empty")
-        );
+        let header_only = write_tmp(&dir, "h.csv", b"user_id,venue_id,category,latitude,longitude,utc_time,tz_offset_min\n");
+        assert!(read(&header_only, &ReadOptions::new(Format::Csv)).unwrap_err().to_string().contains("empty"));
         let no_cols = write_tmp(&dir, "n.csv", b"a,b\n1,2\n");
-        let e = read(&no_cols, &ReadOptions::new(Format::Csv))
-            .unwrap_err()
-            .to_string();
+        let e = read(&no_cols, &ReadOptions::new(Format::Csv)).unwrap_err().to_string();
         assert!(e.contains("lacks columns user_id, venue_id"), "{e}");
-        let garbage = write_tmp(
-            &dir,
-            "g.txt",
-            &[0xff, 0xfe, 0x00, b'\n', 0x1f, b'\t', b'\n'],
-        );
-        let e = read(&garbage, &ReadOptions::new(Format::Foursquare))
-            .unwrap_err()
-            .to_string();
+        let garbage = write_tmp(&dir, "g.txt", &[0xff, 0xfe, 0x00, b'\n', 0x1f, b'\t', b'\n']);
+        let e = read(&garbage, &ReadOptions::new(Format::Foursquare)).unwrap_err().to_string();
         assert!(e.contains("no usable check-ins"), "{e}");
         // A truncated gzip stream is a read error, not a panic.
         let trunc = write_tmp(&dir, "t.gz", &[0x1f, 0x8b, 0x08, 0x00, 0x00]);
         assert!(read(&trunc, &ReadOptions::new(Format::Csv)).is_err());
         let mut o = ReadOptions::new(Format::Csv);
         o.tz_offset_min = Some(60);
-        assert!(
-            read(&header_only, &o)
-                .unwrap_err()
-                .to_string()
-                .contains("only to --format gowalla")
-        );
+        assert!(read(&header_only, &o).unwrap_err().to_string().contains("only to --format gowalla"));
     }
 
     #[test]
     fn field_parsers() {
         assert!(parse_coords("40.7", "-74.0").is_ok());
-        assert_eq!(
-            parse_coords("91", "0").unwrap_err().reason,
-            "bad_coordinates"
-        );
-        assert_eq!(
-            parse_coords("NaN", "0").unwrap_err().reason,
-            "bad_coordinates"
-        );
+        assert_eq!(parse_coords("91", "0").unwrap_err().reason, "bad_coordinates");
+        assert_eq!(parse_coords("NaN", "0").unwrap_err().reason, "bad_coordinates");
         assert_eq!(parse_tz("-240").unwrap(), -240);
         assert_eq!(parse_tz("-240.0").unwrap(), -240);
         assert!(parse_tz("99999").is_err());

@@ -43,7 +43,8 @@ mod tests {
             let vf = Tensor::cat(&[&pv.index_select(&idx, 0).unwrap(), &v], 2).unwrap();
             let want = causal_attention(&q, &kf, &vf, &pads).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let prefix = SharedKv { k: &pk, v: &pv, of_row: &of_row };
-            let got = causal_attention_with_prefix(&q, Some(prefix), &k, &v, &pads).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got =
+                causal_attention_with_prefix(&q, Some(prefix), &k, &v, &pads).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for (a, b) in want.iter().zip(&got) {
                 assert!((a - b).abs() < 1e-5, "own {own}, t {t}: {a} vs {b}");
             }
@@ -122,7 +123,12 @@ pub fn causal_attention_with_prefix(
     let (plen, of_row) = match &prefix {
         Some(p) => {
             let (prompts, pkv, plen, pd) = p.k.dims4()?;
-            if pkv != kv || pd != d || p.v.dims4()? != (prompts, kv, plen, d) || p.of_row.len() != b || p.of_row.iter().any(|&r| r >= prompts) {
+            if pkv != kv
+                || pd != d
+                || p.v.dims4()? != (prompts, kv, plen, d)
+                || p.of_row.len() != b
+                || p.of_row.iter().any(|&r| r >= prompts)
+            {
                 candle_core::bail!("shared prefix does not fit the rows' keys");
             }
             (plen, p.of_row)
@@ -136,9 +142,8 @@ pub fn causal_attention_with_prefix(
     let qs = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     // Work items: (row, kv head, block of queries); many blocks so threads balance causal work.
     let q_block = t.div_ceil(8).max(1);
-    let items: Vec<(usize, usize, usize)> = (0..b)
-        .flat_map(|bi| (0..kv).flat_map(move |g| (0..t).step_by(q_block).map(move |i0| (bi, g, i0))))
-        .collect();
+    let items: Vec<(usize, usize, usize)> =
+        (0..b).flat_map(|bi| (0..kv).flat_map(move |g| (0..t).step_by(q_block).map(move |i0| (bi, g, i0)))).collect();
     let mut tensors = vec![k, v];
     if let Some(p) = &prefix {
         tensors.extend([p.k, p.v]);
@@ -153,7 +158,10 @@ pub fn causal_attention_with_prefix(
         let key_at = |view_own: &View, view_prefix: Option<&View>, bi: usize, g: usize, j: usize| -> (usize, usize) {
             match view_prefix {
                 Some(pv) if j < plen => (pv.offset + of_row[bi] * pv.stride[0] + g * pv.stride[1] + j * pv.stride[2], pv.stride[2]),
-                _ => (view_own.offset + bi * view_own.stride[0] + g * view_own.stride[1] + (j - plen) * view_own.stride[2], view_own.stride[2]),
+                _ => (
+                    view_own.offset + bi * view_own.stride[0] + g * view_own.stride[1] + (j - plen) * view_own.stride[2],
+                    view_own.stride[2],
+                ),
             }
         };
         let (pk, pv) = (views.get(2), views.get(3));

@@ -95,10 +95,7 @@ impl ModelConfig {
             "unsupported model_type '{}': refine-poi runs Llama-family and Qwen2 models",
             self.model_type
         );
-        anyhow::ensure!(
-            self.num_attention_heads > 0 && self.num_kv_heads() > 0,
-            "model config has zero attention heads"
-        );
+        anyhow::ensure!(self.num_attention_heads > 0 && self.num_kv_heads() > 0, "model config has zero attention heads");
         anyhow::ensure!(
             self.num_attention_heads.is_multiple_of(self.num_kv_heads()),
             "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
@@ -119,9 +116,7 @@ impl ModelConfig {
     /// Inverse rotary frequencies, one per pair of head dimensions.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let dim = self.head_dim();
-        let base: Vec<f64> = (0..dim / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / dim as f64))
-            .collect();
+        let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / dim as f64)).collect();
         match &self.rope_scaling {
             Some(s) if s.rope_type == "llama3" => {
                 let old_ctx = s.original_max_position_embeddings as f64;
@@ -135,8 +130,7 @@ impl ModelConfig {
                         } else if wavelen > low_wavelen {
                             freq / s.factor
                         } else {
-                            let smooth = (old_ctx / wavelen - s.low_freq_factor)
-                                / (s.high_freq_factor - s.low_freq_factor);
+                            let smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                             (1.0 - smooth) * freq / s.factor + smooth * freq
                         }
                     })

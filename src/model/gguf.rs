@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use tokenizers::models::bpe::BPE;
@@ -172,20 +172,23 @@ fn tokenizer_from_metadata(meta: &Meta, tokens: Vec<String>) -> anyhow::Result<T
     let mut tok = Tokenizer::new(bpe);
     let byte_level = ByteLevel::new(false, true, true);
     let regex_split = |pattern: &str| -> anyhow::Result<_> {
-        Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| anyhow::anyhow!("{e}"))
+        Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false).map_err(|e| anyhow::anyhow!("{e}"))
     };
     // Each pre-tokenizer as the matching tokenizer.json writes it.
     let pre_tokenizer: tokenizers::PreTokenizerWrapper = match pre.as_str() {
         "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
         "default" | "gpt2" => byte_level.into(),
         "llama-bpe" | "llama3" => Sequence::new(vec![
-            regex_split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")?.into(),
+            regex_split(
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            )?
+            .into(),
             ByteLevel::new(false, true, false).into(),
         ])
         .into(),
         "qwen2" => Sequence::new(vec![
-            regex_split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")?.into(),
+            regex_split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")?
+                .into(),
             ByteLevel::new(false, true, false).into(),
         ])
         .into(),
@@ -202,12 +205,8 @@ fn tokenizer_from_metadata(meta: &Meta, tokens: Vec<String>) -> anyhow::Result<T
         Some(v) => v.to_vec()?.iter().map(|t| t.to_i32().map(i64::from)).collect::<Result<_, _>>()?,
         None => Vec::new(),
     };
-    let specials: Vec<AddedToken> = types
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| **t == 3 || **t == 4)
-        .map(|(i, t)| AddedToken::from(tokens[i].clone(), *t == 3))
-        .collect();
+    let specials: Vec<AddedToken> =
+        types.iter().enumerate().filter(|(_, t)| **t == 3 || **t == 4).map(|(i, t)| AddedToken::from(tokens[i].clone(), *t == 3)).collect();
     tok.add_special_tokens(specials).map_err(|e| anyhow::anyhow!("{e}"))?;
     let token_at = |key: &str| meta.usize(key).ok().and_then(|i| tokens.get(i).cloned());
     let bos = token_at("tokenizer.ggml.bos_token_id");
@@ -248,10 +247,14 @@ mod tests {
         let (heads, hd, cols) = (2, 4, 3);
         let w = Tensor::arange(0f32, (heads * hd * cols) as f32, &Device::Cpu).unwrap().reshape((heads * hd, cols)).unwrap();
         let permuted = w
-            .reshape((heads, 2, hd / 2, cols)).unwrap()
-            .transpose(1, 2).unwrap()
-            .contiguous().unwrap()
-            .reshape((heads * hd, cols)).unwrap();
+            .reshape((heads, 2, hd / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((heads * hd, cols))
+            .unwrap();
         let back = unpermute_rope_rows(&permuted, heads).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
     }

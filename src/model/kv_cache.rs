@@ -3,7 +3,7 @@
 //! share one prefill, and its keys and values are stored once: a cache may start with a shared
 //! prefix that each row reads from its prompt's copy, followed by the row's own positions.
 
-use candle_core::{Tensor, D};
+use candle_core::{D, Tensor};
 
 /// Keys and values of the prompts that several rows continue, stored once per prompt.
 #[derive(Clone)]

@@ -15,7 +15,7 @@ pub mod transformer;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
@@ -92,7 +92,8 @@ pub fn load_on(source: &ModelSource, device: &Device, dtype: DType) -> anyhow::R
         ModelSource::Gguf(path) => {
             let parts = gguf::load(path, device, dtype)?;
             let vb = VarBuilder::from_tensors(parts.tensors, dtype, device);
-            let model = CausalLm::load(parts.config, vb).with_context(|| format!("{}: weights do not fit the architecture", path.display()))?;
+            let model =
+                CausalLm::load(parts.config, vb).with_context(|| format!("{}: weights do not fit the architecture", path.display()))?;
             Ok(LoadedModel { model, tokenizer: parts.tokenizer, source: path.display().to_string() })
         }
         ModelSource::Folder(dir) => load_folder(dir, device, dtype),
@@ -130,8 +131,7 @@ pub fn load_folder(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<
     let model = CausalLm::load(config.clone(), vb).with_context(|| format!("{}: weights do not fit config.json", dir.display()))?;
 
     let tok_path = dir.join("tokenizer.json");
-    let inner = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
+    let inner = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
     let tok_cfg = read_json("tokenizer_config.json")?.unwrap_or_default();
     let special = |key: &str| -> Option<String> {
         match tok_cfg.get(key)? {
@@ -154,9 +154,10 @@ pub fn load_folder(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<
     let eos_token = special("eos_token");
     let mut eos_ids: Vec<u32> = config.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default();
     if let Some(generation) = read_json("generation_config.json")?
-        && let Some(e) = generation.get("eos_token_id").and_then(|e| serde_json::from_value::<config::TokenIds>(e.clone()).ok()) {
-            eos_ids.extend(e.to_vec());
-        }
+        && let Some(e) = generation.get("eos_token_id").and_then(|e| serde_json::from_value::<config::TokenIds>(e.clone()).ok())
+    {
+        eos_ids.extend(e.to_vec());
+    }
     if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
         eos_ids.push(id);
     }

@@ -127,11 +127,8 @@ impl CausalLm {
             base_model_name_or_path: Some(base_model.to_string()),
             inference_mode: true,
         };
-        let tensors: HashMap<String, Tensor> = self
-            .lora_vars()
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(DType::F32)?)))
-            .collect::<anyhow::Result<_>>()?;
+        let tensors: HashMap<String, Tensor> =
+            self.lora_vars().into_iter().map(|(k, v)| Ok((k, v.as_tensor().to_dtype(DType::F32)?))).collect::<anyhow::Result<_>>()?;
         crate::fsutil::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&peft)?.as_bytes())?;
         let tmp = dir.join("adapter_model.safetensors.tmp");
         candle_core::safetensors::save(&tensors, &tmp)?;
@@ -143,11 +140,19 @@ impl CausalLm {
     /// against the model: an adapter for another model is an error, not a silent mismatch.
     pub fn load_adapter(&mut self, dir: &Path) -> anyhow::Result<()> {
         let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("cannot read adapter config {}", cfg_path.display()))?;
+        let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read adapter config {}", cfg_path.display()))?;
         let peft: PeftConfig = serde_json::from_str(&text).with_context(|| format!("malformed {}", cfg_path.display()))?;
-        anyhow::ensure!(peft.peft_type == "LORA", "{}: peft_type is '{}', only LORA adapters are supported", cfg_path.display(), peft.peft_type);
-        anyhow::ensure!(!peft.fan_in_fan_out && !peft.use_dora, "{}: fan_in_fan_out and DoRA adapters are not supported", cfg_path.display());
+        anyhow::ensure!(
+            peft.peft_type == "LORA",
+            "{}: peft_type is '{}', only LORA adapters are supported",
+            cfg_path.display(),
+            peft.peft_type
+        );
+        anyhow::ensure!(
+            !peft.fan_in_fan_out && !peft.use_dora,
+            "{}: fan_in_fan_out and DoRA adapters are not supported",
+            cfg_path.display()
+        );
         let weights_path = dir.join("adapter_model.safetensors");
         let mut tensors = candle_core::safetensors::load(&weights_path, self.device())
             .with_context(|| format!("cannot read adapter weights {}", weights_path.display()))?;

@@ -14,8 +14,8 @@
 //! tests) computes the same with candle's ops. Backward passes are written with candle's ops
 //! on detached tensors, so they work for both.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Tensor, D};
 use super::attention_cpu::kernels;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Device, Layout, Shape, Tensor};
 
 /// Whether the fused training ops run on this device and dtype.
 pub fn supported(device: &Device, dtype: DType) -> bool {
@@ -24,9 +24,7 @@ pub fn supported(device: &Device, dtype: DType) -> bool {
 
 /// A CPU storage as a (copied, contiguous) tensor.
 pub(crate) fn storage_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("fused training ops need contiguous inputs")
-    };
+    let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("fused training ops need contiguous inputs") };
     match s {
         CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu),
         CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu),
@@ -96,7 +94,15 @@ impl CustomOp3 for Attention {
         "train-causal-attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (q, k, v) = (storage_tensor(s1, l1)?, storage_tensor(s2, l2)?, storage_tensor(s3, l3)?);
         let y = if super::attention_cpu::supported(q.device(), q.dtype()) {
             super::attention_cpu::causal_attention(&q, &k, &v, &self.pads)?
@@ -108,7 +114,14 @@ impl CustomOp3 for Attention {
         tensor_storage(&y)
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
         let (b, h, t, d) = q.dims4()?;
         let kv = k.dim(1)?;
@@ -208,7 +221,15 @@ impl CustomOp3 for LoraLinear {
         "train-lora-linear"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, a, b) = (storage_tensor(s1, l1)?, storage_tensor(s2, l2)?, storage_tensor(s3, l3)?);
         let mut y = x.matmul(&self.w.t()?)?;
         if let Some(bias) = &self.bias {
@@ -218,7 +239,14 @@ impl CustomOp3 for LoraLinear {
         tensor_storage(&y)
     }
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
         let dyb = (dy.matmul(&b)? * self.scale)?;
         let dx = (dy.matmul(&self.w)? + dyb.matmul(&a)?)?;
@@ -424,7 +452,16 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     /// Values and input gradients of `f` and `g` on the same inputs, compared.
@@ -434,7 +471,8 @@ mod tests {
         let (a, b) = (f(&ts), g(&ts));
         assert!(max_diff(&a, &b) < tol, "values differ by {}", max_diff(&a, &b));
         let w = rand(a.dims(), 7, a.dtype());
-        let (ga, gb) = ((&a * &w).unwrap().sum_all().unwrap().backward().unwrap(), (&b * &w).unwrap().sum_all().unwrap().backward().unwrap());
+        let (ga, gb) =
+            ((&a * &w).unwrap().sum_all().unwrap().backward().unwrap(), (&b * &w).unwrap().sum_all().unwrap().backward().unwrap());
         for (i, v) in vars.iter().enumerate() {
             let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
             assert!(max_diff(x, y) < tol, "input {i}: gradients differ by {}", max_diff(x, y));
@@ -448,7 +486,12 @@ mod tests {
             // Values out to |g| = 8 exercise both tails of the sigmoid.
             let g = (rand(&[3, 5, 40], 1, dtype) * 8.0).unwrap();
             let u = rand(&[3, 5, 40], 2, dtype);
-            same_values_and_grads(&[g, u], |t| swiglu(&t[0], &t[1]).unwrap(), |t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(), tol);
+            same_values_and_grads(
+                &[g, u],
+                |t| swiglu(&t[0], &t[1]).unwrap(),
+                |t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
+                tol,
+            );
         }
     }
 
@@ -469,7 +512,12 @@ mod tests {
             // 2 rows (one left-padded by 2), 4 query heads over 2 KV heads, 3 queries over 5 keys.
             let inputs = [rand(&[2, 4, 3, 8], 1, dtype), rand(&[2, 2, 5, 8], 2, dtype), rand(&[2, 2, 5, 8], 3, dtype)];
             let pads = [0, 2];
-            same_values_and_grads(&inputs, |x| attention(&x[0], &x[1], &x[2], &pads).unwrap(), |x| composite_attention(&x[0], &x[1], &x[2], &pads), tol);
+            same_values_and_grads(
+                &inputs,
+                |x| attention(&x[0], &x[1], &x[2], &pads).unwrap(),
+                |x| composite_attention(&x[0], &x[1], &x[2], &pads),
+                tol,
+            );
         }
     }
 
@@ -490,7 +538,12 @@ mod tests {
     fn rms_norm_rope_and_target_logprobs_match_candle_ops() {
         let dtype = DType::F64;
         let w = rand(&[6], 4, dtype);
-        same_values_and_grads(&[rand(&[2, 3, 6], 5, dtype)], |x| rms_norm(&x[0], &w, 1e-5).unwrap(), |x| candle_nn::ops::rms_norm_slow(&x[0], &w, 1e-5).unwrap(), 1e-10);
+        same_values_and_grads(
+            &[rand(&[2, 3, 6], 5, dtype)],
+            |x| rms_norm(&x[0], &w, 1e-5).unwrap(),
+            |x| candle_nn::ops::rms_norm_slow(&x[0], &w, 1e-5).unwrap(),
+            1e-10,
+        );
         let (cos, sin) = (rand(&[3, 4], 6, dtype), rand(&[3, 4], 8, dtype));
         let composite_rope = |x: &Tensor| {
             let (c, s) = (Tensor::cat(&[&cos, &cos], 1).unwrap(), Tensor::cat(&[&sin, &sin], 1).unwrap());

@@ -9,9 +9,9 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
+use super::kv_cache::{CachedKv, KvCache};
 use super::lora::{Lora, LoraConfig};
 use crate::seed::{fnv1a, splitmix64};
-use super::kv_cache::{CachedKv, KvCache};
 
 /// How a forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +57,6 @@ fn dropout_mask(rows: usize, cols: usize, p: f64, seed: u64, device: &Device, dt
     Tensor::from_vec(data, (rows, cols), device)?.to_dtype(dtype)
 }
 
-
 /// A linear layer `y = x W^T (+ bias)`, optionally with a LoRA adapter.
 pub struct Linear {
     /// The Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj` (PEFT keys build on it).
@@ -95,7 +94,8 @@ impl Linear {
             && (mode.dropout.is_none() || lora.dropout == 0.0)
             && super::train_ops::supported(x.device(), x.dtype())
         {
-            let y = super::train_ops::lora_linear(&x2, &self.weight, self.bias.as_ref(), lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)?;
+            let y =
+                super::train_ops::lora_linear(&x2, &self.weight, self.bias.as_ref(), lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)?;
             return y.reshape(out_dims);
         }
         let factors = match (&self.lora, mode.adapter) {
@@ -125,7 +125,8 @@ impl Linear {
             let dropped;
             let input = match mode.dropout {
                 Some(seed) if mode.adapter && lora.dropout > 0.0 => {
-                    let mask = dropout_mask(rows, self.in_dim(), lora.dropout, seed ^ fnv1a(self.path.as_bytes()), x2.device(), x2.dtype())?;
+                    let mask =
+                        dropout_mask(rows, self.in_dim(), lora.dropout, seed ^ fnv1a(self.path.as_bytes()), x2.device(), x2.dtype())?;
                     dropped = (&x2 * mask)?;
                     &dropped
                 }
@@ -196,11 +197,7 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> candle_core::R
 }
 
 fn softmax(x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-    if mode.grad {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
+    if mode.grad { candle_nn::ops::softmax(x, D::Minus1) } else { candle_nn::ops::softmax_last_dim(x) }
 }
 
 /// Rotary embedding in the Hugging Face (rotate-half) layout; x is (B, H, T, head_dim).
@@ -247,8 +244,7 @@ impl Attention {
         let group = self.heads / self.kv_heads;
         // Grouped-query attention without copying K/V: the `group` query heads that share a KV
         // head are stacked along the time axis.
-        let q = (q.contiguous()?.reshape((b, self.kv_heads, group * t, self.head_dim))?
-            * (1.0 / (self.head_dim as f64).sqrt()))?;
+        let q = (q.contiguous()?.reshape((b, self.kv_heads, group * t, self.head_dim))? * (1.0 / (self.head_dim as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, self.heads, t, keys))?;
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
@@ -333,11 +329,13 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         "frozen-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul needs a contiguous input")
-        };
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("frozen-matmul needs a contiguous input") };
         let x = match storage {
             CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
             CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
@@ -404,9 +402,7 @@ impl CausalLm {
         let dtype = vb.dtype();
         let inv_freq = config.rope_inv_freq();
         let positions = config.max_position_embeddings;
-        let angles: Vec<f32> = (0..positions)
-            .flat_map(|p| inv_freq.iter().map(move |f| (p as f64 * f) as f32))
-            .collect();
+        let angles: Vec<f32> = (0..positions).flat_map(|p| inv_freq.iter().map(move |f| (p as f64 * f) as f32)).collect();
         let angles = Tensor::from_vec(angles, (positions, inv_freq.len()), &device)?;
         let cos_table = angles.cos()?.to_dtype(dtype)?;
         let sin_table = angles.sin()?.to_dtype(dtype)?;
@@ -423,9 +419,7 @@ impl CausalLm {
 
     /// Every linear layer, in a fixed order (layer by layer: q, k, v, o, gate, up, down).
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
-        self.blocks.iter().flat_map(|b| {
-            [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down]
-        })
+        self.blocks.iter().flat_map(|b| [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down])
     }
 
     /// Every weight under its Hugging Face name with the adapter merged in (`W + scale · B A`;
@@ -455,9 +449,9 @@ impl CausalLm {
     }
 
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.blocks.iter_mut().flat_map(|b| {
-            [&mut b.attn.q, &mut b.attn.k, &mut b.attn.v, &mut b.attn.o, &mut b.mlp.gate, &mut b.mlp.up, &mut b.mlp.down]
-        })
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| [&mut b.attn.q, &mut b.attn.k, &mut b.attn.v, &mut b.attn.o, &mut b.mlp.gate, &mut b.mlp.up, &mut b.mlp.down])
     }
 
     /// Hidden states after the final norm, (B, T, hidden).
@@ -573,10 +567,7 @@ impl CausalLm {
 
     /// Rotary tables for rows that share the positions `start..start + t`, (t, hd / 2).
     fn rope_range(&self, start: usize, t: usize) -> candle_core::Result<Rope> {
-        Ok(Rope {
-            cos: self.cos_table.narrow(0, start, t)?.contiguous()?,
-            sin: self.sin_table.narrow(0, start, t)?.contiguous()?,
-        })
+        Ok(Rope { cos: self.cos_table.narrow(0, start, t)?.contiguous()?, sin: self.sin_table.narrow(0, start, t)?.contiguous()? })
     }
 
     /// The training forward of one GRPO group: a prompt shared by G completions. The prompt's

@@ -19,7 +19,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use super::config::Stage;
@@ -214,7 +214,16 @@ impl RunDir {
     /// The state and log a stage's loop starts from: restored from the checkpoint `latest` (which
     /// must plan the same `total` steps) with the log cut back to it, or fresh.
     #[allow(clippy::too_many_arguments)]
-    pub fn restore_or_start(&self, latest: Option<&Path>, model: &mut CausalLm, opt: &mut AdamW, stage: Stage, seed: u64, total: u64, config_hash: &str) -> Result<(TrainerState, MetricsLog)> {
+    pub fn restore_or_start(
+        &self,
+        latest: Option<&Path>,
+        model: &mut CausalLm,
+        opt: &mut AdamW,
+        stage: Stage,
+        seed: u64,
+        total: u64,
+        config_hash: &str,
+    ) -> Result<(TrainerState, MetricsLog)> {
         match latest {
             Some(dir) => {
                 let state = RunDir::load_checkpoint(dir, model, opt, stage, config_hash)?;
@@ -232,9 +241,16 @@ impl RunDir {
     pub fn load_checkpoint(dir: &Path, model: &mut CausalLm, opt: &mut AdamW, stage: Stage, config_hash: &str) -> Result<TrainerState> {
         let ctx = || format!("cannot resume from checkpoint {}", dir.display());
         let state_path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display())).with_context(ctx)?;
-        let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_path.display())).with_context(ctx)?;
-        ensure!(state.format_version == STATE_VERSION, "{}: format version {} (expected {STATE_VERSION})", state_path.display(), state.format_version);
+        let text =
+            std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display())).with_context(ctx)?;
+        let state: TrainerState =
+            serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_path.display())).with_context(ctx)?;
+        ensure!(
+            state.format_version == STATE_VERSION,
+            "{}: format version {} (expected {STATE_VERSION})",
+            state_path.display(),
+            state.format_version
+        );
         ensure!(state.stage == stage.name(), "{} is a {} checkpoint, not {}", dir.display(), state.stage, stage.name());
         ensure!(
             state.config_hash == config_hash,
@@ -375,7 +391,8 @@ mod tests {
         let mut log = MetricsLog::resume(&path, 3).unwrap();
         log.log(&serde_json::json!({"step": 4, "again": true})).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        let steps: Vec<u64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+        let steps: Vec<u64> =
+            text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
     }
 }

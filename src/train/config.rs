@@ -175,7 +175,22 @@ mod tests {
         let text = cfg.to_toml().unwrap();
         assert_eq!(RunConfig::from_toml(&text).unwrap(), cfg);
         // Every key is spelled out in the resolved config.
-        for key in ["run_dir", "[model]", "[data]", "[prompt]", "[lora]", "[sft]", "[grpo]", "[rewards.weights]", "[rewards.params]", "lr", "answer", "warmup_steps", "targets", "beta"] {
+        for key in [
+            "run_dir",
+            "[model]",
+            "[data]",
+            "[prompt]",
+            "[lora]",
+            "[sft]",
+            "[grpo]",
+            "[rewards.weights]",
+            "[rewards.params]",
+            "lr",
+            "answer",
+            "warmup_steps",
+            "targets",
+            "beta",
+        ] {
             assert!(text.contains(key), "{key} missing from\n{text}");
         }
     }
@@ -185,7 +200,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "run_dir = \"out\"\n[sft]\nlr = 1\nanswer = \"single\"\n[prompt]\nk = 5\n").unwrap();
-        let sets = ["sft.lr=3e-4", "sft.max_steps=7", "data.dir=/tmp/x y", "lora.targets=[\"q\", \"v\"]", "model.adapter=a/b"].map(String::from);
+        let sets =
+            ["sft.lr=3e-4", "sft.max_steps=7", "data.dir=/tmp/x y", "lora.targets=[\"q\", \"v\"]", "model.adapter=a/b"].map(String::from);
         let cfg = RunConfig::load(Some(&path), &sets).unwrap();
         assert_eq!(cfg.run_dir, PathBuf::from("out"));
         assert_eq!(cfg.sft.train.lr, 3e-4);

@@ -18,24 +18,24 @@ pub mod schedule;
 pub mod sft;
 pub mod val;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result, ensure};
 use candle_core::{D, DType, Tensor};
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rand::seq::SliceRandom;
 
-use crate::seed::{SEED_DATA, SEED_LORA_INIT, SEED_SUBSET, derive_seed};
-use config::RunConfig;
-use schedule::TrainConfig;
 use crate::data::{Dataset, Instance, Split};
 use crate::model::{self, CausalLm, LoadedModel, Mode};
 use crate::prompt::PromptConfig;
+use crate::seed::{SEED_DATA, SEED_LORA_INIT, SEED_SUBSET, derive_seed};
 use checkpoint::{BestVal, MetricsLog, RunDir, TrainerState};
+use config::RunConfig;
 use optim::AdamW;
+use schedule::TrainConfig;
 
 /// How a run is driven (beyond its config).
 #[derive(Debug, Clone, Default)]
@@ -138,8 +138,24 @@ pub struct StageLoop<'a> {
 
 impl<'a> StageLoop<'a> {
     /// `latest` is the checkpoint resumed from (at `step`), if any.
-    pub fn new(run: &'a RunDir, t: &'a TrainConfig, base: String, total: u64, step: u64, latest: Option<PathBuf>, stop_after: Option<u64>) -> Self {
-        StageLoop { run, t, base, total, stop_at: stop_after.map(|n| step + n), saved_at: latest.as_ref().map(|_| step), checkpoint: latest }
+    pub fn new(
+        run: &'a RunDir,
+        t: &'a TrainConfig,
+        base: String,
+        total: u64,
+        step: u64,
+        latest: Option<PathBuf>,
+        stop_after: Option<u64>,
+    ) -> Self {
+        StageLoop {
+            run,
+            t,
+            base,
+            total,
+            stop_at: stop_after.map(|n| step + n),
+            saved_at: latest.as_ref().map(|_| step),
+            checkpoint: latest,
+        }
     }
 
     /// Ctrl-C was pressed or `--stop-after` is reached at `step`.
@@ -247,7 +263,12 @@ pub fn token_logprobs(logits: &Tensor, tokens: &Tensor) -> candle_core::Result<T
 pub fn scored_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Result<Tensor> {
     ensure!(!rows.is_empty(), "empty batch");
     for (i, r) in rows.iter().enumerate() {
-        ensure!(r.score_from >= 1 && r.score_from < r.ids.len(), "row {i}: nothing to score (score_from {} of {} tokens)", r.score_from, r.ids.len());
+        ensure!(
+            r.score_from >= 1 && r.score_from < r.ids.len(),
+            "row {i}: nothing to score (score_from {} of {} tokens)",
+            r.score_from,
+            r.ids.len()
+        );
     }
     // The input is every token but the last; position t predicts token t + 1.
     let t = rows.iter().map(|r| r.ids.len() - 1).max().unwrap_or(0);

@@ -75,14 +75,9 @@ impl TrainConfig {
 
     /// Optimizer steps of the whole run for `examples` training examples, `per_step` a step.
     pub fn total_steps(&self, examples: usize, per_step: usize) -> usize {
-        if self.max_steps > 0 {
-            self.max_steps
-        } else {
-            (self.epochs * examples).div_ceil(per_step.max(1)).max(1)
-        }
+        if self.max_steps > 0 { self.max_steps } else { (self.epochs * examples).div_ceil(per_step.max(1)).max(1) }
     }
 }
-
 
 /// The SFT warm-up's loop settings; GRPO's defaults change a few of them
 /// (`crate::train::grpo::config`).

@@ -6,12 +6,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
-use crate::answer::{parse_answer, ANSWER_CLOSE};
+use crate::answer::{ANSWER_CLOSE, parse_answer};
 use crate::data::{Dataset, Instance, Split};
-use crate::eval::{evaluate, EvalOptions, EvalReport, Prediction, Recommender};
-use crate::generate::{generate, SamplingConfig};
+use crate::eval::{EvalOptions, EvalReport, Prediction, Recommender, evaluate};
+use crate::generate::{SamplingConfig, generate};
 use crate::model::{CausalLm, Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
 
@@ -43,10 +43,7 @@ impl Recommender for BorrowedLlm<'_> {
             bail!(Interrupted);
         }
         let builder = PromptBuilder::new(self.prompt.clone(), self.tokenizer)?;
-        let ids = batch
-            .iter()
-            .map(|inst| Ok(builder.build(&PromptContext::from_instance(ds, inst))?.ids))
-            .collect::<Result<Vec<_>>>()?;
+        let ids = batch.iter().map(|inst| Ok(builder.build(&PromptContext::from_instance(ds, inst))?.ids)).collect::<Result<Vec<_>>>()?;
         let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
         let out = generate(self.model, self.tokenizer, &ids, 1, &cfg, Mode::INFERENCE)?;
         Ok(out

@@ -9,22 +9,11 @@ use refine_poi::data::{Dataset, Split};
 use crate::common::{error_line, run, text};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn preprocess(format: &str, input: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "preprocess",
-        "--format",
-        format,
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ];
+    let mut args = vec!["preprocess", "--format", format, "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet"];
     args.extend_from_slice(extra);
     run(&args)
 }
@@ -39,15 +28,7 @@ fn preprocess_then_eval_every_baseline() {
     let data = tmp.path().join("syn");
     let out = preprocess("foursquare", &fixture("tsmc2014_synthetic.txt"), &data, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    for f in [
-        "pois.csv",
-        "users.csv",
-        "checkins.csv",
-        "train.jsonl",
-        "val.jsonl",
-        "test.jsonl",
-        "stats.json",
-    ] {
+    for f in ["pois.csv", "users.csv", "checkins.csv", "train.jsonl", "val.jsonl", "test.jsonl", "stats.json"] {
         assert!(data.join(f).is_file(), "{f} missing");
     }
     let stats = json(&data.join("stats.json"));
@@ -67,18 +48,11 @@ fn preprocess_then_eval_every_baseline() {
 
     // The library loads what the binary wrote.
     let ds = Dataset::load(&data).unwrap();
-    assert_eq!(
-        ds.instances(Split::Test).len() as u64,
-        stats["instances"]["test"].as_u64().unwrap()
-    );
+    assert_eq!(ds.instances(Split::Test).len() as u64, stats["instances"]["test"].as_u64().unwrap());
     for inst in ds.instances(Split::Test) {
         let h = ds.history(inst);
         assert!(h.iter().all(|c| c.utc < inst.target.utc));
-        assert!(
-            ds.user_checkins(inst.user)[h.len()..]
-                .iter()
-                .all(|c| c.utc >= inst.target.utc)
-        );
+        assert!(ds.user_checkins(inst.user)[h.len()..].iter().all(|c| c.utc >= inst.target.utc));
     }
 
     for split in ["test", "val"] {
@@ -101,10 +75,7 @@ fn preprocess_then_eval_every_baseline() {
             ]);
             assert!(out.status.success(), "{}", text(&out.stderr));
             let table = text(&out.stdout);
-            assert!(
-                table.contains("Acc@1") && table.contains("discovery"),
-                "{table}"
-            );
+            assert!(table.contains("Acc@1") && table.contains("discovery"), "{table}");
             let r = json(&report);
             assert_eq!(r["method"], method);
             assert_eq!(r["split"], split);
@@ -114,24 +85,15 @@ fn preprocess_then_eval_every_baseline() {
             for g in ["all", "return", "discovery"] {
                 for k in ["acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr"] {
                     let v = &m[g][k];
-                    assert!(
-                        v.is_null() || (0.0..=1.0).contains(&v.as_f64().unwrap()),
-                        "{g}.{k} = {v}"
-                    );
+                    assert!(v.is_null() || (0.0..=1.0).contains(&v.as_f64().unwrap()), "{g}.{k} = {v}");
                 }
             }
             assert_eq!(m["all"]["n"].as_u64().unwrap(), n);
-            assert_eq!(
-                m["return"]["n"].as_u64().unwrap() + m["discovery"]["n"].as_u64().unwrap(),
-                n
-            );
+            assert_eq!(m["return"]["n"].as_u64().unwrap() + m["discovery"]["n"].as_u64().unwrap(), n);
             let acc = |k: &str| m["all"][k].as_f64().unwrap();
             assert!(acc("acc@1") <= acc("acc@5") && acc("acc@5") <= acc("acc@10"));
-            let lines: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
+            let lines: Vec<serde_json::Value> =
+                std::fs::read_to_string(&preds).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
             assert_eq!(lines.len() as u64, n);
             for l in &lines {
                 assert!(l["ranked"].as_array().unwrap().len() <= 20);
@@ -143,11 +105,7 @@ fn preprocess_then_eval_every_baseline() {
         }
     }
     // The counter beats popularity on the synthetic data (users revisit favourites).
-    let mrr = |m: &str| {
-        json(&tmp.path().join(format!("{m}-test.json")))["metrics"]["all"]["mrr"]
-            .as_f64()
-            .unwrap()
-    };
+    let mrr = |m: &str| json(&tmp.path().join(format!("{m}-test.json")))["metrics"]["all"]["mrr"].as_f64().unwrap();
     assert!(mrr("counter") > mrr("popularity"));
 }
 
@@ -159,18 +117,8 @@ fn preprocess_is_deterministic() {
         let out = preprocess("foursquare", &fixture("tsmc2014_synthetic.txt"), d, &[]);
         assert!(out.status.success());
     }
-    for f in [
-        "pois.csv",
-        "users.csv",
-        "checkins.csv",
-        "train.jsonl",
-        "test.jsonl",
-    ] {
-        assert_eq!(
-            std::fs::read(a.join(f)).unwrap(),
-            std::fs::read(b.join(f)).unwrap(),
-            "{f}"
-        );
+    for f in ["pois.csv", "users.csv", "checkins.csv", "train.jsonl", "test.jsonl"] {
+        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f}");
     }
 }
 
@@ -184,24 +132,14 @@ fn csv_gzip_and_gowalla_inputs() {
     // The malformed row is skipped, counted, and reported with its line.
     let stats = json(&d.join("stats.json"));
     assert_eq!(stats["input"]["skipped"]["bad_coordinates"]["count"], 1);
-    assert_eq!(
-        stats["input"]["skipped"]["bad_coordinates"]["first_lines"][0],
-        4
-    );
+    assert_eq!(stats["input"]["skipped"]["bad_coordinates"]["first_lines"][0], 4);
     let err = text(&out.stderr);
     assert!(err.contains("bad_coordinates: 1 row (line 4)"), "{err}");
 
     let d = tmp.path().join("gowalla");
     let cats = fixture("gowalla_categories.csv");
     let mut args = small.to_vec();
-    args.extend([
-        "--categories",
-        cats.to_str().unwrap(),
-        "--bbox",
-        "32.5,-124.5,42.0,-114.0",
-        "--tz-offset-min",
-        "-480",
-    ]);
+    args.extend(["--categories", cats.to_str().unwrap(), "--bbox", "32.5,-124.5,42.0,-114.0", "--tz-offset-min", "-480"]);
     let out = preprocess("gowalla", &fixture("gowalla_sample.txt"), &d, &args);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stats = json(&d.join("stats.json"));
@@ -215,53 +153,25 @@ fn bad_inputs_fail_with_one_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = tmp.path().join("out");
 
-    let e = error_line(&preprocess(
-        "csv",
-        &tmp.path().join("missing.csv"),
-        &out_dir,
-        &[],
-    ));
-    assert!(
-        e.contains("cannot open input file") && e.contains("missing.csv"),
-        "{e}"
-    );
+    let e = error_line(&preprocess("csv", &tmp.path().join("missing.csv"), &out_dir, &[]));
+    assert!(e.contains("cannot open input file") && e.contains("missing.csv"), "{e}");
 
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, b"").unwrap();
     let e = error_line(&preprocess("foursquare", &empty, &out_dir, &[]));
     assert!(e.contains("empty"), "{e}");
 
-    let e = error_line(&preprocess(
-        "foursquare",
-        &fixture("tsmc2014_sample.txt"),
-        &out_dir,
-        &["--strict"],
-    ));
+    let e = error_line(&preprocess("foursquare", &fixture("tsmc2014_sample.txt"), &out_dir, &["--strict"]));
     assert!(e.contains("line 6"), "{e}");
 
     // Default 10-core on an 8-row file: nothing is left.
-    let e = error_line(&preprocess(
-        "foursquare",
-        &fixture("tsmc2014_sample.txt"),
-        &out_dir,
-        &[],
-    ));
+    let e = error_line(&preprocess("foursquare", &fixture("tsmc2014_sample.txt"), &out_dir, &[]));
     assert!(e.contains("nothing left after the k-core filter"), "{e}");
 
-    let e = error_line(&preprocess(
-        "csv",
-        &fixture("tsmc2014_sample.txt"),
-        &out_dir,
-        &[],
-    ));
+    let e = error_line(&preprocess("csv", &fixture("tsmc2014_sample.txt"), &out_dir, &[]));
     assert!(e.contains("lacks column"), "{e}");
 
-    let e = error_line(&preprocess(
-        "csv",
-        &fixture("checkins_sample.csv"),
-        &out_dir,
-        &["--split", "0.9,0.2"],
-    ));
+    let e = error_line(&preprocess("csv", &fixture("checkins_sample.csv"), &out_dir, &["--split", "0.9,0.2"]));
     assert!(e.contains("exceed 1"), "{e}");
 
     // Unknown format and split: clap's own message, still an `error:` line and no panic.
@@ -280,9 +190,7 @@ fn bad_inputs_fail_with_one_clear_message() {
     ]));
     assert!(e.contains("does not exist"), "{e}");
 
-    let e = error_line(&run(&[
-        "eval", "--data", "x", "--split", "train", "--method", "counter", "--out", "r.json",
-    ]));
+    let e = error_line(&run(&["eval", "--data", "x", "--split", "train", "--method", "counter", "--out", "r.json"]));
     assert!(e.contains("train"), "{e}");
     assert!(!out_dir.join("stats.json").exists());
 }
@@ -291,11 +199,7 @@ fn bad_inputs_fail_with_one_clear_message() {
 fn eval_rejects_a_corrupt_dataset() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("syn");
-    assert!(
-        preprocess("foursquare", &fixture("tsmc2014_synthetic.txt"), &data, &[])
-            .status
-            .success()
-    );
+    assert!(preprocess("foursquare", &fixture("tsmc2014_synthetic.txt"), &data, &[]).status.success());
     std::fs::write(data.join("test.jsonl"), b"{\"id\": 0, \"user\": \n").unwrap();
     let e = error_line(&run(&[
         "eval",

@@ -14,13 +14,7 @@ fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
     write_tiny_model(&model, &tiny_config("llama"), 3).unwrap();
     let data = tmp.path().join("data");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tsmc2014_synthetic.txt");
-    ok(bin()
-        .args(["preprocess", "--format", "foursquare", "--quiet", "--input"])
-        .arg(&fixture)
-        .arg("--out")
-        .arg(&data)
-        .output()
-        .unwrap());
+    ok(bin().args(["preprocess", "--format", "foursquare", "--quiet", "--input"]).arg(&fixture).arg("--out").arg(&data).output().unwrap());
     (tmp, model, data)
 }
 
@@ -43,7 +37,21 @@ fn eval_llm_reports_like_the_baselines_on_the_same_sample() {
     let report = tmp.path().join("llm.json");
     let preds = tmp.path().join("llm.jsonl");
     ok(bin()
-        .args(["eval", "--method", "llm", "--split", "test", "--limit", "4", "--batch-size", "3", "--max-new-tokens", "8", "--quiet", "--data"])
+        .args([
+            "eval",
+            "--method",
+            "llm",
+            "--split",
+            "test",
+            "--limit",
+            "4",
+            "--batch-size",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--quiet",
+            "--data",
+        ])
         .arg(&data)
         .arg("--model")
         .arg(&model)
@@ -81,7 +89,11 @@ fn eval_llm_reports_like_the_baselines_on_the_same_sample() {
         .output()
         .unwrap());
     let ids = |p: &Path| -> Vec<u64> {
-        std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_u64().unwrap()).collect()
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_u64().unwrap())
+            .collect()
     };
     assert_eq!(ids(&preds), ids(&counter));
 }
@@ -89,7 +101,9 @@ fn eval_llm_reports_like_the_baselines_on_the_same_sample() {
 #[test]
 fn recommend_errors_are_clear() {
     let (tmp, model, data) = setup();
-    let run = |args: &[&str]| bin().args(args).arg("--data").arg(&data).arg("--model").arg(&model).arg("--max-new-tokens").arg("4").output().unwrap();
+    let run = |args: &[&str]| {
+        bin().args(args).arg("--data").arg(&data).arg("--model").arg(&model).arg("--max-new-tokens").arg("4").output().unwrap()
+    };
     assert!(error_line(&run(&["recommend", "--user", "no-such-user"])).contains("not in the dataset"));
     let history = tmp.path().join("history.json");
     std::fs::write(&history, r#"{"checkins": [{"venue_id": "unknown-venue", "time": "2012-05-01T10:00:00Z"}]}"#).unwrap();
@@ -141,13 +155,15 @@ fn a_missing_model_says_how_to_get_it() {
 #[test]
 fn export_writes_a_merged_hugging_face_folder() {
     use candle_core::{Device, Tensor};
-    use refine_poi::model::{load, LoraConfig, Mode};
+    use refine_poi::model::{LoraConfig, Mode, load};
     for model_type in ["llama", "qwen2"] {
         let tmp = tempfile::tempdir().unwrap();
         let base = tmp.path().join("base");
         write_tiny_model(&base, &tiny_config(model_type), 5).unwrap();
         let mut m = load(base.to_str().unwrap()).unwrap();
-        m.model.attach_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: vec!["q".into(), "v".into(), "down".into()] }, 2).unwrap();
+        m.model
+            .attach_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: vec!["q".into(), "v".into(), "down".into()] }, 2)
+            .unwrap();
         // B = 0 at init: give it values so the merge matters.
         for (name, var) in m.model.lora_vars() {
             if name.contains("lora_B") {
@@ -159,7 +175,10 @@ fn export_writes_a_merged_hugging_face_folder() {
         let adapter = tmp.path().join("adapter");
         m.model.save_adapter(&adapter, "tiny").unwrap();
         let out = tmp.path().join("merged");
-        ok(bin().args(["export", "--model", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap());
+        ok(bin()
+            .args(["export", "--model", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap());
         for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
             assert!(out.join(f).is_file(), "{f} missing");
         }
@@ -172,7 +191,8 @@ fn export_writes_a_merged_hugging_face_folder() {
         let want = m.model.forward(&t, None, None, Mode::INFERENCE).unwrap();
         let got = merged.model.forward(&t, None, None, Mode::INFERENCE).unwrap();
         let base_logits = m.model.forward(&t, None, None, Mode::REFERENCE).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff(&want, &base_logits) > 1e-3, "the adapter changes the logits");
         assert!(diff(&want, &got) < 1e-4, "{model_type}: merged logits differ by {}", diff(&want, &got));
         // A non-empty --out is refused.

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use refine_poi::model::tiny::{tiny_config, write_tiny_model};
 use refine_poi::train::RunOptions;
 use refine_poi::train::config::RunConfig;
-use refine_poi::model::tiny::{tiny_config, write_tiny_model};
 
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_refine-poi"))
@@ -126,4 +126,3 @@ seed = 5
         RunConfig::load(Some(&self.config), &sets).unwrap()
     }
 }
-

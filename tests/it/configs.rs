@@ -32,10 +32,13 @@ fn ablation_variants_are_valid_overrides() {
         for line in text.lines().map(|l| l.split('#').next().unwrap().trim()).filter(|l| !l.is_empty()) {
             let words: Vec<&str> = line.split_whitespace().collect();
             assert!(names.insert(format!("{}/{}", entry.path().display(), words[0])), "duplicate variant {line}");
-            let sets: Vec<String> = words[1..].chunks(2).map(|c| {
-                assert_eq!(c[0], "--set", "{line}");
-                c[1].to_string()
-            }).collect();
+            let sets: Vec<String> = words[1..]
+                .chunks(2)
+                .map(|c| {
+                    assert_eq!(c[0], "--set", "{line}");
+                    c[1].to_string()
+                })
+                .collect();
             RunConfig::load(Some(&base), &sets).unwrap_or_else(|e| panic!("{line}: {e:#}"));
         }
     }

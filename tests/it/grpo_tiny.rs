@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use refine_poi::generate::SamplingConfig;
+use refine_poi::model::tiny::{tiny_config, write_tiny_model};
+use refine_poi::model::{LoadedModel, LoraConfig, Mode, ModelSource, load_on};
 use refine_poi::train::grpo::config::LossNorm;
 use refine_poi::train::grpo::loss::{LossConfig, StepConfig, step};
-use refine_poi::model::tiny::{tiny_config, write_tiny_model};
-use refine_poi::model::{load_on, LoadedModel, LoraConfig, ModelSource, Mode};
 use refine_poi::train::optim::{AdamW, AdamWParams};
 
 fn first_token_probs(m: &LoadedModel, prompt: &[u32]) -> Vec<f32> {
@@ -28,7 +28,10 @@ fn a_tiny_model_learns_a_synthetic_reward() {
     let mut order: Vec<usize> = (0..probs.len()).collect();
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
     let rewarded: Vec<u32> = order[4..24].iter().map(|&i| i as u32).collect();
-    let p_set = |m: &LoadedModel| -> f32 { let p = first_token_probs(m, &prompts[0]); rewarded.iter().map(|&t| p[t as usize]).sum() };
+    let p_set = |m: &LoadedModel| -> f32 {
+        let p = first_token_probs(m, &prompts[0]);
+        rewarded.iter().map(|&t| p[t as usize]).sum()
+    };
     let before = p_set(&m);
 
     let cfg = StepConfig {

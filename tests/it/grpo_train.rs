@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use crate::common::{Setup, bin, quiet, text};
-use refine_poi::train::{grpo, sft};
 use refine_poi::train::{RunOptions, StopFlag};
+use refine_poi::train::{grpo, sft};
 
 fn records(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -20,7 +20,15 @@ fn records(dir: &Path) -> Vec<serde_json::Value> {
 /// A tiny SFT warm-up that teaches `<answer>id</answer>`, so sampled answers parse and their
 /// rewards differ within a group (a random tiny model never writes an answer tag).
 fn warmed_up(s: &Setup) -> Vec<String> {
-    let sets = ["data.train_instances=4", "sft.max_steps=30", "sft.lr=2e-2", "sft.answer=single", "sft.min_lr_ratio=1.0", "sft.save_every=0", "lora.dropout=0.0"];
+    let sets = [
+        "data.train_instances=4",
+        "sft.max_steps=30",
+        "sft.lr=2e-2",
+        "sft.answer=single",
+        "sft.min_lr_ratio=1.0",
+        "sft.save_every=0",
+        "lora.dropout=0.0",
+    ];
     let cfg = s.cfg(&sets);
     assert!(sft::run(&cfg, &quiet()).unwrap().finished);
     let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -48,7 +56,22 @@ fn stop_and_resume_equals_an_uninterrupted_run_and_the_log_is_complete() {
         "no step had a learning signal: {log:?}"
     );
     for r in &log {
-        for key in ["reward", "reward_std", "kl", "clip_fraction", "completion_tokens", "well_formed", "valid", "acc1", "acc_k", "loss", "grad_norm", "lr", "zero_signal_groups", "step_s"] {
+        for key in [
+            "reward",
+            "reward_std",
+            "kl",
+            "clip_fraction",
+            "completion_tokens",
+            "well_formed",
+            "valid",
+            "acc1",
+            "acc_k",
+            "loss",
+            "grad_norm",
+            "lr",
+            "zero_signal_groups",
+            "step_s",
+        ] {
             assert!(r[key].is_number(), "{key} missing in {r}");
         }
         for term in ["format", "hit", "rank", "soft_accuracy", "diversity", "length"] {
@@ -108,7 +131,10 @@ fn the_binary_trains_from_a_fresh_adapter_and_explains_a_missing_sft_start() {
     assert!(!out.status.success() && !err.contains("panicked"), "{err}");
     assert!(err.contains("sft-warmup") && err.contains("init_adapter"), "{err}");
 
-    let out = bin().args(["grpo-train", "--config", config, "--set", "grpo.max_steps=2", "--set", "grpo.eval_every=2", "--quiet"]).output().unwrap();
+    let out = bin()
+        .args(["grpo-train", "--config", config, "--set", "grpo.max_steps=2", "--set", "grpo.eval_every=2", "--quiet"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["step"], 2);
@@ -119,7 +145,9 @@ fn the_binary_trains_from_a_fresh_adapter_and_explains_a_missing_sft_start() {
     assert!(std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().contains("\"val\""));
     assert!(dir.join("best/adapter_config.json").is_file() && dir.join("final/adapter_config.json").is_file());
 
-    for (set, expect) in [("grpo.group=1", "grpo.group"), ("grpo.loss_norm=mean", "grpo.loss_norm"), ("rewards.weights.hitt=1", "unknown reward `hitt`")] {
+    for (set, expect) in
+        [("grpo.group=1", "grpo.group"), ("grpo.loss_norm=mean", "grpo.loss_norm"), ("rewards.weights.hitt=1", "unknown reward `hitt`")]
+    {
         let out = bin().args(["grpo-train", "--config", config, "--set", set, "--quiet"]).output().unwrap();
         let err = text(&out.stderr);
         assert!(!out.status.success() && !err.contains("panicked") && err.contains(expect), "{set}: {err}");

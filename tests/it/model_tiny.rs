@@ -2,10 +2,10 @@
 //! gradients against finite differences, PEFT round trip, mismatch errors), padding, and
 //! batched generation against one-by-one generation.
 
-use candle_core::{DType, Device, Tensor, D};
-use refine_poi::generate::{generate_seeded, SamplingConfig};
+use candle_core::{D, DType, Device, Tensor};
+use refine_poi::generate::{SamplingConfig, generate_seeded};
 use refine_poi::model::tiny::{tiny_config, write_tiny_model};
-use refine_poi::model::{load_on, KvCache, LoadedModel, LoraConfig, ModelSource, Mode};
+use refine_poi::model::{KvCache, LoadedModel, LoraConfig, Mode, ModelSource, load_on};
 
 fn tiny(model_type: &str, dtype: DType) -> (tempfile::TempDir, LoadedModel) {
     let dir = tempfile::tempdir().unwrap();
@@ -132,7 +132,9 @@ fn lora_gradients_match_finite_differences() {
 #[test]
 fn peft_round_trip_is_exact_and_mismatches_are_errors() {
     let (_dir, mut m) = tiny("qwen2", DType::F32);
-    m.model.attach_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, targets: vec!["q_proj".into(), "o_proj".into(), "up_proj".into()] }, 5).unwrap();
+    m.model
+        .attach_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, targets: vec!["q_proj".into(), "o_proj".into(), "up_proj".into()] }, 5)
+        .unwrap();
     randomize_b(&m, 6);
     let out = tempfile::tempdir().unwrap();
     m.model.save_adapter(out.path(), "tiny").unwrap();
@@ -198,7 +200,8 @@ fn batched_generation_equals_one_by_one() {
     ] {
         let batched = generate_seeded(&m.model, &m.tokenizer, &prompts, &seeds, 3, &cfg, Mode::INFERENCE).unwrap();
         for (i, prompt) in prompts.iter().enumerate() {
-            let alone = generate_seeded(&m.model, &m.tokenizer, std::slice::from_ref(prompt), &seeds[i..i + 1], 3, &cfg, Mode::INFERENCE).unwrap();
+            let alone =
+                generate_seeded(&m.model, &m.tokenizer, std::slice::from_ref(prompt), &seeds[i..i + 1], 3, &cfg, Mode::INFERENCE).unwrap();
             for s in 0..3 {
                 assert_eq!(batched[i][s].tokens, alone[0][s].tokens, "prompt {i} sample {s} (greedy: {})", cfg.greedy);
             }
@@ -253,7 +256,9 @@ fn shared_prefix_cache_with_dropped_rows_equals_full_forward() {
 fn stop_strings_and_eos_end_generation() {
     let (_d, m) = tiny("llama", DType::F32);
     let prompt = ids(&m, "x");
-    let free = generate_seeded(&m.model, &m.tokenizer, std::slice::from_ref(&prompt), &[0], 1, &SamplingConfig::greedy(20), Mode::INFERENCE).unwrap();
+    let free =
+        generate_seeded(&m.model, &m.tokenizer, std::slice::from_ref(&prompt), &[0], 1, &SamplingConfig::greedy(20), Mode::INFERENCE)
+            .unwrap();
     let text = &free[0][0].text;
     assert!(text.chars().count() >= 3, "tiny model produced {text:?}");
     // Stop at whatever the model writes at its third character: the text ends right there.

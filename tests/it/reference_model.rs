@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use refine_poi::generate::{generate, SamplingConfig};
+use refine_poi::generate::{SamplingConfig, generate};
 use refine_poi::model::{self, ChatMessage, LoadedModel, Mode};
 use serde_json::Value;
 

@@ -44,7 +44,15 @@ fn overfits_a_handful_of_examples() {
     assert!(last < 0.2 * first, "loss went from {first} to {last}: {l:?}");
     assert!(summary.tokens_per_s > 0.0);
     // The final adapter, the best (the one validation) and one checkpoint are on disk.
-    for f in ["final/adapter_config.json", "final/adapter_model.safetensors", "best/best.json", "checkpoints/last", "checkpoints/step-40/optimizer.safetensors", "checkpoints/step-40/trainer_state.json", "config.toml"] {
+    for f in [
+        "final/adapter_config.json",
+        "final/adapter_model.safetensors",
+        "best/best.json",
+        "checkpoints/last",
+        "checkpoints/step-40/optimizer.safetensors",
+        "checkpoints/step-40/trainer_state.json",
+        "config.toml",
+    ] {
         assert!(summary.dir.join(f).exists(), "{f} missing");
     }
     let val_lines = std::fs::read_to_string(summary.dir.join("metrics.jsonl")).unwrap();
@@ -165,7 +173,8 @@ fn starting_adapter_must_agree_with_the_lora_section() {
     let adapter = first.dir.join("final");
     let ok = s.cfg(&[&format!("model.adapter={}", adapter.display()), &format!("run_dir={}", s.tmp.path().join("second").display())]);
     assert!(sft::run(&ok, &quiet()).unwrap().finished);
-    let bad = s.cfg(&[&format!("model.adapter={}", adapter.display()), "lora.r=8", &format!("run_dir={}", s.tmp.path().join("third").display())]);
+    let bad =
+        s.cfg(&[&format!("model.adapter={}", adapter.display()), "lora.r=8", &format!("run_dir={}", s.tmp.path().join("third").display())]);
     let e = format!("{:#}", sft::run(&bad, &quiet()).unwrap_err());
     assert!(e.contains("make them agree"), "{e}");
 }
@@ -198,9 +207,24 @@ fn the_binary_trains_resumes_and_reports_config_errors() {
     // The adapter is a PEFT adapter the eval command loads.
     let cfg = s.cfg(&[]);
     let out = crate::common::run(&[
-        "eval", "--data", cfg.data.dir.to_str().unwrap(), "--split", "val", "--method", "llm", "--model", &cfg.model.path,
-        "--adapter", dir.join("final").to_str().unwrap(), "--limit", "2", "--max-new-tokens", "8", "--quiet",
-        "--out", s.tmp.path().join("eval.json").to_str().unwrap(),
+        "eval",
+        "--data",
+        cfg.data.dir.to_str().unwrap(),
+        "--split",
+        "val",
+        "--method",
+        "llm",
+        "--model",
+        &cfg.model.path,
+        "--adapter",
+        dir.join("final").to_str().unwrap(),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--quiet",
+        "--out",
+        s.tmp.path().join("eval.json").to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 

@@ -75,12 +75,7 @@ impl GroupStats {
 /// Advantages of `rewards` in consecutive groups of `group` (see the module docs), and the
 /// groups' statistics. Errors: `group < 2`, a length that is not a multiple of `group`, a
 /// non-finite reward, or a negative/non-finite `eps`. No rewards give no advantages.
-pub fn group_advantages(
-    rewards: &[f64],
-    group: usize,
-    scale_by_std: bool,
-    eps: f64,
-) -> Result<(Vec<f64>, GroupStats), AdvantageError> {
+pub fn group_advantages(rewards: &[f64], group: usize, scale_by_std: bool, eps: f64) -> Result<(Vec<f64>, GroupStats), AdvantageError> {
     if group < 2 {
         return Err(AdvantageError::GroupTooSmall(group));
     }
@@ -213,18 +208,9 @@ mod tests {
         assert_eq!(group_advantages(&[], 0, true, DEFAULT_EPS), Err(AdvantageError::GroupTooSmall(0)));
         let msg = AdvantageError::GroupTooSmall(1).to_string();
         assert!(msg.contains("at least 2"), "{msg}");
-        assert_eq!(
-            group_advantages(&[1.0, 2.0, 3.0], 2, true, DEFAULT_EPS),
-            Err(AdvantageError::Ragged { len: 3, group: 2 })
-        );
-        assert!(matches!(
-            group_advantages(&[1.0, f64::NAN], 2, true, DEFAULT_EPS),
-            Err(AdvantageError::NonFinite { index: 1, .. })
-        ));
-        assert!(matches!(
-            group_advantages(&[f64::INFINITY, 0.0], 2, false, DEFAULT_EPS),
-            Err(AdvantageError::NonFinite { index: 0, .. })
-        ));
+        assert_eq!(group_advantages(&[1.0, 2.0, 3.0], 2, true, DEFAULT_EPS), Err(AdvantageError::Ragged { len: 3, group: 2 }));
+        assert!(matches!(group_advantages(&[1.0, f64::NAN], 2, true, DEFAULT_EPS), Err(AdvantageError::NonFinite { index: 1, .. })));
+        assert!(matches!(group_advantages(&[f64::INFINITY, 0.0], 2, false, DEFAULT_EPS), Err(AdvantageError::NonFinite { index: 0, .. })));
         assert_eq!(group_advantages(&[1.0, 2.0], 2, true, -1.0), Err(AdvantageError::BadEps(-1.0)));
         assert!(group_advantages(&[1.0, 2.0], 2, true, f64::NAN).is_err());
         // No rewards: no groups, no advantages.

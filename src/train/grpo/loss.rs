@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::config::LossNorm;
 
 use super::advantages::{DEFAULT_EPS, GroupStats, group_advantages};
-use crate::generate::{generate_seeded, Completion, FinishReason, SamplingConfig};
+use crate::generate::{Completion, FinishReason, SamplingConfig, generate_seeded};
 use crate::model::{CausalLm, Mode, TextTokenizer};
 use crate::train::optim::{AdamW, GradAccum, clip_grad_norm};
 use crate::train::token_logprobs;
@@ -138,7 +138,13 @@ pub struct StepReport {
 
 /// A group's completions as training rows: tokens (+ the EOS token when the completion ended
 /// with it, so stopping is learned), right-padded with `pad`, and the mask of real tokens.
-pub fn completion_tensors(completions: &[Completion], eos: u32, pad: u32, device: &candle_core::Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+pub fn completion_tensors(
+    completions: &[Completion],
+    eos: u32,
+    pad: u32,
+    device: &candle_core::Device,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     let rows: Vec<Vec<u32>> = completions
         .iter()
         .map(|c| {
@@ -210,7 +216,11 @@ pub fn step(
         let reference = if cfg.loss.beta > 0.0 { Some(group_logprobs(model, &prompts[p], &tokens, Mode::REFERENCE)?) } else { None };
         // With one update per batch the policy has not moved since sampling: old = current
         // (detached), as in TRL. Otherwise the sampling-time log-probs are computed once here.
-        let old = if cfg.updates_per_batch > 1 { Some(group_logprobs(model, &prompts[p], &tokens, Mode { adapter: true, grad: false, dropout: None })?) } else { None };
+        let old = if cfg.updates_per_batch > 1 {
+            Some(group_logprobs(model, &prompts[p], &tokens, Mode { adapter: true, grad: false, dropout: None })?)
+        } else {
+            None
+        };
         prepared.push((p, tokens, mask, adv, old, reference));
     }
     times.reference = t0.elapsed().as_secs_f64();
@@ -253,7 +263,8 @@ pub fn step(
         times.optimizer += t0.elapsed().as_secs_f64();
     }
     let n = evaluated.max(1.0);
-    let loss = LossStats { loss: loss_sum.loss / n, kl: loss_sum.kl / n, clip_fraction: loss_sum.clip_fraction / n, tokens: loss_sum.tokens / n };
+    let loss =
+        LossStats { loss: loss_sum.loss / n, kl: loss_sum.kl / n, clip_fraction: loss_sum.clip_fraction / n, tokens: loss_sum.tokens / n };
     let completion_tokens = sampled.iter().flatten().map(|c| c.tokens.len()).collect();
     Ok(StepReport { rewards, advantages, groups, loss, grad_norm, completion_tokens, times })
 }

@@ -23,22 +23,22 @@ pub mod config;
 pub mod loss;
 pub mod rewards;
 
-use anyhow::{ensure, Context, Result};
-use serde_json::{json, Map, Value};
+use anyhow::{Context, Result, ensure};
+use serde_json::{Map, Value, json};
 
-use crate::answer::{parse_answer, ANSWER_CLOSE};
+use crate::answer::{ANSWER_CLOSE, parse_answer};
 use crate::data::{Dataset, Instance};
 use crate::generate::{Completion, SamplingConfig};
 use crate::prompt::{PromptBuilder, PromptContext};
+use crate::seed::{SEED_SAMPLING, derive_seed, fnv_hex};
+use crate::train::checkpoint::{BestVal, RunDir};
+use crate::train::config::{RunConfig, Stage};
+use crate::train::optim::{AdamW, AdamWParams};
+use crate::train::schedule::lr_at;
+use crate::train::{EpochOrder, RunOptions, StageLoop, load_model, progress_bar, train_instances, validate_and_keep_best};
 use config::ReferencePolicy;
 use loss::{LossConfig, StepConfig, StepReport};
 use rewards::{RewardBreakdown, RewardInput, score};
-use crate::train::checkpoint::{BestVal, RunDir};
-use crate::train::optim::{AdamW, AdamWParams};
-use crate::train::schedule::lr_at;
-use crate::seed::{fnv_hex, SEED_SAMPLING, derive_seed};
-use crate::train::config::{RunConfig, Stage};
-use crate::train::{EpochOrder, RunOptions, StageLoop, load_model, progress_bar, train_instances, validate_and_keep_best};
 
 const STAGE: Stage = Stage::Grpo;
 
@@ -82,7 +82,11 @@ pub fn init_adapter(cfg: &RunConfig) -> Result<Option<PathBuf>> {
         }
         path => {
             let dir = PathBuf::from(path);
-            ensure!(dir.join("adapter_config.json").is_file(), "grpo.init_adapter: {} is not a PEFT adapter folder (no adapter_config.json)", dir.display());
+            ensure!(
+                dir.join("adapter_config.json").is_file(),
+                "grpo.init_adapter: {} is not a PEFT adapter folder (no adapter_config.json)",
+                dir.display()
+            );
             Ok(Some(dir))
         }
     }
@@ -93,7 +97,13 @@ pub fn step_config(cfg: &RunConfig) -> StepConfig {
     let g = &cfg.grpo;
     StepConfig {
         group: g.group,
-        loss: LossConfig { epsilon: g.epsilon, epsilon_high: g.epsilon_high, beta: g.beta, loss_norm: g.loss_norm, max_completion_tokens: g.max_new_tokens },
+        loss: LossConfig {
+            epsilon: g.epsilon,
+            epsilon_high: g.epsilon_high,
+            beta: g.beta,
+            loss_norm: g.loss_norm,
+            max_completion_tokens: g.max_new_tokens,
+        },
         sampling: SamplingConfig {
             greedy: false,
             temperature: g.temperature,
@@ -198,11 +208,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let examples = train_instances(&ds, cfg, t.seed)?;
     // The start: the run's own copy when resuming, else the configured adapter (copied in).
     let init_copy = root.join(INIT_DIR);
-    let start = if opts.resume {
-        init_copy.join("adapter_config.json").is_file().then(|| init_copy.clone())
-    } else {
-        init_adapter(cfg)?
-    };
+    let start = if opts.resume { init_copy.join("adapter_config.json").is_file().then(|| init_copy.clone()) } else { init_adapter(cfg)? };
     let mut loaded = load_model(cfg, start.as_deref(), "grpo.init_adapter", t.seed)?;
     loaded.model.set_lora_dropout(0.0);
     if !opts.resume {
@@ -249,10 +255,8 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         let lr = lr_at(t, step as usize, total as usize);
         let positions: Vec<u64> = (state.examples_seen..state.examples_seen + per_step).collect();
         let insts: Vec<&Instance> = positions.iter().map(|&g| examples[order.example(g)]).collect();
-        let prompt_ids = insts
-            .iter()
-            .map(|inst| Ok(prompts.build(&PromptContext::from_instance(&ds, inst))?.ids))
-            .collect::<Result<Vec<_>>>()?;
+        let prompt_ids =
+            insts.iter().map(|inst| Ok(prompts.build(&PromptContext::from_instance(&ds, inst))?.ids)).collect::<Result<Vec<_>>>()?;
         let seeds: Vec<u64> = positions.iter().map(|&g| derive_seed(t.seed, SEED_SAMPLING, g)).collect();
         let mut scored = Vec::with_capacity(insts.len() * cfg.grpo.group);
         let mut reward = |p: usize, c: &Completion| -> Result<f64> {

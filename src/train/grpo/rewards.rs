@@ -24,7 +24,7 @@
 
 use std::fmt::Write as _;
 
-use anyhow::{ensure, Result};
+use anyhow::{Result, ensure};
 use serde::de::Error as _;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -93,12 +93,7 @@ pub const REWARDS: &[RewardSpec] = &[
                   with reasoning on, a non-empty `<think>` block; 0.5 if an `<answer>` block holds \
                   at least one in-range id but is otherwise imperfect; 0 otherwise",
     },
-    RewardSpec {
-        name: "hit",
-        func: hit_reward,
-        default_weight: 1.0,
-        formula: "1 if r ≤ k (hit@k), else 0",
-    },
+    RewardSpec { name: "hit", func: hit_reward, default_weight: 1.0, formula: "1 if r ≤ k (hit@k), else 0" },
     RewardSpec {
         name: "rank",
         func: rank_reward,
@@ -152,11 +147,7 @@ pub fn format_reward(x: &RewardInput<'_>) -> f64 {
         return 0.0;
     }
     let think_ok = !x.reasoning || a.think.as_deref().is_some_and(|t| !t.trim().is_empty());
-    if a.well_formed && a.ids.len() == x.k && !a.trailing_text && think_ok {
-        1.0
-    } else {
-        0.5
-    }
+    if a.well_formed && a.ids.len() == x.k && !a.trailing_text && think_ok { 1.0 } else { 0.5 }
 }
 
 /// The target's rank within the first `k` of the list, or `None` for a miss.
@@ -226,18 +217,10 @@ pub fn diversity_reward(x: &RewardInput<'_>) -> f64 {
 pub fn length_reward(x: &RewardInput<'_>) -> f64 {
     let n = x.answer.items as f64;
     let k = x.k as f64;
-    let list = if x.k == 0 {
-        if x.answer.items == 0 { 1.0 } else { 0.0 }
-    } else {
-        (1.0 - (n - k).abs() / k).max(0.0)
-    };
+    let list = if x.k == 0 { if x.answer.items == 0 { 1.0 } else { 0.0 } } else { (1.0 - (n - k).abs() / k).max(0.0) };
     let budget = x.params.reasoning_budget_tokens;
     let over = x.completion_tokens.saturating_sub(budget);
-    if x.reasoning && budget > 0 && over > 0 {
-        list * (1.0 - over as f64 / budget as f64).max(0.0)
-    } else {
-        list
-    }
+    if x.reasoning && budget > 0 && over > 0 { list * (1.0 - over as f64 / budget as f64).max(0.0) } else { list }
 }
 
 /// How the rank reward scores the target's position `r`.
@@ -269,12 +252,7 @@ pub struct RewardParams {
 
 impl Default for RewardParams {
     fn default() -> Self {
-        RewardParams {
-            rank: RankKind::Reciprocal,
-            soft_scale_km: 1.0,
-            soft_category_weight: 0.5,
-            reasoning_budget_tokens: 256,
-        }
+        RewardParams { rank: RankKind::Reciprocal, soft_scale_km: 1.0, soft_category_weight: 0.5, reasoning_budget_tokens: 256 }
     }
 }
 
@@ -619,12 +597,12 @@ mod tests {
         }
         // Nothing usable: 0.
         for text in [
-            "1, 2, 3",                      // no tag
-            "",                             // empty completion
-            "<answer></answer>",            // empty block
-            "<answer>9, 77</answer>",       // only out-of-range ids
+            "1, 2, 3",                       // no tag
+            "",                              // empty completion
+            "<answer></answer>",             // empty block
+            "<answer>9, 77</answer>",        // only out-of-range ids
             "<answer>Central Park</answer>", // only non-numeric
-            "<think>1, 2, 3</think>",       // ids only in the reasoning
+            "<think>1, 2, 3</think>",        // ids only in the reasoning
         ] {
             assert_eq!(r(f, text), 0.0, "{text:?}");
         }
@@ -774,9 +752,8 @@ mod tests {
         assert_eq!(r(f, "<answer></answer>"), 0.0);
         assert_eq!(r(f, "1, 2, 3"), 0.0);
         // Reasoning budget B = 100: factor max(0, 1 − (T − B) / B).
-        let budget = |tokens: usize| {
-            case("<think>x</think><answer>1, 2, 3</answer>").reasoning(tokens).params(|p| p.reasoning_budget_tokens = 100)
-        };
+        let budget =
+            |tokens: usize| case("<think>x</think><answer>1, 2, 3</answer>").reasoning(tokens).params(|p| p.reasoning_budget_tokens = 100);
         assert_eq!(budget(100).run(f), 1.0);
         assert_eq!(budget(150).run(f), 0.5);
         assert_close!(budget(175).run(f), 0.25);
@@ -837,8 +814,7 @@ mod tests {
         // Weights: format 1, hit 2, rank 0, soft 4, diversity −1, length 0.5:
         // 0.5 + 0 + 0 + 2·e⁻¹ − 0.5 + 0.5 = 0.5 + 2·e⁻¹ = 1.2357588823428847.
         let mut w = RewardWeights::default();
-        let custom =
-            [("format", 1.0), ("hit", 2.0), ("rank", 0.0), ("soft_accuracy", 4.0), ("diversity", -1.0), ("length", 0.5)];
+        let custom = [("format", 1.0), ("hit", 2.0), ("rank", 0.0), ("soft_accuracy", 4.0), ("diversity", -1.0), ("length", 0.5)];
         for (n, v) in custom {
             w.set(n, v).unwrap();
         }
@@ -900,7 +876,8 @@ mod tests {
     fn the_docs_show_every_reward_with_its_formula() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/rewards.md");
         let doc = std::fs::read_to_string(&path).unwrap();
-        let (begin, end) = ("<!-- rewards-table: generated from src/train/grpo/rewards.rs, checked by a test -->\n", "<!-- /rewards-table -->");
+        let (begin, end) =
+            ("<!-- rewards-table: generated from src/train/grpo/rewards.rs, checked by a test -->\n", "<!-- /rewards-table -->");
         let start = doc.find(begin).expect("docs/rewards.md lacks the table's begin marker") + begin.len();
         let stop = doc[start..].find(end).expect("docs/rewards.md lacks the table's end marker") + start;
         let want = rewards_markdown();
@@ -924,10 +901,8 @@ mod tests {
         assert_eq!(c.weights.get("format"), Some(0.2));
 
         // Partial weights keep the other defaults.
-        let c: RewardsConfig = toml::from_str(
-            "[weights]\nhit = 2.0\nsoft_accuracy = 0\n[params]\nrank = \"ndcg\"\nsoft_scale_km = 2.5\n",
-        )
-        .unwrap();
+        let c: RewardsConfig =
+            toml::from_str("[weights]\nhit = 2.0\nsoft_accuracy = 0\n[params]\nrank = \"ndcg\"\nsoft_scale_km = 2.5\n").unwrap();
         assert_eq!(c.weights.get("hit"), Some(2.0));
         assert_eq!(c.weights.get("soft_accuracy"), Some(0.0));
         assert_eq!(c.weights.get("rank"), Some(1.0));

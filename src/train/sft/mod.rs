@@ -18,24 +18,25 @@ pub mod config;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result, ensure};
 use serde_json::json;
 
 use crate::answer::format_answer;
 use crate::data::{Dataset, Instance};
 use crate::model::{Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
-use crate::visits::{count_visits, hour_first_order};
+use crate::seed::{SEED_DROPOUT, derive_seed, fnv_hex};
 use crate::train::checkpoint::{BestVal, RunDir};
+use crate::train::config::{RunConfig, Stage};
 use crate::train::optim::{AdamW, AdamWParams, GradAccum, clip_grad_norm};
 use crate::train::schedule::lr_at;
-use crate::seed::{fnv_hex, SEED_DROPOUT, derive_seed};
-use crate::train::config::{RunConfig, Stage};
-use crate::train::{EpochOrder, RunOptions, ScoredSeq, StageLoop, load_model, progress_bar, scored_logprobs, train_instances, validate_and_keep_best};
+use crate::train::{
+    EpochOrder, RunOptions, ScoredSeq, StageLoop, load_model, progress_bar, scored_logprobs, train_instances, validate_and_keep_best,
+};
+use crate::visits::{count_visits, hour_first_order};
 use config::AnswerForm;
 
 const STAGE: Stage = Stage::Sft;
-
 
 /// The target list of an instance's answer. The list form puts the ground truth first, then
 /// the user's other visited POIs in the order the prompt's lists show them (around the hour
@@ -147,11 +148,8 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     let config_toml = cfg.stage_toml(STAGE)?;
     let config_hash = fnv_hex(&config_toml);
     let root = cfg.stage_dir(STAGE);
-    let (run, latest) = if opts.resume {
-        RunDir::open_for_resume(&root, &config_toml)?
-    } else {
-        (RunDir::create(&root, &config_toml)?, None)
-    };
+    let (run, latest) =
+        if opts.resume { RunDir::open_for_resume(&root, &config_toml)? } else { (RunDir::create(&root, &config_toml)?, None) };
 
     let ds = Dataset::load(&cfg.data.dir).with_context(|| format!("cannot load the dataset in {}", cfg.data.dir.display()))?;
     let examples = train_instances(&ds, cfg, t.seed)?;
@@ -276,12 +274,21 @@ mod tests {
     fn dataset() -> Dataset {
         let at = |poi, day: i64, h: i64, m: i64| Checkin { poi, utc: 1_333_324_800 + day * 86_400 + h * 3600 + m * 60, tz_offset_min: 0 };
         let checkins = vec![at(1, 0, 8, 0), at(1, 0, 9, 0), at(2, 0, 18, 0), at(3, 3, 18, 0), at(0, 3, 18, 30)];
-        let pois = (0..5).map(|id| Poi { id, venue_id: format!("v{id}"), category: "c".into(), lat: 0.0, lon: 0.0, train_visits: 0 }).collect();
+        let pois =
+            (0..5).map(|id| Poi { id, venue_id: format!("v{id}"), category: "c".into(), lat: 0.0, lon: 0.0, train_visits: 0 }).collect();
         let trajectories = vec![
             Trajectory { id: 0, user: 0, split: Split::Train, start: 0, len: 3 },
             Trajectory { id: 1, user: 0, split: Split::Test, start: 3, len: 2 },
         ];
-        let inst = Instance { id: 0, split: Split::Test, user: 0, trajectory: 1, target: checkins[4], prefix: vec![checkins[3]], is_return: false };
+        let inst = Instance {
+            id: 0,
+            split: Split::Test,
+            user: 0,
+            trajectory: 1,
+            target: checkins[4],
+            prefix: vec![checkins[3]],
+            is_return: false,
+        };
         let users = vec![User { id: 0, source_id: "u0".into() }];
         Dataset::new(pois, users, checkins, trajectories, [vec![], vec![], vec![inst]]).unwrap()
     }
