@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::train::config::RunConfig;
-use crate::train::{RunOptions, StopFlag};
+use crate::train::{RunOptions, StageSummary, StopFlag};
 use crate::train::{grpo, sft};
 
 #[derive(clap::Args, Debug)]
@@ -39,24 +39,17 @@ impl Args {
 }
 
 /// Prints the summary (JSON), says how the run ended, and exits 130 after an interrupt.
-fn finish(
-    summary: &impl serde::Serialize,
-    dir: &std::path::Path,
-    step: u64,
-    total: u64,
-    finished: bool,
-    interrupted: bool,
-    quiet: bool,
-) -> Result<()> {
+fn finish(summary: &impl serde::Serialize, stage: &StageSummary, quiet: bool) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(summary)?);
     if !quiet {
-        if finished {
-            eprintln!("done: adapter in {}/final, best val in {}/best", dir.display(), dir.display());
+        let dir = stage.dir.display();
+        if stage.finished {
+            eprintln!("done: adapter in {dir}/final, best val in {dir}/best");
         } else {
-            eprintln!("stopped at step {step} of {total}: continue with --resume");
+            eprintln!("stopped at step {} of {}: continue with --resume", stage.step, stage.total_steps);
         }
     }
-    if interrupted {
+    if stage.interrupted {
         std::process::exit(130);
     }
     Ok(())
@@ -65,11 +58,11 @@ fn finish(
 pub fn run_sft(args: Args) -> Result<()> {
     let (cfg, opts) = args.load()?;
     let s = sft::run(&cfg, &opts)?;
-    finish(&s, &s.dir, s.step, s.total_steps, s.finished, s.interrupted, args.quiet)
+    finish(&s, &s.stage, args.quiet)
 }
 
 pub fn run_grpo(args: Args) -> Result<()> {
     let (cfg, opts) = args.load()?;
     let s = grpo::run(&cfg, &opts)?;
-    finish(&s, &s.dir, s.step, s.total_steps, s.finished, s.interrupted, args.quiet)
+    finish(&s, &s.stage, args.quiet)
 }

@@ -31,9 +31,9 @@ use rand::seq::SliceRandom;
 use crate::data::{Dataset, Instance, Split};
 use crate::model::{self, CausalLm, LoadedModel, Mode};
 use crate::prompt::PromptConfig;
-use crate::seed::{SEED_DATA, SEED_LORA_INIT, SEED_SUBSET, derive_seed};
+use crate::seed::{SEED_DATA, SEED_LORA_INIT, SEED_SUBSET, derive_seed, fnv_hex};
 use checkpoint::{BestVal, MetricsLog, RunDir, TrainerState};
-use config::RunConfig;
+use config::{RunConfig, Stage};
 use optim::AdamW;
 use schedule::TrainConfig;
 
@@ -121,6 +121,50 @@ pub fn load_model(cfg: &RunConfig, adapter: Option<&Path>, key: &str, seed: u64)
     Ok(loaded)
 }
 
+/// What a stage starts from: its run directory (created, or opened to resume with the same
+/// config), the checkpoint to resume from, the config's hash, and the dataset.
+pub struct StageStart {
+    pub run: RunDir,
+    pub latest: Option<PathBuf>,
+    pub config_hash: String,
+    pub ds: Dataset,
+}
+
+impl StageStart {
+    /// Opens `stage`'s run directory for `cfg`. A fresh run first passes `check_fresh`, so a
+    /// run that cannot start leaves nothing behind.
+    pub fn open(cfg: &RunConfig, stage: Stage, opts: &RunOptions, check_fresh: impl FnOnce() -> Result<()>) -> Result<StageStart> {
+        cfg.validate()?;
+        let config_toml = cfg.stage_toml(stage)?;
+        let root = cfg.stage_dir(stage);
+        let (run, latest) = if opts.resume {
+            RunDir::open_for_resume(&root, &config_toml)?
+        } else {
+            check_fresh()?;
+            (RunDir::create(&root, &config_toml)?, None)
+        };
+        let ds = Dataset::load(&cfg.data.dir).with_context(|| format!("cannot load the dataset in {}", cfg.data.dir.display()))?;
+        Ok(StageStart { run, latest, config_hash: fnv_hex(&config_toml), ds })
+    }
+}
+
+/// How a stage's run ended (each stage's summary adds its own figures).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageSummary {
+    /// The stage's run directory.
+    #[serde(rename = "run_dir")]
+    pub dir: PathBuf,
+    pub step: u64,
+    pub total_steps: u64,
+    /// All steps done (`final/` written).
+    pub finished: bool,
+    /// Stopped by the stop flag.
+    pub interrupted: bool,
+    /// The newest checkpoint.
+    pub checkpoint: Option<PathBuf>,
+    pub best: Option<BestVal>,
+}
+
 /// The cadence every stage's loop follows: when to stop, validate and checkpoint, and what it
 /// writes at the end (a checkpoint of the last completed step, `final/` when all steps ran).
 pub struct StageLoop<'a> {
@@ -132,6 +176,7 @@ pub struct StageLoop<'a> {
     /// `--stop-after`: the step this invocation stops at.
     stop_at: Option<u64>,
     saved_at: Option<u64>,
+    interrupted: bool,
     /// The newest checkpoint.
     pub checkpoint: Option<PathBuf>,
 }
@@ -154,18 +199,53 @@ impl<'a> StageLoop<'a> {
             total,
             stop_at: stop_after.map(|n| step + n),
             saved_at: latest.as_ref().map(|_| step),
+            interrupted: false,
             checkpoint: latest,
         }
     }
 
     /// Ctrl-C was pressed or `--stop-after` is reached at `step`.
-    pub fn stopping(&self, stop: &StopFlag, step: u64) -> bool {
+    fn stopping(&self, stop: &StopFlag, step: u64) -> bool {
         stop.raised() || self.stop_at.is_some_and(|s| step >= s)
+    }
+
+    /// Whether the loop stops before `step` (a stop request, or `--stop-after`); a stop request
+    /// marks the run interrupted.
+    pub fn stop_before(&mut self, stop: &StopFlag, step: u64) -> bool {
+        self.interrupted |= stop.raised();
+        self.stopping(stop, step)
+    }
+
+    /// A step abandoned midway by a stop request.
+    pub fn interrupt(&mut self) {
+        self.interrupted = true;
     }
 
     /// Validation is due after `step` (every `eval_every` steps and at the end).
     pub fn val_due(&self, step: u64) -> bool {
         self.t.eval_every > 0 && (step.is_multiple_of(self.t.eval_every as u64) || step == self.total)
+    }
+
+    /// After a completed step: validation when due (`status` says what the bar showed), then a
+    /// checkpoint every `save_every` steps, at the end, and when stopping.
+    #[allow(clippy::too_many_arguments)]
+    pub fn end_step(
+        &mut self,
+        loaded: &LoadedModel,
+        opt: &AdamW,
+        ds: &Dataset,
+        prompt: &PromptConfig,
+        stop: &StopFlag,
+        state: &mut TrainerState,
+        log: &mut MetricsLog,
+        bar: &indicatif::ProgressBar,
+        status: &str,
+    ) -> Result<()> {
+        if self.val_due(state.step) {
+            bar.set_message(format!("{status}, validating on {} val instances", self.t.eval_instances));
+            validate_and_keep_best(loaded, ds, prompt, self.t, stop, state, self.run, log, bar)?;
+        }
+        self.after_step(&loaded.model, opt, state, stop)
     }
 
     /// After a completed step: a checkpoint every `save_every` steps, at the end, and when stopping.
@@ -179,8 +259,8 @@ impl<'a> StageLoop<'a> {
     }
 
     /// After the loop: the last completed step checkpointed and, when every step ran, `final/`.
-    /// Returns whether the stage finished; stopping early without a request is an error.
-    pub fn finish(&mut self, model: &CausalLm, opt: &AdamW, state: &TrainerState, interrupted: bool) -> Result<bool> {
+    /// Stopping early without a request is an error.
+    pub fn finish(mut self, model: &CausalLm, opt: &AdamW, state: &TrainerState) -> Result<StageSummary> {
         if self.saved_at != Some(state.step) {
             self.checkpoint = Some(self.run.save_checkpoint(model, &self.base, opt, state, self.t.keep_checkpoints)?);
         }
@@ -188,8 +268,16 @@ impl<'a> StageLoop<'a> {
         if finished {
             self.run.save_adapter_copy("final", model, &self.base, &serde_json::json!({"step": state.step, "best": state.best}))?;
         }
-        ensure!(finished || interrupted || self.stop_at.is_some(), "training stopped early at step {} of {}", state.step, self.total);
-        Ok(finished)
+        ensure!(finished || self.interrupted || self.stop_at.is_some(), "training stopped early at step {} of {}", state.step, self.total);
+        Ok(StageSummary {
+            dir: self.run.root.clone(),
+            step: state.step,
+            total_steps: self.total,
+            finished,
+            interrupted: self.interrupted,
+            checkpoint: self.checkpoint,
+            best: state.best.clone(),
+        })
     }
 }
 

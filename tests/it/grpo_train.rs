@@ -30,7 +30,7 @@ fn warmed_up(s: &Setup) -> Vec<String> {
         "lora.dropout=0.0",
     ];
     let cfg = s.cfg(&sets);
-    assert!(sft::run(&cfg, &quiet()).unwrap().finished);
+    assert!(sft::run(&cfg, &quiet()).unwrap().stage.finished);
     let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     sets.push("grpo.init_adapter=sft".into());
     sets
@@ -47,8 +47,8 @@ fn stop_and_resume_equals_an_uninterrupted_run_and_the_log_is_complete() {
     let sets = warmed_up(&straight);
     let cfg = cfg_with(&straight, &sets, &[]);
     let full = grpo::run(&cfg, &quiet()).unwrap();
-    assert!(full.finished && full.step == 4);
-    let log = records(&full.dir);
+    assert!(full.stage.finished && full.stage.step == 4);
+    let log = records(&full.stage.dir);
     assert_eq!(log.len(), 4);
     // The test means something only if some group carried signal and the adapter moved.
     assert!(
@@ -84,25 +84,25 @@ fn stop_and_resume_equals_an_uninterrupted_run_and_the_log_is_complete() {
     // The first step samples from the starting policy, which is also the reference: KL 0.
     assert!(log[0]["kl"].as_f64().unwrap().abs() < 1e-6, "{}", log[0]);
     // The starting adapter is kept in the run directory.
-    assert!(full.dir.join("init/adapter_model.safetensors").is_file());
+    assert!(full.stage.dir.join("init/adapter_model.safetensors").is_file());
 
     let resumed = Setup::new();
     let sets = warmed_up(&resumed);
     let cfg = cfg_with(&resumed, &sets, &[]);
     let a = grpo::run(&cfg, &RunOptions { stop_after: Some(1), ..quiet() }).unwrap();
-    assert!(!a.finished && a.step == 1);
+    assert!(!a.stage.finished && a.stage.step == 1);
     let e = format!("{:#}", grpo::run(&cfg, &quiet()).unwrap_err());
     assert!(e.contains("--resume"), "{e}");
     let stop = StopFlag::new();
     let b = grpo::run(&cfg, &RunOptions { resume: true, stop_after: Some(2), ..quiet() }).unwrap();
-    assert_eq!(b.step, 3);
+    assert_eq!(b.stage.step, 3);
     stop.raise();
     let c = grpo::run(&cfg, &RunOptions { resume: true, stop, ..quiet() }).unwrap();
-    assert!(c.interrupted && c.step == 3);
+    assert!(c.stage.interrupted && c.stage.step == 3);
     let d = grpo::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
-    assert!(d.finished && d.step == 4);
+    assert!(d.stage.finished && d.stage.step == 4);
     let bytes = |dir: &Path| std::fs::read(dir.join("final/adapter_model.safetensors")).unwrap();
-    assert_eq!(bytes(&full.dir), bytes(&d.dir), "final adapters differ");
+    assert_eq!(bytes(&full.stage.dir), bytes(&d.stage.dir), "final adapters differ");
     let strip = |mut v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
         for r in &mut v {
             let o = r.as_object_mut().unwrap();
@@ -112,11 +112,11 @@ fn stop_and_resume_equals_an_uninterrupted_run_and_the_log_is_complete() {
         }
         v
     };
-    assert_eq!(strip(records(&full.dir)), strip(records(&d.dir)), "the logs differ");
+    assert_eq!(strip(records(&full.stage.dir)), strip(records(&d.stage.dir)), "the logs differ");
 
     // Editing [sft] does not block resuming GRPO; editing [grpo] does, naming the key.
     let finished_sft = cfg_with(&resumed, &sets, &["sft.lr=1e-3"]);
-    assert!(grpo::run(&finished_sft, &RunOptions { resume: true, ..quiet() }).unwrap().finished);
+    assert!(grpo::run(&finished_sft, &RunOptions { resume: true, ..quiet() }).unwrap().stage.finished);
     let changed = cfg_with(&resumed, &sets, &["grpo.beta=0.5"]);
     let e = format!("{:#}", grpo::run(&changed, &RunOptions { resume: true, ..quiet() }).unwrap_err());
     assert!(e.contains("config differs") && e.contains("grpo.beta"), "{e}");

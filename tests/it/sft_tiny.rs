@@ -37,8 +37,8 @@ fn overfits_a_handful_of_examples() {
         "sft.eval_every=40",
     ]);
     let summary = sft::run(&cfg, &quiet()).unwrap();
-    assert!(summary.finished && summary.step == 40);
-    let l = losses(&summary.dir);
+    assert!(summary.stage.finished && summary.stage.step == 40);
+    let l = losses(&summary.stage.dir);
     assert_eq!(l.len(), 40);
     let (first, last) = (l[0], *l.last().unwrap());
     assert!(last < 0.2 * first, "loss went from {first} to {last}: {l:?}");
@@ -53,9 +53,9 @@ fn overfits_a_handful_of_examples() {
         "checkpoints/step-40/trainer_state.json",
         "config.toml",
     ] {
-        assert!(summary.dir.join(f).exists(), "{f} missing");
+        assert!(summary.stage.dir.join(f).exists(), "{f} missing");
     }
-    let val_lines = std::fs::read_to_string(summary.dir.join("metrics.jsonl")).unwrap();
+    let val_lines = std::fs::read_to_string(summary.stage.dir.join("metrics.jsonl")).unwrap();
     assert!(val_lines.contains("\"val\""), "a val line is logged");
 }
 
@@ -66,34 +66,34 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
     let straight = Setup::new();
     let cfg = straight.cfg(&sets);
     let full = sft::run(&cfg, &quiet()).unwrap();
-    assert!(full.finished);
+    assert!(full.stage.finished);
 
     let resumed = Setup::new();
     let cfg = resumed.cfg(&sets);
     // Stop after 1 step (a checkpoint is written there, off the save cadence) ...
     let a = sft::run(&cfg, &RunOptions { stop_after: Some(1), ..quiet() }).unwrap();
-    assert!(!a.finished && a.step == 1);
+    assert!(!a.stage.finished && a.stage.step == 1);
     // ... a fresh start in the same folder is refused ...
     let e = format!("{:#}", sft::run(&cfg, &quiet()).unwrap_err());
     assert!(e.contains("--resume"), "{e}");
     // ... resume for 3 more steps, then a Ctrl-C before the next step ...
     let b = sft::run(&cfg, &RunOptions { resume: true, stop_after: Some(3), ..quiet() }).unwrap();
-    assert_eq!(b.step, 4);
+    assert_eq!(b.stage.step, 4);
     let stop = StopFlag::new();
     stop.raise();
     let c = sft::run(&cfg, &RunOptions { resume: true, stop: stop.clone(), ..quiet() }).unwrap();
-    assert!(c.interrupted && c.step == 4);
+    assert!(c.stage.interrupted && c.stage.step == 4);
     // ... and the rest.
     let d = sft::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
-    assert!(d.finished && d.step == 6);
+    assert!(d.stage.finished && d.stage.step == 6);
 
-    assert_eq!(adapter_bytes(&full.dir.join("final")), adapter_bytes(&d.dir.join("final")), "final adapters differ");
-    assert_eq!(losses(&full.dir), losses(&d.dir), "the logs differ");
-    assert_eq!(full.best, d.best);
+    assert_eq!(adapter_bytes(&full.stage.dir.join("final")), adapter_bytes(&d.stage.dir.join("final")), "final adapters differ");
+    assert_eq!(losses(&full.stage.dir), losses(&d.stage.dir), "the logs differ");
+    assert_eq!(full.stage.best, d.stage.best);
     let opt = |dir: &Path| std::fs::read(dir.join("checkpoints/step-6/optimizer.safetensors")).unwrap();
-    assert_eq!(opt(&full.dir), opt(&d.dir), "optimizer states differ");
+    assert_eq!(opt(&full.stage.dir), opt(&d.stage.dir), "optimizer states differ");
     // keep_checkpoints = 2: older ones are pruned.
-    let mut steps: Vec<String> = std::fs::read_dir(d.dir.join("checkpoints"))
+    let mut steps: Vec<String> = std::fs::read_dir(d.stage.dir.join("checkpoints"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -108,7 +108,7 @@ fn broken_or_mismatched_checkpoints_are_clear_errors() {
     let s = Setup::new();
     let cfg = s.cfg(&[]);
     let run = sft::run(&cfg, &RunOptions { stop_after: Some(2), ..quiet() }).unwrap();
-    let ckpt = run.dir.join("checkpoints/step-2");
+    let ckpt = run.stage.dir.join("checkpoints/step-2");
     let resume = |cfg: &RunConfig| format!("{:#}", sft::run(cfg, &RunOptions { resume: true, ..quiet() }).unwrap_err());
     let backup = s.tmp.path().join("backup");
     let copy = |from: &Path, to: &Path| {
@@ -150,16 +150,16 @@ fn broken_or_mismatched_checkpoints_are_clear_errors() {
     assert!(e.contains("step-2") && (e.contains("does not fit") || e.contains("lacks")), "{e}");
     restore();
     // `last` naming a missing checkpoint.
-    std::fs::write(run.dir.join("checkpoints/last"), "step-99").unwrap();
+    std::fs::write(run.stage.dir.join("checkpoints/last"), "step-99").unwrap();
     let e = resume(&cfg);
     assert!(e.contains("step-99") && e.contains("does not exist"), "{e}");
-    std::fs::write(run.dir.join("checkpoints/last"), "../../etc").unwrap();
+    std::fs::write(run.stage.dir.join("checkpoints/last"), "../../etc").unwrap();
     let e = resume(&cfg);
     assert!(e.contains("corrupt"), "{e}");
-    std::fs::write(run.dir.join("checkpoints/last"), "step-2").unwrap();
+    std::fs::write(run.stage.dir.join("checkpoints/last"), "step-2").unwrap();
     // Restored, it resumes and finishes.
     let done = sft::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
-    assert!(done.finished);
+    assert!(done.stage.finished);
     // Nothing to resume in an empty run_dir.
     let e = resume(&s.cfg(&["run_dir=elsewhere-never-created"]));
     assert!(e.contains("nothing to resume"), "{e}");
@@ -170,9 +170,9 @@ fn starting_adapter_must_agree_with_the_lora_section() {
     let s = Setup::new();
     let cfg = s.cfg(&[]);
     let first = sft::run(&cfg, &quiet()).unwrap();
-    let adapter = first.dir.join("final");
+    let adapter = first.stage.dir.join("final");
     let ok = s.cfg(&[&format!("model.adapter={}", adapter.display()), &format!("run_dir={}", s.tmp.path().join("second").display())]);
-    assert!(sft::run(&ok, &quiet()).unwrap().finished);
+    assert!(sft::run(&ok, &quiet()).unwrap().stage.finished);
     let bad =
         s.cfg(&[&format!("model.adapter={}", adapter.display()), "lora.r=8", &format!("run_dir={}", s.tmp.path().join("third").display())]);
     let e = format!("{:#}", sft::run(&bad, &quiet()).unwrap_err());

@@ -30,12 +30,11 @@ use crate::answer::{ANSWER_CLOSE, parse_answer};
 use crate::data::{Dataset, Instance};
 use crate::generate::{Completion, SamplingConfig};
 use crate::prompt::{PromptBuilder, PromptContext};
-use crate::seed::{SEED_SAMPLING, derive_seed, fnv_hex};
-use crate::train::checkpoint::{BestVal, RunDir};
+use crate::seed::{SEED_SAMPLING, derive_seed};
 use crate::train::config::{RunConfig, Stage};
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::train::schedule::lr_at;
-use crate::train::{EpochOrder, RunOptions, StageLoop, load_model, progress_bar, train_instances, validate_and_keep_best};
+use crate::train::{EpochOrder, RunOptions, StageLoop, StageStart, StageSummary, load_model, progress_bar, train_instances};
 use config::ReferencePolicy;
 use loss::{LossConfig, StepConfig, StepReport};
 use rewards::{RewardBreakdown, RewardInput, score};
@@ -48,17 +47,11 @@ const INIT_DIR: &str = "init";
 /// What a run did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GrpoSummary {
-    #[serde(rename = "run_dir")]
-    pub dir: PathBuf,
-    pub step: u64,
-    pub total_steps: u64,
-    pub finished: bool,
-    pub interrupted: bool,
-    pub checkpoint: Option<PathBuf>,
+    #[serde(flatten)]
+    pub stage: StageSummary,
     /// Mean total reward of the first and the last step of this invocation.
     pub first_reward: Option<f64>,
     pub last_reward: Option<f64>,
-    pub best: Option<BestVal>,
     /// Mean seconds per optimizer step over the whole run.
     pub step_seconds: f64,
 }
@@ -190,21 +183,10 @@ fn step_record(step: u64, lr: f64, k: usize, scored: &[Scored], report: &StepRep
 
 /// Runs (or resumes) the GRPO stage described by `cfg`.
 pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
-    cfg.validate()?;
     let t = &cfg.grpo.train;
-    let config_toml = cfg.stage_toml(STAGE)?;
-    let config_hash = fnv_hex(&config_toml);
-    let root = cfg.stage_dir(STAGE);
-    let (run, latest) = if opts.resume {
-        RunDir::open_for_resume(&root, &config_toml)?
-    } else {
-        // Checked before the run directory is (re)created: a missing SFT start is an error
-        // that leaves nothing behind.
-        init_adapter(cfg)?;
-        (RunDir::create(&root, &config_toml)?, None)
-    };
-
-    let ds = Dataset::load(&cfg.data.dir).with_context(|| format!("cannot load the dataset in {}", cfg.data.dir.display()))?;
+    // A missing SFT start is an error before the run directory is created.
+    let StageStart { run, latest, config_hash, ds } = StageStart::open(cfg, STAGE, opts, || init_adapter(cfg).map(|_| ()))?;
+    let root = run.root.clone();
     let examples = train_instances(&ds, cfg, t.seed)?;
     // The start: the run's own copy when resuming, else the configured adapter (copied in).
     let init_copy = root.join(INIT_DIR);
@@ -241,13 +223,11 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let bar = progress_bar(total, state.step, opts.quiet, "grpo");
     let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after);
     let (mut first_reward, mut last_reward) = (None, None);
-    let mut interrupted = false;
     let mut order = EpochOrder::new(t.seed, examples.len());
     let k = cfg.prompt.k;
 
     while state.step < total {
-        if cadence.stopping(&opts.stop, state.step) {
-            interrupted = opts.stop.raised();
+        if cadence.stop_before(&opts.stop, state.step) {
             break;
         }
         let step = state.step;
@@ -285,24 +265,14 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
             report.loss.kl
         ));
 
-        if cadence.val_due(state.step) {
-            bar.set_message(format!("reward {reward_mean:.3}, validating on {} val instances", t.eval_instances));
-            validate_and_keep_best(&loaded, &ds, &cfg.prompt, t, &opts.stop, &mut state, &run, &mut log, &bar)?;
-        }
-        cadence.after_step(&loaded.model, &opt, &state, &opts.stop)?;
+        cadence.end_step(&loaded, &opt, &ds, &cfg.prompt, &opts.stop, &mut state, &mut log, &bar, &format!("reward {reward_mean:.3}"))?;
     }
-    let finished = cadence.finish(&loaded.model, &opt, &state, interrupted)?;
+    let stage = cadence.finish(&loaded.model, &opt, &state)?;
     bar.finish_and_clear();
     Ok(GrpoSummary {
-        dir: root,
-        step: state.step,
-        total_steps: total,
-        finished,
-        interrupted,
-        checkpoint: cadence.checkpoint,
+        stage,
         first_reward,
         last_reward,
-        best: state.best,
         step_seconds: if state.step > 0 { state.elapsed_s / state.step as f64 } else { 0.0 },
     })
 }

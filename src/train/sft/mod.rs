@@ -15,7 +15,6 @@
 
 pub mod config;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
@@ -25,13 +24,12 @@ use crate::answer::format_answer;
 use crate::data::{Dataset, Instance};
 use crate::model::{Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
-use crate::seed::{SEED_DROPOUT, derive_seed, fnv_hex};
-use crate::train::checkpoint::{BestVal, RunDir};
+use crate::seed::{SEED_DROPOUT, derive_seed};
 use crate::train::config::{RunConfig, Stage};
 use crate::train::optim::{AdamW, AdamWParams, GradAccum, clip_grad_norm};
 use crate::train::schedule::lr_at;
 use crate::train::{
-    EpochOrder, RunOptions, ScoredSeq, StageLoop, load_model, progress_bar, scored_logprobs, train_instances, validate_and_keep_best,
+    EpochOrder, RunOptions, ScoredSeq, StageLoop, StageStart, StageSummary, load_model, progress_bar, scored_logprobs, train_instances,
 };
 use crate::visits::{count_visits, hour_first_order};
 use config::AnswerForm;
@@ -122,36 +120,20 @@ impl<'a> ExampleBuilder<'a> {
 /// What a run did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SftSummary {
-    /// The stage's run directory.
-    #[serde(rename = "run_dir")]
-    pub dir: PathBuf,
-    pub step: u64,
-    pub total_steps: u64,
-    /// All steps done (`final/` written).
-    pub finished: bool,
-    /// Stopped by the stop flag.
-    pub interrupted: bool,
-    /// The newest checkpoint.
-    pub checkpoint: Option<PathBuf>,
+    #[serde(flatten)]
+    pub stage: StageSummary,
     /// Loss of the first and the last step of this invocation.
     pub first_loss: Option<f64>,
     pub last_loss: Option<f64>,
-    pub best: Option<BestVal>,
     /// Training throughput over the whole run (tokens through forward + backward per second).
     pub tokens_per_s: f64,
 }
 
 /// Runs (or resumes) the warm-up described by `cfg`.
 pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
-    cfg.validate()?;
     let t = &cfg.sft.train;
-    let config_toml = cfg.stage_toml(STAGE)?;
-    let config_hash = fnv_hex(&config_toml);
-    let root = cfg.stage_dir(STAGE);
-    let (run, latest) =
-        if opts.resume { RunDir::open_for_resume(&root, &config_toml)? } else { (RunDir::create(&root, &config_toml)?, None) };
-
-    let ds = Dataset::load(&cfg.data.dir).with_context(|| format!("cannot load the dataset in {}", cfg.data.dir.display()))?;
+    let StageStart { run, latest, config_hash, ds } = StageStart::open(cfg, STAGE, opts, || Ok(()))?;
+    let root = run.root.clone();
     let examples = train_instances(&ds, cfg, t.seed)?;
     let mut loaded = load_model(cfg, cfg.model.adapter.as_deref(), "model.adapter", t.seed)?;
     let builder = ExampleBuilder::new(&ds, cfg, &loaded.tokenizer)?;
@@ -174,14 +156,12 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     let bar = progress_bar(total, state.step, opts.quiet, "sft");
     let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after);
     let (mut first_loss, mut last_loss) = (None, None);
-    let mut interrupted = false;
     let mut order = EpochOrder::new(t.seed, examples.len());
     let n = examples.len() as u64;
     let per_step = cfg.sft.examples_per_step() as u64;
 
     while state.step < total {
-        if cadence.stopping(&opts.stop, state.step) {
-            interrupted = opts.stop.raised();
+        if cadence.stop_before(&opts.stop, state.step) {
             break;
         }
         let step = state.step;
@@ -212,7 +192,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
             accum.add(&loss.backward()?, opt.params())?;
         }
         if abandoned {
-            interrupted = true;
+            cadence.interrupt();
             break;
         }
         let mut grads = accum.take(opt.params())?;
@@ -242,24 +222,14 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         bar.set_position(state.step);
         bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
 
-        if cadence.val_due(state.step) {
-            bar.set_message(format!("loss {loss_sum:.4}, validating on {} val instances", t.eval_instances));
-            validate_and_keep_best(&loaded, &ds, &cfg.prompt, t, &opts.stop, &mut state, &run, &mut log, &bar)?;
-        }
-        cadence.after_step(&loaded.model, &opt, &state, &opts.stop)?;
+        cadence.end_step(&loaded, &opt, &ds, &cfg.prompt, &opts.stop, &mut state, &mut log, &bar, &format!("loss {loss_sum:.4}"))?;
     }
-    let finished = cadence.finish(&loaded.model, &opt, &state, interrupted)?;
+    let stage = cadence.finish(&loaded.model, &opt, &state)?;
     bar.finish_and_clear();
     Ok(SftSummary {
-        dir: root,
-        step: state.step,
-        total_steps: total,
-        finished,
-        interrupted,
-        checkpoint: cadence.checkpoint,
+        stage,
         first_loss,
         last_loss,
-        best: state.best,
         tokens_per_s: if state.elapsed_s > 0.0 { state.tokens_seen as f64 / state.elapsed_s } else { 0.0 },
     })
 }
