@@ -42,6 +42,20 @@ done
 [[ -f "$variants" ]] || { echo "sweep.sh: no variants file $variants" >&2; exit 2; }
 
 mkdir -p "$out"
+# One sweep at a time in OUT: an advisory lock (flock, as refine-poi's own run-dir locks) held
+# until this script exits; the kernel drops it if the script dies, so it is never stale.
+lock="$out/.lock"
+exec 9>>"$lock"
+if ! flock -n 9; then
+    echo "sweep.sh: $out is in use by another sweep ($(tr '\n' ' ' < "$lock")): wait for it to end, or choose another --out" >&2
+    exit 1
+fi
+if [[ -s "$lock" ]]; then
+    echo "sweep.sh: warning: taking over the lock of $out left by a process that is gone ($(tr '\n' ' ' < "$lock"))" >&2
+fi
+printf 'pid %s\nhost %s\nstarted %s\ncommand sweep.sh\n' "$$" "$(uname -n)" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$lock"
+trap ': > "$lock"' EXIT
+
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${REFINE_POI:-$root/target/release/refine-poi}"
 if [[ ! -x "$bin" ]]; then

@@ -10,6 +10,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod generate;
 pub mod llm_rec;
+pub mod lock;
 pub mod metrics;
 pub mod model;
 pub mod prompt;

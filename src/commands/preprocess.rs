@@ -98,6 +98,8 @@ fn settings(args: &Args) -> Result<Settings> {
 pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     let Settings { format, input, out, read: ropts, protocol: cfg } = settings(&args)?;
+    // No two preprocess runs write one dataset directory at once.
+    let _lock = crate::lock::DirLock::acquire(&out, "preprocess")?;
     let spinner = if args.quiet {
         indicatif::ProgressBar::hidden()
     } else {

@@ -1,6 +1,7 @@
 //! `refine-poi sft-warmup` and `refine-poi grpo-train`: the training stages, each driven by a
 //! run config (see [`crate::train::config`], [`crate::train::sft`] and [`crate::train::grpo`]). Both take the
-//! same arguments and print a JSON summary; Ctrl-C writes a checkpoint and exits with 130.
+//! same arguments and print a JSON summary; Ctrl-C, SIGTERM and SIGUSR1 write a checkpoint and exit with
+//! 128 + the signal (130, 143, 138).
 
 use std::path::PathBuf;
 
@@ -33,13 +34,14 @@ pub struct Args {
 impl Args {
     fn load(&self) -> Result<(RunConfig, RunOptions)> {
         let cfg = RunConfig::load(Some(&self.config), &self.sets)?;
-        let opts = RunOptions { resume: self.resume, quiet: self.quiet, stop_after: self.stop_after, stop: StopFlag::on_ctrl_c()? };
+        let opts = RunOptions { resume: self.resume, quiet: self.quiet, stop_after: self.stop_after, stop: StopFlag::on_signals()? };
         Ok((cfg, opts))
     }
 }
 
-/// Prints the summary (JSON), says how the run ended, and exits 130 after an interrupt.
-fn finish(summary: &impl serde::Serialize, stage: &StageSummary, quiet: bool) -> Result<()> {
+/// Prints the summary (JSON), says how the run ended, and after a stop request exits with
+/// 128 + the signal's number.
+fn finish(summary: &impl serde::Serialize, stage: &StageSummary, stop: &StopFlag, quiet: bool) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(summary)?);
     if !quiet {
         let dir = stage.dir.display();
@@ -50,7 +52,7 @@ fn finish(summary: &impl serde::Serialize, stage: &StageSummary, quiet: bool) ->
         }
     }
     if stage.interrupted {
-        std::process::exit(130);
+        std::process::exit(stop.exit_code());
     }
     Ok(())
 }
@@ -58,11 +60,11 @@ fn finish(summary: &impl serde::Serialize, stage: &StageSummary, quiet: bool) ->
 pub fn run_sft(args: Args) -> Result<()> {
     let (cfg, opts) = args.load()?;
     let s = sft::run(&cfg, &opts)?;
-    finish(&s, &s.stage, args.quiet)
+    finish(&s, &s.stage, &opts.stop, args.quiet)
 }
 
 pub fn run_grpo(args: Args) -> Result<()> {
     let (cfg, opts) = args.load()?;
     let s = grpo::run(&cfg, &opts)?;
-    finish(&s, &s.stage, args.quiet)
+    finish(&s, &s.stage, &opts.stop, args.quiet)
 }

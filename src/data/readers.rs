@@ -26,11 +26,13 @@ use super::MAX_TZ_OFFSET_MIN;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    /// Foursquare TSMC2014 raw file: tab-separated, no header, 8 fields.
+    /// Foursquare TSMC2014: the raw file (tab-separated, no header, 8 fields), or its common
+    /// CSV download (header `userId,venueId,...,utcTimestamp`), told apart by the first line.
     Foursquare,
     /// Gowalla SNAP `loc-gowalla_totalCheckins.txt`: tab-separated, no header, 5 fields.
     Gowalla,
-    /// CSV with a header: user_id, venue_id, category, latitude, longitude, utc_time, tz_offset_min.
+    /// CSV with a header: user_id, venue_id, category, latitude, longitude, utc_time, tz_offset_min
+    /// (or the TSMC2014 CSV header, read as with `foursquare`).
     Csv,
 }
 
@@ -305,9 +307,10 @@ pub fn read(path: &Path, opts: &ReadOptions) -> Result<RawData> {
     {
         bail!("--tz-offset-min {tz} is out of range (|offset| must be below 24 h)");
     }
-    let input = open_input(path)?;
+    let mut input = open_input(path)?;
     let mut b = Builder::new(path, opts);
     match opts.format {
+        Format::Foursquare if looks_like_tsmc_csv(&mut input, path)? => read_csv(path, input, &mut b)?,
         Format::Foursquare => read_lines(path, input, |line, text| b.accept(line, parse_tsmc(text)))?,
         Format::Gowalla => {
             let tz = opts.tz_offset_min;
@@ -410,10 +413,61 @@ pub fn tz_from_longitude(lon: f64) -> i32 {
 
 const CSV_COLUMNS: [&str; 7] = ["user_id", "venue_id", "category", "latitude", "longitude", "utc_time", "tz_offset_min"];
 
+/// The same seven fields in the TSMC2014 CSV download, lowercased; its times are as in the raw
+/// file (`Tue Apr 03 18:17:18 +0000 2012`).
+const TSMC_CSV_COLUMNS: [&str; 7] = ["userid", "venueid", "venuecategory", "latitude", "longitude", "utctimestamp", "timezoneoffset"];
+
+/// Whether the input starts with the TSMC2014 CSV header (looked at without consuming it).
+fn looks_like_tsmc_csv(input: &mut Box<dyn BufRead>, path: &Path) -> Result<bool> {
+    let head = input.fill_buf().with_context(|| format!("reading {}", path.display()))?;
+    let first = String::from_utf8_lossy(&head[..head.len().min(256)]).to_ascii_lowercase();
+    Ok(first.trim_start_matches('\u{feff}').starts_with("userid,venueid,"))
+}
+
 /// Generic CSV: columns found by header name (any order, extra columns ignored). `category`
 /// and `tz_offset_min` may be absent (then empty and 0); the others are required.
+/// The input of a CSV reader, noting where its lines end, so that a record's 1-based line is
+/// exact whatever the line ends (the csv crate's own count is one short after `\r\n`).
+struct LineEnds<R> {
+    inner: R,
+    /// Offsets of the `\n`s read so far that no record has passed yet, and the lines before them.
+    pending: std::rc::Rc<std::cell::RefCell<(std::collections::VecDeque<u64>, u64)>>,
+    offset: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for LineEnds<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut p = self.pending.borrow_mut();
+        p.0.extend(buf[..n].iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| self.offset + i as u64));
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// A CSV reader over `input` and a function giving the 1-based line of a record's start byte
+/// (called with non-decreasing offsets). After `\r\n` the csv crate may place a record at its
+/// `\n`, so a `\n` at the start byte itself still ends an earlier line.
+fn csv_with_lines(input: Box<dyn BufRead>) -> (csv::Reader<LineEnds<Box<dyn BufRead>>>, impl FnMut(u64) -> u64) {
+    let pending = std::rc::Rc::new(std::cell::RefCell::new((std::collections::VecDeque::new(), 0u64)));
+    let rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::All).from_reader(LineEnds {
+        inner: input,
+        pending: pending.clone(),
+        offset: 0,
+    });
+    let line_of = move |byte: u64| {
+        let mut p = pending.borrow_mut();
+        while p.0.front().is_some_and(|&nl| nl <= byte) {
+            p.0.pop_front();
+            p.1 += 1;
+        }
+        p.1 + 1
+    };
+    (rdr, line_of)
+}
+
 fn read_csv(path: &Path, input: Box<dyn BufRead>, b: &mut Builder<'_>) -> Result<()> {
-    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::All).from_reader(input);
+    let (mut rdr, mut line_of) = csv_with_lines(input);
     let header = rdr.byte_headers().with_context(|| format!("reading the header of {}", path.display()))?.clone();
     if header.is_empty() || header.iter().all(|h| h.is_empty()) {
         bail!("input file {} is empty", path.display());
@@ -426,20 +480,20 @@ fn read_csv(path: &Path, input: Box<dyn BufRead>, b: &mut Builder<'_>) -> Result
         })
         .collect();
     let col = |name: &str| names.iter().position(|n| n == name);
-    let idx: Vec<Option<usize>> = CSV_COLUMNS.iter().map(|c| col(c)).collect();
-    let missing: Vec<&str> = CSV_COLUMNS
-        .iter()
-        .zip(&idx)
-        .filter(|(c, i)| i.is_none() && !matches!(**c, "category" | "tz_offset_min"))
-        .map(|(c, _)| *c)
-        .collect();
+    // The project's layout, or the TSMC2014 download's (whose times read as the raw file's).
+    let tsmc = col("userid").is_some() && col("user_id").is_none();
+    let (columns, parse_time): (&[&str; 7], fn(&str) -> Result<i64, BadRow>) =
+        if tsmc { (&TSMC_CSV_COLUMNS, parse_tsmc_time) } else { (&CSV_COLUMNS, parse_iso_time) };
+    let idx: Vec<Option<usize>> = columns.iter().map(|c| col(c)).collect();
+    let optional = |i: usize| i == 2 || (i == 6 && !tsmc);
+    let missing: Vec<&str> = columns.iter().enumerate().filter(|(i, _)| idx[*i].is_none() && !optional(*i)).map(|(_, c)| *c).collect();
     if !missing.is_empty() {
         bail!(
             "{} line 1: the CSV header lacks column{} {} (expected a header with {})",
             path.display(),
             if missing.len() == 1 { "" } else { "s" },
             missing.join(", "),
-            CSV_COLUMNS.join(",")
+            columns.join(",")
         );
     }
     let need = idx.iter().flatten().max().copied().unwrap_or(0) + 1;
@@ -449,7 +503,7 @@ fn read_csv(path: &Path, input: Box<dyn BufRead>, b: &mut Builder<'_>) -> Result
         if !more {
             return Ok(());
         }
-        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        let line = line_of(rec.position().map_or(0, |p| p.byte()));
         if rec.iter().all(|f| f.is_empty()) {
             continue;
         }
@@ -458,13 +512,13 @@ fn read_csv(path: &Path, input: Box<dyn BufRead>, b: &mut Builder<'_>) -> Result
             Err(bad("field_count", format!("expected {} comma-separated fields, found {}", names.len(), fields.len())))
         } else {
             let get = |k: usize| idx[k].map(|i| fields[i].as_ref());
-            parse_csv_row(&get)
+            parse_csv_row(&get, parse_time)
         };
         b.accept(line, parsed)?;
     }
 }
 
-fn parse_csv_row<'a>(get: &dyn Fn(usize) -> Option<&'a str>) -> Result<Row<'a>, BadRow> {
+fn parse_csv_row<'a>(get: &dyn Fn(usize) -> Option<&'a str>, parse_time: fn(&str) -> Result<i64, BadRow>) -> Result<Row<'a>, BadRow> {
     let (lat, lon) = parse_coords(get(3).unwrap_or(""), get(4).unwrap_or(""))?;
     Ok(Row {
         user: nonempty(get(0).unwrap_or(""), "user id")?,
@@ -472,7 +526,7 @@ fn parse_csv_row<'a>(get: &dyn Fn(usize) -> Option<&'a str>) -> Result<Row<'a>, 
         category: get(2),
         lat,
         lon,
-        utc: parse_iso_time(get(5).unwrap_or(""))?,
+        utc: parse_time(get(5).unwrap_or(""))?,
         tz_offset_min: match get(6) {
             Some(s) => parse_tz(s)?,
             None => 0,
@@ -484,7 +538,7 @@ fn parse_csv_row<'a>(get: &dyn Fn(usize) -> Option<&'a str>) -> Result<Row<'a>, 
 /// missing from the table keep an empty category. Any malformed row is an error with its line.
 pub fn read_category_table(path: &Path) -> Result<HashMap<String, String>> {
     let input = open_input(path).context("--categories")?;
-    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::All).from_reader(input);
+    let (mut rdr, mut line_of) = csv_with_lines(input);
     let header = rdr.byte_headers().with_context(|| format!("reading the header of {}", path.display()))?.clone();
     let names: Vec<String> =
         header.iter().map(|h| String::from_utf8_lossy(h).trim_start_matches('\u{feff}').trim().to_ascii_lowercase()).collect();
@@ -494,7 +548,7 @@ pub fn read_category_table(path: &Path) -> Result<HashMap<String, String>> {
     let mut map = HashMap::new();
     let mut rec = csv::ByteRecord::new();
     while rdr.read_byte_record(&mut rec).with_context(|| format!("reading {}", path.display()))? {
-        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        let line = line_of(rec.position().map_or(0, |p| p.byte()));
         if rec.iter().all(|f| f.is_empty()) {
             continue;
         }
@@ -675,6 +729,80 @@ mod tests {
         assert_eq!(plain.report.skipped["bad_coordinates"].first_lines, vec![4]);
         assert_eq!(plain.venues[0].category, "Arts & Crafts Store");
         assert_eq!(plain.rows[0].utc, 1_333_476_009);
+    }
+
+    /// The same file with `\r\n` line ends reports the same line numbers as with `\n`.
+    #[test]
+    fn crlf_line_numbers_match_lf() {
+        let dir = tempfile::tempdir().unwrap();
+        // Line ends as `\n` only, and as `\r\n`.
+        let ends = |bytes: &[u8], crlf: bool| -> Vec<u8> {
+            let lf: Vec<u8> = bytes.iter().copied().filter(|&b| b != b'\r').collect();
+            if !crlf {
+                return lf;
+            }
+            lf.iter().flat_map(|&b| if b == b'\n' { vec![b'\r', b'\n'] } else { vec![b] }).collect()
+        };
+        for (format, name) in [(Format::Csv, "checkins_sample.csv"), (Format::Foursquare, "tsmc2014_sample.txt")] {
+            let bytes = std::fs::read(fixture(name)).unwrap();
+            let lf = write_tmp(&dir, name, &ends(&bytes, false));
+            let crlf = write_tmp(&dir, &format!("crlf-{name}"), &ends(&bytes, true));
+            let (a, b) = (read(&lf, &ReadOptions::new(format)).unwrap(), read(&crlf, &ReadOptions::new(format)).unwrap());
+            assert_eq!(a.report, b.report, "{format:?}");
+            let mut strict = ReadOptions::new(format);
+            strict.strict = true;
+            let (ea, eb) = (read(&lf, &strict).unwrap_err().to_string(), read(&crlf, &strict).unwrap_err().to_string());
+            let line = |e: &str| e.split(" line ").nth(1).and_then(|r| r.split(':').next()).map(str::to_string);
+            assert_eq!(line(&ea), line(&eb), "{ea} / {eb}");
+        }
+        // A bad row on line 7 of a CRLF CSV is reported as line 7.
+        let mut text = String::from("user_id,venue_id,category,latitude,longitude,utc_time,tz_offset_min\r\n");
+        for i in 0..5 {
+            text.push_str(&format!("1,v{i},Bar,40.7,-74.0,2012-04-03T18:0{i}:09Z,-240\r\n"));
+        }
+        text.push_str("1,v9,Bar,north,-74.0,2012-04-03T18:09:09Z,-240\r\n");
+        let p = write_tmp(&dir, "seven.csv", text.as_bytes());
+        let mut strict = ReadOptions::new(Format::Csv);
+        strict.strict = true;
+        let e = read(&p, &strict).unwrap_err().to_string();
+        assert!(e.contains("line 7:"), "{e}");
+        assert_eq!(read(&p, &ReadOptions::new(Format::Csv)).unwrap().report.skipped["bad_coordinates"].first_lines, vec![7]);
+    }
+
+    /// The TSMC2014 CSV download (the real TKY sample when it is at hand, else its first rows
+    /// as a fixture) reads with every row kept, as `foursquare` and as `csv`.
+    #[test]
+    fn tsmc_csv_download_reads_without_skips() {
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tky-sample/dataset_TSMC2014_TKY.csv");
+        let path = if shared.is_file() { shared } else { fixture("tsmc2014_tky_head.csv") };
+        for format in [Format::Foursquare, Format::Csv] {
+            let d = read(&path, &ReadOptions::new(format)).unwrap();
+            assert_eq!(d.report.rows_skipped(), 0, "{:?}", d.report.skipped);
+            assert_eq!(d.report.rows_read, d.rows.len() as u64);
+            assert!(d.rows.len() >= 10);
+            // Tue Apr 03 18:17:18 +0000 2012, Tokyo's +540 minutes, the category by name.
+            assert_eq!(d.rows[0].utc, 1_333_477_038);
+            assert_eq!(d.rows[0].tz_offset_min, 540);
+            assert_eq!(d.venues[0].category, "Cosmetics Shop");
+        }
+        // The raw tab-separated form still reads as before.
+        assert!(read(&fixture("tsmc2014_sample.txt"), &ReadOptions::new(Format::Foursquare)).is_ok());
+    }
+
+    /// A file cut off in the middle of its last row: that row is a counted skip.
+    #[test]
+    fn a_truncated_last_row_is_a_counted_skip() {
+        let dir = tempfile::tempdir().unwrap();
+        for (format, name) in [(Format::Csv, "checkins_sample.csv"), (Format::Foursquare, "tsmc2014_synthetic.txt"), (Format::Gowalla, "gowalla_sample.txt")] {
+            let bytes = std::fs::read(fixture(name)).unwrap();
+            let whole = read(&write_tmp(&dir, name, &bytes), &ReadOptions::new(format)).unwrap();
+            let body = bytes.trim_ascii_end();
+            let cut = body.iter().rposition(|&b| b == b'\t' || b == b',').unwrap() - 1;
+            let part = read(&write_tmp(&dir, &format!("cut-{name}"), &body[..cut]), &ReadOptions::new(format)).unwrap();
+            assert_eq!(part.report.rows_read, whole.report.rows_read, "{format:?}");
+            assert_eq!(part.report.rows_skipped(), whole.report.rows_skipped() + 1, "{format:?}: {:?}", part.report.skipped);
+            assert_eq!(part.rows.len() + 1, whole.rows.len(), "{format:?}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::config::Stage;
 use super::optim::AdamW;
 use crate::fsutil::write_atomic;
+use crate::seed::fnv1a;
 use crate::model::CausalLm;
 
 /// Name of the resolved config in a stage's run directory.
@@ -62,6 +63,14 @@ pub struct TrainerState {
     /// Training time so far (excluding validation), and tokens trained on.
     pub elapsed_s: f64,
     pub tokens_seen: u64,
+    /// Optimizer updates so far: fewer than steps when a step had nothing to learn from (every
+    /// GRPO group without signal) or was skipped as non-finite, more with several updates a
+    /// step. Absent in checkpoints written before it was recorded (then equal to `step`).
+    #[serde(default)]
+    pub optimizer_updates: Option<u64>,
+    /// Steps whose loss or gradient was not finite, so their update was skipped.
+    #[serde(default)]
+    pub nonfinite_steps: u64,
     /// Stage-specific counters.
     #[serde(default)]
     pub extra: serde_json::Value,
@@ -78,6 +87,8 @@ impl TrainerState {
             seed,
             config_hash,
             best: None,
+            optimizer_updates: Some(0),
+            nonfinite_steps: 0,
             elapsed_s: 0.0,
             tokens_seen: 0,
             extra: serde_json::Value::Null,
@@ -119,7 +130,7 @@ impl RunDir {
     /// A fresh run: the folder must not hold checkpoints already; writes the resolved config.
     pub fn create(root: &Path, config_toml: &str) -> Result<RunDir> {
         let dir = RunDir { root: root.to_path_buf() };
-        if dir.latest()?.is_some() || dir.has_step_dirs()? {
+        if !dir.step_dirs()?.is_empty() {
             bail!(
                 "{} already holds a run with checkpoints: pass --resume to continue it, or choose another run_dir (--set run_dir=...)",
                 root.display()
@@ -145,31 +156,56 @@ impl RunDir {
             diffs.join("; ")
         );
         std::fs::create_dir_all(dir.checkpoints())?;
-        let latest = dir.latest()?;
+        let latest = dir.resume_point()?;
         Ok((dir, latest))
     }
 
-    fn has_step_dirs(&self) -> Result<bool> {
-        let Ok(entries) = std::fs::read_dir(self.checkpoints()) else { return Ok(false) };
-        Ok(entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-")))
+    /// The checkpoint a resumed run starts from: the newest whose files match its manifest.
+    /// `checkpoints/last` names the newest written; a damaged or missing one is passed over,
+    /// with a warning, for the next older checkpoint. `None` when there is none at all.
+    pub fn resume_point(&self) -> Result<Option<PathBuf>> {
+        let mut candidates = self.step_dirs()?;
+        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut names: Vec<PathBuf> = candidates.into_iter().map(|(_, p)| p).collect();
+        if let Some(named) = self.named_last() {
+            names.retain(|p| *p != named);
+            names.insert(0, named);
+        }
+        let mut damaged = Vec::new();
+        for dir in names {
+            match verify_manifest(&dir) {
+                Ok(()) => {
+                    for (d, why) in &damaged {
+                        eprintln!("warning: checkpoint {} is damaged ({why:#}): resuming from {} instead", d, dir.display());
+                    }
+                    return Ok(Some(dir));
+                }
+                Err(e) => damaged.push((dir.display().to_string(), e)),
+            }
+        }
+        match damaged.into_iter().next() {
+            Some((dir, why)) => Err(why.context(format!("no intact checkpoint to resume from: the newest, {dir}, is damaged"))),
+            None => Ok(None),
+        }
     }
 
-    /// The checkpoint `checkpoints/last` names, if any; an error when it names a missing folder.
-    pub fn latest(&self) -> Result<Option<PathBuf>> {
-        let last = self.checkpoints().join("last");
-        let name = match std::fs::read_to_string(&last) {
-            Ok(s) => s.trim().to_string(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", last.display())),
-        };
-        ensure!(
-            name.starts_with("step-") && !name.contains('/') && !name.contains(".."),
-            "{} is corrupt: it names '{name}', not a step-N folder",
-            last.display()
-        );
-        let dir = self.checkpoints().join(&name);
-        ensure!(dir.is_dir(), "{} names {name}, but {} does not exist", last.display(), dir.display());
-        Ok(Some(dir))
+    /// The folder `checkpoints/last` names, if it names a step folder at all.
+    fn named_last(&self) -> Option<PathBuf> {
+        let name = std::fs::read_to_string(self.checkpoints().join("last")).ok()?;
+        let name = name.trim();
+        (name.starts_with("step-") && !name.contains('/') && !name.contains("..")).then(|| self.checkpoints().join(name))
+    }
+
+    /// The `step-N` folders, with N.
+    fn step_dirs(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let Ok(entries) = std::fs::read_dir(self.checkpoints()) else { return Ok(Vec::new()) };
+        Ok(entries
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().strip_prefix("step-")?.parse::<u64>().ok()?;
+                Some((n, e.path()))
+            })
+            .collect())
     }
 
     /// Writes checkpoint `step` (adapter, optimizer, state) atomically, points `last` at it,
@@ -184,7 +220,9 @@ impl RunDir {
         std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         model.save_adapter(&tmp, base_model)?;
         opt.save(&tmp.join(OPTIMIZER_FILE))?;
-        write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
+        let state = TrainerState { optimizer_updates: Some(opt.updates()), ..state.clone() };
+        write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        write_manifest(&tmp)?;
         let dir = ckpts.join(&name);
         if dir.exists() {
             // The same step written again (a resumed run passing it once more): replace it.
@@ -193,13 +231,7 @@ impl RunDir {
         std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
         write_atomic(&ckpts.join("last"), name.as_bytes())?;
         if keep > 0 {
-            let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&ckpts)?
-                .flatten()
-                .filter_map(|e| {
-                    let n = e.file_name().to_string_lossy().strip_prefix("step-")?.parse::<u64>().ok()?;
-                    Some((n, e.path()))
-                })
-                .collect();
+            let mut steps = self.step_dirs()?;
             steps.sort();
             let excess = steps.len().saturating_sub(keep);
             for (n, path) in steps.into_iter().take(excess) {
@@ -240,6 +272,7 @@ impl RunDir {
     /// error naming the checkpoint.
     pub fn load_checkpoint(dir: &Path, model: &mut CausalLm, opt: &mut AdamW, stage: Stage, config_hash: &str) -> Result<TrainerState> {
         let ctx = || format!("cannot resume from checkpoint {}", dir.display());
+        verify_manifest(dir).with_context(ctx)?;
         let state_path = dir.join(STATE_FILE);
         let text =
             std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display())).with_context(ctx)?;
@@ -263,12 +296,12 @@ impl RunDir {
         let hp = opt.hp;
         *opt = AdamW::new(model.lora_vars(), hp)?;
         opt.load(&dir.join(OPTIMIZER_FILE)).with_context(ctx)?;
+        let updates = state.optimizer_updates.unwrap_or(state.step);
         ensure!(
-            opt.updates() == state.step,
-            "checkpoint {} is inconsistent: the optimizer has {} updates, the state says step {}",
+            opt.updates() == updates,
+            "checkpoint {} is inconsistent: the optimizer has {} updates, the state says {updates}",
             dir.display(),
             opt.updates(),
-            state.step
         );
         Ok(state)
     }
@@ -296,6 +329,49 @@ impl RunDir {
         }
         Ok(dest)
     }
+}
+
+/// What a checkpoint holds, written last into it: each file's size and FNV-1a hash, so that a
+/// truncated, edited or missing file is found before anything is loaded.
+const MANIFEST_FILE: &str = "manifest.json";
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct FileEntry {
+    bytes: u64,
+    fnv1a: String,
+}
+
+fn file_entry(path: &Path) -> Result<FileEntry> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(FileEntry { bytes: bytes.len() as u64, fnv1a: format!("{:016x}", fnv1a(&bytes)) })
+}
+
+/// Writes `dir`'s manifest: every file in it but the manifest itself.
+pub fn write_manifest(dir: &Path) -> Result<()> {
+    let mut files = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != MANIFEST_FILE && e.path().is_file() {
+            files.insert(name, file_entry(&e.path())?);
+        }
+    }
+    write_atomic(&dir.join(MANIFEST_FILE), serde_json::to_string_pretty(&files)?.as_bytes())
+}
+
+/// Checks every file `dir`'s manifest lists; the first that is missing or differs is named.
+pub fn verify_manifest(dir: &Path) -> Result<()> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{} has no readable {MANIFEST_FILE}", dir.display()))?;
+    let files: std::collections::BTreeMap<String, FileEntry> =
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+    for (name, want) in &files {
+        let file = dir.join(name);
+        ensure!(file.is_file(), "{} is missing", file.display());
+        let got = file_entry(&file)?;
+        ensure!(got.bytes == want.bytes, "{} has {} bytes, its manifest says {}: truncated or changed", file.display(), got.bytes, want.bytes);
+        ensure!(got == *want, "{} does not match its manifest (hash {} vs {}): changed after it was written", file.display(), got.fnv1a, want.fnv1a);
+    }
+    Ok(())
 }
 
 /// Keys whose values differ between two TOML documents, as `key: a -> b`.

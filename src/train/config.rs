@@ -42,6 +42,14 @@ impl Stage {
         }
     }
 
+    /// The command that runs it.
+    pub fn command(self) -> &'static str {
+        match self {
+            Stage::Sft => "sft-warmup",
+            Stage::Grpo => "grpo-train",
+        }
+    }
+
     /// The sections this stage does not read.
     fn other_sections(self) -> &'static [&'static str] {
         match self {

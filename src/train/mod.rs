@@ -19,7 +19,9 @@ pub mod sft;
 pub mod val;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +33,7 @@ use rand::seq::SliceRandom;
 use crate::data::{Dataset, Instance, Split};
 use crate::model::{self, CausalLm, LoadedModel, Mode};
 use crate::prompt::PromptConfig;
+use crate::lock::DirLock;
 use crate::seed::{SEED_DATA, SEED_LORA_INIT, SEED_SUBSET, derive_seed, fnv_hex};
 use checkpoint::{BestVal, MetricsLog, RunDir, TrainerState};
 use config::{RunConfig, Stage};
@@ -124,6 +127,8 @@ pub fn load_model(cfg: &RunConfig, adapter: Option<&Path>, key: &str, seed: u64)
 /// What a stage starts from: its run directory (created, or opened to resume with the same
 /// config), the checkpoint to resume from, the config's hash, and the dataset.
 pub struct StageStart {
+    /// Held until the stage returns: no other run writes this run directory meanwhile.
+    pub lock: DirLock,
     pub run: RunDir,
     pub latest: Option<PathBuf>,
     pub config_hash: String,
@@ -137,6 +142,7 @@ impl StageStart {
         cfg.validate()?;
         let config_toml = cfg.stage_toml(stage)?;
         let root = cfg.stage_dir(stage);
+        let lock = DirLock::acquire(&root, stage.command())?;
         let (run, latest) = if opts.resume {
             RunDir::open_for_resume(&root, &config_toml)?
         } else {
@@ -144,7 +150,7 @@ impl StageStart {
             (RunDir::create(&root, &config_toml)?, None)
         };
         let ds = Dataset::load(&cfg.data.dir).with_context(|| format!("cannot load the dataset in {}", cfg.data.dir.display()))?;
-        Ok(StageStart { run, latest, config_hash: fnv_hex(&config_toml), ds })
+        Ok(StageStart { lock, run, latest, config_hash: fnv_hex(&config_toml), ds })
     }
 }
 
@@ -177,6 +183,8 @@ pub struct StageLoop<'a> {
     stop_at: Option<u64>,
     saved_at: Option<u64>,
     interrupted: bool,
+    /// Steps in a row whose update was skipped as non-finite.
+    nonfinite_in_a_row: usize,
     /// The newest checkpoint.
     pub checkpoint: Option<PathBuf>,
 }
@@ -200,6 +208,7 @@ impl<'a> StageLoop<'a> {
             stop_at: stop_after.map(|n| step + n),
             saved_at: latest.as_ref().map(|_| step),
             interrupted: false,
+            nonfinite_in_a_row: 0,
             checkpoint: latest,
         }
     }
@@ -214,6 +223,26 @@ impl<'a> StageLoop<'a> {
     pub fn stop_before(&mut self, stop: &StopFlag, step: u64) -> bool {
         self.interrupted |= stop.raised();
         self.stopping(stop, step)
+    }
+
+    /// Counts a completed step whose update was skipped because its loss or gradient was not
+    /// finite; too many in a row are an error (nothing non-finite was ever applied, so the
+    /// checkpoints hold the last good adapter).
+    pub fn record_finite(&mut self, finite: bool, state: &mut TrainerState) -> Result<()> {
+        if finite {
+            self.nonfinite_in_a_row = 0;
+            return Ok(());
+        }
+        self.nonfinite_in_a_row += 1;
+        state.nonfinite_steps += 1;
+        let limit = self.t.max_nonfinite_steps;
+        ensure!(
+            self.nonfinite_in_a_row < limit,
+            "{limit} steps in a row (up to step {}) had a non-finite loss or gradient and were skipped: stopping; {} holds the last good adapter (lower the learning rate, or check the data)",
+            state.step,
+            self.checkpoint.as_ref().map_or("no checkpoint yet".to_string(), |c| c.display().to_string())
+        );
+        Ok(())
     }
 
     /// A step abandoned midway by a stop request.
@@ -296,7 +325,7 @@ pub fn validate_and_keep_best(
     log: &mut MetricsLog,
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
-    let report = match val::validate(&loaded.model, &loaded.tokenizer, ds, prompt, val::ValSettings::from_train(t), Some(&stop.0)) {
+    let report = match val::validate(&loaded.model, &loaded.tokenizer, ds, prompt, val::ValSettings::from_train(t), Some(stop.flag())) {
         Ok(r) => r,
         Err(e) if e.is::<val::Interrupted>() => return Ok(()),
         Err(e) => return Err(e.context(format!("validation at step {}", state.step))),
@@ -384,10 +413,16 @@ pub fn scored_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Resu
     Ok(token_logprobs(&logits, &Tensor::from_vec(targets, n, device)?)?)
 }
 
-/// A stop request (Ctrl-C): the loop finishes or abandons the current step, writes a
-/// checkpoint of the last completed one, and returns.
+/// A stop request: Ctrl-C (SIGINT), SIGTERM (`kill`, `scancel`, Slurm's preemption) or SIGUSR1
+/// (Slurm's `--signal=USR1@N` warning). The loop finishes or abandons the current step, writes a
+/// checkpoint of the last completed one, and returns; the command then exits with
+/// 128 + the signal's number (130, 143, 138), so a job script can tell a stop from a failure.
 #[derive(Debug, Clone, Default)]
-pub struct StopFlag(pub Arc<AtomicBool>);
+pub struct StopFlag {
+    raised: Arc<AtomicBool>,
+    /// The signal that raised it (0: raised by the program itself).
+    signal: Arc<AtomicI32>,
+}
 
 impl StopFlag {
     pub fn new() -> Self {
@@ -395,26 +430,49 @@ impl StopFlag {
     }
 
     pub fn raise(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.raised.store(true, Ordering::SeqCst);
     }
 
     pub fn raised(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.raised.load(Ordering::SeqCst)
     }
 
-    /// A flag raised by Ctrl-C (SIGINT); a second Ctrl-C exits at once with status 130.
-    pub fn on_ctrl_c() -> Result<StopFlag> {
+    /// The flag itself, for loops that poll it (validation).
+    pub fn flag(&self) -> &Arc<AtomicBool> {
+        &self.raised
+    }
+
+    /// The exit status after a stop: 128 + the signal (130 when the program raised it).
+    pub fn exit_code(&self) -> i32 {
+        let sig = self.signal.load(Ordering::SeqCst);
+        128 + if sig == 0 { SIGINT } else { sig }
+    }
+
+    /// A flag raised by SIGINT, SIGTERM or SIGUSR1. A second Ctrl-C exits at once with status
+    /// 130; a repeated SIGTERM or SIGUSR1 does not cut the checkpoint short.
+    pub fn on_signals() -> Result<StopFlag> {
         let flag = StopFlag::new();
         let inner = flag.clone();
-        ctrlc::set_handler(move || {
-            if inner.raised() {
-                eprintln!("\nsecond interrupt: exiting without a checkpoint");
-                std::process::exit(130);
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1]).context("cannot install the signal handlers")?;
+        std::thread::spawn(move || {
+            for sig in signals.forever() {
+                if inner.raised() {
+                    if sig == SIGINT {
+                        eprintln!("\nsecond interrupt: exiting without a checkpoint");
+                        std::process::exit(128 + SIGINT);
+                    }
+                    continue;
+                }
+                let name = match sig {
+                    SIGINT => "interrupt",
+                    SIGTERM => "SIGTERM",
+                    _ => "SIGUSR1",
+                };
+                eprintln!("\n{name}: writing a checkpoint of the last completed step, then exiting with {}", 128 + sig);
+                inner.signal.store(sig, Ordering::SeqCst);
+                inner.raise();
             }
-            eprintln!("\ninterrupt: writing a checkpoint of the last completed step (Ctrl-C again to abort)");
-            inner.raise();
-        })
-        .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}"))?;
+        });
         Ok(flag)
     }
 }

@@ -36,6 +36,9 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// Clip the global gradient norm to this (0 = no clipping).
     pub max_grad_norm: f64,
+    /// A step whose loss or gradient is not finite skips its update; this many in a row stop
+    /// the run with an error (its checkpoints hold the last good adapter).
+    pub max_nonfinite_steps: usize,
     /// Passes over the training examples, used when `max_steps` is 0.
     pub epochs: usize,
     /// Optimizer steps to run (0 = as many as `epochs` take).
@@ -66,6 +69,7 @@ impl TrainConfig {
         }
         ensure!(self.adam_eps > 0.0, "{section}.adam_eps must be positive");
         ensure!(self.max_grad_norm >= 0.0, "{section}.max_grad_norm must not be negative (0 = off)");
+        ensure!(self.max_nonfinite_steps >= 1, "{section}.max_nonfinite_steps must be at least 1");
         ensure!(self.max_steps > 0 || self.epochs > 0, "{section}: set max_steps or epochs");
         ensure!(self.eval_every == 0 || self.eval_instances > 0, "{section}.eval_instances must be positive when eval_every is set");
         ensure!(self.eval_batch_size >= 1, "{section}.eval_batch_size must be at least 1");
@@ -93,6 +97,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_eps: 1e-8,
             max_grad_norm: 1.0,
+            max_nonfinite_steps: 5,
             epochs: 1,
             max_steps: 0,
             eval_every: 50,

@@ -132,6 +132,8 @@ pub struct StepReport {
     /// Mean over updates and groups of the loss statistics.
     pub loss: LossStats,
     pub grad_norm: f64,
+    /// Updates left out because their loss or gradient was not finite.
+    pub skipped_updates: usize,
     pub completion_tokens: Vec<usize>,
     pub times: StepTimes,
 }
@@ -227,6 +229,7 @@ pub fn step(
 
     let mut loss_sum = LossStats::default();
     let mut grad_norm = 0.0;
+    let mut skipped_updates = 0;
     let mut evaluated = 0.0f64;
     let params = opt.params().to_vec();
     for update in 0..cfg.updates_per_batch.max(1) {
@@ -259,14 +262,18 @@ pub fn step(
         let t0 = Instant::now();
         let mut grads = accum.take(&params)?;
         grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-        opt.step(&grads, lr)?;
+        if grad_norm.is_finite() && loss_sum.loss.is_finite() {
+            opt.step(&grads, lr)?;
+        } else {
+            skipped_updates += 1;
+        }
         times.optimizer += t0.elapsed().as_secs_f64();
     }
     let n = evaluated.max(1.0);
     let loss =
         LossStats { loss: loss_sum.loss / n, kl: loss_sum.kl / n, clip_fraction: loss_sum.clip_fraction / n, tokens: loss_sum.tokens / n };
     let completion_tokens = sampled.iter().flatten().map(|c| c.tokens.len()).collect();
-    Ok(StepReport { rewards, advantages, groups, loss, grad_norm, completion_tokens, times })
+    Ok(StepReport { rewards, advantages, groups, loss, grad_norm, skipped_updates, completion_tokens, times })
 }
 
 #[cfg(test)]

@@ -172,6 +172,7 @@ fn step_record(step: u64, lr: f64, k: usize, scored: &[Scored], report: &StepRep
         "kl": report.loss.kl,
         "clip_fraction": report.loss.clip_fraction,
         "grad_norm": report.grad_norm,
+        "skipped_nonfinite": report.skipped_updates > 0,
         "groups": report.groups.groups(),
         "zero_signal_groups": report.groups.zero_signal_groups,
         "reward_group_std": report.groups.mean_std(),
@@ -185,7 +186,7 @@ fn step_record(step: u64, lr: f64, k: usize, scored: &[Scored], report: &StepRep
 pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let t = &cfg.grpo.train;
     // A missing SFT start is an error before the run directory is created.
-    let StageStart { run, latest, config_hash, ds } = StageStart::open(cfg, STAGE, opts, || init_adapter(cfg).map(|_| ()))?;
+    let StageStart { lock: _lock, run, latest, config_hash, ds } = StageStart::open(cfg, STAGE, opts, || init_adapter(cfg).map(|_| ()))?;
     let root = run.root.clone();
     let examples = train_instances(&ds, cfg, t.seed)?;
     // The start: the run's own copy when resuming, else the configured adapter (copied in).
@@ -258,6 +259,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         first_reward.get_or_insert(reward_mean);
         last_reward = Some(reward_mean);
         log.log(&record)?;
+        cadence.record_finite(report.skipped_updates == 0, &mut state)?;
         bar.set_position(state.step);
         bar.set_message(format!(
             "reward {reward_mean:.3} acc@{k} {:.2} kl {:.4} {step_s:.1}s/step",

@@ -132,7 +132,7 @@ pub struct SftSummary {
 /// Runs (or resumes) the warm-up described by `cfg`.
 pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     let t = &cfg.sft.train;
-    let StageStart { run, latest, config_hash, ds } = StageStart::open(cfg, STAGE, opts, || Ok(()))?;
+    let StageStart { lock: _lock, run, latest, config_hash, ds } = StageStart::open(cfg, STAGE, opts, || Ok(()))?;
     let root = run.root.clone();
     let examples = train_instances(&ds, cfg, t.seed)?;
     let mut loaded = load_model(cfg, cfg.model.adapter.as_deref(), "model.adapter", t.seed)?;
@@ -197,7 +197,10 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         }
         let mut grads = accum.take(opt.params())?;
         let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm).with_context(|| format!("step {}", step + 1))?;
-        opt.step(&grads, lr)?;
+        let finite = loss_sum.is_finite() && grad_norm.is_finite();
+        if finite {
+            opt.step(&grads, lr)?;
+        }
         let step_s = started.elapsed().as_secs_f64();
 
         state.step += 1;
@@ -218,7 +221,9 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
             "tokens_per_s": tps,
             "step_s": step_s,
             "elapsed_s": state.elapsed_s,
+            "skipped_nonfinite": !finite,
         }))?;
+        cadence.record_finite(finite, &mut state)?;
         bar.set_position(state.step);
         bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
 
