@@ -49,13 +49,11 @@ impl DirLock {
         if !previous.trim().is_empty() {
             eprintln!("warning: taking over the lock of {} left by a process that is gone ({})", dir.display(), describe(&previous));
         }
-        let me = format!(
-            "pid {}\nhost {}\nstarted {}\ncommand {what}\n",
-            std::process::id(),
-            hostname(),
-            now_utc()
-        );
-        file.set_len(0).and_then(|_| file.rewind()).and_then(|_| file.write_all(me.as_bytes())).and_then(|_| file.sync_data())
+        let me = format!("pid {}\nhost {}\nstarted {}\ncommand {what}\n", std::process::id(), hostname(), now_utc());
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(me.as_bytes()))
+            .and_then(|_| file.sync_data())
             .with_context(|| format!("cannot write the lock file {}", path.display()))?;
         Ok(DirLock { _file: file, path })
     }
@@ -114,7 +112,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // What a killed holder leaves: the file with its details, and no flock (the kernel
         // released it with the process).
-        std::fs::write(dir.path().join(LOCK_FILE), "pid 999999\nhost elsewhere\nstarted 2026-01-01T00:00:00Z\ncommand sft-warmup\n").unwrap();
+        std::fs::write(dir.path().join(LOCK_FILE), "pid 999999\nhost elsewhere\nstarted 2026-01-01T00:00:00Z\ncommand sft-warmup\n")
+            .unwrap();
         let lock = DirLock::acquire(dir.path(), "sft-warmup").unwrap();
         let text = std::fs::read_to_string(&lock.path).unwrap();
         assert!(text.contains(&format!("pid {}", std::process::id())) && !text.contains("999999"), "{text}");

@@ -53,7 +53,6 @@ pub fn run(args: Args) -> Result<()> {
         c.extend(e.clone());
         c.retain(|_, v| !v.is_null());
     }
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)?;
 
     tok.inner().save(out.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("cannot write tokenizer.json: {e}"))?;
     let mut tok_cfg = json!({ "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings });
@@ -62,8 +61,17 @@ pub fn run(args: Args) -> Result<()> {
             tok_cfg[key] = json!(v);
         }
     }
+    // Batched generation and training in transformers need a pad token: the end-of-sequence
+    // token, as SmolLM2's own tokenizer config has it, when the model names none.
+    if let Some(eos) = &tok.eos_token {
+        tok_cfg["pad_token"] = json!(eos);
+        if let Some(id) = tok.inner().token_to_id(eos) {
+            config["pad_token_id"] = json!(id);
+        }
+    }
     std::fs::write(out.join("tokenizer_config.json"), serde_json::to_string_pretty(&tok_cfg)?)?;
-    let mut generation = json!({ "eos_token_id": tok.eos_ids });
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    let mut generation = json!({ "eos_token_id": tok.eos_ids, "pad_token_id": config.get("pad_token_id") });
     if let Some(bos) = cfg.bos_token_id.as_ref().map(|b| b.to_vec()) {
         generation["bos_token_id"] = json!(bos.first());
     }

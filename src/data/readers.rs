@@ -793,7 +793,9 @@ mod tests {
     #[test]
     fn a_truncated_last_row_is_a_counted_skip() {
         let dir = tempfile::tempdir().unwrap();
-        for (format, name) in [(Format::Csv, "checkins_sample.csv"), (Format::Foursquare, "tsmc2014_synthetic.txt"), (Format::Gowalla, "gowalla_sample.txt")] {
+        for (format, name) in
+            [(Format::Csv, "checkins_sample.csv"), (Format::Foursquare, "tsmc2014_synthetic.txt"), (Format::Gowalla, "gowalla_sample.txt")]
+        {
             let bytes = std::fs::read(fixture(name)).unwrap();
             let whole = read(&write_tmp(&dir, name, &bytes), &ReadOptions::new(format)).unwrap();
             let body = bytes.trim_ascii_end();

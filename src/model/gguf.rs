@@ -25,6 +25,8 @@ use super::tokenizer::TextTokenizer;
 
 pub struct GgufParts {
     pub config: ModelConfig,
+    /// The Hugging Face repo the file was converted from, when its metadata names it.
+    pub repo: Option<String>,
     pub tensors: HashMap<String, Tensor>,
     pub tokenizer: TextTokenizer,
 }
@@ -51,6 +53,13 @@ impl Meta<'_> {
     fn strings(&self, key: &str) -> anyhow::Result<Vec<String>> {
         self.get(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect()
     }
+}
+
+/// The repo id the file's metadata names as its source, when it does (newer llama.cpp
+/// converters write it; `general.name` and its parts are not reliable: the default model's
+/// say `smollm2` / `8k-lc100k-mix1-ep2`).
+fn source_repo(meta: &Meta) -> Option<String> {
+    meta.string("general.source.huggingface.repository").ok().filter(|s| s.split('/').count() == 2)
 }
 
 pub fn load(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<GgufParts> {
@@ -104,7 +113,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<GgufPa
         tensors.insert(hf_name, t.to_device(device)?.to_dtype(dtype)?);
     }
     let tokenizer = tokenizer_from_metadata(&meta, tokens)?;
-    Ok(GgufParts { config, tensors, tokenizer })
+    Ok(GgufParts { config, repo: source_repo(&meta), tensors, tokenizer })
 }
 
 /// llama.cpp's tensor names to Hugging Face's.

@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod lora;
 pub mod peft;
+pub mod peft_config;
 pub mod skinny;
 pub mod tiny;
 pub mod tokenizer;
@@ -22,17 +23,35 @@ use candle_nn::VarBuilder;
 pub use config::ModelConfig;
 pub use kv_cache::KvCache;
 pub use lora::LoraConfig;
+pub use peft::AdapterBase;
 pub use tokenizer::{ChatMessage, TextTokenizer};
 pub use transformer::{CausalLm, Mode};
 
 /// The model every command uses when `--model` is not given (see `scripts/fetch-model.sh`).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// GGUF files whose source repo their metadata does not name: the default model's.
+const KNOWN_GGUF_REPOS: [(&str, &str); 1] = [("SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")];
+
+fn known_gguf_repo(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    KNOWN_GGUF_REPOS.iter().find(|(file, _)| *file == name).map(|(_, repo)| repo.to_string())
+}
+
 /// A model with its tokenizer, and the name it was loaded from (recorded in adapters).
 pub struct LoadedModel {
     pub model: CausalLm,
     pub tokenizer: TextTokenizer,
     pub source: String,
+    /// Its Hugging Face repo id, when known (a hub load, a GGUF's metadata, a folder's config).
+    pub repo: Option<String>,
+}
+
+impl LoadedModel {
+    /// The base model as the adapters trained on it record it.
+    pub fn adapter_base(&self) -> AdapterBase {
+        AdapterBase { repo: self.repo.clone(), source: self.source.clone() }
+    }
 }
 
 /// Where weights live.
@@ -94,13 +113,15 @@ pub fn load_on(source: &ModelSource, device: &Device, dtype: DType) -> anyhow::R
             let vb = VarBuilder::from_tensors(parts.tensors, dtype, device);
             let model =
                 CausalLm::load(parts.config, vb).with_context(|| format!("{}: weights do not fit the architecture", path.display()))?;
-            Ok(LoadedModel { model, tokenizer: parts.tokenizer, source: path.display().to_string() })
+            let repo = parts.repo.or_else(|| known_gguf_repo(path));
+            Ok(LoadedModel { model, tokenizer: parts.tokenizer, source: path.display().to_string(), repo })
         }
         ModelSource::Folder(dir) => load_folder(dir, device, dtype),
         ModelSource::Hub(repo) => {
             let dir = hub_snapshot(repo)?;
             let mut loaded = load_folder(&dir, device, dtype)?;
             loaded.source = repo.clone();
+            loaded.repo = Some(repo.clone());
             Ok(loaded)
         }
     }
@@ -117,7 +138,13 @@ pub fn load_folder(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<
         let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
         Ok(Some(serde_json::from_str(&text).with_context(|| format!("malformed JSON in {}", p.display()))?))
     };
-    let config_json = read_json("config.json")?.with_context(|| format!("{} has no config.json: not a model folder", dir.display()))?;
+    let mut config_json = read_json("config.json")?.with_context(|| format!("{} has no config.json: not a model folder", dir.display()))?;
+    // transformers 5 writes the RoPE base under `rope_parameters`.
+    if config_json.get("rope_theta").is_none()
+        && let Some(theta) = config_json.get("rope_parameters").and_then(|r| r.get("rope_theta")).cloned()
+    {
+        config_json["rope_theta"] = theta;
+    }
     let config: ModelConfig = serde_json::from_value(config_json).with_context(|| format!("{}/config.json", dir.display()))?;
     let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -164,7 +191,11 @@ pub fn load_folder(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<
     eos_ids.sort_unstable();
     eos_ids.dedup();
     let tokenizer = TextTokenizer::new(inner, eos_ids, special("bos_token"), eos_token, template);
-    Ok(LoadedModel { model, tokenizer, source: dir.display().to_string() })
+    // transformers records the repo a saved model came from as `_name_or_path`.
+    let repo = read_json("config.json")?
+        .and_then(|c| c.get("_name_or_path")?.as_str().map(str::to_string))
+        .filter(|n| n.split('/').count() == 2 && !n.starts_with('.') && !Path::new(n).exists());
+    Ok(LoadedModel { model, tokenizer, source: dir.display().to_string(), repo })
 }
 
 const HUB_FILES: [&str; 2] = ["config.json", "tokenizer.json"];

@@ -8,35 +8,30 @@ use std::path::Path;
 use anyhow::Context;
 use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
-use super::lora::{Lora, LoraConfig};
+use super::lora::{ALL_TARGETS, Lora, LoraConfig};
+use super::peft_config::PeftSpec;
 use super::transformer::CausalLm;
 
-/// What PEFT writes in `adapter_config.json` (the keys PEFT needs to load it; extra keys it
-/// writes are accepted on load).
-#[derive(Debug, Serialize, Deserialize)]
-struct PeftConfig {
-    peft_type: String,
-    task_type: Option<String>,
-    r: usize,
-    lora_alpha: f64,
-    #[serde(default)]
-    lora_dropout: f64,
-    target_modules: Vec<String>,
-    #[serde(default)]
-    bias: Option<String>,
-    #[serde(default)]
-    fan_in_fan_out: bool,
-    #[serde(default)]
-    use_rslora: bool,
-    #[serde(default)]
-    use_dora: bool,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    inference_mode: bool,
+/// The base model as an adapter records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterBase {
+    /// Its Hugging Face repo id when known: what PEFT's `AutoPeftModelForCausalLM` loads.
+    pub repo: Option<String>,
+    /// Where this tool loaded it from (a GGUF file, a model folder, a repo id), kept in the
+    /// adapter's safetensors metadata.
+    pub source: String,
 }
+
+impl AdapterBase {
+    /// A base known only by where it was loaded from.
+    pub fn local(source: &str) -> Self {
+        AdapterBase { repo: None, source: source.to_string() }
+    }
+}
+
+/// The safetensors metadata key that records [`AdapterBase::source`].
+pub const SOURCE_METADATA_KEY: &str = "refine_poi.base_model";
 
 fn short_name(path: &str) -> &str {
     path.rsplit('.').next().unwrap_or(path)
@@ -109,29 +104,55 @@ impl CausalLm {
     }
 
     /// Writes the adapter in PEFT's layout into `dir` (created if needed); files are written to a
-    /// temporary name and renamed, so a crash never leaves a half-written adapter.
-    pub fn save_adapter(&self, dir: &Path, base_model: &str) -> anyhow::Result<()> {
+    /// temporary name and renamed, so a crash never leaves a half-written adapter. A module
+    /// whose rank or scale differs from the first adapted module's is written with
+    /// `rank_pattern` / `alpha_pattern`; a set of adapted modules that is not "every layer's
+    /// projections of these kinds" is written as the list of their full names.
+    pub fn save_adapter(&self, dir: &Path, base: &AdapterBase) -> anyhow::Result<()> {
         let cfg = self.lora_config.as_ref().context("the model has no LoRA adapter to save")?;
+        let adapted: Vec<(&str, usize, f64)> = self
+            .linears()
+            .filter_map(|l| l.lora.as_ref().map(|a| (l.path.as_str(), a.a.dims()[0], a.scale * a.a.dims()[0] as f64)))
+            .collect();
+        let &(_, r, alpha) = adapted.first().context("the model has no LoRA adapter to save")?;
+        let mut rank_pattern = serde_json::Map::new();
+        let mut alpha_pattern = serde_json::Map::new();
+        for &(path, r_i, alpha_i) in &adapted {
+            if r_i != r {
+                rank_pattern.insert(regex::escape(path), r_i.into());
+            }
+            if (alpha_i - alpha).abs() > 1e-12 * alpha.abs().max(1.0) {
+                alpha_pattern.insert(regex::escape(path), alpha_i.into());
+            }
+        }
+        let mut kinds: Vec<&str> = adapted.iter().map(|(p, ..)| short_name(p)).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let every_layer = self.linears().all(|l| l.lora.is_some() == kinds.contains(&short_name(&l.path)));
+        let target_modules: Vec<&str> = if every_layer { kinds } else { adapted.iter().map(|(p, ..)| *p).collect() };
+        let peft = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": cfg.dropout,
+            "target_modules": target_modules,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_rslora": false,
+            "use_dora": false,
+            "base_model_name_or_path": base.repo.as_deref().unwrap_or(&base.source),
+            "inference_mode": true,
+        });
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let peft = PeftConfig {
-            peft_type: "LORA".into(),
-            task_type: Some("CAUSAL_LM".into()),
-            r: cfg.r,
-            lora_alpha: cfg.alpha,
-            lora_dropout: cfg.dropout,
-            target_modules: cfg.target_modules()?,
-            bias: Some("none".into()),
-            fan_in_fan_out: false,
-            use_rslora: false,
-            use_dora: false,
-            base_model_name_or_path: Some(base_model.to_string()),
-            inference_mode: true,
-        };
-        let tensors: HashMap<String, Tensor> =
+        let tensors: Vec<(String, Tensor)> =
             self.lora_vars().into_iter().map(|(k, v)| Ok((k, v.as_tensor().to_dtype(DType::F32)?))).collect::<anyhow::Result<_>>()?;
         crate::fsutil::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&peft)?.as_bytes())?;
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string()), (SOURCE_METADATA_KEY.to_string(), base.source.clone())]);
         let tmp = dir.join("adapter_model.safetensors.tmp");
-        candle_core::safetensors::save(&tensors, &tmp)?;
+        safetensors::serialize_to_file(tensors, Some(metadata), &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, dir.join("adapter_model.safetensors"))?;
         Ok(())
     }
@@ -141,30 +162,22 @@ impl CausalLm {
     pub fn load_adapter(&mut self, dir: &Path) -> anyhow::Result<()> {
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read adapter config {}", cfg_path.display()))?;
-        let peft: PeftConfig = serde_json::from_str(&text).with_context(|| format!("malformed {}", cfg_path.display()))?;
-        anyhow::ensure!(
-            peft.peft_type == "LORA",
-            "{}: peft_type is '{}', only LORA adapters are supported",
-            cfg_path.display(),
-            peft.peft_type
-        );
-        anyhow::ensure!(
-            !peft.fan_in_fan_out && !peft.use_dora,
-            "{}: fan_in_fan_out and DoRA adapters are not supported",
-            cfg_path.display()
-        );
+        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("malformed {}", cfg_path.display()))?;
+        let spec = PeftSpec::parse(&json, &cfg_path.display().to_string())?;
         let weights_path = dir.join("adapter_model.safetensors");
         let mut tensors = candle_core::safetensors::load(&weights_path, self.device())
             .with_context(|| format!("cannot read adapter weights {}", weights_path.display()))?;
-        let cfg = LoraConfig { r: peft.r, alpha: peft.lora_alpha, dropout: peft.lora_dropout, targets: peft.target_modules.clone() };
-        let targets = cfg.target_modules()?;
-        let scale = if peft.use_rslora { cfg.alpha / (cfg.r as f64).sqrt() } else { cfg.alpha / cfg.r as f64 };
+        let mut kinds: Vec<String> = Vec::new();
         let dtype = self.dtype();
         for lin in self.linears_mut() {
             let reference = lin.lora.take().and_then(|l| l.reference);
-            if !targets.iter().any(|t| t == short_name(&lin.path)) {
+            if !spec.targets(&lin.path) {
                 anyhow::ensure!(reference.is_none(), "adapter {} does not fit the pinned reference: it has no {}", dir.display(), lin.path);
                 continue;
+            }
+            let (r, scale) = spec.rank_and_scale(&lin.path);
+            if !kinds.iter().any(|k| k == short_name(&lin.path)) {
+                kinds.push(short_name(&lin.path).to_string());
             }
             let mut take = |factor: &str, shape: (usize, usize)| -> anyhow::Result<Var> {
                 let key = peft_key(&lin.path, factor);
@@ -181,14 +194,17 @@ impl CausalLm {
                 );
                 Ok(Var::from_tensor(&t.to_dtype(dtype)?)?)
             };
-            let a = take("A", (cfg.r, lin.in_dim()))?;
-            let b = take("B", (lin.out_dim(), cfg.r))?;
-            lin.lora = Some(Lora { a, b, scale, dropout: cfg.dropout, reference });
+            let a = take("A", (r, lin.in_dim()))?;
+            let b = take("B", (lin.out_dim(), r))?;
+            lin.lora = Some(Lora { a, b, scale, dropout: spec.dropout, reference });
         }
         if let Some(extra) = tensors.keys().next() {
             anyhow::bail!("adapter {} does not fit this model: unexpected tensor {extra}", dir.display());
         }
-        self.lora_config = Some(cfg);
+        anyhow::ensure!(!kinds.is_empty(), "adapter {} does not fit this model: it targets none of its modules", dir.display());
+        // What [lora] would say of it: the first kind's rank and alpha, and the kinds adapted.
+        kinds.sort_by_key(|k| ALL_TARGETS.iter().position(|t| t == k));
+        self.lora_config = Some(LoraConfig { r: spec.r, alpha: spec.alpha, dropout: spec.dropout, targets: kinds });
         Ok(())
     }
 }

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use super::config::Stage;
 use super::optim::AdamW;
 use crate::fsutil::write_atomic;
+use crate::model::{AdapterBase, CausalLm};
 use crate::seed::fnv1a;
-use crate::model::CausalLm;
 
 /// Name of the resolved config in a stage's run directory.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -210,7 +210,14 @@ impl RunDir {
 
     /// Writes checkpoint `step` (adapter, optimizer, state) atomically, points `last` at it,
     /// and keeps only the newest `keep` checkpoints (0 = all).
-    pub fn save_checkpoint(&self, model: &CausalLm, base_model: &str, opt: &AdamW, state: &TrainerState, keep: usize) -> Result<PathBuf> {
+    pub fn save_checkpoint(
+        &self,
+        model: &CausalLm,
+        base_model: &AdapterBase,
+        opt: &AdamW,
+        state: &TrainerState,
+        keep: usize,
+    ) -> Result<PathBuf> {
         let name = format!("step-{}", state.step);
         let ckpts = self.checkpoints();
         let tmp = ckpts.join(format!(".tmp-{name}"));
@@ -308,7 +315,7 @@ impl RunDir {
 
     /// Replaces `{root}/{name}/` (`best`, `final`) with the current adapter and `info` (as
     /// `{name}.json`, e.g. the val metrics), through a temporary folder.
-    pub fn save_adapter_copy(&self, name: &str, model: &CausalLm, base_model: &str, info: &serde_json::Value) -> Result<PathBuf> {
+    pub fn save_adapter_copy(&self, name: &str, model: &CausalLm, base_model: &AdapterBase, info: &serde_json::Value) -> Result<PathBuf> {
         let dest = self.root.join(name);
         let tmp = self.root.join(format!(".tmp-{name}"));
         if tmp.exists() {
@@ -368,8 +375,20 @@ pub fn verify_manifest(dir: &Path) -> Result<()> {
         let file = dir.join(name);
         ensure!(file.is_file(), "{} is missing", file.display());
         let got = file_entry(&file)?;
-        ensure!(got.bytes == want.bytes, "{} has {} bytes, its manifest says {}: truncated or changed", file.display(), got.bytes, want.bytes);
-        ensure!(got == *want, "{} does not match its manifest (hash {} vs {}): changed after it was written", file.display(), got.fnv1a, want.fnv1a);
+        ensure!(
+            got.bytes == want.bytes,
+            "{} has {} bytes, its manifest says {}: truncated or changed",
+            file.display(),
+            got.bytes,
+            want.bytes
+        );
+        ensure!(
+            got == *want,
+            "{} does not match its manifest (hash {} vs {}): changed after it was written",
+            file.display(),
+            got.fnv1a,
+            want.fnv1a
+        );
     }
     Ok(())
 }

@@ -31,9 +31,9 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
 use crate::data::{Dataset, Instance, Split};
-use crate::model::{self, CausalLm, LoadedModel, Mode};
-use crate::prompt::PromptConfig;
 use crate::lock::DirLock;
+use crate::model::{self, AdapterBase, CausalLm, LoadedModel, Mode};
+use crate::prompt::PromptConfig;
 use crate::seed::{SEED_DATA, SEED_LORA_INIT, SEED_SUBSET, derive_seed, fnv_hex};
 use checkpoint::{BestVal, MetricsLog, RunDir, TrainerState};
 use config::{RunConfig, Stage};
@@ -177,7 +177,7 @@ pub struct StageLoop<'a> {
     run: &'a RunDir,
     t: &'a TrainConfig,
     /// The base model's name, recorded in every adapter written.
-    base: String,
+    base: AdapterBase,
     total: u64,
     /// `--stop-after`: the step this invocation stops at.
     stop_at: Option<u64>,
@@ -194,7 +194,7 @@ impl<'a> StageLoop<'a> {
     pub fn new(
         run: &'a RunDir,
         t: &'a TrainConfig,
-        base: String,
+        base: AdapterBase,
         total: u64,
         step: u64,
         latest: Option<PathBuf>,
@@ -345,7 +345,7 @@ pub fn validate_and_keep_best(
     ));
     if state.best.is_none_or(|b| mrr > b.mrr) {
         state.best = Some(BestVal { step: state.step, mrr });
-        run.save_adapter_copy("best", &loaded.model, &loaded.source, &record)?;
+        run.save_adapter_copy("best", &loaded.model, &loaded.adapter_base(), &record)?;
     }
     Ok(())
 }

@@ -173,7 +173,7 @@ fn export_writes_a_merged_hugging_face_folder() {
             }
         }
         let adapter = tmp.path().join("adapter");
-        m.model.save_adapter(&adapter, "tiny").unwrap();
+        m.model.save_adapter(&adapter, &refine_poi::model::AdapterBase::local("tiny")).unwrap();
         let out = tmp.path().join("merged");
         ok(bin()
             .args(["export", "--model", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()])
@@ -184,6 +184,11 @@ fn export_writes_a_merged_hugging_face_folder() {
         }
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert!(config["architectures"][0].as_str().unwrap().ends_with("ForCausalLM"), "{config}");
+        // A pad token (the end-of-sequence token) for batched use in transformers.
+        let tok_cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+        assert_eq!(tok_cfg["pad_token"], tok_cfg["eos_token"], "{tok_cfg}");
+        assert!(config["pad_token_id"].is_u64(), "{config}");
         let merged = load(out.to_str().unwrap()).unwrap();
         let ids = m.tokenizer.encode("merge me 42", false).unwrap();
         assert_eq!(ids, merged.tokenizer.encode("merge me 42", false).unwrap(), "same tokenizer");

@@ -36,6 +36,16 @@ pub fn error_line(out: &Output) -> String {
     errors[0].to_string()
 }
 
+/// An adapter's tensors, bit for bit, by name: what two runs must agree on (the file's
+/// metadata also records where the base model was loaded from, which differs between setups).
+pub fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(k, v)| (k, v.data().to_vec())).collect();
+    out.sort();
+    out
+}
+
 /// Training options without a progress bar.
 pub fn quiet() -> RunOptions {
     RunOptions { quiet: true, ..Default::default() }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::common::{Setup, bin, quiet, text};
+use crate::common::{Setup, adapter_tensors, bin, quiet, text};
 use refine_poi::train::{RunOptions, StopFlag};
 use refine_poi::train::{grpo, sft};
 
@@ -101,7 +101,7 @@ fn stop_and_resume_equals_an_uninterrupted_run_and_the_log_is_complete() {
     assert!(c.stage.interrupted && c.stage.step == 3);
     let d = grpo::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
     assert!(d.stage.finished && d.stage.step == 4);
-    let bytes = |dir: &Path| std::fs::read(dir.join("final/adapter_model.safetensors")).unwrap();
+    let bytes = |dir: &Path| adapter_tensors(&dir.join("final"));
     assert_eq!(bytes(&full.stage.dir), bytes(&d.stage.dir), "final adapters differ");
     let strip = |mut v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
         for r in &mut v {

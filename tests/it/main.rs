@@ -9,6 +9,7 @@ mod configs;
 mod grpo_tiny;
 mod grpo_train;
 mod model_tiny;
+mod peft;
 mod reference_model;
 mod sft_tiny;
 mod sweep;

@@ -84,7 +84,7 @@ fn a_pinned_reference_adapter_is_what_adapter_off_computes() {
     assert!(max_diff(&moved, &start) > 1e-3);
     assert_eq!(max_diff(&start, &logits(&m, &tokens, Mode::REFERENCE)), 0.0);
     let saved = dir.path().join("moved");
-    m.model.save_adapter(&saved, "tiny").unwrap();
+    m.model.save_adapter(&saved, &refine_poi::model::AdapterBase::local("tiny")).unwrap();
     m.model.load_adapter(&saved).unwrap();
     assert_eq!(max_diff(&moved, &logits(&m, &tokens, Mode::INFERENCE)), 0.0);
     assert_eq!(max_diff(&start, &logits(&m, &tokens, Mode::REFERENCE)), 0.0);
@@ -137,7 +137,7 @@ fn peft_round_trip_is_exact_and_mismatches_are_errors() {
         .unwrap();
     randomize_b(&m, 6);
     let out = tempfile::tempdir().unwrap();
-    m.model.save_adapter(out.path(), "tiny").unwrap();
+    m.model.save_adapter(out.path(), &refine_poi::model::AdapterBase::local("tiny")).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 4);

@@ -52,6 +52,8 @@ fn default_model_matches_reference() {
     let Some(m) = default_model() else { return };
     let LoadedModel { model, tokenizer, .. } = &m;
     let device = model.device();
+    // Adapters trained on it name its hub repo, which PEFT's loaders can find.
+    assert_eq!(m.adapter_base().repo.as_deref(), Some("HuggingFaceTB/SmolLM2-135M-Instruct"));
 
     // Token ids of the ten strings, exactly.
     let tok = fixture("smollm2_135m_tokenizer_and_logits.json");

@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{Setup, quiet, text};
+use crate::common::{Setup, adapter_tensors, quiet, text};
+use refine_poi::train::checkpoint::write_manifest;
 use refine_poi::train::config::RunConfig;
 use refine_poi::train::sft;
 use refine_poi::train::{RunOptions, StopFlag};
@@ -16,10 +17,6 @@ fn losses(dir: &Path) -> Vec<f64> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
         .collect()
-}
-
-fn adapter_bytes(dir: &Path) -> Vec<u8> {
-    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
 }
 
 #[test]
@@ -87,7 +84,7 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
     let d = sft::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
     assert!(d.stage.finished && d.stage.step == 6);
 
-    assert_eq!(adapter_bytes(&full.stage.dir.join("final")), adapter_bytes(&d.stage.dir.join("final")), "final adapters differ");
+    assert_eq!(adapter_tensors(&full.stage.dir.join("final")), adapter_tensors(&d.stage.dir.join("final")), "final adapters differ");
     assert_eq!(losses(&full.stage.dir), losses(&d.stage.dir), "the logs differ");
     assert_eq!(full.stage.best, d.stage.best);
     let opt = |dir: &Path| std::fs::read(dir.join("checkpoints/step-6/optimizer.safetensors")).unwrap();
@@ -123,8 +120,31 @@ fn broken_or_mismatched_checkpoints_are_clear_errors() {
     // Another config.
     let e = resume(&s.cfg(&["sft.lr=1e-3"]));
     assert!(e.contains("config differs") && e.contains("sft.lr"), "{e}");
-    // A corrupt state file.
+    // Each damaged file is named by the checkpoint's manifest, and with only one checkpoint
+    // there is nothing to fall back to.
+    let damage: [(&str, &dyn Fn()); 4] = [
+        ("trainer_state.json", &|| std::fs::write(ckpt.join("trainer_state.json"), "{\"step\": ").unwrap()),
+        ("optimizer.safetensors", &|| {
+            let opt = std::fs::read(ckpt.join("optimizer.safetensors")).unwrap();
+            std::fs::write(ckpt.join("optimizer.safetensors"), &opt[..opt.len() / 2]).unwrap();
+        }),
+        ("adapter_config.json", &|| std::fs::remove_file(ckpt.join("adapter_config.json")).unwrap()),
+        ("adapter_model.safetensors", &|| {
+            let mut a = std::fs::read(ckpt.join("adapter_model.safetensors")).unwrap();
+            let n = a.len();
+            a[n - 1] ^= 1;
+            std::fs::write(ckpt.join("adapter_model.safetensors"), a).unwrap();
+        }),
+    ];
+    for (file, hurt) in damage {
+        hurt();
+        let e = resume(&cfg);
+        assert!(e.contains("no intact checkpoint") && e.contains(file), "{file}: {e}");
+        restore();
+    }
+    // Past the manifest (rewritten to match), the files themselves are checked.
     std::fs::write(ckpt.join("trainer_state.json"), "{\"step\": ").unwrap();
+    write_manifest(&ckpt).unwrap();
     let e = resume(&cfg);
     assert!(e.contains("step-2") && e.contains("corrupt"), "{e}");
     restore();
@@ -133,36 +153,57 @@ fn broken_or_mismatched_checkpoints_are_clear_errors() {
     let mut v: serde_json::Value = serde_json::from_str(&state).unwrap();
     v["config_hash"] = "0000".into();
     std::fs::write(ckpt.join("trainer_state.json"), v.to_string()).unwrap();
+    write_manifest(&ckpt).unwrap();
     let e = resume(&cfg);
     assert!(e.contains("different config"), "{e}");
     restore();
     // A truncated optimizer file.
     let opt = std::fs::read(ckpt.join("optimizer.safetensors")).unwrap();
     std::fs::write(ckpt.join("optimizer.safetensors"), &opt[..opt.len() / 2]).unwrap();
+    write_manifest(&ckpt).unwrap();
     let e = resume(&cfg);
     assert!(e.contains("optimizer state") && e.contains("step-2"), "{e}");
     restore();
     // An adapter of another shape.
     let mut other = refine_poi::model::load(cfg.model.path.as_str()).unwrap();
     other.model.attach_lora(&refine_poi::model::LoraConfig { r: 2, alpha: 8.0, dropout: 0.0, targets: vec!["q".into()] }, 1).unwrap();
-    other.model.save_adapter(&ckpt, "tiny").unwrap();
+    other.model.save_adapter(&ckpt, &refine_poi::model::AdapterBase::local("tiny")).unwrap();
+    write_manifest(&ckpt).unwrap();
     let e = resume(&cfg);
     assert!(e.contains("step-2") && (e.contains("does not fit") || e.contains("lacks")), "{e}");
     restore();
-    // `last` naming a missing checkpoint.
+    // `last` naming a missing checkpoint, or nonsense: the newest intact one is used.
     std::fs::write(run.stage.dir.join("checkpoints/last"), "step-99").unwrap();
-    let e = resume(&cfg);
-    assert!(e.contains("step-99") && e.contains("does not exist"), "{e}");
-    std::fs::write(run.stage.dir.join("checkpoints/last"), "../../etc").unwrap();
-    let e = resume(&cfg);
-    assert!(e.contains("corrupt"), "{e}");
-    std::fs::write(run.stage.dir.join("checkpoints/last"), "step-2").unwrap();
-    // Restored, it resumes and finishes.
     let done = sft::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
     assert!(done.stage.finished);
     // Nothing to resume in an empty run_dir.
     let e = resume(&s.cfg(&["run_dir=elsewhere-never-created"]));
     assert!(e.contains("nothing to resume"), "{e}");
+}
+
+/// The newest checkpoint damaged (here: its optimizer file cut short, as a full disk or a
+/// killed copy would leave it): `--resume` warns and starts from the one before, and the run
+/// ends exactly where an uninterrupted one does.
+#[test]
+fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
+    let straight = Setup::new();
+    let full = sft::run(&straight.cfg(&[]), &quiet()).unwrap();
+    let s = Setup::new();
+    let cfg = s.cfg(&[]);
+    let a = sft::run(&cfg, &RunOptions { stop_after: Some(4), ..quiet() }).unwrap();
+    let newest = a.stage.dir.join("checkpoints/step-4");
+    assert!(a.stage.dir.join("checkpoints/step-2").is_dir() && newest.is_dir());
+    let opt = std::fs::read(newest.join("optimizer.safetensors")).unwrap();
+    std::fs::write(newest.join("optimizer.safetensors"), &opt[..opt.len() - 7]).unwrap();
+    let out = crate::common::run(&["sft-warmup", "--config", s.config.to_str().unwrap(), "--resume", "--quiet"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: checkpoint") && err.contains("step-4") && err.contains("optimizer.safetensors") && err.contains("step-2"),
+        "{err}"
+    );
+    assert_eq!(adapter_tensors(&full.stage.dir.join("final")), adapter_tensors(&a.stage.dir.join("final")));
+    assert_eq!(losses(&full.stage.dir), losses(&a.stage.dir), "the log reads as if the run had never stopped");
 }
 
 #[test]

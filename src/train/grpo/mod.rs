@@ -195,7 +195,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let mut loaded = load_model(cfg, start.as_deref(), "grpo.init_adapter", t.seed)?;
     loaded.model.set_lora_dropout(0.0);
     if !opts.resume {
-        loaded.model.save_adapter(&init_copy, &loaded.source).with_context(|| format!("cannot write {}", init_copy.display()))?;
+        loaded.model.save_adapter(&init_copy, &loaded.adapter_base()).with_context(|| format!("cannot write {}", init_copy.display()))?;
     }
     if cfg.grpo.reference == ReferencePolicy::Init {
         loaded.model.pin_reference_adapter()?;
@@ -220,7 +220,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         );
     }
 
-    let base = loaded.source.clone();
+    let base = loaded.adapter_base();
     let bar = progress_bar(total, state.step, opts.quiet, "grpo");
     let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after);
     let (mut first_reward, mut last_reward) = (None, None);

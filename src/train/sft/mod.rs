@@ -152,7 +152,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         );
     }
 
-    let base = loaded.source.clone();
+    let base = loaded.adapter_base();
     let bar = progress_bar(total, state.step, opts.quiet, "sft");
     let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after);
     let (mut first_loss, mut last_loss) = (None, None);
