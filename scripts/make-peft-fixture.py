@@ -4,11 +4,14 @@ written by the real Python PEFT library, exercising `alpha_pattern`, `rank_patte
 `layers_to_transform`/`layers_pattern`, a regex-string `target_modules` and `use_rslora` with a
 rank pattern, and the logits PEFT computes with each adapter (expected.json).
 
-Needs torch, transformers, peft, safetensors and tokenizers (CPU is enough), e.g.
+Needs torch, transformers, peft, safetensors and tokenizers (CPU is enough; PyPI's torch wheel
+pulls about 5 GB of CUDA libraries it will not use), e.g.
 
-    python3 -m venv /tmp/peftvenv
-    /tmp/peftvenv/bin/pip install torch transformers peft safetensors tokenizers numpy
-    /tmp/peftvenv/bin/python scripts/make-peft-fixture.py
+    python3 -m venv .venv-peft
+    .venv-peft/bin/pip install torch transformers peft safetensors tokenizers numpy
+    .venv-peft/bin/python scripts/make-peft-fixture.py
+
+The fixtures in the repository were made with torch 2.15.0, transformers 5.24.0 and peft 0.21.2.
 
 The output is deterministic for a given set of library versions (they are recorded in
 expected.json): all weights come from fixed torch seeds, the forward pass runs on one CPU thread,

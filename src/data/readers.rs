@@ -445,10 +445,16 @@ impl<R: std::io::Read> std::io::Read for LineEnds<R> {
     }
 }
 
+/// A CSV reader that knows its input's line ends.
+type LineCsv = csv::Reader<LineEnds<Box<dyn BufRead>>>;
+
+/// How a CSV layout's time column is read.
+type TimeParser = fn(&str) -> Result<i64, BadRow>;
+
 /// A CSV reader over `input` and a function giving the 1-based line of a record's start byte
 /// (called with non-decreasing offsets). After `\r\n` the csv crate may place a record at its
 /// `\n`, so a `\n` at the start byte itself still ends an earlier line.
-fn csv_with_lines(input: Box<dyn BufRead>) -> (csv::Reader<LineEnds<Box<dyn BufRead>>>, impl FnMut(u64) -> u64) {
+fn csv_with_lines(input: Box<dyn BufRead>) -> (LineCsv, impl FnMut(u64) -> u64) {
     let pending = std::rc::Rc::new(std::cell::RefCell::new((std::collections::VecDeque::new(), 0u64)));
     let rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::All).from_reader(LineEnds {
         inner: input,
@@ -482,7 +488,7 @@ fn read_csv(path: &Path, input: Box<dyn BufRead>, b: &mut Builder<'_>) -> Result
     let col = |name: &str| names.iter().position(|n| n == name);
     // The project's layout, or the TSMC2014 download's (whose times read as the raw file's).
     let tsmc = col("userid").is_some() && col("user_id").is_none();
-    let (columns, parse_time): (&[&str; 7], fn(&str) -> Result<i64, BadRow>) =
+    let (columns, parse_time): (&[&str; 7], TimeParser) =
         if tsmc { (&TSMC_CSV_COLUMNS, parse_tsmc_time) } else { (&CSV_COLUMNS, parse_iso_time) };
     let idx: Vec<Option<usize>> = columns.iter().map(|c| col(c)).collect();
     let optional = |i: usize| i == 2 || (i == 6 && !tsmc);
@@ -518,7 +524,7 @@ fn read_csv(path: &Path, input: Box<dyn BufRead>, b: &mut Builder<'_>) -> Result
     }
 }
 
-fn parse_csv_row<'a>(get: &dyn Fn(usize) -> Option<&'a str>, parse_time: fn(&str) -> Result<i64, BadRow>) -> Result<Row<'a>, BadRow> {
+fn parse_csv_row<'a>(get: &dyn Fn(usize) -> Option<&'a str>, parse_time: TimeParser) -> Result<Row<'a>, BadRow> {
     let (lat, lon) = parse_coords(get(3).unwrap_or(""), get(4).unwrap_or(""))?;
     Ok(Row {
         user: nonempty(get(0).unwrap_or(""), "user id")?,

@@ -92,7 +92,7 @@ fn dot_rows(xs: &[f32], rows: usize, ws: &[f32], n: usize, k: usize) -> Vec<f32>
 /// out[j * rows + i] = dot(x_i, w_j).
 fn dot_block(xs: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
     // The vector path reads raw pointers: these are the bounds it relies on.
-    assert!(k > 0 && xs.len() >= rows * k && w.len() % k == 0 && out.len() == w.len() / k * rows, "dot_block: mismatched slices");
+    assert!(k > 0 && xs.len() >= rows * k && w.len().is_multiple_of(k) && out.len() == w.len() / k * rows, "dot_block: mismatched slices");
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {

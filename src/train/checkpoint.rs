@@ -165,7 +165,7 @@ impl RunDir {
     /// with a warning, for the next older checkpoint. `None` when there is none at all.
     pub fn resume_point(&self) -> Result<Option<PathBuf>> {
         let mut candidates = self.step_dirs()?;
-        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let mut names: Vec<PathBuf> = candidates.into_iter().map(|(_, p)| p).collect();
         if let Some(named) = self.named_last() {
             names.retain(|p| *p != named);

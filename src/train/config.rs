@@ -286,4 +286,45 @@ mod tests {
         assert_eq!(other.stage_toml(Stage::Sft).unwrap(), sft);
         assert_ne!(other.stage_toml(Stage::Grpo).unwrap(), grpo);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn toml_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let pieces = prop_oneof![
+                Just(b"[sft]\n".to_vec()),
+                Just(b"[grpo]\n".to_vec()),
+                Just(b"[prompt]\n".to_vec()),
+                Just(b"[rewards.weights]\n".to_vec()),
+                Just(b"lr = ".to_vec()),
+                Just(b"k = ".to_vec()),
+                Just(b"max_steps = -".to_vec()),
+                Just(b"= \"".to_vec()),
+                Just(b"1e999\n".to_vec()),
+                Just(b"nan\n".to_vec()),
+                Just(b"[[x]]\n".to_vec()),
+                prop::collection::vec(any::<u8>(), 0..8),
+            ];
+            prop::collection::vec(pieces, 0..12).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any file (truncated, wrong encoding, odd values) and any `--set`: a config or an
+            /// error, never a panic.
+            #[test]
+            fn the_loader_never_panics(file in toml_bytes(), sets in prop::collection::vec("[a-z_.]{0,20}=?[ -~]{0,12}", 0..4)) {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("c.toml");
+                std::fs::write(&path, &file).unwrap();
+                if let Ok(cfg) = RunConfig::load(Some(&path), &sets) {
+                    // What loads also round-trips through the run directory's config.toml.
+                    prop_assert_eq!(RunConfig::from_toml(&cfg.to_toml().unwrap()).unwrap(), cfg);
+                }
+                let _ = RunConfig::from_toml(&String::from_utf8_lossy(&file));
+            }
+        }
+    }
 }

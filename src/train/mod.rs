@@ -281,9 +281,19 @@ impl<'a> StageLoop<'a> {
     pub fn after_step(&mut self, model: &CausalLm, opt: &AdamW, state: &TrainerState, stop: &StopFlag) -> Result<()> {
         let due = self.t.save_every > 0 && state.step.is_multiple_of(self.t.save_every as u64);
         if due || state.step == self.total || self.stopping(stop, state.step) {
-            self.checkpoint = Some(self.run.save_checkpoint(model, &self.base, opt, state, self.t.keep_checkpoints)?);
-            self.saved_at = Some(state.step);
+            self.save(model, opt, state)?;
         }
+        Ok(())
+    }
+
+    /// Writes the checkpoint of `state.step`; a failed write names the checkpoint that is left.
+    fn save(&mut self, model: &CausalLm, opt: &AdamW, state: &TrainerState) -> Result<()> {
+        let saved = self.run.save_checkpoint(model, &self.base, opt, state, self.t.keep_checkpoints).with_context(|| {
+            let kept = self.checkpoint.as_ref().map_or("no earlier checkpoint".to_string(), |c| format!("{} is intact", c.display()));
+            format!("cannot write the checkpoint of step {} ({kept})", state.step)
+        })?;
+        self.checkpoint = Some(saved);
+        self.saved_at = Some(state.step);
         Ok(())
     }
 
@@ -291,7 +301,7 @@ impl<'a> StageLoop<'a> {
     /// Stopping early without a request is an error.
     pub fn finish(mut self, model: &CausalLm, opt: &AdamW, state: &TrainerState) -> Result<StageSummary> {
         if self.saved_at != Some(state.step) {
-            self.checkpoint = Some(self.run.save_checkpoint(model, &self.base, opt, state, self.t.keep_checkpoints)?);
+            self.save(model, opt, state)?;
         }
         let finished = state.step == self.total;
         if finished {
@@ -305,7 +315,7 @@ impl<'a> StageLoop<'a> {
             finished,
             interrupted: self.interrupted,
             checkpoint: self.checkpoint,
-            best: state.best.clone(),
+            best: state.best,
         })
     }
 }

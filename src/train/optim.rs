@@ -183,11 +183,11 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
 
 /// Scales `grads` so their global norm is at most `max_norm` (PyTorch's `clip_grad_norm_`:
 /// factor `max_norm / (norm + 1e-6)` when that is below 1); 0 disables clipping. Returns the
-/// norm before clipping.
+/// norm before clipping. A non-finite norm is returned as it is, the gradients untouched: the
+/// caller skips that update.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let norm = global_norm(grads)?;
-    ensure!(norm.is_finite(), "the gradient norm is {norm}: the loss diverged (lower the learning rate?)");
-    if max_norm > 0.0 {
+    if max_norm > 0.0 && norm.is_finite() {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
             for g in grads.iter_mut() {

@@ -137,10 +137,7 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_the_floor() {
-        let mut t = TrainConfig::default();
-        t.lr = 1.0;
-        t.warmup_steps = 4;
-        t.min_lr_ratio = 0.1;
+        let mut t = TrainConfig { lr: 1.0, warmup_steps: 4, min_lr_ratio: 0.1, ..TrainConfig::default() };
         let total = 20;
         let lrs: Vec<f64> = (0..total).map(|s| lr_at(&t, s, total)).collect();
         assert_eq!(&lrs[..4], &[0.25, 0.5, 0.75, 1.0]);
@@ -159,9 +156,7 @@ mod tests {
 
     #[test]
     fn step_counts() {
-        let mut t = TrainConfig::default();
-        t.epochs = 2;
-        t.max_steps = 0;
+        let mut t = TrainConfig { epochs: 2, max_steps: 0, ..TrainConfig::default() };
         assert_eq!(t.total_steps(10, 6), 4); // 20 examples / 6 per step, rounded up
         t.max_steps = 9;
         assert_eq!(t.total_steps(10, 6), 9);

@@ -11,5 +11,6 @@ mod grpo_train;
 mod model_tiny;
 mod peft;
 mod reference_model;
+mod reliability;
 mod sft_tiny;
 mod sweep;

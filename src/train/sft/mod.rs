@@ -196,7 +196,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
             break;
         }
         let mut grads = accum.take(opt.params())?;
-        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm).with_context(|| format!("step {}", step + 1))?;
+        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
         let finite = loss_sum.is_finite() && grad_norm.is_finite();
         if finite {
             opt.step(&grads, lr)?;
