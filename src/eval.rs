@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::data::{Dataset, Instance, Split};
 use crate::metrics::{GroupedAccumulator, GroupedSummary, Rank, rank_from_list, rank_from_scores};
+use crate::stats;
 
 /// A method's answer for one instance.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,6 +179,8 @@ pub fn evaluate(ds: &Dataset, split: Split, method: &mut dyn Recommender, opts: 
 
     let start = Instant::now();
     let mut acc = GroupedAccumulator::default();
+    // Each instance's rank, for the bootstrap intervals.
+    let mut ranks: Vec<(Rank, bool)> = Vec::with_capacity(instances.len());
     let (mut lists, mut invalid) = (0u64, 0u64);
     let mut results = Vec::new();
     for chunk in instances.chunks(batch_size) {
@@ -227,6 +230,7 @@ pub fn evaluate(ds: &Dataset, split: Split, method: &mut dyn Recommender, opts: 
                 }
             }
             acc.add(rank, inst.is_return);
+            ranks.push((rank, inst.is_return));
             results.extend(res.map(|r| InstanceResult { detail: details.next(), ..r }));
         }
         bar.inc(chunk.len() as u64);
@@ -238,7 +242,7 @@ pub fn evaluate(ds: &Dataset, split: Split, method: &mut dyn Recommender, opts: 
         method: method.name(),
         split,
         instances: n,
-        metrics: acc.summary(),
+        metrics: with_intervals(acc.summary(), &ranks),
         invalid: (lists > 0).then_some(invalid),
         invalid_rate: (lists > 0).then(|| invalid as f64 / n as f64),
         num_pois: num_pois as u64,
@@ -248,6 +252,17 @@ pub fn evaluate(ds: &Dataset, split: Split, method: &mut dyn Recommender, opts: 
     Ok((report, results))
 }
 
+/// The summary with each group's 95% bootstrap intervals.
+fn with_intervals(mut s: GroupedSummary, ranks: &[(Rank, bool)]) -> GroupedSummary {
+    let group = |keep: &dyn Fn(bool) -> bool| {
+        stats::bootstrap(&stats::per_instance(&ranks.iter().filter(|r| keep(r.1)).map(|r| r.0).collect::<Vec<_>>()))
+    };
+    s.all.ci95 = group(&|_| true);
+    s.returns.ci95 = group(&|is_return| is_return);
+    s.discovery.ci95 = group(&|is_return| !is_return);
+    s
+}
+
 /// The report as a table for people.
 pub fn format_table(r: &EvalReport) -> String {
     let mut s = format!(
@@ -255,14 +270,22 @@ pub fn format_table(r: &EvalReport) -> String {
         r.method, r.split, r.instances, r.num_pois, r.elapsed_s, r.instances_per_s
     );
     s.push_str(&format!(
-        "{:<10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}\n",
-        "group", "n", "Acc@1", "Acc@5", "Acc@10", "NDCG@5", "NDCG@10", "MRR"
+        "{:<10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}  {}\n",
+        "group", "n", "Acc@1", "Acc@5", "Acc@10", "NDCG@5", "NDCG@10", "MRR", "MRR 95% CI"
     ));
     for (name, g) in [("all", &r.metrics.all), ("return", &r.metrics.returns), ("discovery", &r.metrics.discovery)] {
         match g.metrics {
             Some(m) => s.push_str(&format!(
-                "{:<10} {:>7} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>7.4}\n",
-                name, g.n, m.acc1, m.acc5, m.acc10, m.ndcg5, m.ndcg10, m.mrr
+                "{:<10} {:>7} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>7.4}  {}\n",
+                name,
+                g.n,
+                m.acc1,
+                m.acc5,
+                m.acc10,
+                m.ndcg5,
+                m.ndcg10,
+                m.mrr,
+                g.ci95.map_or(String::new(), |ci| format!("[{:.4}, {:.4}]", ci[5].0, ci[5].1))
             )),
             None => s.push_str(&format!("{:<10} {:>7} {:>7}\n", name, g.n, "-")),
         }

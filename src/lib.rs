@@ -4,6 +4,7 @@
 pub mod answer;
 pub mod baselines;
 pub mod commands;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod eval;
@@ -17,5 +18,6 @@ pub mod prompt;
 pub mod report;
 pub mod runtime;
 pub mod seed;
+pub mod stats;
 pub mod train;
 pub mod visits;

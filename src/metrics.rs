@@ -132,26 +132,33 @@ impl Accumulator {
 
     /// The means as a report group (`null` metrics when empty).
     pub fn summary(&self) -> GroupSummary {
-        GroupSummary { metrics: self.mean(), n: self.n }
+        GroupSummary { metrics: self.mean(), n: self.n, ci95: None }
     }
 }
 
-/// One group of a report: `{"acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr", "n"}`;
-/// each metric is `null` when the group is empty.
+/// One group of a report: `{"acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr", "n",
+/// "ci95"}`; each metric is `null` when the group is empty; `ci95` holds each metric's 95%
+/// bootstrap interval `[lo, hi]` ([`crate::stats`]) where the harness computed them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GroupSummary {
     pub metrics: Option<Metrics>,
     pub n: u64,
+    pub ci95: Option<[(f64, f64); 6]>,
 }
 
 impl Serialize for GroupSummary {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(7))?;
+        let mut m = s.serialize_map(Some(8))?;
         for (i, name) in METRIC_NAMES.iter().enumerate() {
             m.serialize_entry(name, &self.metrics.map(|x| x.values()[i]))?;
         }
         m.serialize_entry("n", &self.n)?;
+        if let Some(ci) = &self.ci95 {
+            let by_name: std::collections::BTreeMap<&str, [f64; 2]> =
+                METRIC_NAMES.iter().zip(ci).map(|(n, (lo, hi))| (*n, [*lo, *hi])).collect();
+            m.serialize_entry("ci95", &by_name)?;
+        }
         m.end()
     }
 }

@@ -135,6 +135,7 @@ pub fn table(runs: &[Run]) -> (Vec<String>, Vec<Vec<String>>) {
     let diff = config_differences(runs);
     let mut header: Vec<String> = ["run", "stage", "config", "steps", "evaluation", "group", "n"].map(String::from).to_vec();
     header.extend(METRIC_NAMES.iter().map(|m| m.to_string()));
+    header.push("mrr 95% CI".into());
     let mut rows = Vec::new();
     for run in runs {
         let differences =
@@ -144,6 +145,7 @@ pub fn table(runs: &[Run]) -> (Vec<String>, Vec<Vec<String>>) {
         if run.evaluations.is_empty() {
             base.extend(["(none)".to_string(), String::new(), String::new()]);
             base.extend(METRIC_NAMES.iter().map(|_| String::new()));
+            base.push(String::new());
             rows.push(base);
             continue;
         }
@@ -153,6 +155,12 @@ pub fn table(runs: &[Run]) -> (Vec<String>, Vec<Vec<String>>) {
                 let mut row = base.clone();
                 row.extend([e.name.clone(), g.to_string(), m["n"].as_u64().map_or(String::new(), |n| n.to_string())]);
                 row.extend(METRIC_NAMES.iter().map(|name| m[*name].as_f64().map_or("-".to_string(), |x| format!("{x:.4}"))));
+                // Reports from before the intervals were computed have none.
+                let ci = &m["ci95"]["mrr"];
+                row.push(match (ci[0].as_f64(), ci[1].as_f64()) {
+                    (Some(lo), Some(hi)) => format!("[{lo:.4}, {hi:.4}]"),
+                    _ => "-".to_string(),
+                });
                 rows.push(row);
             }
         }
@@ -306,7 +314,10 @@ mod tests {
             stage_dir: PathBuf::from(name).join("grpo"),
             config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             log: vec![serde_json::json!({"step": 3, "reward": 1.0})],
-            evaluations: vec![Evaluation { name: "test".into(), metrics: serde_json::json!({"all": {"n": 2, "acc@1": 0.5, "mrr": 0.75}}) }],
+            evaluations: vec![Evaluation {
+                name: "test".into(),
+                metrics: serde_json::json!({"all": {"n": 2, "acc@1": 0.5, "mrr": 0.75, "ci95": {"mrr": [0.5, 1.0]}}}),
+            }],
         }
     }
 
@@ -326,6 +337,8 @@ mod tests {
         assert_eq!(rows[0][..7], ["a", "grpo", "grpo.beta=0.04", "3", "test", "all", "2"]);
         assert_eq!(rows[0][mrr], "0.7500");
         assert_eq!(rows[1][mrr], "-", "a group the report lacks");
+        assert_eq!(rows[0][mrr + 1], "[0.5000, 1.0000]");
+        assert_eq!(rows[1][mrr + 1], "-");
         let md = render_markdown(&header, &rows);
         assert!(md.lines().nth(1).unwrap().starts_with("|---|"));
         assert_eq!(render_csv(&header, &rows).unwrap().lines().count(), 7);

@@ -89,8 +89,12 @@ impl From<EvalSplit> for Split {
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Dataset directory written by `refine-poi preprocess` (with --run: the run's data.dir).
-    #[arg(long, required_unless_present = "run")]
+    #[arg(long, required_unless_present_any = ["run", "compare"])]
     pub data: Option<PathBuf>,
+    /// Compare two `--predictions` files of the same instances: each metric's paired-bootstrap
+    /// difference A − B with its 95% interval, per group (`--out`: also as JSON).
+    #[arg(long, num_args = 2, value_names = ["A.jsonl", "B.jsonl"], conflicts_with_all = ["run", "method", "data", "predictions", "limit"])]
+    pub compare: Option<Vec<PathBuf>>,
     /// Evaluate a training run (`runs/x/grpo`, or `runs/x`: its grpo/, else sft/): its adapter
     /// (best/, else final/) with the run's model, data and prompt from its config.toml.
     /// Implies --method llm; the report goes to `{run}/eval/{split}[-{limit}].json` by default.
@@ -100,10 +104,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "test")]
     pub split: EvalSplit,
     /// Method to evaluate.
-    #[arg(long, value_enum, required_unless_present = "run")]
+    #[arg(long, value_enum, required_unless_present_any = ["run", "compare"])]
     pub method: Option<Method>,
     /// Where to write the JSON report.
-    #[arg(long, required_unless_present = "run")]
+    #[arg(long, required_unless_present_any = ["run", "compare"])]
     pub out: Option<PathBuf>,
     /// Also write each instance's ranked list (JSONL) here.
     #[arg(long)]
@@ -164,6 +168,14 @@ fn run_target(dir: &std::path::Path, args: &Args) -> Result<RunTarget> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some([a, b]) = args.compare.as_deref() {
+        let c = crate::compare::compare(a, b)?;
+        if let Some(out) = &args.out {
+            crate::fsutil::write_atomic(out, format!("{}\n", serde_json::to_string_pretty(&c)?).as_bytes())?;
+        }
+        print!("{}", crate::compare::format_comparison(&c));
+        return Ok(());
+    }
     let split: Split = args.split.into();
     let target = args.run.as_deref().map(|dir| run_target(dir, &args)).transpose()?;
     let data = match &target {

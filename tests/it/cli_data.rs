@@ -107,6 +107,25 @@ fn preprocess_then_eval_every_baseline() {
     // The counter beats popularity on the synthetic data (users revisit favourites).
     let mrr = |m: &str| json(&tmp.path().join(format!("{m}-test.json")))["metrics"]["all"]["mrr"].as_f64().unwrap();
     assert!(mrr("counter") > mrr("popularity"));
+    // Every group's metrics come with their 95% bootstrap interval around them.
+    let all = &json(&tmp.path().join("counter-test.json"))["metrics"]["all"];
+    for k in ["acc@1", "acc@10", "mrr"] {
+        let (lo, hi) = (all["ci95"][k][0].as_f64().unwrap(), all["ci95"][k][1].as_f64().unwrap());
+        assert!(lo <= all[k].as_f64().unwrap() && all[k].as_f64().unwrap() <= hi, "{k}: {all}");
+    }
+
+    // Paired comparison of two methods' predictions on the same instances.
+    let p = |m: &str, split: &str| tmp.path().join(format!("{m}-{split}.jsonl")).to_str().unwrap().to_string();
+    let cmp_out = tmp.path().join("compare.json");
+    let out = run(&["eval", "--compare", &p("counter", "test"), &p("popularity", "test"), "--out", cmp_out.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("95% CI"), "{}", text(&out.stdout));
+    let c = json(&cmp_out);
+    let d = &c["groups"]["all"][1]["mrr"];
+    assert!((d["diff"].as_f64().unwrap() - (mrr("counter") - mrr("popularity"))).abs() < 1e-9, "{c}");
+    // Predictions of different splits are refused with one clear error.
+    let out = run(&["eval", "--compare", &p("counter", "test"), &p("counter", "val")]);
+    assert!(error_line(&out).contains("cover different instances"), "{}", text(&out.stderr));
 }
 
 #[test]
@@ -211,4 +230,18 @@ fn eval_rejects_a_corrupt_dataset() {
         tmp.path().join("r.json").to_str().unwrap(),
     ]));
     assert!(e.contains("test.jsonl line 1"), "{e}");
+}
+
+/// `preprocess` locks the dataset directory it writes: a second writer stops at once.
+#[test]
+fn preprocess_refuses_a_dataset_directory_in_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let held = refine_poi::lock::DirLock::acquire(&data, "preprocess").unwrap();
+    let out = preprocess("foursquare", &fixture("tsmc2014_synthetic.txt"), &data, &[]);
+    let e = error_line(&out);
+    assert!(e.contains("in use by another run") && e.contains("preprocess"), "{e}");
+    assert!(!data.join("pois.csv").exists());
+    drop(held);
+    assert!(preprocess("foursquare", &fixture("tsmc2014_synthetic.txt"), &data, &[]).status.success());
 }

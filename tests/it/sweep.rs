@@ -50,3 +50,22 @@ fn a_sweep_trains_evaluates_reports_and_resumes() {
     let bad = sweep(&s, &variants, &out);
     assert!(!bad.status.success() && text(&bad.stderr).contains("bad variant name"), "{}", text(&bad.stderr));
 }
+
+/// A sweep's output folder is locked while it runs: a second sweep there stops at once, naming
+/// the holder (here the test process, holding the same kind of lock).
+#[test]
+fn a_second_sweep_on_the_same_folder_is_refused() {
+    let s = Setup::new();
+    let variants = s.tmp.path().join("variants.txt");
+    std::fs::write(&variants, "base\n").unwrap();
+    let out = s.tmp.path().join("sweep");
+    let held = refine_poi::lock::DirLock::acquire(&out, "sweep.sh").unwrap();
+    let second = sweep(&s, &variants, &out);
+    let err = text(&second.stderr);
+    assert!(
+        !second.status.success() && err.contains("in use by another sweep") && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    assert!(!out.join("base").exists(), "nothing was started");
+    drop(held);
+}
