@@ -88,10 +88,11 @@ while IFS= read -r line || [[ -n "$line" ]]; do
             continue
         fi
         resume=()
-        [[ -f "$dir/$stage/checkpoints/last" ]] && resume=(--resume)
+        # Any checkpoint, or a started run (its config written): carry on from there.
+        if compgen -G "$dir/$stage/checkpoints/step-*" > /dev/null || [[ -f "$dir/$stage/config.toml" ]]; then resume=(--resume); fi
         echo "== $name: $cmd ${resume[*]:-}"
         "$bin" "$cmd" --config "$config" --set "run_dir=$dir" ${sets[@]+"${sets[@]}"} ${common[@]+"${common[@]}"} ${resume[@]+"${resume[@]}"} --quiet \
-            < /dev/null > "$dir.$stage.json" 2> "$dir.$stage.log" || {
+            < /dev/null > "$dir.$stage.json" 2> "$dir.$stage.log" 9>&- || {
             cat "$dir.$stage.log" >&2; echo "sweep.sh: $name: $cmd failed (log: $dir.$stage.log)" >&2; exit 1; }
     done
     last="${stage_list[${#stage_list[@]}-1]}"
@@ -100,7 +101,7 @@ while IFS= read -r line || [[ -n "$line" ]]; do
         echo "== $name: $report exists, skipped"
     else
         echo "== $name: eval on $split${limit:+ ($limit instances)}"
-        "$bin" eval --run "$dir/$last" --split "$split" ${limit:+--limit "$limit"} --quiet < /dev/null > /dev/null
+        "$bin" eval --run "$dir/$last" --split "$split" ${limit:+--limit "$limit"} --quiet < /dev/null > /dev/null 9>&-
     fi
 done < "$variants"
 [[ ${#names[@]} -gt 0 ]] || { echo "sweep.sh: $variants lists no variants" >&2; exit 2; }

@@ -49,5 +49,7 @@ mod tests {
         assert_eq!(splitmix64(0), 0xe220_a839_7b1d_cdaf);
         assert_ne!(derive_seed(0, SEED_DATA, 0), derive_seed(0, SEED_SUBSET, 0));
         assert_eq!(derive_seed(7, 3, 9), derive_seed(7, 3, 9));
+        assert_ne!(derive_seed(1, 2, 3), derive_seed(1, 3, 2));
+        assert_ne!(derive_seed(1, 2, 3), derive_seed(2, 2, 3));
     }
 }

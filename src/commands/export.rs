@@ -62,7 +62,8 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     // Batched generation and training in transformers need a pad token: the end-of-sequence
-    // token, as SmolLM2's own tokenizer config has it, when the model names none.
+    // token, as SmolLM2's own tokenizer config has it (the tokenizer read here keeps no pad
+    // token of its own, so a model whose pad differs from its EOS gets EOS too).
     if let Some(eos) = &tok.eos_token {
         tok_cfg["pad_token"] = json!(eos);
         if let Some(id) = tok.inner().token_to_id(eos) {

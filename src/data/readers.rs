@@ -424,22 +424,38 @@ fn looks_like_tsmc_csv(input: &mut Box<dyn BufRead>, path: &Path) -> Result<bool
     Ok(first.trim_start_matches('\u{feff}').starts_with("userid,venueid,"))
 }
 
-/// Generic CSV: columns found by header name (any order, extra columns ignored). `category`
-/// and `tz_offset_min` may be absent (then empty and 0); the others are required.
 /// The input of a CSV reader, noting where its lines end, so that a record's 1-based line is
-/// exact whatever the line ends (the csv crate's own count is one short after `\r\n`).
+/// exact whatever the line ends and blank lines (the csv crate's own count is one short after a
+/// `\r\n`, and its record positions start at the blank lines before a record).
 struct LineEnds<R> {
     inner: R,
-    /// Offsets of the `\n`s read so far that no record has passed yet, and the lines before them.
-    pending: std::rc::Rc<std::cell::RefCell<(std::collections::VecDeque<u64>, u64)>>,
+    lines: std::rc::Rc<std::cell::RefCell<LineLedger>>,
     offset: u64,
+}
+
+/// The `\n`s read so far that no record has passed yet (offset, whether the line it ends is
+/// blank), and how many lines lie before them.
+#[derive(Default)]
+struct LineLedger {
+    ends: std::collections::VecDeque<(u64, bool)>,
+    passed: u64,
+    /// Whether the line being read has a byte other than `\r` yet.
+    content: bool,
 }
 
 impl<R: std::io::Read> std::io::Read for LineEnds<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        let mut p = self.pending.borrow_mut();
-        p.0.extend(buf[..n].iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| self.offset + i as u64));
+        let mut l = self.lines.borrow_mut();
+        for (i, &b) in buf[..n].iter().enumerate() {
+            if b == b'\n' {
+                let blank = !l.content;
+                l.ends.push_back((self.offset + i as u64, blank));
+                l.content = false;
+            } else if b != b'\r' {
+                l.content = true;
+            }
+        }
         self.offset += n as u64;
         Ok(n)
     }
@@ -451,27 +467,30 @@ type LineCsv = csv::Reader<LineEnds<Box<dyn BufRead>>>;
 /// How a CSV layout's time column is read.
 type TimeParser = fn(&str) -> Result<i64, BadRow>;
 
-/// A CSV reader over `input` and a function giving the 1-based line of a record's start byte
-/// (called with non-decreasing offsets). After `\r\n` the csv crate may place a record at its
-/// `\n`, so a `\n` at the start byte itself still ends an earlier line.
+/// A CSV reader over `input` and a function giving the 1-based line of a record from its start
+/// byte (called with non-decreasing offsets): the lines ended before that byte (or at it: after
+/// `\r\n` the csv crate may place a record at the `\n`), then the blank lines it skipped.
 fn csv_with_lines(input: Box<dyn BufRead>) -> (LineCsv, impl FnMut(u64) -> u64) {
-    let pending = std::rc::Rc::new(std::cell::RefCell::new((std::collections::VecDeque::new(), 0u64)));
+    let lines = std::rc::Rc::new(std::cell::RefCell::new(LineLedger::default()));
     let rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::All).from_reader(LineEnds {
         inner: input,
-        pending: pending.clone(),
+        lines: lines.clone(),
         offset: 0,
     });
     let line_of = move |byte: u64| {
-        let mut p = pending.borrow_mut();
-        while p.0.front().is_some_and(|&nl| nl <= byte) {
-            p.0.pop_front();
-            p.1 += 1;
+        let mut l = lines.borrow_mut();
+        while l.ends.front().is_some_and(|&(nl, blank)| nl <= byte || blank) {
+            l.ends.pop_front();
+            l.passed += 1;
         }
-        p.1 + 1
+        l.passed + 1
     };
     (rdr, line_of)
 }
 
+/// Reads the generic CSV layout (or the TSMC2014 download's): columns found by header name (any
+/// order, extra columns ignored); `category` and `tz_offset_min` may be absent (then empty and
+/// 0), the others are required.
 fn read_csv(path: &Path, input: Box<dyn BufRead>, b: &mut Builder<'_>) -> Result<()> {
     let (mut rdr, mut line_of) = csv_with_lines(input);
     let header = rdr.byte_headers().with_context(|| format!("reading the header of {}", path.display()))?.clone();
@@ -760,6 +779,25 @@ mod tests {
             let (ea, eb) = (read(&lf, &strict).unwrap_err().to_string(), read(&crlf, &strict).unwrap_err().to_string());
             let line = |e: &str| e.split(" line ").nth(1).and_then(|r| r.split(':').next()).map(str::to_string);
             assert_eq!(line(&ea), line(&eb), "{ea} / {eb}");
+        }
+        // Blank lines before a bad row, LF or CRLF: still the file's own line.
+        for ends in ["\n", "\r\n"] {
+            let text = [
+                "user_id,venue_id,category,latitude,longitude,utc_time,tz_offset_min",
+                "1,v1,Bar,40.7,-74.0,2012-04-03T18:00:09Z,-240",
+                "",
+                "",
+                "1,v2,Bar,north,-74.0,2012-04-03T18:01:09Z,-240",
+                "",
+                "1,v3,Bar,north,-74.0,2012-04-03T18:02:09Z,-240",
+            ]
+            .join(ends);
+            let p = write_tmp(&dir, "blank.csv", text.as_bytes());
+            assert_eq!(
+                read(&p, &ReadOptions::new(Format::Csv)).unwrap().report.skipped["bad_coordinates"].first_lines,
+                vec![5, 7],
+                "{ends:?}"
+            );
         }
         // A bad row on line 7 of a CRLF CSV is reported as line 7.
         let mut text = String::from("user_id,venue_id,category,latitude,longitude,utc_time,tz_offset_min\r\n");

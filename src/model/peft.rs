@@ -105,7 +105,7 @@ impl CausalLm {
 
     /// Writes the adapter in PEFT's layout into `dir` (created if needed); files are written to a
     /// temporary name and renamed, so a crash never leaves a half-written adapter. A module
-    /// whose rank or scale differs from the first adapted module's is written with
+    /// whose rank or scale differs from what `[lora]`'s r and alpha give is written with
     /// `rank_pattern` / `alpha_pattern`; a set of adapted modules that is not "every layer's
     /// projections of these kinds" is written as the list of their full names.
     pub fn save_adapter(&self, dir: &Path, base: &AdapterBase) -> anyhow::Result<()> {
@@ -114,15 +114,22 @@ impl CausalLm {
             .linears()
             .filter_map(|l| l.lora.as_ref().map(|a| (l.path.as_str(), a.a.dims()[0], a.scale * a.a.dims()[0] as f64)))
             .collect();
-        let &(_, r, alpha) = adapted.first().context("the model has no LoRA adapter to save")?;
+        anyhow::ensure!(!adapted.is_empty(), "the model has no LoRA adapter to save");
+        // The file's r and lora_alpha are the config's (what [lora] is checked against when the
+        // adapter is loaded again); a module PEFT would give another rank or alpha gets a
+        // pattern entry (its alpha = scale · r, whatever made the scale: rsLoRA included).
+        let (r, alpha) = (cfg.r, cfg.alpha);
         let mut rank_pattern = serde_json::Map::new();
         let mut alpha_pattern = serde_json::Map::new();
         for &(path, r_i, alpha_i) in &adapted {
+            // The module's name after its first part (`layers\.0\.self_attn\.q_proj`): a key
+            // every PEFT version matches, as a suffix after a dot.
+            let key = regex::escape(path.split_once('.').map_or(path, |(_, rest)| rest));
             if r_i != r {
-                rank_pattern.insert(regex::escape(path), r_i.into());
+                rank_pattern.insert(key.clone(), r_i.into());
             }
             if (alpha_i - alpha).abs() > 1e-12 * alpha.abs().max(1.0) {
-                alpha_pattern.insert(regex::escape(path), alpha_i.into());
+                alpha_pattern.insert(key, alpha_i.into());
             }
         }
         let mut kinds: Vec<&str> = adapted.iter().map(|(p, ..)| short_name(p)).collect();

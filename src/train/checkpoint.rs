@@ -119,10 +119,6 @@ impl RunDir {
         self.root.join("checkpoints")
     }
 
-    pub fn best(&self) -> PathBuf {
-        self.root.join("best")
-    }
-
     pub fn metrics(&self) -> PathBuf {
         self.root.join(METRICS_FILE)
     }
@@ -141,14 +137,21 @@ impl RunDir {
         Ok(dir)
     }
 
-    /// An existing run to resume: its recorded config must equal `config_toml` (the differing
-    /// keys are named otherwise). Returns the newest checkpoint's folder, if any.
-    pub fn open_for_resume(root: &Path, config_toml: &str) -> Result<(RunDir, Option<PathBuf>)> {
+    /// An existing run to resume: its recorded config, spelled out again by `normalize` (so
+    /// that keys added since with their defaults do not count as changes), must equal
+    /// `config_toml` (the differing keys are named otherwise). Returns the checkpoint to resume
+    /// from, if any, and the hash of the recorded config (what its checkpoints carry).
+    pub fn open_for_resume(
+        root: &Path,
+        config_toml: &str,
+        normalize: impl FnOnce(&str) -> Result<String>,
+    ) -> Result<(RunDir, Option<PathBuf>, String)> {
         let dir = RunDir { root: root.to_path_buf() };
         let path = root.join(CONFIG_FILE);
         let saved = std::fs::read_to_string(&path)
             .with_context(|| format!("nothing to resume in {}: cannot read {}", root.display(), path.display()))?;
-        let diffs = config_diff(&saved, config_toml).with_context(|| format!("malformed {}", path.display()))?;
+        let normalized = normalize(&saved).with_context(|| format!("malformed {}", path.display()))?;
+        let diffs = config_diff(&normalized, config_toml).with_context(|| format!("malformed {}", path.display()))?;
         ensure!(
             diffs.is_empty(),
             "the config differs from the one {} was started with ({}): resume with the same config, or start a new run_dir",
@@ -157,7 +160,7 @@ impl RunDir {
         );
         std::fs::create_dir_all(dir.checkpoints())?;
         let latest = dir.resume_point()?;
-        Ok((dir, latest))
+        Ok((dir, latest, crate::seed::fnv_hex(&saved)))
     }
 
     /// The checkpoint a resumed run starts from: the newest whose files match its manifest.
@@ -174,9 +177,20 @@ impl RunDir {
         let mut damaged = Vec::new();
         for dir in names {
             match verify_manifest(&dir) {
-                Ok(()) => {
+                Ok(checked) => {
+                    if !checked {
+                        eprintln!(
+                            "warning: checkpoint {} has no manifest (written by an earlier version): its files are not checked",
+                            dir.display()
+                        );
+                    }
+                    // Damaged ones leave the rotation (they would count towards keep_checkpoints
+                    // and never be pruned, being the newest).
                     for (d, why) in &damaged {
-                        eprintln!("warning: checkpoint {} is damaged ({why:#}): resuming from {} instead", d, dir.display());
+                        let aside = Path::new(d)
+                            .with_file_name(format!("damaged-{}", Path::new(d).file_name().map_or("".into(), |n| n.to_string_lossy())));
+                        let moved = std::fs::rename(d, &aside).map_or(String::new(), |_| format!("; moved to {}", aside.display()));
+                        eprintln!("warning: checkpoint {d} is damaged ({why:#}){moved}: resuming from {} instead", dir.display());
                     }
                     return Ok(Some(dir));
                 }
@@ -366,9 +380,15 @@ pub fn write_manifest(dir: &Path) -> Result<()> {
 }
 
 /// Checks every file `dir`'s manifest lists; the first that is missing or differs is named.
-pub fn verify_manifest(dir: &Path) -> Result<()> {
+/// `false`: the checkpoint has no manifest at all (written before they were recorded), so
+/// nothing could be checked.
+pub fn verify_manifest(dir: &Path) -> Result<bool> {
+    ensure!(dir.is_dir(), "{} does not exist", dir.display());
     let path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{} has no readable {MANIFEST_FILE}", dir.display()))?;
+    if !path.exists() {
+        return Ok(false);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let files: std::collections::BTreeMap<String, FileEntry> =
         serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
     for (name, want) in &files {
@@ -390,7 +410,7 @@ pub fn verify_manifest(dir: &Path) -> Result<()> {
             want.fnv1a
         );
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Keys whose values differ between two TOML documents, as `key: a -> b`.

@@ -8,7 +8,7 @@
 //! - [`checkpoint`]: the run directory, atomic checkpoints, `best/`, `metrics.jsonl`.
 //! - [`val`]: greedy validation on a fixed val sample through the eval harness.
 //! - here: the stage loop's cadence, the data order, log-probabilities of target tokens in a
-//!   padded batch (the shape of every loss), the Ctrl-C flag and the progress bar.
+//!   padded batch (the shape of every loss), the stop flag (signals) and the progress bar.
 
 pub mod checkpoint;
 pub mod config;
@@ -18,6 +18,7 @@ pub mod schedule;
 pub mod sft;
 pub mod val;
 
+use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -49,7 +50,8 @@ pub struct RunOptions {
     /// Stop after this many optimizer steps of this invocation (with a checkpoint); the run
     /// continues with `resume`.
     pub stop_after: Option<u64>,
-    /// Raised by Ctrl-C: stop at the next micro-batch, checkpoint the last completed step.
+    /// Raised by Ctrl-C, SIGTERM or SIGUSR1: stop at the next micro-batch, checkpoint the last
+    /// completed step.
     pub stop: StopFlag,
 }
 
@@ -143,14 +145,14 @@ impl StageStart {
         let config_toml = cfg.stage_toml(stage)?;
         let root = cfg.stage_dir(stage);
         let lock = DirLock::acquire(&root, stage.command())?;
-        let (run, latest) = if opts.resume {
-            RunDir::open_for_resume(&root, &config_toml)?
+        let (run, latest, config_hash) = if opts.resume {
+            RunDir::open_for_resume(&root, &config_toml, |saved| RunConfig::from_toml(saved)?.stage_toml(stage))?
         } else {
             check_fresh()?;
-            (RunDir::create(&root, &config_toml)?, None)
+            (RunDir::create(&root, &config_toml)?, None, fnv_hex(&config_toml))
         };
         let ds = Dataset::load(&cfg.data.dir).with_context(|| format!("cannot load the dataset in {}", cfg.data.dir.display()))?;
-        Ok(StageStart { lock, run, latest, config_hash: fnv_hex(&config_toml), ds })
+        Ok(StageStart { lock, run, latest, config_hash, ds })
     }
 }
 
@@ -213,7 +215,7 @@ impl<'a> StageLoop<'a> {
         }
     }
 
-    /// Ctrl-C was pressed or `--stop-after` is reached at `step`.
+    /// A stop was requested or `--stop-after` is reached at `step`.
     fn stopping(&self, stop: &StopFlag, step: u64) -> bool {
         stop.raised() || self.stop_at.is_some_and(|s| step >= s)
     }
@@ -468,19 +470,25 @@ impl StopFlag {
             for sig in signals.forever() {
                 if inner.raised() {
                     if sig == SIGINT {
-                        eprintln!("\nsecond interrupt: exiting without a checkpoint");
+                        let _ = writeln!(std::io::stderr(), "\nsecond interrupt: exiting without a checkpoint");
                         std::process::exit(128 + SIGINT);
                     }
                     continue;
                 }
+                // The flag first: a message that cannot be written (a closed pipe) must not
+                // stop the checkpoint.
+                inner.signal.store(sig, Ordering::SeqCst);
+                inner.raise();
                 let name = match sig {
                     SIGINT => "interrupt",
                     SIGTERM => "SIGTERM",
                     _ => "SIGUSR1",
                 };
-                eprintln!("\n{name}: writing a checkpoint of the last completed step, then exiting with {}", 128 + sig);
-                inner.signal.store(sig, Ordering::SeqCst);
-                inner.raise();
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\n{name}: writing a checkpoint of the last completed step, then exiting with {}",
+                    128 + sig
+                );
             }
         });
         Ok(flag)
@@ -500,17 +508,4 @@ pub fn progress_bar(total: u64, done: u64, quiet: bool, label: &str) -> indicati
     bar.set_prefix(label.to_string());
     bar.set_position(done);
     bar
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn derived_seeds_differ_by_key() {
-        let s = derive_seed(1, 2, 3);
-        assert_eq!(s, derive_seed(1, 2, 3));
-        assert_ne!(s, derive_seed(1, 3, 2));
-        assert_ne!(s, derive_seed(2, 2, 3));
-    }
 }

@@ -68,6 +68,8 @@ fn peft_adapters_with_patterns_give_pefts_logits_and_round_trip() {
         assert_eq!(tensor_keys(out.path()), want_keys, "{name}");
         let mut again = base();
         again.model.load_adapter(out.path()).unwrap();
+        // What `[lora]` is checked against when a run starts from it is unchanged too.
+        assert_eq!(again.model.lora_config, m.model.lora_config, "{name}");
         assert_close(&logits_at(&again, &expected, Mode::INFERENCE), want, &format!("{name}, saved and reloaded"));
         let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!(cfg["base_model_name_or_path"], "owner/tiny");

@@ -111,7 +111,7 @@ fn sigterm_and_sigusr1_checkpoint_and_resume_exactly() {
         let last = std::fs::read_to_string(dir.join("checkpoints/last")).unwrap();
         let logged = records(&dir).len();
         assert!(logged >= 2 && last.trim() == format!("step-{logged}"), "{stage}: checkpoint {last} after {logged} steps");
-        verify_manifest(&dir.join("checkpoints").join(last.trim())).unwrap();
+        assert!(verify_manifest(&dir.join("checkpoints").join(last.trim())).unwrap());
         finish(&s, stage, &sets);
         assert_eq!(adapter_tensors(&stage_dir(&straight, stage).join("final")), adapter_tensors(&dir.join("final")), "{stage}");
         assert_eq!(records(&stage_dir(&straight, stage)), records(&dir), "{stage}");
@@ -163,7 +163,7 @@ fn non_finite_steps_are_skipped_counted_and_stop_the_run() {
     // The newest checkpoint is intact and records the skipped steps.
     let last = std::fs::read_to_string(dir.join("checkpoints/last")).unwrap();
     let ckpt = dir.join("checkpoints").join(last.trim());
-    verify_manifest(&ckpt).unwrap();
+    assert!(verify_manifest(&ckpt).unwrap());
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
     assert!(state["nonfinite_steps"].as_u64().unwrap() >= 4, "{state}");
 }
@@ -208,7 +208,7 @@ fn a_full_or_read_only_disk_keeps_the_previous_checkpoint() {
     let out = train(&s, "sft-warmup", &sets, false).args(["--stop-after", "2"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let good = dir.join("checkpoints/step-2");
-    verify_manifest(&good).unwrap();
+    assert!(verify_manifest(&good).unwrap());
 
     // Fill the disk, leaving less than a checkpoint's worth.
     let filler = fs.0.join("filler");
@@ -234,7 +234,7 @@ fn a_full_or_read_only_disk_keeps_the_previous_checkpoint() {
         if what == "full" {
             assert!(err.contains("cannot write the checkpoint of step 4") && err.contains("step-2 is intact"), "{err}");
         }
-        verify_manifest(&good).unwrap();
+        assert!(verify_manifest(&good).unwrap());
     }
     fs.remount("rw");
     finish(&s, "sft-warmup", &sets);

@@ -202,8 +202,38 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
         err.contains("warning: checkpoint") && err.contains("step-4") && err.contains("optimizer.safetensors") && err.contains("step-2"),
         "{err}"
     );
+    assert!(a.stage.dir.join("checkpoints/damaged-step-4").is_dir(), "the damaged checkpoint is moved aside");
     assert_eq!(adapter_tensors(&full.stage.dir.join("final")), adapter_tensors(&a.stage.dir.join("final")));
     assert_eq!(losses(&full.stage.dir), losses(&a.stage.dir), "the log reads as if the run had never stopped");
+}
+
+/// A run started by the previous version (its config without the keys added since, its
+/// checkpoint without a manifest or an update count) resumes, with a warning, to the same end.
+#[test]
+fn a_run_of_the_previous_version_resumes() {
+    let straight = Setup::new();
+    let full = sft::run(&straight.cfg(&[]), &quiet()).unwrap();
+    let s = Setup::new();
+    let cfg = s.cfg(&[]);
+    let a = sft::run(&cfg, &RunOptions { stop_after: Some(2), ..quiet() }).unwrap();
+    let dir = &a.stage.dir;
+    let config: String = std::fs::read_to_string(dir.join("config.toml"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("max_nonfinite_steps"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(dir.join("config.toml"), &config).unwrap();
+    let ckpt = dir.join("checkpoints/step-2");
+    std::fs::remove_file(ckpt.join("manifest.json")).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
+    state["config_hash"] = refine_poi::seed::fnv_hex(&config).into();
+    state.as_object_mut().unwrap().retain(|k, _| k != "optimizer_updates" && k != "nonfinite_steps");
+    std::fs::write(ckpt.join("trainer_state.json"), state.to_string()).unwrap();
+    let out = crate::common::run(&["sft-warmup", "--config", s.config.to_str().unwrap(), "--resume", "--quiet"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("has no manifest"), "{}", text(&out.stderr));
+    assert_eq!(adapter_tensors(&full.stage.dir.join("final")), adapter_tensors(&dir.join("final")));
 }
 
 #[test]

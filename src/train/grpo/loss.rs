@@ -238,6 +238,7 @@ pub fn step(
         }
         let t0 = Instant::now();
         let mut accum = GradAccum::new(params.len());
+        let mut update_loss = 0.0;
         for (p, tokens, mask, adv, old, reference) in &prepared {
             let mode = match dropout_seed {
                 Some(seed) => Mode::TRAIN.with_dropout(crate::seed::derive_seed(seed, update as u64, *p as u64)),
@@ -252,6 +253,7 @@ pub fn step(
             // The batch loss is the mean over its groups.
             let grads = (loss / prepared.len() as f64)?.backward()?;
             accum.add(&grads, &params)?;
+            update_loss += stats.loss;
             loss_sum.loss += stats.loss;
             loss_sum.kl += stats.kl;
             loss_sum.clip_fraction += stats.clip_fraction;
@@ -262,7 +264,8 @@ pub fn step(
         let t0 = Instant::now();
         let mut grads = accum.take(&params)?;
         grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-        if grad_norm.is_finite() && loss_sum.loss.is_finite() {
+        // Each update on its own: one non-finite update does not stop the ones after it.
+        if grad_norm.is_finite() && update_loss.is_finite() {
             opt.step(&grads, lr)?;
         } else {
             skipped_updates += 1;

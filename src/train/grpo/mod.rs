@@ -185,17 +185,22 @@ fn step_record(step: u64, lr: f64, k: usize, scored: &[Scored], report: &StepRep
 /// Runs (or resumes) the GRPO stage described by `cfg`.
 pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let t = &cfg.grpo.train;
-    // A missing SFT start is an error before the run directory is created.
+    // A missing SFT start is an error before anything is written.
     let StageStart { lock: _lock, run, latest, config_hash, ds } = StageStart::open(cfg, STAGE, opts, || init_adapter(cfg).map(|_| ()))?;
     let root = run.root.clone();
     let examples = train_instances(&ds, cfg, t.seed)?;
-    // The start: the run's own copy when resuming, else the configured adapter (copied in).
+    // The start: the run's own copy when it has one (a resumed run), else the configured
+    // adapter, copied in (atomically: a run killed before the copy exists starts over from the
+    // configured adapter, not from a fresh one).
     let init_copy = root.join(INIT_DIR);
-    let start = if opts.resume { init_copy.join("adapter_config.json").is_file().then(|| init_copy.clone()) } else { init_adapter(cfg)? };
+    let copied = opts.resume && init_copy.join("adapter_model.safetensors").is_file();
+    let start = if copied { Some(init_copy.clone()) } else { init_adapter(cfg)? };
     let mut loaded = load_model(cfg, start.as_deref(), "grpo.init_adapter", t.seed)?;
     loaded.model.set_lora_dropout(0.0);
-    if !opts.resume {
-        loaded.model.save_adapter(&init_copy, &loaded.adapter_base()).with_context(|| format!("cannot write {}", init_copy.display()))?;
+    if !copied {
+        let from = json!({ "init_adapter": start.as_ref().map(|p| p.display().to_string()) });
+        run.save_adapter_copy(INIT_DIR, &loaded.model, &loaded.adapter_base(), &from)
+            .with_context(|| format!("cannot write {}", init_copy.display()))?;
     }
     if cfg.grpo.reference == ReferencePolicy::Init {
         loaded.model.pin_reference_adapter()?;
