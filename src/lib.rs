@@ -15,6 +15,7 @@ pub mod lock;
 pub mod metrics;
 pub mod model;
 pub mod prompt;
+pub mod prompt_stats;
 pub mod report;
 pub mod runtime;
 pub mod seed;

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod preprocess;
+pub mod prompt_stats;
 pub mod recommend;
 pub mod report;
 pub mod train;
@@ -42,6 +43,8 @@ pub enum Command {
     Bench(bench::Args),
     /// Complete one prompt with a model (+ adapter): a sanity tool.
     Generate(generate::Args),
+    /// Answer-in-prompt: how often the prompt names the target POI, per group and section.
+    PromptStats(prompt_stats::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -51,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Recommend(args) => recommend::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::PromptStats(args) => prompt_stats::run(args),
         Command::Export(args) => export::run(args),
         Command::Report(args) => report::run(args),
         Command::SftWarmup(args) => train::run_sft(args),

@@ -205,3 +205,31 @@ fn export_writes_a_merged_hugging_face_folder() {
         assert!(error_line(&again).contains("not empty"));
     }
 }
+
+/// `prompt-stats`: the share of instances whose prompt names the target, by group and section;
+/// a discovery target (never visited) is in no prompt built from the user's own history.
+#[test]
+fn prompt_stats_counts_the_target_in_the_prompt() {
+    let (tmp, model, data) = setup();
+    let out_json = tmp.path().join("in-prompt.json");
+    let out = ok(bin()
+        .args(["prompt-stats", "--split", "test", "--data"])
+        .arg(&data)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out_json)
+        .output()
+        .unwrap());
+    assert!(out.contains("anywhere") && out.contains("most_visited"), "{out}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
+    let g = |name: &str| &r["groups"][name];
+    assert_eq!(g("all")["n"].as_u64().unwrap(), r["instances"].as_u64().unwrap());
+    assert!(g("return")["share"].as_f64().unwrap() > 0.0, "{r}");
+    if !g("discovery").is_null() {
+        assert_eq!(g("discovery")["in_prompt"], 0, "{r}");
+    }
+    for section in g("all")["by_section"].as_object().unwrap().values() {
+        assert!(section.as_f64().unwrap() <= g("all")["share"].as_f64().unwrap());
+    }
+}

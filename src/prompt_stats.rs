@@ -1,0 +1,131 @@
+//! Answer-in-prompt: how often the prompt names the target POI at all, and in which of its
+//! sections. A model that answers with POIs from its prompt cannot do better than this share,
+//! so it belongs next to every model's numbers (`refine-poi prompt-stats`).
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::data::{Dataset, Split};
+use crate::eval::sample;
+use crate::prompt::{PromptBuilder, PromptContext};
+
+/// The sections of a prompt's user message, named by their headers (see `src/prompt.rs`).
+const SECTIONS: [(&str, &str); 4] = [
+    ("Most visited POIs", "most_visited"),
+    ("Visited around", "around_the_hour"),
+    ("Earlier check-ins", "earlier"),
+    ("Current trajectory", "trajectory"),
+];
+
+/// The sections of `text` (a prompt's user message; blocks separated by a blank line) that
+/// name `POI {target}`; `"other"` for a block without a known header.
+pub fn sections_naming(text: &str, target: u32) -> Vec<&'static str> {
+    let mut found = Vec::new();
+    for block in text.split("\n\n") {
+        if !names_poi(block, target) {
+            continue;
+        }
+        let header = block.lines().next().unwrap_or("");
+        let name = SECTIONS.iter().find(|(h, _)| header.starts_with(h)).map_or("other", |(_, n)| *n);
+        if !found.contains(&name) {
+            found.push(name);
+        }
+    }
+    found
+}
+
+/// Whether `text` mentions `POI {id}` (the whole number).
+fn names_poi(text: &str, id: u32) -> bool {
+    let want = id.to_string();
+    text.match_indices("POI ").any(|(i, m)| {
+        let digits: String = text[i + m.len()..].chars().take_while(char::is_ascii_digit).collect();
+        digits == want
+    })
+}
+
+/// One group's shares.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GroupInPrompt {
+    pub n: u64,
+    /// Instances whose prompt names the target anywhere, and their share.
+    pub in_prompt: u64,
+    pub share: f64,
+    /// Share of instances whose target is named in each section.
+    pub by_section: BTreeMap<String, f64>,
+}
+
+/// Answer-in-prompt for all, return and discovery instances.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InPrompt {
+    pub split: Split,
+    pub instances: u64,
+    pub groups: BTreeMap<String, GroupInPrompt>,
+}
+
+/// Builds the prompt of every instance of `split` (a fixed sample with `limit`, as `eval`
+/// takes) and counts where its target appears.
+pub fn answer_in_prompt(ds: &Dataset, split: Split, prompts: &PromptBuilder, limit: Option<usize>) -> Result<InPrompt> {
+    let instances = sample(ds.instances(split), limit);
+    let mut counts: BTreeMap<String, (u64, u64, BTreeMap<String, u64>)> = BTreeMap::new();
+    for inst in &instances {
+        let built = prompts.build(&PromptContext::from_instance(ds, inst))?;
+        let user: String = built.messages.iter().filter(|m| m.role == "user").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
+        let sections = sections_naming(&user, inst.target.poi);
+        let group = if inst.is_return { "return" } else { "discovery" };
+        for g in ["all", group] {
+            let c = counts.entry(g.to_string()).or_default();
+            c.0 += 1;
+            c.1 += u64::from(!sections.is_empty());
+            for s in &sections {
+                *c.2.entry(s.to_string()).or_default() += 1;
+            }
+        }
+    }
+    let groups = counts
+        .into_iter()
+        .map(|(g, (n, hit, by))| {
+            let by_section = by.into_iter().map(|(s, k)| (s, k as f64 / n as f64)).collect();
+            (g, GroupInPrompt { n, in_prompt: hit, share: hit as f64 / n as f64, by_section })
+        })
+        .collect();
+    Ok(InPrompt { split, instances: instances.len() as u64, groups })
+}
+
+/// The shares as a table for people.
+pub fn format_in_prompt(r: &InPrompt) -> String {
+    let mut s = format!("target named in the prompt, {} ({} instances)\n", r.split, r.instances);
+    s.push_str(&format!("{:<10} {:>6} {:>9}", "group", "n", "anywhere"));
+    for (_, name) in SECTIONS {
+        s.push_str(&format!(" {name:>15}"));
+    }
+    s.push('\n');
+    for g in ["all", "return", "discovery"] {
+        let Some(x) = r.groups.get(g) else { continue };
+        s.push_str(&format!("{g:<10} {:>6} {:>9.4}", x.n, x.share));
+        for (_, name) in SECTIONS {
+            s.push_str(&format!(" {:>15.4}", x.by_section.get(name).copied().unwrap_or(0.0)));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_target_by_whole_id_and_section() {
+        let text = "Check-ins of user 5.\n\nMost visited POIs:\n- POI 12 (Bar): 3 visits\n- POI 7 (Park): 1 visit\n\n\
+                    Current trajectory (oldest first):\n- Fri 17:59: POI 120 (Bar)\n- Fri 18:30: POI 7 (Park)\n\n\
+                    Answer with exactly 10 distinct POI ids.";
+        assert_eq!(sections_naming(text, 7), vec!["most_visited", "trajectory"]);
+        assert_eq!(sections_naming(text, 12), vec!["most_visited"]);
+        assert_eq!(sections_naming(text, 120), vec!["trajectory"]);
+        // Not a prefix of another id, and not the "10" of the instruction.
+        assert!(sections_naming(text, 1).is_empty());
+        assert!(sections_naming(text, 10).is_empty());
+    }
+}
