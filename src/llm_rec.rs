@@ -10,7 +10,8 @@ use crate::data::{Dataset, Instance};
 use crate::eval::{Prediction, Recommender};
 use crate::generate::{SamplingConfig, generate};
 use crate::model::{LoadedModel, Mode};
-use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
+use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
+use crate::retrieval::TrainStats;
 
 pub struct LlmRecommender {
     pub loaded: LoadedModel,
@@ -20,13 +21,15 @@ pub struct LlmRecommender {
     /// The name in reports, e.g. `llm:SmolLM2…+adapter`.
     pub name: String,
     details: Vec<serde_json::Value>,
+    /// The candidate lists' statistics, counted at the first `predict` (when the prompt asks for them).
+    stats: Option<TrainStats>,
 }
 
 impl LlmRecommender {
     pub fn new(loaded: LoadedModel, prompt: PromptConfig, batch_size: usize, max_new_tokens: usize, name: String) -> Result<Self> {
         prompt.validate()?;
         anyhow::ensure!(batch_size > 0 && max_new_tokens > 0, "batch size and max new tokens must be positive");
-        Ok(LlmRecommender { loaded, prompt, batch_size, max_new_tokens, name, details: Vec::new() })
+        Ok(LlmRecommender { loaded, prompt, batch_size, max_new_tokens, name, details: Vec::new(), stats: None })
     }
 
     /// Greedy answers for `contexts`: the raw completion, the parsed answer, and the prompt.
@@ -65,7 +68,11 @@ impl Recommender for LlmRecommender {
     }
 
     fn predict(&mut self, ds: &Dataset, batch: &[&Instance]) -> Result<Vec<Prediction>> {
-        let contexts: Vec<PromptContext> = batch.iter().map(|inst| PromptContext::from_instance(ds, inst)).collect();
+        if self.stats.is_none() {
+            self.stats = candidate_stats(&self.prompt, ds);
+        }
+        let stats = self.stats.as_ref();
+        let contexts: Vec<PromptContext> = batch.iter().map(|inst| PromptContext::from_instance_with(ds, inst, stats)).collect();
         let answers = self.answer(&contexts, ds.num_pois())?;
         self.details.clear();
         Ok(answers

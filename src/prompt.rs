@@ -22,6 +22,8 @@
 //! estimate is then verified on the rendered text and adjusted, so the result is within budget
 //! and drops no more than it must (up to the tokenizer merging tokens across lines).
 
+use std::collections::HashSet;
+
 use anyhow::{Context, Result, bail, ensure};
 use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,7 @@ pub use crate::answer::format_answer;
 use crate::answer::{ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN};
 use crate::data::{Checkin, Dataset, Instance, Poi};
 use crate::model::{ChatMessage, TextTokenizer};
+use crate::retrieval::{Candidate, CandidateConfig, Query, Source, TrainStats};
 use crate::visits::{DEFAULT_WINDOW_MIN, around_the_hour, count_visits};
 
 /// The system message unless [`PromptConfig::system_message`] replaces it.
@@ -66,6 +69,9 @@ pub struct PromptConfig {
     pub hour_window_min: u32,
     /// Replaces the default system message ([`DEFAULT_SYSTEM_MESSAGE`]).
     pub system_message: Option<String>,
+    /// POIs beyond the user's own lists, from all users' train check-ins
+    /// (`[prompt.candidates]`, see [`crate::retrieval`]); none by default.
+    pub candidates: CandidateConfig,
 }
 
 impl Default for PromptConfig {
@@ -82,6 +88,7 @@ impl Default for PromptConfig {
             hour_visits: 0,
             hour_window_min: DEFAULT_WINDOW_MIN,
             system_message: None,
+            candidates: CandidateConfig::default(),
         }
     }
 }
@@ -90,7 +97,7 @@ impl PromptConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.k >= 1, "prompt.k must be at least 1");
         ensure!(self.hour_window_min <= 12 * 60, "prompt.hour_window_min is at most 720 (12 hours either way)");
-        Ok(())
+        self.candidates.validate().context("in [prompt.candidates]")
     }
 
     /// Whether prompts show the around-the-hour list (see [`PromptConfig::hour_visits`]).
@@ -123,6 +130,9 @@ pub struct PromptContext<'a> {
     pub earlier: &'a [Checkin],
     /// The POI table (`pois[id]` has that id).
     pub pois: &'a [Poi],
+    /// The statistics and query of the candidate lists (none: no candidate lists, whatever the
+    /// config asks; see [`candidate_stats`]).
+    pub retrieval: Option<(&'a TrainStats, Query<'a>)>,
 }
 
 impl<'a> PromptContext<'a> {
@@ -139,7 +149,15 @@ impl<'a> PromptContext<'a> {
             trajectory: &inst.prefix,
             earlier,
             pois: ds.pois(),
+            retrieval: None,
         }
+    }
+
+    /// [`PromptContext::from_instance`] with the statistics of the candidate lists (`None`: no
+    /// lists), which leave out the instance's own target and what its user did after it.
+    pub fn from_instance_with(ds: &'a Dataset, inst: &'a Instance, stats: Option<&'a TrainStats>) -> PromptContext<'a> {
+        let ctx = PromptContext::from_instance(ds, inst);
+        PromptContext { retrieval: stats.map(|s| (s, Query::from_instance(ds, inst))), ..ctx }
     }
 
     /// The context of raw check-ins (`recommend --history`): `history` in time order, all
@@ -178,6 +196,7 @@ impl<'a> PromptContext<'a> {
             trajectory: &history[start..],
             earlier: &history[..start],
             pois,
+            retrieval: None,
         })
     }
 }
@@ -193,11 +212,13 @@ pub struct Dropped {
     pub trajectory: usize,
     /// Entries of the around-the-hour list (last first).
     pub hour_visits: usize,
+    /// Entries of the candidate lists (the last list's last entry first).
+    pub candidates: usize,
 }
 
 impl Dropped {
     pub fn total(&self) -> usize {
-        self.earlier + self.top_visited + self.trajectory + self.hour_visits
+        self.earlier + self.top_visited + self.trajectory + self.hour_visits + self.candidates
     }
 }
 
@@ -306,6 +327,8 @@ struct Parts {
     earlier: Vec<String>,
     /// Oldest first; never empty.
     trajectory: Vec<String>,
+    /// The candidate lists (header, lines), in [`Source::ALL`] order, each best first.
+    candidates: Vec<(String, Vec<String>)>,
     tail: String,
 }
 
@@ -320,15 +343,19 @@ impl Parts {
         let user = if ctx.user.trim().is_empty() { "the user".to_string() } else { format!("user {}", one_line(&ctx.user)) };
 
         let (mut top, mut hour, mut earlier) = (Vec::new(), Vec::new(), Vec::new());
+        // Every POI the user's own lists name: the candidate lists leave them out.
+        let mut shown: HashSet<u32> = ctx.trajectory.iter().map(|c| c.poi).collect();
         if cfg.long_term {
             let visits = count_visits(ctx.earlier.iter().chain(ctx.trajectory), ctx.pois, ctx.target_local, cfg.hour_window_min);
             let plural = |n: u64| if n == 1 { "" } else { "s" };
             for v in visits.iter().take(cfg.top_visited) {
                 top.push(format!("- {}: {} visit{}", poi(v.poi)?, v.total, plural(v.total)));
+                shown.insert(v.poi);
             }
-            let shown = if cfg.shows_hour_list() { cfg.hour_visits } else { 0 };
-            for v in around_the_hour(&visits).iter().take(shown) {
+            let hour_entries = if cfg.shows_hour_list() { cfg.hour_visits } else { 0 };
+            for v in around_the_hour(&visits).iter().take(hour_entries) {
                 hour.push(format!("- {}: {} of {} visit{}", poi(v.poi)?, v.near, v.total, plural(v.total)));
+                shown.insert(v.poi);
             }
             let from = ctx.earlier.len().saturating_sub(cfg.recent_checkins);
             for c in &ctx.earlier[from..] {
@@ -338,6 +365,7 @@ impl Parts {
                 } else {
                     format!("- {}", poi(c.poi)?)
                 });
+                shown.insert(c.poi);
             }
         }
         let mut trajectory = Vec::new();
@@ -366,16 +394,29 @@ impl Parts {
             format!("Answer with exactly {ids}, most likely first, in this format:\n{format}")
         };
         let hour_header = hour_header(cfg, ctx.target_local);
-        Ok(Parts { head, top, hour_header, hour, earlier, trajectory, tail: format!("{question}\n{instruction}") })
+        let candidates = match &ctx.retrieval {
+            Some((stats, query)) if cfg.candidates.any() => {
+                let found = stats.view(query).candidates(ctx.pois, query, &cfg.candidates, |p| shown.contains(&p));
+                candidate_sections(cfg, ctx.target_local, &found, &poi)?
+            }
+            _ => Vec::new(),
+        };
+        Ok(Parts { head, top, hour_header, hour, earlier, trajectory, candidates, tail: format!("{question}\n{instruction}") })
     }
 
     /// The first `d` units in drop order, as counts per section.
     fn dropped(&self, d: usize) -> Dropped {
         let earlier = d.min(self.earlier.len());
-        let trajectory = (d - earlier).min(self.trajectory.len() - 1);
-        let top_visited = (d - earlier - trajectory).min(self.top.len());
-        let hour_visits = (d - earlier - trajectory - top_visited).min(self.hour.len());
-        Dropped { earlier, top_visited, trajectory, hour_visits }
+        let candidates = (d - earlier).min(self.candidate_lines());
+        let d = d - earlier - candidates;
+        let trajectory = d.min(self.trajectory.len() - 1);
+        let top_visited = (d - trajectory).min(self.top.len());
+        let hour_visits = (d - trajectory - top_visited).min(self.hour.len());
+        Dropped { earlier, top_visited, trajectory, hour_visits, candidates }
+    }
+
+    fn candidate_lines(&self) -> usize {
+        self.candidates.iter().map(|(_, lines)| lines.len()).sum()
     }
 
     /// The text each droppable unit takes, in drop order (a section's header goes with its last
@@ -385,6 +426,12 @@ impl Parts {
         for (i, line) in self.earlier.iter().enumerate() {
             let header = if i + 1 == self.earlier.len() { format!("\n{EARLIER_HEADER}\n") } else { String::new() };
             units.push(format!("{header}{line}\n"));
+        }
+        for (header, lines) in self.candidates.iter().rev() {
+            for (i, line) in lines.iter().enumerate().rev() {
+                let header = if i == 0 { format!("\n{header}\n") } else { String::new() };
+                units.push(format!("{header}{line}\n"));
+            }
         }
         for line in &self.trajectory[..self.trajectory.len() - 1] {
             units.push(format!("{line}\n"));
@@ -411,9 +458,62 @@ impl Parts {
         section(&self.hour_header, &self.hour[..self.hour.len() - dropped.hour_visits]);
         section(EARLIER_HEADER, &self.earlier[dropped.earlier..]);
         section(TRAJECTORY_HEADER, &self.trajectory[dropped.trajectory..]);
+        let mut keep = self.candidate_lines() - dropped.candidates;
+        for (header, lines) in &self.candidates {
+            let n = keep.min(lines.len());
+            section(header, &lines[..n]);
+            keep -= n;
+        }
         sections.push(self.tail.clone());
         vec![ChatMessage::new("system", cfg.system()), ChatMessage::new("user", sections.join("\n\n"))]
     }
+}
+
+/// The train statistics that `cfg`'s candidate lists need, if it asks for any.
+pub fn candidate_stats(cfg: &PromptConfig, ds: &Dataset) -> Option<TrainStats> {
+    cfg.candidates.any().then(|| TrainStats::new(ds))
+}
+
+/// The headers of the candidate lists; none names a POI id (answer-in-prompt reads ids by section).
+pub const TRANSITIONS_HEADER: &str = "Often visited next from the current POI, by all users:";
+pub const SIMILAR_HEADER: &str = "Visited by users with similar histories:";
+pub const NEARBY_HEADER_START: &str = "Popular within";
+
+/// The candidate lists' sections, each candidate with its category, its distance from the
+/// current POI, and its source's count.
+fn candidate_sections(
+    cfg: &PromptConfig,
+    at: NaiveDateTime,
+    found: &[Candidate],
+    poi: &dyn Fn(u32) -> Result<String>,
+) -> Result<Vec<(String, Vec<String>)>> {
+    let mut sections = Vec::new();
+    for source in Source::ALL {
+        let mut lines = Vec::new();
+        for c in found.iter().filter(|c| c.source == source) {
+            let evidence = match source {
+                Source::Transitions => format!("{} times, ", c.evidence),
+                Source::Nearby => format!("{} check-ins, ", c.evidence),
+                Source::SimilarUsers => String::new(),
+            };
+            lines.push(format!("- {}: {evidence}{:.1} km", poi(c.poi)?, c.distance_km));
+        }
+        if lines.is_empty() {
+            continue;
+        }
+        let header = match source {
+            Source::Transitions => TRANSITIONS_HEADER.to_string(),
+            Source::Nearby => format!(
+                "{NEARBY_HEADER_START} {} km around {}, by all users (within {} min, any day):",
+                cfg.candidates.radius_km,
+                at.format("%H:%M"),
+                cfg.candidates.hour_window_min
+            ),
+            Source::SimilarUsers => SIMILAR_HEADER.to_string(),
+        };
+        sections.push((header, lines));
+    }
+    Ok(sections)
 }
 
 /// Category names and user labels on one line.

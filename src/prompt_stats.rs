@@ -9,15 +9,21 @@ use serde::Serialize;
 
 use crate::data::{Dataset, Split};
 use crate::eval::sample;
-use crate::prompt::{PromptBuilder, PromptContext};
+use crate::prompt::{NEARBY_HEADER_START, PromptBuilder, PromptContext, SIMILAR_HEADER, TRANSITIONS_HEADER, candidate_stats};
 
 /// The sections of a prompt's user message, named by their headers (see `src/prompt.rs`).
-const SECTIONS: [(&str, &str); 4] = [
+const SECTIONS: [(&str, &str); 7] = [
     ("Most visited POIs", "most_visited"),
     ("Visited around", "around_the_hour"),
     ("Earlier check-ins", "earlier"),
     ("Current trajectory", "trajectory"),
+    (TRANSITIONS_HEADER, "cand_transitions"),
+    (NEARBY_HEADER_START, "cand_nearby"),
+    (SIMILAR_HEADER, "cand_similar"),
 ];
+
+/// The column that counts any of the candidate lists.
+const CANDIDATES: &str = "candidates";
 
 /// The sections of `text` (a prompt's user message; blocks separated by a blank line) that
 /// name `POI {target}`; `"other"` for a block without a known header.
@@ -68,9 +74,10 @@ pub struct InPrompt {
 /// takes) and counts where its target appears.
 pub fn answer_in_prompt(ds: &Dataset, split: Split, prompts: &PromptBuilder, limit: Option<usize>) -> Result<InPrompt> {
     let instances = sample(ds.instances(split), limit);
+    let stats = candidate_stats(prompts.config(), ds);
     let mut counts: BTreeMap<String, (u64, u64, BTreeMap<String, u64>)> = BTreeMap::new();
     for inst in &instances {
-        let built = prompts.build(&PromptContext::from_instance(ds, inst))?;
+        let built = prompts.build(&PromptContext::from_instance_with(ds, inst, stats.as_ref()))?;
         let user: String = built.messages.iter().filter(|m| m.role == "user").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
         let sections = sections_naming(&user, inst.target.poi);
         let group = if inst.is_return { "return" } else { "discovery" };
@@ -80,6 +87,9 @@ pub fn answer_in_prompt(ds: &Dataset, split: Split, prompts: &PromptBuilder, lim
             c.1 += u64::from(!sections.is_empty());
             for s in &sections {
                 *c.2.entry(s.to_string()).or_default() += 1;
+            }
+            if sections.iter().any(|s| s.starts_with("cand_")) {
+                *c.2.entry(CANDIDATES.to_string()).or_default() += 1;
             }
         }
     }
@@ -97,15 +107,16 @@ pub fn answer_in_prompt(ds: &Dataset, split: Split, prompts: &PromptBuilder, lim
 pub fn format_in_prompt(r: &InPrompt) -> String {
     let mut s = format!("target named in the prompt, {} ({} instances)\n", r.split, r.instances);
     s.push_str(&format!("{:<10} {:>6} {:>9}", "group", "n", "anywhere"));
-    for (_, name) in SECTIONS {
-        s.push_str(&format!(" {name:>15}"));
+    let columns: Vec<&str> = SECTIONS.iter().map(|(_, n)| *n).chain([CANDIDATES]).collect();
+    for name in &columns {
+        s.push_str(&format!(" {name:>16}"));
     }
     s.push('\n');
     for g in ["all", "return", "discovery"] {
         let Some(x) = r.groups.get(g) else { continue };
         s.push_str(&format!("{g:<10} {:>6} {:>9.4}", x.n, x.share));
-        for (_, name) in SECTIONS {
-            s.push_str(&format!(" {:>15.4}", x.by_section.get(name).copied().unwrap_or(0.0)));
+        for name in &columns {
+            s.push_str(&format!(" {:>16.4}", x.by_section.get(*name).copied().unwrap_or(0.0)));
         }
         s.push('\n');
     }

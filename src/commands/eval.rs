@@ -19,6 +19,8 @@ pub enum Method {
     Markov,
     /// The counter, POIs visited around the target's time of day first.
     CounterHour,
+    /// The learned ranker over visited and retrieved POIs, fit on train (`--ranker-config`).
+    Ranker,
     /// The model (+ adapter), prompted per instance and decoded greedily.
     Llm,
 }
@@ -44,12 +46,7 @@ impl LlmArgs {
     pub fn prompt_config(&self) -> Result<PromptConfig> {
         let mut cfg = match &self.prompt_config {
             None => PromptConfig::default(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                let value: toml::Value = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-                let table = value.get("prompt").cloned().unwrap_or(value);
-                table.try_into().with_context(|| format!("bad prompt options in {}", path.display()))?
-            }
+            Some(path) => read_table(path, "prompt")?,
         };
         if let Some(k) = self.k {
             cfg.k = k;
@@ -124,8 +121,30 @@ pub struct Args {
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+    /// `--method ranker`'s options from a TOML file: a `[ranker]` table (as in configs/nyc.toml)
+    /// or the bare keys; the defaults otherwise.
+    #[arg(long)]
+    pub ranker_config: Option<PathBuf>,
     #[command(flatten)]
     pub llm: LlmArgs,
+}
+
+/// A table of a TOML file (`[name]`), or the whole file when it has no such table.
+pub fn read_table<T: serde::de::DeserializeOwned>(path: &std::path::Path, name: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: toml::Value = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let table = value.get(name).cloned().unwrap_or(value);
+    serde_path_to_error::deserialize(table).with_context(|| format!("bad {name} options in {}", path.display()))
+}
+
+/// The ranker's options: `path`'s `[ranker]` table, or the defaults.
+pub fn ranker_config(path: Option<&std::path::Path>) -> Result<crate::ranker::RankerConfig> {
+    let cfg = match path {
+        Some(p) => read_table(p, "ranker")?,
+        None => crate::ranker::RankerConfig::default(),
+    };
+    cfg.validate()?;
+    Ok(cfg)
 }
 
 /// What `--run` resolves to: the data, the recommender's settings, and the default report path.
@@ -187,7 +206,9 @@ pub fn run(args: Args) -> Result<()> {
         None => args.out.clone().context("--out is required")?,
     };
     let t0 = Instant::now();
-    let ds = Dataset::load_splits(&data, &[split])?;
+    // The ranker is fit on the train instances.
+    let splits: &[Split] = if args.method == Some(Method::Ranker) { &[split, Split::Train] } else { &[split] };
+    let ds = Dataset::load_splits(&data, splits)?;
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let batch = args.batch_size.unwrap_or(8);
@@ -197,6 +218,11 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(Method::Counter)) => Baseline::Counter.build(&ds),
         (None, Some(Method::Markov)) => Baseline::Markov.build(&ds),
         (None, Some(Method::CounterHour)) => Baseline::CounterHour.build(&ds),
+        (None, Some(Method::Ranker)) => {
+            let ranker = crate::ranker::Ranker::fit(&ds, &ranker_config(args.ranker_config.as_deref())?)?;
+            eprintln!("ranker: fit on {} train instances ({} without their target among the candidates)", ranker.fit_instances, ranker.fit_skipped);
+            Box::new(ranker)
+        }
         (None, Some(Method::Llm)) => Box::new(args.llm.recommender(batch)?),
         (None, None) => anyhow::bail!("--method is required"),
     };

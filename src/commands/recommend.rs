@@ -5,13 +5,16 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail, ensure};
+use clap::ValueEnum;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::commands::eval::LlmArgs;
 use crate::data::readers::parse_iso_time_str;
-use crate::data::{Checkin, Dataset};
-use crate::prompt::PromptContext;
+use crate::data::{Checkin, Dataset, Split};
+use crate::prompt::{PromptContext, candidate_stats};
+use crate::ranker::Ranker;
+use crate::retrieval::Query;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -30,11 +33,27 @@ pub struct Args {
     /// or just the list of check-ins.
     #[arg(long)]
     pub history: Option<String>,
+    /// Who recommends: the model (+ adapter) or the learned ranker (fit on the dataset's train
+    /// instances at start, a few seconds; `--ranker-config`).
+    #[arg(long, value_enum, default_value = "llm")]
+    pub method: RecommendMethod,
+    /// `--method ranker`'s options: a TOML file with a `[ranker]` table or the bare keys.
+    #[arg(long)]
+    pub ranker_config: Option<PathBuf>,
+    /// How many POIs `--method ranker` lists.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
     #[command(flatten)]
     pub llm: LlmArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecommendMethod {
+    Llm,
+    Ranker,
 }
 
 #[derive(Deserialize)]
@@ -110,9 +129,11 @@ fn history_from_file(ds: &Dataset, spec: &str) -> Result<(Vec<Checkin>, i64, i32
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let ds = Dataset::load_splits(&args.data, &[])?;
+    // The ranker is fit on the train instances.
+    let splits: &[Split] = if args.method == RecommendMethod::Ranker { &[Split::Train] } else { &[] };
+    let ds = Dataset::load_splits(&args.data, splits)?;
     let gap_hours = Dataset::read_stats(&args.data)?.pointer("/params/gap_hours").and_then(|v| v.as_f64()).unwrap_or(24.0);
-    let (label, history, target, tz) = match (&args.user, &args.history) {
+    let (user, history, target, tz) = match (&args.user, &args.history) {
         (Some(user), _) => {
             let u = ds
                 .users()
@@ -128,21 +149,35 @@ pub fn run(args: Args) -> Result<()> {
             let before: Vec<Checkin> = all.iter().filter(|c| c.utc < target).cloned().collect();
             ensure!(!before.is_empty(), "user '{user}' has no check-ins before {}", crate::data::format_utc(target));
             let tz = before.last().map_or(0, |c| c.tz_offset_min);
-            (u.id.to_string(), before, target, tz)
+            (Some(u.id), before, target, tz)
         }
         (None, Some(spec)) => {
             let (h, t, tz) = history_from_file(&ds, spec)?;
-            (String::new(), h, t, tz)
+            (None, h, t, tz)
         }
         (None, None) => bail!("give --user or --history"),
     };
-    let rec = args.llm.recommender(1)?;
-    let ctx = PromptContext::from_checkins(ds.pois(), label, &history, target, tz, gap_hours)?;
-    let answer = rec.answer(&[ctx], ds.num_pois())?.remove(0);
-    let k = rec.prompt.k;
-    let list: Vec<serde_json::Value> = answer
-        .parsed
-        .ids
+    let label = user.map_or(String::new(), |u| u.to_string());
+    // A dataset user's own train check-ins from the target on are left out of the statistics,
+    // as for the dataset's instances.
+    let query = |ctx: &PromptContext| Query { user, history: &history, target_utc: target, target_local: ctx.target_local };
+    let (ids, k, answer) = match args.method {
+        RecommendMethod::Llm => {
+            let rec = args.llm.recommender(1)?;
+            let stats = candidate_stats(&rec.prompt, &ds);
+            let mut ctx = PromptContext::from_checkins(ds.pois(), label, &history, target, tz, gap_hours)?;
+            ctx.retrieval = stats.as_ref().map(|s| (s, query(&ctx)));
+            let answer = rec.answer(&[ctx], ds.num_pois())?.remove(0);
+            (answer.parsed.ids.clone(), rec.prompt.k, Some(answer))
+        }
+        RecommendMethod::Ranker => {
+            ensure!(args.top >= 1, "--top must be at least 1");
+            let ranker = Ranker::fit(&ds, &super::eval::ranker_config(args.ranker_config.as_deref())?)?;
+            let ctx = PromptContext::from_checkins(ds.pois(), label, &history, target, tz, gap_hours)?;
+            (ranker.rank(ds.pois(), &query(&ctx)), args.top, None)
+        }
+    };
+    let list: Vec<serde_json::Value> = ids
         .iter()
         .take(k)
         .enumerate()
@@ -155,9 +190,10 @@ pub fn run(args: Args) -> Result<()> {
         let out = json!({
             "at": crate::data::format_utc(target),
             "history_checkins": history.len(),
+            "method": args.method.to_possible_value().map(|v| v.get_name().to_string()),
             "recommendations": list,
-            "completion": answer.completion,
-            "parsed": answer.parsed,
+            "completion": answer.as_ref().map(|a| &a.completion),
+            "parsed": answer.as_ref().map(|a| &a.parsed),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -175,10 +211,12 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    ensure!(
-        !list.is_empty(),
-        "the model's answer holds no valid POI id (raw answer: {:?}); a fine-tuned adapter (--adapter) answers in the expected format",
-        answer.completion
-    );
+    if let Some(answer) = &answer {
+        ensure!(
+            !list.is_empty(),
+            "the model's answer holds no valid POI id (raw answer: {:?}); a fine-tuned adapter (--adapter) answers in the expected format",
+            answer.completion
+        );
+    }
     Ok(())
 }

@@ -118,6 +118,19 @@ pub fn format_local(utc: i64, tz_offset_min: i32) -> String {
 /// Largest accepted |timezone offset| in minutes (chrono's fixed offsets stay below 24 h).
 pub const MAX_TZ_OFFSET_MIN: i32 = 24 * 60 - 1;
 
+/// Mean Earth radius in km (the IUGG mean radius, rounded as usual for haversine).
+pub const EARTH_RADIUS_KM: f64 = 6371.0;
+
+/// Great-circle distance in km between two (latitude, longitude) points in degrees.
+pub fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+    let dp = p2 - p1;
+    let dl = (lon2 - lon1).to_radians();
+    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+    // Rounding can push `a` a hair past 1 for antipodal points.
+    2.0 * EARTH_RADIUS_KM * a.sqrt().min(1.0).asin()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,8 @@ use crate::data::{Dataset, Instance, Split};
 use crate::eval::{EvalOptions, EvalReport, Prediction, Recommender, evaluate};
 use crate::generate::{SamplingConfig, generate};
 use crate::model::{CausalLm, Mode, TextTokenizer};
-use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
+use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
+use crate::retrieval::TrainStats;
 
 /// Returned (as the error) when a stop was requested during validation.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,7 @@ struct BorrowedLlm<'a> {
     max_new_tokens: usize,
     batch_size: usize,
     stop: Option<&'a AtomicBool>,
+    stats: Option<TrainStats>,
 }
 
 impl Recommender for BorrowedLlm<'_> {
@@ -43,7 +45,7 @@ impl Recommender for BorrowedLlm<'_> {
             bail!(Interrupted);
         }
         let builder = PromptBuilder::new(self.prompt.clone(), self.tokenizer)?;
-        let ids = batch.iter().map(|inst| Ok(builder.build(&PromptContext::from_instance(ds, inst))?.ids)).collect::<Result<Vec<_>>>()?;
+        let ids = batch.iter().map(|inst| Ok(builder.build(&PromptContext::from_instance_with(ds, inst, self.stats.as_ref()))?.ids)).collect::<Result<Vec<_>>>()?;
         let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
         let out = generate(self.model, self.tokenizer, &ids, 1, &cfg, Mode::INFERENCE)?;
         Ok(out
@@ -84,7 +86,8 @@ pub fn validate(
     stop: Option<&AtomicBool>,
 ) -> Result<EvalReport> {
     let ValSettings { instances, batch_size, max_new_tokens } = settings;
-    let mut rec = BorrowedLlm { model, tokenizer, prompt: prompt.clone(), max_new_tokens, batch_size, stop };
+    let stats = candidate_stats(prompt, ds);
+    let mut rec = BorrowedLlm { model, tokenizer, prompt: prompt.clone(), max_new_tokens, batch_size, stop, stats };
     let opts = EvalOptions { batch_size: Some(batch_size), limit: Some(instances), quiet: true, ..Default::default() };
     Ok(evaluate(ds, Split::Val, &mut rec, &opts)?.0)
 }

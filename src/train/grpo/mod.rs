@@ -29,7 +29,7 @@ use serde_json::{Map, Value, json};
 use crate::answer::{ANSWER_CLOSE, parse_answer};
 use crate::data::{Dataset, Instance};
 use crate::generate::{Completion, SamplingConfig};
-use crate::prompt::{PromptBuilder, PromptContext};
+use crate::prompt::{PromptBuilder, PromptContext, candidate_stats};
 use crate::seed::{SEED_SAMPLING, derive_seed};
 use crate::train::config::{RunConfig, Stage};
 use crate::train::optim::{AdamW, AdamWParams};
@@ -206,6 +206,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         loaded.model.pin_reference_adapter()?;
     }
     let prompts = PromptBuilder::new(cfg.prompt.clone(), &loaded.tokenizer)?;
+    let stats = candidate_stats(&cfg.prompt, &ds);
     let per_step = cfg.grpo.prompts_per_step as u64;
     let total = t.total_steps(examples.len(), cfg.grpo.prompts_per_step) as u64;
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
@@ -242,7 +243,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         let positions: Vec<u64> = (state.examples_seen..state.examples_seen + per_step).collect();
         let insts: Vec<&Instance> = positions.iter().map(|&g| examples[order.example(g)]).collect();
         let prompt_ids =
-            insts.iter().map(|inst| Ok(prompts.build(&PromptContext::from_instance(&ds, inst))?.ids)).collect::<Result<Vec<_>>>()?;
+            insts.iter().map(|inst| Ok(prompts.build(&PromptContext::from_instance_with(&ds, inst, stats.as_ref()))?.ids)).collect::<Result<Vec<_>>>()?;
         let seeds: Vec<u64> = positions.iter().map(|&g| derive_seed(t.seed, SEED_SAMPLING, g)).collect();
         let mut scored = Vec::with_capacity(insts.len() * cfg.grpo.group);
         let mut reward = |p: usize, c: &Completion| -> Result<f64> {

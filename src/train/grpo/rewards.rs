@@ -31,19 +31,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::answer::ParsedAnswer;
 use crate::data::{Checkin, Poi};
-
-/// Mean Earth radius in km (the IUGG mean radius, rounded as usual for haversine).
-pub const EARTH_RADIUS_KM: f64 = 6371.0;
-
-/// Great-circle distance in km between two (latitude, longitude) points in degrees.
-pub fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
-    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
-    let dp = p2 - p1;
-    let dl = (lon2 - lon1).to_radians();
-    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
-    // Rounding can push `a` a hair past 1 for antipodal points.
-    2.0 * EARTH_RADIUS_KM * a.sqrt().min(1.0).asin()
-}
+use crate::data::haversine_km;
 
 /// Everything a reward may look at for one completion.
 #[derive(Debug, Clone, Copy)]
@@ -452,6 +440,7 @@ pub fn rewards_markdown() -> String {
 mod tests {
     use super::*;
     use crate::answer::parse_answer;
+    use crate::data::EARTH_RADIUS_KM;
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-12

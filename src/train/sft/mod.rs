@@ -23,7 +23,8 @@ use serde_json::json;
 use crate::answer::format_answer;
 use crate::data::{Dataset, Instance};
 use crate::model::{Mode, TextTokenizer};
-use crate::prompt::{PromptBuilder, PromptConfig, PromptContext};
+use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
+use crate::retrieval::TrainStats;
 use crate::seed::{SEED_DROPOUT, derive_seed};
 use crate::train::config::{RunConfig, Stage};
 use crate::train::optim::{AdamW, AdamWParams, GradAccum, clip_grad_norm};
@@ -88,6 +89,8 @@ pub struct ExampleBuilder<'a> {
     form: AnswerForm,
     eot: u32,
     popular: Vec<u32>,
+    /// The candidate lists' statistics (when the prompt asks for them).
+    stats: Option<TrainStats>,
 }
 
 impl<'a> ExampleBuilder<'a> {
@@ -100,6 +103,7 @@ impl<'a> ExampleBuilder<'a> {
             form: cfg.sft.answer,
             eot: end_of_turn(tokenizer)?,
             popular: popularity_order(ds),
+            stats: candidate_stats(&cfg.prompt, ds),
         })
     }
 
@@ -108,7 +112,7 @@ impl<'a> ExampleBuilder<'a> {
     }
 
     pub fn build(&self, inst: &Instance) -> Result<ScoredSeq> {
-        let prompt = self.prompts.build(&PromptContext::from_instance(self.ds, inst))?;
+        let prompt = self.prompts.build(&PromptContext::from_instance_with(self.ds, inst, self.stats.as_ref()))?;
         let mut ids = prompt.ids;
         let score_from = ids.len();
         ids.extend(self.tokenizer.encode(&self.answer_text(inst), false)?);

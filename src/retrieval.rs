@@ -1,0 +1,349 @@
+//! Candidate retrieval: POIs beyond the user's own history, found in the train check-ins of all
+//! users. A model that answers from its prompt can only name a POI the prompt shows, and a
+//! discovery target (a POI the user never visited) is in none of the user's own lists; these
+//! sources put some of them there (`[prompt.candidates]`), and they are the candidate set of the
+//! learned ranker ([`crate::ranker`]).
+//!
+//! Three sources, each read from the current POI (the last check-in before the target):
+//! - **transitions**: the POIs that followed the current POI in train trajectories, most often
+//!   first (the `markov` baseline's counts);
+//! - **nearby**: the POIs within a radius of the current POI, by their train check-ins around
+//!   the target's time of day (the around-the-hour window of [`crate::visits`]);
+//! - **similar users**: the POIs visited by the users whose train visits look most like the
+//!   user's history (cosine of visit-count vectors), weighted by that similarity.
+//!
+//! **Leave-one-out.** The statistics count every train check-in, and a train instance's own
+//! target is one of them: left in, the target would always look like a followed-and-popular POI,
+//! and whatever learns from train instances would learn that (a ranker fit that way scored far
+//! below one fit without it on NYC val). So a query by a dataset user leaves out that user's
+//! train check-ins at or after the target's time: the target itself, everything the user did
+//! later, and the transitions into them. For a val or test instance nothing is left out (their
+//! users' train check-ins all come before), so train and test see the statistics the same way.
+
+use std::collections::HashMap;
+
+use chrono::{NaiveDateTime, Timelike};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Checkin, Dataset, Poi, Split, haversine_km};
+use crate::visits::clock_distance_min;
+
+const MINUTES_PER_DAY: u16 = 24 * 60;
+
+/// How many candidates each source adds (`[prompt.candidates]` for prompts, `[ranker]` for the
+/// ranker). Every size defaults to 0: no candidates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CandidateConfig {
+    /// POIs that followed the current POI in train trajectories, most often first.
+    pub transitions: usize,
+    /// POIs within `radius_km` of the current POI, by train check-ins within `hour_window_min`
+    /// of the target's time of day.
+    pub nearby: usize,
+    pub radius_km: f64,
+    pub hour_window_min: u32,
+    /// POIs visited by the `similar_users` users most like the user.
+    pub similar: usize,
+    pub similar_users: usize,
+}
+
+impl Default for CandidateConfig {
+    fn default() -> Self {
+        CandidateConfig { transitions: 0, nearby: 0, radius_km: 2.0, hour_window_min: 60, similar: 0, similar_users: 20 }
+    }
+}
+
+impl CandidateConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.radius_km.is_finite() && self.radius_km > 0.0, "candidates.radius_km must be a positive number of km");
+        anyhow::ensure!(self.hour_window_min <= 12 * 60, "candidates.hour_window_min is at most 720 (12 hours either way)");
+        anyhow::ensure!(self.similar == 0 || self.similar_users > 0, "candidates.similar needs similar_users > 0");
+        Ok(())
+    }
+
+    pub fn any(&self) -> bool {
+        self.transitions + self.nearby + self.similar > 0
+    }
+}
+
+/// The sources, in the order they are shown and de-duplicated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Transitions,
+    Nearby,
+    SimilarUsers,
+}
+
+impl Source {
+    pub const ALL: [Source; 3] = [Source::Transitions, Source::Nearby, Source::SimilarUsers];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Transitions => "transitions",
+            Source::Nearby => "nearby",
+            Source::SimilarUsers => "similar_users",
+        }
+    }
+}
+
+/// One retrieved POI with the evidence its source found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub poi: u32,
+    pub source: Source,
+    /// The source's count: transitions from the current POI, check-ins around the hour nearby,
+    /// or the similarity-weighted visits of similar users.
+    pub evidence: f64,
+    /// Distance from the current POI.
+    pub distance_km: f64,
+}
+
+/// A train check-in with the POI before it in its trajectory (none for a trajectory's first).
+#[derive(Debug, Clone, Copy)]
+struct TrainCheckin {
+    poi: u32,
+    utc: i64,
+    local: NaiveDateTime,
+    prev: Option<u32>,
+}
+
+/// Counts over the train trajectories of a dataset, built once and queried per instance.
+#[derive(Debug)]
+pub struct TrainStats {
+    /// Per POI: the local minute of day of each train check-in, sorted.
+    minutes: Vec<Vec<u16>>,
+    /// Per POI: (next POI, count) over consecutive train check-ins, most frequent first, then by id.
+    transitions: Vec<Vec<(u32, u32)>>,
+    /// Per user: train visit counts (POI, count), by POI.
+    user_visits: Vec<Vec<(u32, u32)>>,
+    user_norm: Vec<f64>,
+    /// Per POI: (user, train visits).
+    poi_users: Vec<Vec<(u32, u32)>>,
+    /// Per user: train check-ins in time order, for leaving out a user's later ones.
+    user_train: Vec<Vec<TrainCheckin>>,
+}
+
+fn minute_of_day(t: NaiveDateTime) -> u16 {
+    (t.hour() * 60 + t.minute()) as u16
+}
+
+impl TrainStats {
+    pub fn new(ds: &Dataset) -> TrainStats {
+        let (n_pois, n_users) = (ds.num_pois(), ds.users().len());
+        let mut minutes = vec![Vec::new(); n_pois];
+        let mut pairs: HashMap<(u32, u32), u32> = HashMap::new();
+        let mut user_train: Vec<Vec<TrainCheckin>> = vec![Vec::new(); n_users];
+        for t in ds.trajectories().iter().filter(|t| t.split == Split::Train) {
+            let mut prev = None;
+            for c in ds.trajectory_checkins(t) {
+                let local = c.local_time();
+                minutes[c.poi as usize].push(minute_of_day(local));
+                if let Some(p) = prev {
+                    *pairs.entry((p, c.poi)).or_default() += 1;
+                }
+                user_train[t.user as usize].push(TrainCheckin { poi: c.poi, utc: c.utc, local, prev });
+                prev = Some(c.poi);
+            }
+        }
+        for m in &mut minutes {
+            m.sort_unstable();
+        }
+        let mut transitions = vec![Vec::new(); n_pois];
+        for ((from, to), n) in pairs {
+            transitions[from as usize].push((to, n));
+        }
+        for row in &mut transitions {
+            row.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        }
+        let mut poi_users = vec![Vec::new(); n_pois];
+        let mut user_visits = Vec::with_capacity(n_users);
+        for (u, checkins) in user_train.iter_mut().enumerate() {
+            // Trajectories come by user then time, so each user's list is already in time order;
+            // the sort only guards that invariant.
+            checkins.sort_by_key(|c| c.utc);
+            let mut counts: HashMap<u32, u32> = HashMap::new();
+            for c in checkins.iter() {
+                *counts.entry(c.poi).or_default() += 1;
+            }
+            let mut counts: Vec<(u32, u32)> = counts.into_iter().collect();
+            counts.sort_unstable();
+            for &(p, n) in &counts {
+                poi_users[p as usize].push((u as u32, n));
+            }
+            user_visits.push(counts);
+        }
+        let user_norm = user_visits.iter().map(|v| v.iter().map(|&(_, n)| f64::from(n).powi(2)).sum::<f64>().sqrt()).collect();
+        TrainStats { minutes, transitions, user_visits, user_norm, poi_users, user_train }
+    }
+
+    /// The statistics as `q` may see them: without the querying user's train check-ins at or
+    /// after the target's time.
+    pub fn view<'s>(&'s self, q: &Query) -> View<'s> {
+        let left_out = match q.user.and_then(|u| self.user_train.get(u as usize)) {
+            Some(list) => &list[list.partition_point(|c| c.utc < q.target_utc)..],
+            None => &[],
+        };
+        View { stats: self, left_out, user: q.user }
+    }
+}
+
+/// What a candidate query knows: the user, the check-ins before the target, and when it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a> {
+    /// The dataset user, whose own train check-ins at or after the target are left out; `None`
+    /// for a history from outside the dataset (`recommend --history`).
+    pub user: Option<u32>,
+    /// Every check-in of the user before the target, oldest first (never empty); the last one is
+    /// the current POI.
+    pub history: &'a [Checkin],
+    pub target_utc: i64,
+    pub target_local: NaiveDateTime,
+}
+
+impl<'a> Query<'a> {
+    /// The query of a dataset instance: its history ([`Dataset::history`]) and target time.
+    pub fn from_instance(ds: &'a Dataset, inst: &'a crate::data::Instance) -> Query<'a> {
+        Query { user: Some(inst.user), history: ds.history(inst), target_utc: inst.target.utc, target_local: inst.target.local_time() }
+    }
+
+    pub fn current(&self) -> Option<u32> {
+        self.history.last().map(|c| c.poi)
+    }
+}
+
+/// [`TrainStats`] with one query's own check-ins left out.
+pub struct View<'s> {
+    stats: &'s TrainStats,
+    left_out: &'s [TrainCheckin],
+    user: Option<u32>,
+}
+
+impl View<'_> {
+    /// Train check-ins at `poi`.
+    pub fn popularity(&self, poi: u32) -> u32 {
+        let all = self.stats.minutes.get(poi as usize).map_or(0, Vec::len) as u32;
+        all - self.left_out.iter().filter(|c| c.poi == poi).count() as u32
+    }
+
+    /// Train check-ins at `poi` whose local time of day is within `window_min` of `at`'s.
+    pub fn popularity_around(&self, poi: u32, at: NaiveDateTime, window_min: u32) -> u32 {
+        let Some(minutes) = self.stats.minutes.get(poi as usize) else { return 0 };
+        let (m, w) = (i32::from(minute_of_day(at)), window_min.min(720) as i32);
+        let day = i32::from(MINUTES_PER_DAY);
+        let count = |lo: i32, hi: i32| {
+            (minutes.partition_point(|&m| i32::from(m) <= hi) - minutes.partition_point(|&m| i32::from(m) < lo)) as u32
+        };
+        let all = if 2 * w + 1 >= day {
+            minutes.len() as u32
+        } else if m - w < 0 {
+            count(0, m + w) + count(m - w + day, day - 1)
+        } else if m + w >= day {
+            count(m - w, day - 1) + count(0, m + w - day)
+        } else {
+            count(m - w, m + w)
+        };
+        let gone = self.left_out.iter().filter(|c| c.poi == poi && clock_distance_min(c.local, at) <= window_min).count() as u32;
+        all - gone
+    }
+
+    /// (next POI, count) of train transitions out of `from`, most frequent first, then by id.
+    pub fn transitions_from(&self, from: u32) -> Vec<(u32, u32)> {
+        let mut row = self.stats.transitions.get(from as usize).cloned().unwrap_or_default();
+        let gone: Vec<u32> = self.left_out.iter().filter(|c| c.prev == Some(from)).map(|c| c.poi).collect();
+        if gone.is_empty() {
+            return row;
+        }
+        for (to, n) in &mut row {
+            *n -= gone.iter().filter(|&&g| g == *to).count() as u32;
+        }
+        row.retain(|&(_, n)| n > 0);
+        row.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        row
+    }
+
+    /// POIs by the similarity-weighted train visits of the `users` users most like `history`
+    /// (cosine of visit counts; the querying user is never among them), best first.
+    pub fn similar_users_pois(&self, history: &[Checkin], users: usize) -> Vec<(u32, f64)> {
+        let mut mine: HashMap<u32, f64> = HashMap::new();
+        for c in history {
+            *mine.entry(c.poi).or_default() += 1.0;
+        }
+        let norm = mine.values().map(|n| n * n).sum::<f64>().sqrt();
+        let mut dot: HashMap<u32, f64> = HashMap::new();
+        for (&p, &n) in &mine {
+            for &(v, m) in self.stats.poi_users.get(p as usize).map_or(&[][..], Vec::as_slice) {
+                if Some(v) != self.user {
+                    *dot.entry(v).or_default() += n * f64::from(m);
+                }
+            }
+        }
+        let mut sims: Vec<(u32, f64)> = dot.into_iter().map(|(v, d)| (v, d / (norm * self.stats.user_norm[v as usize]))).collect();
+        sims.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        sims.truncate(users);
+        let mut scores: HashMap<u32, f64> = HashMap::new();
+        for (v, sim) in sims {
+            for &(p, m) in &self.stats.user_visits[v as usize] {
+                *scores.entry(p).or_default() += sim * f64::from(m);
+            }
+        }
+        let mut scores: Vec<(u32, f64)> = scores.into_iter().collect();
+        scores.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        scores
+    }
+
+    /// POIs within `radius_km` of `from` with train check-ins around `at`, most first (then
+    /// nearest, then by id), as (POI, check-ins around the hour, distance).
+    pub fn nearby(&self, pois: &[Poi], from: u32, at: NaiveDateTime, cfg: &CandidateConfig) -> Vec<(u32, u32, f64)> {
+        let Some(origin) = pois.get(from as usize) else { return Vec::new() };
+        // A box a little larger than the circle skips most POIs before the haversine.
+        let dlat = cfg.radius_km / 110.0;
+        let dlon = dlat / origin.lat.to_radians().cos().abs().max(0.01);
+        let mut found: Vec<(u32, u32, f64)> = pois
+            .iter()
+            .filter(|p| p.id != from && (p.lat - origin.lat).abs() <= dlat && (p.lon - origin.lon).abs() <= dlon)
+            .filter_map(|p| {
+                let d = haversine_km(origin.lat, origin.lon, p.lat, p.lon);
+                let n = if d <= cfg.radius_km { self.popularity_around(p.id, at, cfg.hour_window_min) } else { 0 };
+                (n > 0).then_some((p.id, n, d))
+            })
+            .collect();
+        found.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.total_cmp(&b.2)).then(a.0.cmp(&b.0)));
+        found
+    }
+
+    /// Each source's best POIs for `q`, sizes from `cfg`: a POI is listed once, by the first
+    /// source that finds it, and never when `skip` says the prompt already shows it.
+    pub fn candidates(&self, pois: &[Poi], q: &Query, cfg: &CandidateConfig, skip: impl Fn(u32) -> bool) -> Vec<Candidate> {
+        let Some(current) = q.current() else { return Vec::new() };
+        let distance = |p: u32| match (pois.get(current as usize), pois.get(p as usize)) {
+            (Some(a), Some(b)) => haversine_km(a.lat, a.lon, b.lat, b.lon),
+            _ => f64::NAN,
+        };
+        let mut out: Vec<Candidate> = Vec::new();
+        let mut take = |source: Source, size: usize, found: &mut dyn Iterator<Item = (u32, f64)>| {
+            let start = out.len();
+            for (poi, evidence) in found {
+                if out.len() - start == size {
+                    break;
+                }
+                if !skip(poi) && !out.iter().any(|c| c.poi == poi) {
+                    out.push(Candidate { poi, source, evidence, distance_km: distance(poi) });
+                }
+            }
+        };
+        if cfg.transitions > 0 {
+            let row = self.transitions_from(current);
+            take(Source::Transitions, cfg.transitions, &mut row.into_iter().map(|(p, n)| (p, f64::from(n))));
+        }
+        if cfg.nearby > 0 {
+            let found = self.nearby(pois, current, q.target_local, cfg);
+            take(Source::Nearby, cfg.nearby, &mut found.into_iter().map(|(p, n, _)| (p, f64::from(n))));
+        }
+        if cfg.similar > 0 {
+            let found = self.similar_users_pois(q.history, cfg.similar_users);
+            take(Source::SimilarUsers, cfg.similar, &mut found.into_iter());
+        }
+        out
+    }
+}
