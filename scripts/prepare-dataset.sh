@@ -38,6 +38,8 @@ case "$name" in
         fi
         sets+=(--set preprocess.format=foursquare) ;;
     gowalla-ca)
+        # The config reads the shipped CSV; the raw SNAP file needs its reader and the California box.
+        sets+=(--set preprocess.format=gowalla --set "preprocess.bbox=32.5,-124.5,42.0,-114.1")
         [[ -z "$categories" ]] || sets+=(--set "preprocess.categories=$categories") ;;
 esac
 "$bin" preprocess --config "$config" --set "preprocess.input=$raw" "${sets[@]}" "$@"

@@ -759,7 +759,7 @@ mod tests {
             last = d;
             budget -= 7;
         }
-        assert_eq!(last, Dropped { earlier: 15, top_visited: 10, trajectory: 2, hour_visits: 0 });
+        assert_eq!(last, Dropped { earlier: 15, top_visited: 10, trajectory: 2, hour_visits: 0, candidates: 0 });
         // Below the fixed part: a clear error.
         let cfg = PromptConfig { max_prompt_tokens: 50, ..Default::default() };
         let inst = &ds.instances(Split::Test)[0];
@@ -817,7 +817,60 @@ mod tests {
             last = p.dropped;
             budget -= 5;
         }
-        assert_eq!(last, Dropped { earlier: 15, top_visited: 10, trajectory: 2, hour_visits: 4 });
+        assert_eq!(last, Dropped { earlier: 15, top_visited: 10, trajectory: 2, hour_visits: 4, candidates: 0 });
+    }
+
+    #[test]
+    fn candidate_lists_skip_shown_pois_and_go_after_the_earlier_checkins() {
+        let (_d, m) = tiny_model();
+        let ds = crate::retrieval::tests::random_dataset(7);
+        let stats = TrainStats::new(&ds);
+        let candidates = CandidateConfig { transitions: 3, nearby: 3, similar: 3, radius_km: 5.0, hour_window_min: 90, similar_users: 3 };
+        let cfg = PromptConfig { top_visited: 3, recent_checkins: 4, candidates, ..unlimited() };
+        let mut checked = 0;
+        for inst in ds.instances(Split::Test) {
+            let ctx = PromptContext::from_instance_with(&ds, inst, Some(&stats));
+            let p = PromptBuilder::new(cfg.clone(), &m.tokenizer).unwrap().build(&ctx).unwrap();
+            let text = user_text(&p);
+            // Each candidate is named once, and never in the user's own sections.
+            let blocks: Vec<&str> = text.split("\n\n").collect();
+            let own: String = blocks
+                .iter()
+                .filter(|b| !b.starts_with(TRANSITIONS_HEADER) && !b.starts_with(NEARBY_HEADER_START) && !b.starts_with(SIMILAR_HEADER))
+                .copied()
+                .collect();
+            let listed: Vec<&str> = blocks
+                .iter()
+                .filter(|b| b.starts_with(TRANSITIONS_HEADER) || b.starts_with(NEARBY_HEADER_START) || b.starts_with(SIMILAR_HEADER))
+                .flat_map(|b| b.lines().skip(1))
+                .collect();
+            for line in &listed {
+                let id = line.trim_start_matches("- POI ").split([' ', ':']).next().unwrap();
+                assert!(!own.contains(&format!("POI {id} ")) && !own.contains(&format!("POI {id}:")), "{line} is also in the user's lists");
+                assert_eq!(listed.iter().filter(|l| l.starts_with(&format!("- POI {id} "))).count(), 1);
+            }
+            checked += listed.len();
+            // Without statistics there are no candidate lists, whatever the config says.
+            let plain = PromptBuilder::new(cfg.clone(), &m.tokenizer).unwrap().build(&PromptContext::from_instance(&ds, inst)).unwrap();
+            assert!(!user_text(&plain).contains(TRANSITIONS_HEADER) && !user_text(&plain).contains(NEARBY_HEADER_START));
+
+            // Under a shrinking budget, the candidates go after the earlier check-ins and before the trajectory.
+            let n = p.ids.len();
+            let mut budget = n;
+            while let Ok(q) =
+                PromptBuilder::new(PromptConfig { max_prompt_tokens: budget, ..cfg.clone() }, &m.tokenizer).unwrap().build(&ctx)
+            {
+                let d = q.dropped;
+                if d.candidates > 0 {
+                    assert_eq!(d.earlier, ctx.earlier.len().min(4), "{d:?}");
+                }
+                if d.trajectory > 0 {
+                    assert_eq!(d.candidates, listed.len(), "{d:?}");
+                }
+                budget -= 4;
+            }
+        }
+        assert!(checked > 0, "the test saw no candidates");
     }
 
     #[test]
@@ -826,7 +879,7 @@ mod tests {
         let ds = dataset();
         let n = build(&m, unlimited(), &ds).ids.len();
         let p = build(&m, PromptConfig { max_prompt_tokens: n - 1, ..Default::default() }, &ds);
-        assert_eq!(p.dropped, Dropped { earlier: 1, top_visited: 0, trajectory: 0, hour_visits: 0 });
+        assert_eq!(p.dropped, Dropped { earlier: 1, top_visited: 0, trajectory: 0, hour_visits: 0, candidates: 0 });
         assert!(!user_text(&p).contains("2012-04-02 08:00"));
         assert!(user_text(&p).contains("2012-04-02 10:00"));
         let p = build(&m, PromptConfig { max_prompt_tokens: n, ..Default::default() }, &ds);
@@ -908,7 +961,14 @@ mod tests {
         let (_d, m) = tiny_model();
         assert!(PromptBuilder::new(PromptConfig { k: 0, ..Default::default() }, &m.tokenizer).is_err());
         let pois = pois();
-        let ctx = PromptContext { user: "1".into(), target_local: NaiveDateTime::default(), trajectory: &[], earlier: &[], pois: &pois };
+        let ctx = PromptContext {
+            user: "1".into(),
+            target_local: NaiveDateTime::default(),
+            trajectory: &[],
+            earlier: &[],
+            pois: &pois,
+            retrieval: None,
+        };
         assert!(PromptConfig::default().messages(&ctx).is_err());
         let traj = [Checkin { poi: 400, utc: 0, tz_offset_min: 0 }];
         let ctx = PromptContext { trajectory: &traj, ..ctx };

@@ -100,6 +100,7 @@ pub const FEATURES: [&str; 25] = [
 const F: usize = FEATURES.len();
 
 /// One instance's candidates (visited POIs first, then the retrieved ones) and their rows.
+#[derive(Debug, Clone, PartialEq)]
 pub struct CandidateRows {
     pub pois: Vec<u32>,
     pub rows: Vec<[f64; F]>,
@@ -209,6 +210,7 @@ fn trajectory_start(q: &Query) -> usize {
 }
 
 /// A fitted ranker: the train statistics and the weights of the standardised features.
+#[derive(Debug)]
 pub struct Ranker {
     config: RankerConfig,
     stats: TrainStats,
@@ -311,5 +313,105 @@ impl Recommender for Ranker {
                 Prediction::Scores(scores)
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retrieval::tests::{future_changed, random_dataset};
+
+    fn small() -> RankerConfig {
+        RankerConfig {
+            candidates: CandidateConfig { transitions: 5, nearby: 5, similar: 5, radius_km: 5.0, hour_window_min: 90, similar_users: 3 },
+            negatives: 4,
+            train_instances: 0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_instances_own_target_and_later_checkins_never_change_its_features() {
+        let ds = random_dataset(11);
+        let cfg = small();
+        let stats = TrainStats::new(&ds);
+        let picks: Vec<&Instance> = ds.instances(Split::Train).iter().step_by(5).chain(ds.instances(Split::Test)).collect();
+        for inst in picks {
+            let other = future_changed(&ds, inst);
+            let twin = &other.instances(inst.split)[inst.id as usize];
+            let a = candidate_rows(&stats, ds.pois(), &Query::from_instance(&ds, inst), &cfg.candidates);
+            let b = candidate_rows(&TrainStats::new(&other), other.pois(), &Query::from_instance(&other, twin), &cfg.candidates);
+            assert!(!a.pois.is_empty());
+            assert_eq!(a, b, "{:?} instance {}", inst.split, inst.id);
+        }
+    }
+
+    #[test]
+    fn features_by_hand() {
+        let ds = random_dataset(11);
+        let stats = TrainStats::new(&ds);
+        let inst = &ds.instances(Split::Test)[0];
+        let q = Query::from_instance(&ds, inst);
+        let rows = candidate_rows(&stats, ds.pois(), &q, &small().candidates);
+        let feature = |name: &str| FEATURES.iter().position(|f| *f == name).unwrap();
+        let current = q.current().unwrap();
+        let visits = |p: u32| q.history.iter().filter(|c| c.poi == p).count() as f64;
+        for (p, row) in rows.pois.iter().zip(&rows.rows) {
+            let seen = visits(*p) > 0.0;
+            assert_eq!(row[feature("visited")], f64::from(u8::from(seen)));
+            assert_eq!(row[feature("ln1p_visits")], visits(*p).ln_1p());
+            assert_eq!(row[feature("is_current")], f64::from(u8::from(*p == current)));
+            assert_eq!(row[feature("ln1p_distance_km")] == 0.0, *p == current);
+            assert_eq!(row[feature("new_x_ln1p_distance_km")], if seen { 0.0 } else { row[feature("ln1p_distance_km")] });
+        }
+        // Visited POIs come first, in counter-hour's order (reciprocal ranks 1, 1/2, ...).
+        let n_visited = rows.rows.iter().filter(|r| r[feature("visited")] == 1.0).count();
+        for (i, row) in rows.rows.iter().take(n_visited).enumerate() {
+            assert_eq!(row[feature("counter_hour_reciprocal_rank")], 1.0 / (i + 1) as f64);
+        }
+    }
+
+    #[test]
+    fn the_fit_is_a_function_of_the_seed() {
+        let ds = random_dataset(3);
+        let weights = |seed| Ranker::fit(&ds, &RankerConfig { seed, ..small() }).unwrap().weights().map(|w| w.1).collect::<Vec<_>>();
+        let a = weights(0);
+        assert_eq!(a, weights(0));
+        assert_ne!(a, weights(1));
+        assert!(a.iter().all(|w| w.is_finite()));
+    }
+
+    #[test]
+    fn ranks_every_candidate_once() {
+        let ds = random_dataset(5);
+        let mut ranker = Ranker::fit(&ds, &small()).unwrap();
+        assert!(ranker.fit_instances > 0);
+        let test: Vec<&Instance> = ds.instances(Split::Test).iter().collect();
+        for (inst, pred) in test.iter().zip(ranker.predict(&ds, &test).unwrap()) {
+            let Prediction::Scores(s) = pred else { panic!("scores expected") };
+            let mut listed: Vec<f64> = s.iter().copied().filter(|&x| x > 0.0).collect();
+            let n = listed.len();
+            listed.sort_by(f64::total_cmp);
+            assert_eq!(listed, (1..=n).map(|i| i as f64).collect::<Vec<_>>(), "distinct scores n..1");
+            assert_eq!(ranker.rank(ds.pois(), &Query::from_instance(&ds, inst)).len(), n);
+        }
+    }
+
+    #[test]
+    fn bad_options_and_missing_train_data_are_errors() {
+        let ds = random_dataset(5);
+        assert!(Ranker::fit(&ds, &RankerConfig { negatives: 0, ..small() }).is_err());
+        assert!(Ranker::fit(&ds, &RankerConfig { alpha: f64::NAN, ..small() }).is_err());
+        let bad = RankerConfig { candidates: CandidateConfig { radius_km: -1.0, ..small().candidates }, ..small() };
+        assert!(Ranker::fit(&ds, &bad).unwrap_err().to_string().contains("radius_km"));
+        let no_train = Dataset::new(
+            ds.pois().to_vec(),
+            ds.users().to_vec(),
+            ds.checkins().to_vec(),
+            ds.trajectories().to_vec(),
+            [vec![], vec![], ds.instances(Split::Test).to_vec()],
+        )
+        .unwrap();
+        assert!(Ranker::fit(&no_train, &small()).unwrap_err().to_string().contains("train instances"));
     }
 }

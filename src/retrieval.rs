@@ -231,9 +231,8 @@ impl View<'_> {
         let Some(minutes) = self.stats.minutes.get(poi as usize) else { return 0 };
         let (m, w) = (i32::from(minute_of_day(at)), window_min.min(720) as i32);
         let day = i32::from(MINUTES_PER_DAY);
-        let count = |lo: i32, hi: i32| {
-            (minutes.partition_point(|&m| i32::from(m) <= hi) - minutes.partition_point(|&m| i32::from(m) < lo)) as u32
-        };
+        let count =
+            |lo: i32, hi: i32| (minutes.partition_point(|&m| i32::from(m) <= hi) - minutes.partition_point(|&m| i32::from(m) < lo)) as u32;
         let all = if 2 * w + 1 >= day {
             minutes.len() as u32
         } else if m - w < 0 {
@@ -301,7 +300,7 @@ impl View<'_> {
         let dlon = dlat / origin.lat.to_radians().cos().abs().max(0.01);
         let mut found: Vec<(u32, u32, f64)> = pois
             .iter()
-            .filter(|p| p.id != from && (p.lat - origin.lat).abs() <= dlat && (p.lon - origin.lon).abs() <= dlon)
+            .filter(|p| (p.lat - origin.lat).abs() <= dlat && (p.lon - origin.lon).abs() <= dlon)
             .filter_map(|p| {
                 let d = haversine_km(origin.lat, origin.lon, p.lat, p.lon);
                 let n = if d <= cfg.radius_km { self.popularity_around(p.id, at, cfg.hour_window_min) } else { 0 };
@@ -345,5 +344,180 @@ impl View<'_> {
             take(Source::SimilarUsers, cfg.similar, &mut found.into_iter());
         }
         out
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::data::Instance;
+    use crate::data::protocol::{ProtocolConfig, run, tests::raw};
+    use crate::seed::splitmix64;
+
+    const H: i64 = 3600;
+
+    /// The baselines' toy (src/baselines.rs): train u1 a→b→a (0–2 h), u2 a→b (0–1 h), u2 c→b
+    /// (100–101 h); test u1 [a, a] at 200 h and u2 [b, c] at 300 h. Ids: a 0, b 1, c 2.
+    fn toy() -> Dataset {
+        let rows = raw(&[
+            ("1", "a", 0),
+            ("1", "b", H),
+            ("1", "a", 2 * H),
+            ("2", "a", 0),
+            ("2", "b", H),
+            ("2", "c", 100 * H),
+            ("2", "b", 101 * H),
+            ("1", "a", 200 * H),
+            ("1", "a", 201 * H),
+            ("2", "b", 300 * H),
+            ("2", "c", 301 * H),
+        ]);
+        let cfg = ProtocolConfig { min_user: 1, min_poi: 1, split: "0.6,0".parse().unwrap(), ..Default::default() };
+        run(&rows, &cfg).unwrap().0
+    }
+
+    fn train_instance(ds: &Dataset, user: u32, target_utc: i64) -> &Instance {
+        ds.instances(Split::Train).iter().find(|i| i.user == user && i.target.utc == target_utc).unwrap()
+    }
+
+    #[test]
+    fn counts_by_hand_and_leaves_out_the_users_own_future() {
+        let ds = toy();
+        let stats = TrainStats::new(&ds);
+        // u1's train instance with target b at 1 h: u1's b@1h and a@2h (and the transitions a→b,
+        // b→a into them) are left out; u2's are not.
+        let inst = train_instance(&ds, 0, H);
+        let view = stats.view(&Query::from_instance(&ds, inst));
+        assert_eq!(view.transitions_from(0), vec![(1, 1)]);
+        assert_eq!(view.transitions_from(1), vec![]);
+        assert_eq!((view.popularity(0), view.popularity(1), view.popularity(2)), (2, 2, 1));
+        // A test instance of u1 (at 201 h) sees every train check-in.
+        let test = &ds.instances(Split::Test)[0];
+        let view = stats.view(&Query::from_instance(&ds, test));
+        assert_eq!(view.transitions_from(0), vec![(1, 2)]);
+        assert_eq!(view.transitions_from(1), vec![(0, 1)]);
+        assert_eq!((view.popularity(0), view.popularity(1), view.popularity(2)), (3, 3, 1));
+        // b's train check-ins are at 01:00, 01:00 and 05:00 (UTC = local here).
+        let at = |h: i64, m: i64| crate::data::Checkin { poi: 0, utc: 10 * 24 * H + h * H + m * 60, tz_offset_min: 0 }.local_time();
+        assert_eq!(view.popularity_around(1, at(0, 30), 30), 2);
+        assert_eq!(view.popularity_around(1, at(0, 30), 29), 0);
+        assert_eq!(view.popularity_around(1, at(23, 30), 90), 2, "the window wraps around midnight");
+        assert_eq!(view.popularity_around(1, at(4, 0), 60), 1);
+        assert_eq!(view.popularity_around(1, at(13, 0), 720), 3);
+        // The same window for u1's train instance at 1 h drops its own b@01:00.
+        let view = stats.view(&Query::from_instance(&ds, inst));
+        assert_eq!(view.popularity_around(1, at(0, 30), 30), 1);
+    }
+
+    #[test]
+    fn candidates_follow_the_sources_without_repeats_or_shown_pois() {
+        let ds = toy();
+        let stats = TrainStats::new(&ds);
+        // u2's test instance: current POI b (at 300 h); from b, train transitions go to a (u1).
+        let test = &ds.instances(Split::Test)[1];
+        let q = Query::from_instance(&ds, test);
+        let view = stats.view(&q);
+        let cfg = CandidateConfig { transitions: 5, nearby: 5, similar: 5, radius_km: 1.0, hour_window_min: 720, similar_users: 5 };
+        let found = view.candidates(ds.pois(), &q, &cfg, |_| false);
+        let listed: Vec<(u32, Source)> = found.iter().map(|c| (c.poi, c.source)).collect();
+        // Transitions first (a); every POI of the toy is at the same place, so nearby adds the
+        // others by popularity (a and b 3, c 1: b, then c); similar users (u1 only) add nothing new.
+        assert_eq!(listed, vec![(0, Source::Transitions), (1, Source::Nearby), (2, Source::Nearby)]);
+        assert_eq!(found[0].evidence, 1.0);
+        // POIs the prompt already shows are skipped, and each list keeps its size.
+        let found = view.candidates(ds.pois(), &q, &CandidateConfig { transitions: 1, nearby: 1, ..cfg.clone() }, |p| p == 1);
+        assert_eq!(found.iter().map(|c| (c.poi, c.source)).collect::<Vec<_>>(), vec![(0, Source::Transitions), (2, Source::Nearby)]);
+        // u1 is u2's only other user; u1 visited a and b in train.
+        let similar = view.similar_users_pois(q.history, 5);
+        assert_eq!(similar.iter().map(|s| s.0).collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    /// A bigger random dataset: 6 users, 12 POIs spread over a few km, 8 trajectories each.
+    pub(crate) fn random_dataset(seed: u64) -> Dataset {
+        let mut rows = Vec::new();
+        let names: Vec<String> = (0..12).map(|i| format!("p{i}")).collect();
+        let users: Vec<String> = (0..6).map(|u| format!("u{u}")).collect();
+        let mut x = seed;
+        for (u, user) in users.iter().enumerate() {
+            for day in 0..8i64 {
+                for step in 0..4i64 {
+                    x = splitmix64(x);
+                    // Each user prefers a few POIs: a skewed draw.
+                    let poi = ((x % 12) * (x % 3) / 2 + u as u64) % 12;
+                    // Two days apart: each day is a trajectory of its own.
+                    let utc = day * 48 * H + (8 + 3 * step + u as i64 % 2) * H;
+                    rows.push((user.as_str(), names[poi as usize].as_str(), utc));
+                }
+            }
+        }
+        let cfg = ProtocolConfig { min_user: 1, min_poi: 1, split: "0.6,0.2".parse().unwrap(), ..Default::default() };
+        let ds = run(&raw(&rows), &cfg).unwrap().0;
+        // Spread the POIs over about 3 km.
+        let pois = ds
+            .pois()
+            .iter()
+            .map(|p| crate::data::Poi { lat: 40.70 + 0.003 * f64::from(p.id), lon: -74.0 + 0.002 * f64::from(p.id % 4), ..p.clone() })
+            .collect();
+        rebuild(&ds, pois, |_, c| *c)
+    }
+
+    /// `ds` with new POIs and each check-in mapped by `f(user, check-in)`, train visits recounted.
+    pub(crate) fn rebuild(ds: &Dataset, mut pois: Vec<crate::data::Poi>, f: impl Fn(u32, &Checkin) -> Checkin) -> Dataset {
+        // Check-ins are grouped by user, in user order.
+        let checkins: Vec<Checkin> =
+            (0..ds.users().len() as u32).flat_map(|u| ds.user_checkins(u).iter().map(move |c| (u, c))).map(|(u, c)| f(u, c)).collect();
+        for p in &mut pois {
+            p.train_visits = 0;
+        }
+        for t in ds.trajectories().iter().filter(|t| t.split == Split::Train) {
+            for c in &checkins[t.start..t.start + t.len] {
+                pois[c.poi as usize].train_visits += 1;
+            }
+        }
+        let instances = Split::ALL.map(|s| {
+            let map = |i: &Instance| Instance {
+                target: f(i.user, &i.target),
+                prefix: i.prefix.iter().map(|c| f(i.user, c)).collect(),
+                ..i.clone()
+            };
+            ds.instances(s).iter().map(map).collect()
+        });
+        Dataset::new(pois, ds.users().to_vec(), checkins, ds.trajectories().to_vec(), instances).unwrap()
+    }
+
+    /// `ds` with `inst`'s target and every later check-in of its user moved to the next POI id.
+    pub(crate) fn future_changed(ds: &Dataset, inst: &Instance) -> Dataset {
+        let n = ds.num_pois() as u32;
+        rebuild(ds, ds.pois().to_vec(), |u, c| {
+            if u == inst.user && c.utc >= inst.target.utc { Checkin { poi: (c.poi + 1) % n, ..*c } } else { *c }
+        })
+    }
+
+    #[test]
+    fn an_instances_own_target_and_later_checkins_never_change_its_candidates() {
+        let ds = random_dataset(7);
+        let stats = TrainStats::new(&ds);
+        let cfg = CandidateConfig { transitions: 5, nearby: 5, similar: 5, radius_km: 5.0, hour_window_min: 90, similar_users: 3 };
+        let mut train_changed_without_loo = 0;
+        let picks: Vec<&Instance> = ds.instances(Split::Train).iter().step_by(7).chain(ds.instances(Split::Test)).collect();
+        assert!(picks.len() > 10 && !ds.instances(Split::Test).is_empty());
+        for inst in picks {
+            let other = future_changed(&ds, inst);
+            let other_stats = TrainStats::new(&other);
+            let q = Query::from_instance(&ds, inst);
+            let q2 = Query::from_instance(&other, &other.instances(inst.split)[inst.id as usize]);
+            assert_eq!(q.history, q2.history);
+            let a = stats.view(&q).candidates(ds.pois(), &q, &cfg, |_| false);
+            let b = other_stats.view(&q2).candidates(other.pois(), &q2, &cfg, |_| false);
+            assert_eq!(a, b, "{:?} instance {}", inst.split, inst.id);
+            // Not vacuous: without leaving anything out, a train instance's candidates see its future.
+            if inst.split == Split::Train {
+                let (open, open2) = (Query { user: None, ..q }, Query { user: None, ..q2 });
+                let a = stats.view(&open).candidates(ds.pois(), &open, &cfg, |_| false);
+                let b = other_stats.view(&open2).candidates(other.pois(), &open2, &cfg, |_| false);
+                train_changed_without_loo += usize::from(a != b);
+            }
+        }
+        assert!(train_changed_without_loo > 0);
     }
 }

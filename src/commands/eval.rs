@@ -220,7 +220,10 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(Method::CounterHour)) => Baseline::CounterHour.build(&ds),
         (None, Some(Method::Ranker)) => {
             let ranker = crate::ranker::Ranker::fit(&ds, &ranker_config(args.ranker_config.as_deref())?)?;
-            eprintln!("ranker: fit on {} train instances ({} without their target among the candidates)", ranker.fit_instances, ranker.fit_skipped);
+            eprintln!(
+                "ranker: fit on {} train instances ({} without their target among the candidates)",
+                ranker.fit_instances, ranker.fit_skipped
+            );
             Box::new(ranker)
         }
         (None, Some(Method::Llm)) => Box::new(args.llm.recommender(batch)?),

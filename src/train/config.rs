@@ -25,6 +25,7 @@ use crate::config::{explain_flattened, from_value, layered, overlaid};
 use crate::data::preprocess::PreprocessConfig;
 use crate::model::{DEFAULT_MODEL, LoraConfig};
 use crate::prompt::PromptConfig;
+use crate::ranker::RankerConfig;
 
 /// A training stage: its run directory is `{run_dir}/{name}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +54,8 @@ impl Stage {
     /// The sections this stage does not read.
     fn other_sections(self) -> &'static [&'static str] {
         match self {
-            Stage::Sft => &["grpo", "rewards"],
-            Stage::Grpo => &["sft"],
+            Stage::Sft => &["grpo", "rewards", "ranker"],
+            Stage::Grpo => &["sft", "ranker"],
         }
     }
 }
@@ -73,6 +74,8 @@ pub struct RunConfig {
     pub sft: SftConfig,
     pub grpo: GrpoConfig,
     pub rewards: RewardsConfig,
+    /// `[ranker]`: read by `eval`/`recommend --method ranker --ranker-config`, not by training.
+    pub ranker: RankerConfig,
 }
 
 /// `[model]`: the base weights, and where the adapter starts.
@@ -109,6 +112,7 @@ impl Default for RunConfig {
             sft: SftConfig::default(),
             grpo: GrpoConfig::default(),
             rewards: RewardsConfig::default(),
+            ranker: RankerConfig::default(),
         }
     }
 }
@@ -146,6 +150,7 @@ impl RunConfig {
         ensure!(self.lora.alpha > 0.0, "lora.alpha must be positive");
         self.sft.validate()?;
         self.grpo.validate()?;
+        self.ranker.validate()?;
         self.rewards.validate()
     }
 

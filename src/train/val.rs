@@ -45,7 +45,10 @@ impl Recommender for BorrowedLlm<'_> {
             bail!(Interrupted);
         }
         let builder = PromptBuilder::new(self.prompt.clone(), self.tokenizer)?;
-        let ids = batch.iter().map(|inst| Ok(builder.build(&PromptContext::from_instance_with(ds, inst, self.stats.as_ref()))?.ids)).collect::<Result<Vec<_>>>()?;
+        let ids = batch
+            .iter()
+            .map(|inst| Ok(builder.build(&PromptContext::from_instance_with(ds, inst, self.stats.as_ref()))?.ids))
+            .collect::<Result<Vec<_>>>()?;
         let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
         let out = generate(self.model, self.tokenizer, &ids, 1, &cfg, Mode::INFERENCE)?;
         Ok(out

@@ -56,7 +56,7 @@ fn preprocess_then_eval_every_baseline() {
     }
 
     for split in ["test", "val"] {
-        for method in ["popularity", "counter", "markov", "counter-hour"] {
+        for method in ["popularity", "counter", "markov", "counter-hour", "ranker"] {
             let report = tmp.path().join(format!("{method}-{split}.json"));
             let preds = tmp.path().join(format!("{method}-{split}.jsonl"));
             let out = run(&[
@@ -113,6 +113,30 @@ fn preprocess_then_eval_every_baseline() {
         let (lo, hi) = (all["ci95"][k][0].as_f64().unwrap(), all["ci95"][k][1].as_f64().unwrap());
         assert!(lo <= all[k].as_f64().unwrap() && all[k].as_f64().unwrap() <= hi, "{k}: {all}");
     }
+
+    // The ranker also recommends for one dataset user, from the same fit.
+    let user = std::fs::read_to_string(data.join("users.csv")).unwrap().lines().nth(1).unwrap().split(',').nth(1).unwrap().to_string();
+    let out = run(&["recommend", "--data", data.to_str().unwrap(), "--user", &user, "--method", "ranker", "--top", "3", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["method"], "ranker");
+    assert_eq!(r["recommendations"].as_array().unwrap().len(), 3, "{r}");
+    // A bad ranker option is one clear error.
+    let bad = tmp.path().join("bad-ranker.toml");
+    std::fs::write(&bad, "[ranker]\nnegatives = 0\n").unwrap();
+    let report = tmp.path().join("bad.json");
+    let out = run(&[
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--method",
+        "ranker",
+        "--ranker-config",
+        bad.to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(error_line(&out).contains("ranker.negatives"), "{}", text(&out.stderr));
 
     // Paired comparison of two methods' predictions on the same instances.
     let p = |m: &str, split: &str| tmp.path().join(format!("{m}-{split}.jsonl")).to_str().unwrap().to_string();

@@ -242,8 +242,10 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         let lr = lr_at(t, step as usize, total as usize);
         let positions: Vec<u64> = (state.examples_seen..state.examples_seen + per_step).collect();
         let insts: Vec<&Instance> = positions.iter().map(|&g| examples[order.example(g)]).collect();
-        let prompt_ids =
-            insts.iter().map(|inst| Ok(prompts.build(&PromptContext::from_instance_with(&ds, inst, stats.as_ref()))?.ids)).collect::<Result<Vec<_>>>()?;
+        let prompt_ids = insts
+            .iter()
+            .map(|inst| Ok(prompts.build(&PromptContext::from_instance_with(&ds, inst, stats.as_ref()))?.ids))
+            .collect::<Result<Vec<_>>>()?;
         let seeds: Vec<u64> = positions.iter().map(|&g| derive_seed(t.seed, SEED_SAMPLING, g)).collect();
         let mut scored = Vec::with_capacity(insts.len() * cfg.grpo.group);
         let mut reward = |p: usize, c: &Completion| -> Result<f64> {

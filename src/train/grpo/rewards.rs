@@ -30,8 +30,8 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::answer::ParsedAnswer;
-use crate::data::{Checkin, Poi};
 use crate::data::haversine_km;
+use crate::data::{Checkin, Poi};
 
 /// Everything a reward may look at for one completion.
 #[derive(Debug, Clone, Copy)]
