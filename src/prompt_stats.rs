@@ -67,6 +67,8 @@ pub struct GroupInPrompt {
 pub struct InPrompt {
     pub split: Split,
     pub instances: u64,
+    /// Mean tokens of the rendered prompts (what the candidate lists cost).
+    pub mean_prompt_tokens: f64,
     pub groups: BTreeMap<String, GroupInPrompt>,
 }
 
@@ -76,8 +78,10 @@ pub fn answer_in_prompt(ds: &Dataset, split: Split, prompts: &PromptBuilder, lim
     let instances = sample(ds.instances(split), limit);
     let stats = candidate_stats(prompts.config(), ds);
     let mut counts: BTreeMap<String, (u64, u64, BTreeMap<String, u64>)> = BTreeMap::new();
+    let mut tokens = 0usize;
     for inst in &instances {
         let built = prompts.build(&PromptContext::from_instance_with(ds, inst, stats.as_ref()))?;
+        tokens += built.ids.len();
         let user: String = built.messages.iter().filter(|m| m.role == "user").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
         let sections = sections_naming(&user, inst.target.poi);
         let group = if inst.is_return { "return" } else { "discovery" };
@@ -100,12 +104,16 @@ pub fn answer_in_prompt(ds: &Dataset, split: Split, prompts: &PromptBuilder, lim
             (g, GroupInPrompt { n, in_prompt: hit, share: hit as f64 / n as f64, by_section })
         })
         .collect();
-    Ok(InPrompt { split, instances: instances.len() as u64, groups })
+    let mean_prompt_tokens = tokens as f64 / instances.len().max(1) as f64;
+    Ok(InPrompt { split, instances: instances.len() as u64, mean_prompt_tokens, groups })
 }
 
 /// The shares as a table for people.
 pub fn format_in_prompt(r: &InPrompt) -> String {
-    let mut s = format!("target named in the prompt, {} ({} instances)\n", r.split, r.instances);
+    let mut s = format!(
+        "target named in the prompt, {} ({} instances, {:.0} prompt tokens on average)\n",
+        r.split, r.instances, r.mean_prompt_tokens
+    );
     s.push_str(&format!("{:<10} {:>6} {:>9}", "group", "n", "anywhere"));
     let columns: Vec<&str> = SECTIONS.iter().map(|(_, n)| *n).chain([CANDIDATES]).collect();
     for name in &columns {
