@@ -212,8 +212,24 @@ pub fn run(args: Args) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let batch = args.batch_size.unwrap_or(8);
-    let mut method: Box<dyn Recommender> = match (&target, args.method) {
-        (Some(t), _) => Box::new(t.llm.recommender_with(batch, t.prompt.clone())?),
+    let llm = match (&target, args.method) {
+        (Some(t), _) => Some(t.llm.recommender_with(batch, t.prompt.clone())?),
+        (None, Some(Method::Llm)) => Some(args.llm.recommender(batch)?),
+        _ => None,
+    };
+    // Answer-in-prompt goes with every model report: the ceiling of a model that answers from
+    // its prompt, on the same instances (no model run: seconds).
+    let t_prompts = Instant::now();
+    let in_prompt = match &llm {
+        Some(l) => {
+            let prompts = crate::prompt::PromptBuilder::new(l.prompt.clone(), &l.loaded.tokenizer)?;
+            Some(crate::prompt_stats::answer_in_prompt(&ds, split, &prompts, args.limit)?)
+        }
+        None => None,
+    };
+    let in_prompt_s = t_prompts.elapsed().as_secs_f64();
+    let mut method: Box<dyn Recommender> = match (llm, args.method) {
+        (Some(l), _) => Box::new(l),
         (None, Some(Method::Popularity)) => Baseline::Popularity.build(&ds),
         (None, Some(Method::Counter)) => Baseline::Counter.build(&ds),
         (None, Some(Method::Markov)) => Baseline::Markov.build(&ds),
@@ -226,10 +242,9 @@ pub fn run(args: Args) -> Result<()> {
             );
             Box::new(ranker)
         }
-        (None, Some(Method::Llm)) => Box::new(args.llm.recommender(batch)?),
-        (None, None) => anyhow::bail!("--method is required"),
+        (None, Some(Method::Llm)) | (None, None) => anyhow::bail!("--method is required"),
     };
-    let fit_s = t1.elapsed().as_secs_f64();
+    let fit_s = t1.elapsed().as_secs_f64() - in_prompt_s;
     let opts = EvalOptions {
         batch_size: args.batch_size,
         top_n: args.top_n,
@@ -244,6 +259,9 @@ pub fn run(args: Args) -> Result<()> {
         obj.insert("dataset".into(), data.display().to_string().into());
         obj.insert("load_s".into(), load_s.into());
         obj.insert("fit_s".into(), fit_s.into());
+        if let Some(p) = &in_prompt {
+            obj.insert("answer_in_prompt".into(), serde_json::to_value(p)?);
+        }
     }
     for path in std::iter::once(&out).chain(&args.predictions) {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -257,6 +275,9 @@ pub fn run(args: Args) -> Result<()> {
         write_predictions(p, &results)?;
     }
     print!("{}", format_table(&report));
+    if let Some(p) = &in_prompt {
+        print!("{}", crate::prompt_stats::format_in_prompt(p));
+    }
     println!("(loaded in {load_s:.2} s, fitted in {fit_s:.3} s; report: {})", out.display());
     Ok(())
 }

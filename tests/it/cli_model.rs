@@ -68,9 +68,18 @@ fn eval_llm_reports_like_the_baselines_on_the_same_sample() {
     for key in ["acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr"] {
         assert!(r["metrics"]["all"].get(key).is_some(), "{key}");
     }
+    // Answer-in-prompt on the same instances, per group; it agrees with the prompts written.
+    let in_prompt = &r["answer_in_prompt"];
+    assert_eq!(in_prompt["instances"], 4);
+    assert_eq!(in_prompt["groups"]["all"]["n"], 4);
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&preds).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 4);
+    let names = |text: &str, id: &serde_json::Value| {
+        text.split("POI ").skip(1).any(|rest| rest.chars().take_while(char::is_ascii_digit).collect::<String>() == id.to_string())
+    };
+    let named = lines.iter().filter(|l| names(l["detail"]["prompt"].as_str().unwrap(), &l["target"])).count();
+    assert_eq!(in_prompt["groups"]["all"]["in_prompt"], named as u64, "{in_prompt}");
     for l in &lines {
         assert!(l["detail"]["prompt"].as_str().unwrap().contains("<|im_start|>assistant"));
         assert!(l["detail"]["completion"].is_string());
