@@ -56,7 +56,7 @@ impl Default for RankerConfig {
             negatives: 20,
             negative_sampling: NegativeSampling::Stratified,
             alpha: 1e-3,
-            max_iterations: 300,
+            max_iterations: 50,
             train_instances: 20_000,
             seed: 0,
         }
