@@ -201,7 +201,7 @@ impl Recommender for Markov {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::data::protocol::{ProtocolConfig, run, tests::raw};
     use crate::eval::{EvalOptions, evaluate};
@@ -211,7 +211,7 @@ mod tests {
 
     /// 11 check-ins; split 0.6,0 puts c1 = c2 = t[6] = 101 h. Train: u1 a→b→a, u2 a→b,
     /// u2 c→b; test: u1 [a, a] and u2 [b, c], both returns.
-    fn ds() -> Dataset {
+    pub(crate) fn ds() -> Dataset {
         let rows = raw(&[
             ("1", "a", 0),
             ("1", "b", H),

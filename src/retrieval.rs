@@ -356,24 +356,10 @@ pub(crate) mod tests {
 
     const H: i64 = 3600;
 
-    /// The baselines' toy (src/baselines.rs): train u1 a→b→a (0–2 h), u2 a→b (0–1 h), u2 c→b
-    /// (100–101 h); test u1 [a, a] at 200 h and u2 [b, c] at 300 h. Ids: a 0, b 1, c 2.
+    /// The baselines' toy: train u1 a→b→a (0–2 h), u2 a→b (0–1 h), u2 c→b (100–101 h); test
+    /// u1 [a, a] at 200 h and u2 [b, c] at 300 h. Ids: a 0, b 1, c 2.
     fn toy() -> Dataset {
-        let rows = raw(&[
-            ("1", "a", 0),
-            ("1", "b", H),
-            ("1", "a", 2 * H),
-            ("2", "a", 0),
-            ("2", "b", H),
-            ("2", "c", 100 * H),
-            ("2", "b", 101 * H),
-            ("1", "a", 200 * H),
-            ("1", "a", 201 * H),
-            ("2", "b", 300 * H),
-            ("2", "c", 301 * H),
-        ]);
-        let cfg = ProtocolConfig { min_user: 1, min_poi: 1, split: "0.6,0".parse().unwrap(), ..Default::default() };
-        run(&rows, &cfg).unwrap().0
+        crate::baselines::tests::ds()
     }
 
     fn train_instance(ds: &Dataset, user: u32, target_utc: i64) -> &Instance {
