@@ -1,6 +1,8 @@
 //! `refine-poi bench`: speed and memory of the model on this machine, printed as JSON.
 //! Prefill of one long prompt, then decoding at batch 1 and at batch G (G samples sharing the
 //! prompt's one prefill), every step running the full model (EOS is ignored so runs are equal).
+//! Then this machine's own GEMM rate at the model's shapes ([`super::bench_gemm`]) and each
+//! phase's share of it, with the instruction sets found.
 
 use std::time::Instant;
 
@@ -8,6 +10,7 @@ use candle_core::Tensor;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
+use super::bench_gemm::{cpu_features, decode_weight_bytes, gemm_at_model_shapes, prefill_flops_per_token};
 use crate::generate::argmax;
 use crate::model::{self, CausalLm, KvCache, Mode};
 
@@ -173,8 +176,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         decode_g_s.push(decode(model, batch, first, args.samples, args.new_tokens)?);
     }
     let (p, d1, dg) = (median(prefill_s), median(decode1_s), median(decode_g_s));
+    let prefill_tps = args.prompt_tokens as f64 / p;
     let decode1 = args.new_tokens as f64 / d1;
     let decode_g = (args.new_tokens * args.samples) as f64 / dg;
+    // This machine's GEMM rate at the model's shapes, and how much of it each phase reaches.
+    let cfg = &model.config;
+    let gemm_prefill = gemm_at_model_shapes(cfg, args.prompt_tokens, args.repeats)?;
+    let gemm_decode = gemm_at_model_shapes(cfg, args.samples, args.repeats)?;
+    let prefill_gflops = prefill_tps * prefill_flops_per_token(cfg, args.prompt_tokens) / 1e9;
+    // A decoding step's FLOPs per row: the linear layers and the LM head (attention is small).
+    let decode_flops = decode_weight_bytes(cfg) / 2.0;
+    let decode_g_gflops = decode_g * decode_flops / 1e9;
+    let limit = |g: &serde_json::Value| g["gflops_layer"].as_f64().unwrap_or(f64::NAN);
     let report = json!({
         "model": loaded.source,
         "device": format!("{:?}", model.device()),
@@ -189,6 +202,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "decode_batch_speedup": decode_g / decode1,
         "new_tokens": args.new_tokens,
         "peak_rss_mib": peak_rss_mib(),
+        "cpu": cpu_features(),
+        "gemm_at_prefill_shapes": gemm_prefill,
+        "gemm_at_decode_batch_shapes": gemm_decode,
+        "prefill_gflops": prefill_gflops,
+        "prefill_share_of_gemm": prefill_gflops / limit(&gemm_prefill),
+        "decode_batch_gflops": decode_g_gflops,
+        "decode_batch_share_of_gemm": decode_g_gflops / limit(&gemm_decode),
+        // Batch 1 is bound by reading the weights: f32 bytes read per second.
+        "decode_batch1_weight_gb_per_s": decode1 * decode_weight_bytes(cfg) / 1e9,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

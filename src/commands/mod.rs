@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use crate::model;
 
 pub mod bench;
+pub mod bench_gemm;
 pub mod eval;
 pub mod export;
 pub mod generate;

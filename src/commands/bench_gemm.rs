@@ -1,0 +1,119 @@
+//! The machine's own f32 matrix-multiply speed at the model's shapes, so that `bench` can say how
+//! far each phase is from this machine's limit, on any CPU.
+//!
+//! Each linear layer of a prefill of `tokens` tokens is one `[tokens, k] x [k, n]` product,
+//! timed through candle's matmul (the path the model's linear layers take; its kernels pick the
+//! instruction set at run time). The FLOP-weighted rate over one layer's seven products is the
+//! GEMM rate a prefill could reach at best; a phase's share is the rate it achieves over that.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{Value, json};
+
+use crate::model::ModelConfig;
+
+/// The instruction sets this CPU offers that the kernels dispatch on.
+pub fn cpu_features() -> Value {
+    #[cfg(target_arch = "x86_64")]
+    {
+        json!({
+            "avx512f": std::is_x86_feature_detected!("avx512f"),
+            "avx2": std::is_x86_feature_detected!("avx2"),
+            "fma": std::is_x86_feature_detected!("fma"),
+            // The project's own fused kernels (attention, skinny matmul): AVX2+FMA or portable.
+            "fused_kernels": if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") { "avx2+fma" } else { "portable" },
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        json!({ "fused_kernels": "portable" })
+    }
+}
+
+/// One layer's linear products as (name, n, k) for `x [tokens, k] · w[n, k]ᵀ`.
+pub fn layer_shapes(cfg: &ModelConfig) -> Vec<(&'static str, usize, usize)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim(), cfg.num_kv_heads() * cfg.head_dim());
+    vec![
+        ("q_proj", q, h),
+        ("k_proj", kv, h),
+        ("v_proj", kv, h),
+        ("o_proj", h, q),
+        ("gate_proj", i, h),
+        ("up_proj", i, h),
+        ("down_proj", h, i),
+    ]
+}
+
+/// FLOPs of one token's forward in a causal prefill of `tokens` tokens: the linear layers, the
+/// attention scores and weighted sums (each token attends to (tokens + 1) / 2 positions on
+/// average), and no LM head (a prefill needs the last position's logits only).
+pub fn prefill_flops_per_token(cfg: &ModelConfig, tokens: usize) -> f64 {
+    let linear: usize = layer_shapes(cfg).iter().map(|(_, n, k)| n * k).sum();
+    let attention = 2 * cfg.num_attention_heads * cfg.head_dim() * (tokens + 1) / 2;
+    (2 * cfg.num_hidden_layers * (linear + attention)) as f64
+}
+
+/// Bytes of f32 weights one decoding step reads: every layer's linear weights and the LM head.
+pub fn decode_weight_bytes(cfg: &ModelConfig) -> f64 {
+    let linear: usize = layer_shapes(cfg).iter().map(|(_, n, k)| n * k).sum();
+    (4 * (cfg.num_hidden_layers * linear + cfg.vocab_size * cfg.hidden_size)) as f64
+}
+
+/// GFLOP/s of each of one layer's products at `tokens` rows (median of `repeats`), and the
+/// FLOP-weighted rate over all seven.
+pub fn gemm_at_model_shapes(cfg: &ModelConfig, tokens: usize, repeats: usize) -> anyhow::Result<Value> {
+    let dev = Device::Cpu;
+    let mut per_shape = serde_json::Map::new();
+    let (mut flops, mut seconds) = (0.0, 0.0);
+    for (name, n, k) in layer_shapes(cfg) {
+        let x = Tensor::randn(0f32, 1.0, (tokens, k), &dev)?.to_dtype(DType::F32)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::F32)?;
+        x.matmul(&w.t()?)?; // warm-up
+        let mut times: Vec<f64> = (0..repeats.max(1))
+            .map(|_| {
+                let start = Instant::now();
+                x.matmul(&w.t()?)?;
+                Ok(start.elapsed().as_secs_f64())
+            })
+            .collect::<anyhow::Result<_>>()?;
+        times.sort_by(f64::total_cmp);
+        let t = times[times.len() / 2];
+        let f = 2.0 * (tokens * n * k) as f64;
+        per_shape.insert(format!("{name} [{tokens}x{k}]x[{k}x{n}]"), json!(f / t / 1e9));
+        flops += f;
+        seconds += t;
+    }
+    Ok(json!({ "tokens": tokens, "gflops_per_shape": per_shape, "gflops_layer": flops / seconds / 1e9 }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::tiny_config;
+
+    #[test]
+    fn flops_and_bytes_by_hand() {
+        // hidden 32, intermediate 64, 2 layers, 4 heads of 8, 2 KV heads.
+        let cfg = tiny_config("llama");
+        let shapes = layer_shapes(&cfg);
+        assert_eq!(shapes[0], ("q_proj", 32, 32));
+        assert_eq!(shapes[1], ("k_proj", 16, 32));
+        assert_eq!(shapes[6], ("down_proj", 32, 64));
+        // Linear weights per layer: 1024 + 512 + 512 + 1024 + 3 × 2048 = 9216. At 3 tokens each
+        // attends to 2 positions on average: 2 × 4 × 8 × 2 = 128 per layer.
+        assert_eq!(prefill_flops_per_token(&cfg, 3), (2 * 2 * (9216 + 128)) as f64);
+        assert_eq!(decode_weight_bytes(&cfg), (4 * (2 * 9216 + cfg.vocab_size * 32)) as f64);
+    }
+
+    #[test]
+    fn gemm_rates_are_positive_for_every_shape() {
+        let r = gemm_at_model_shapes(&tiny_config("llama"), 3, 2).unwrap();
+        let shapes = r["gflops_per_shape"].as_object().unwrap();
+        assert_eq!(shapes.len(), 7);
+        assert!(shapes.values().all(|v| v.as_f64().unwrap() > 0.0));
+        assert!(r["gflops_layer"].as_f64().unwrap().is_finite());
+        assert!(cpu_features()["fused_kernels"].is_string());
+    }
+}
