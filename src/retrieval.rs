@@ -223,7 +223,7 @@ impl View<'_> {
     /// Train check-ins at `poi`.
     pub fn popularity(&self, poi: u32) -> u32 {
         let all = self.stats.minutes.get(poi as usize).map_or(0, Vec::len) as u32;
-        all - self.left_out.iter().filter(|c| c.poi == poi).count() as u32
+        all.saturating_sub(self.left_out.iter().filter(|c| c.poi == poi).count() as u32)
     }
 
     /// Train check-ins at `poi` whose local time of day is within `window_min` of `at`'s.
@@ -243,7 +243,7 @@ impl View<'_> {
             count(m - w, m + w)
         };
         let gone = self.left_out.iter().filter(|c| c.poi == poi && clock_distance_min(c.local, at) <= window_min).count() as u32;
-        all - gone
+        all.saturating_sub(gone)
     }
 
     /// (next POI, count) of train transitions out of `from`, most frequent first, then by id.
@@ -254,7 +254,7 @@ impl View<'_> {
             return row;
         }
         for (to, n) in &mut row {
-            *n -= gone.iter().filter(|&&g| g == *to).count() as u32;
+            *n = n.saturating_sub(gone.iter().filter(|&&g| g == *to).count() as u32);
         }
         row.retain(|&(_, n)| n > 0);
         row.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
