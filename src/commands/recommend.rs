@@ -202,8 +202,8 @@ pub fn run(args: Args) -> Result<()> {
         for r in &list {
             println!(
                 "{:>4}  {:>6}  {:<26} {:<28} {:>10.5} {:>11.5}",
-                r["rank"],
-                r["poi"],
+                r["rank"].as_u64().unwrap_or(0),
+                r["poi"].as_u64().unwrap_or(0),
                 r["venue_id"].as_str().unwrap_or(""),
                 r["category"].as_str().unwrap_or(""),
                 r["latitude"].as_f64().unwrap_or(f64::NAN),
