@@ -75,10 +75,11 @@ fn eval_llm_reports_like_the_baselines_on_the_same_sample() {
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&preds).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 4);
-    let names = |text: &str, id: &serde_json::Value| {
-        text.split("POI ").skip(1).any(|rest| rest.chars().take_while(char::is_ascii_digit).collect::<String>() == id.to_string())
+    let names = |text: &str, id: u64| {
+        let want = id.to_string();
+        text.split("POI ").skip(1).any(|rest| rest.chars().take_while(char::is_ascii_digit).collect::<String>() == want)
     };
-    let named = lines.iter().filter(|l| names(l["detail"]["prompt"].as_str().unwrap(), &l["target"])).count();
+    let named = lines.iter().filter(|l| names(l["detail"]["prompt"].as_str().unwrap(), l["target"].as_u64().unwrap())).count();
     assert_eq!(in_prompt["groups"]["all"]["in_prompt"], named as u64, "{in_prompt}");
     for l in &lines {
         assert!(l["detail"]["prompt"].as_str().unwrap().contains("<|im_start|>assistant"));
