@@ -61,8 +61,8 @@ pub fn decode_weight_bytes(cfg: &ModelConfig) -> f64 {
     (4 * (cfg.num_hidden_layers * linear + cfg.vocab_size * cfg.hidden_size)) as f64
 }
 
-/// GFLOP/s of each of one layer's products at `tokens` rows (median of `repeats`), and the
-/// FLOP-weighted rate over all seven.
+/// GFLOP/s of each of one layer's products at `tokens` rows (median of `repeats` timings of
+/// ~50 ms each), and the FLOP-weighted rate over all seven.
 pub fn gemm_at_model_shapes(cfg: &ModelConfig, tokens: usize, repeats: usize) -> anyhow::Result<Value> {
     let dev = Device::Cpu;
     let mut per_shape = serde_json::Map::new();
@@ -70,12 +70,18 @@ pub fn gemm_at_model_shapes(cfg: &ModelConfig, tokens: usize, repeats: usize) ->
     for (name, n, k) in layer_shapes(cfg) {
         let x = Tensor::randn(0f32, 1.0, (tokens, k), &dev)?.to_dtype(DType::F32)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::F32)?;
-        x.matmul(&w.t()?)?; // warm-up
+        // Warm-up, and enough products per timing (about 50 ms) that one product's noise does
+        // not decide the figure.
+        let start = Instant::now();
+        x.matmul(&w.t()?)?;
+        let per_timing = ((0.05 / start.elapsed().as_secs_f64().max(1e-6)) as usize).clamp(1, 10_000);
         let mut times: Vec<f64> = (0..repeats.max(1))
             .map(|_| {
                 let start = Instant::now();
-                x.matmul(&w.t()?)?;
-                Ok(start.elapsed().as_secs_f64())
+                for _ in 0..per_timing {
+                    x.matmul(&w.t()?)?;
+                }
+                Ok(start.elapsed().as_secs_f64() / per_timing as f64)
             })
             .collect::<anyhow::Result<_>>()?;
         times.sort_by(f64::total_cmp);
