@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Dataset, Instance, Poi, Split};
 use crate::eval::{Prediction, Recommender};
-use crate::retrieval::{CandidateConfig, Query, TrainStats};
+use crate::retrieval::{CandidateConfig, Found, Query, TrainStats, pick};
 use crate::seed::{SEED_RANKER, derive_seed};
 use crate::visits::clock_distance_min;
 
@@ -175,15 +175,20 @@ pub fn candidate_rows(stats: &TrainStats, pois: &[Poi], q: &Query, cfg: &Candida
     });
     let counter_hour_rank: HashMap<u32, usize> = visited.iter().enumerate().map(|(i, &p)| (p, i + 1)).collect();
 
-    let transitions = view.transitions_from(current);
-    let out_degree: u32 = transitions.iter().map(|t| t.1).sum();
-    let transition: HashMap<u32, (u32, usize)> = transitions.iter().enumerate().map(|(i, &(p, n))| (p, (n, i + 1))).collect();
-    let similar = view.similar_users_pois(q.history, cfg.similar_users);
-    let similar_max = similar.first().map_or(0.0, |s| s.1);
-    let similar: HashMap<u32, f64> = similar.into_iter().collect();
+    // The transitions and similar users are features of every candidate, whatever the sizes
+    // of their candidate lists: found once, for both.
+    let found = Found {
+        transitions: view.transitions_from(current),
+        similar: view.similar_users_pois(q.history, cfg.similar_users),
+        ..view.find(pois, q, &CandidateConfig { transitions: 0, similar: 0, ..cfg.clone() })
+    };
+    let out_degree: u32 = found.transitions.iter().map(|t| t.1).sum();
+    let transition: HashMap<u32, (u32, usize)> = found.transitions.iter().enumerate().map(|(i, &(p, n))| (p, (n, i + 1))).collect();
+    let similar_max = found.similar.first().map_or(0.0, |s| s.1);
+    let similar: HashMap<u32, f64> = found.similar.iter().copied().collect();
 
     let mut candidates = visited.clone();
-    candidates.extend(view.candidates(pois, q, cfg, |p| visits.contains_key(&p)).iter().map(|c| c.poi));
+    candidates.extend(pick(pois, q, cfg, &found, |p| visits.contains_key(&p)).iter().map(|c| c.poi));
     let trajectory_start = trajectory_start(q);
     let history_len = q.history.len() as f64;
     // How often this user goes somewhere new: first visits per check-in of the history.

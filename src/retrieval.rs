@@ -311,40 +311,59 @@ impl View<'_> {
         found
     }
 
+    /// Each source's full list for `q`, best first; a source whose size in `cfg` is 0 is not
+    /// searched (its list stays empty).
+    pub fn find(&self, pois: &[Poi], q: &Query, cfg: &CandidateConfig) -> Found {
+        let Some(current) = q.current() else { return Found::default() };
+        Found {
+            transitions: if cfg.transitions > 0 { self.transitions_from(current) } else { Vec::new() },
+            nearby: if cfg.nearby > 0 { self.nearby(pois, current, q.target_local, cfg) } else { Vec::new() },
+            similar: if cfg.similar > 0 { self.similar_users_pois(q.history, cfg.similar_users) } else { Vec::new() },
+        }
+    }
+
     /// Each source's best POIs for `q`, sizes from `cfg`: a POI is listed once, by the first
     /// source that finds it, and never when `skip` says the prompt already shows it.
     pub fn candidates(&self, pois: &[Poi], q: &Query, cfg: &CandidateConfig, skip: impl Fn(u32) -> bool) -> Vec<Candidate> {
-        let Some(current) = q.current() else { return Vec::new() };
-        let distance = |p: u32| match (pois.get(current as usize), pois.get(p as usize)) {
-            (Some(a), Some(b)) => haversine_km(a.lat, a.lon, b.lat, b.lon),
-            _ => f64::NAN,
-        };
-        let mut out: Vec<Candidate> = Vec::new();
-        let mut take = |source: Source, size: usize, found: &mut dyn Iterator<Item = (u32, f64)>| {
-            let start = out.len();
-            for (poi, evidence) in found {
-                if out.len() - start == size {
-                    break;
-                }
-                if !skip(poi) && !out.iter().any(|c| c.poi == poi) {
-                    out.push(Candidate { poi, source, evidence, distance_km: distance(poi) });
-                }
-            }
-        };
-        if cfg.transitions > 0 {
-            let row = self.transitions_from(current);
-            take(Source::Transitions, cfg.transitions, &mut row.into_iter().map(|(p, n)| (p, f64::from(n))));
-        }
-        if cfg.nearby > 0 {
-            let found = self.nearby(pois, current, q.target_local, cfg);
-            take(Source::Nearby, cfg.nearby, &mut found.into_iter().map(|(p, n, _)| (p, f64::from(n))));
-        }
-        if cfg.similar > 0 {
-            let found = self.similar_users_pois(q.history, cfg.similar_users);
-            take(Source::SimilarUsers, cfg.similar, &mut found.into_iter());
-        }
-        out
+        pick(pois, q, cfg, &self.find(pois, q, cfg), skip)
     }
+}
+
+/// What the sources found for one query, each list best first (see [`View::find`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Found {
+    /// (next POI, transitions from the current POI).
+    pub transitions: Vec<(u32, u32)>,
+    /// (POI, check-ins around the hour, distance in km).
+    pub nearby: Vec<(u32, u32, f64)>,
+    /// (POI, similarity-weighted visits).
+    pub similar: Vec<(u32, f64)>,
+}
+
+/// The first `cfg`-sized share of each of `found`'s lists, in [`Source::ALL`] order, each POI
+/// once and none that `skip` names.
+pub fn pick(pois: &[Poi], q: &Query, cfg: &CandidateConfig, found: &Found, skip: impl Fn(u32) -> bool) -> Vec<Candidate> {
+    let Some(current) = q.current() else { return Vec::new() };
+    let distance = |p: u32| match (pois.get(current as usize), pois.get(p as usize)) {
+        (Some(a), Some(b)) => haversine_km(a.lat, a.lon, b.lat, b.lon),
+        _ => f64::NAN,
+    };
+    let mut out: Vec<Candidate> = Vec::new();
+    let mut take = |source: Source, size: usize, list: &mut dyn Iterator<Item = (u32, f64)>| {
+        let start = out.len();
+        for (poi, evidence) in list {
+            if out.len() - start == size {
+                break;
+            }
+            if !skip(poi) && !out.iter().any(|c| c.poi == poi) {
+                out.push(Candidate { poi, source, evidence, distance_km: distance(poi) });
+            }
+        }
+    };
+    take(Source::Transitions, cfg.transitions, &mut found.transitions.iter().map(|&(p, n)| (p, f64::from(n))));
+    take(Source::Nearby, cfg.nearby, &mut found.nearby.iter().map(|&(p, n, _)| (p, f64::from(n))));
+    take(Source::SimilarUsers, cfg.similar, &mut found.similar.iter().copied());
+    out
 }
 
 #[cfg(test)]
