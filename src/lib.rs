@@ -7,6 +7,7 @@ pub mod commands;
 pub mod compare;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod fsutil;
 pub mod generate;

@@ -116,7 +116,7 @@ fn grpo_bench(args: &Args, mut loaded: crate::model::LoadedModel, prompt: Vec<u3
     let mut steps = Vec::new();
     for r in 0..args.repeats {
         let start = Instant::now();
-        let report = step(model, tokenizer, &prompts, &[r as u64], &mut reward, &cfg, &mut opt, 1e-5, None)?;
+        let report = step(model, tokenizer, &prompts, &[r as u64], &mut reward, &cfg, &mut opt, 1e-5, None, &crate::dist::Dist::single())?;
         steps.push((start.elapsed().as_secs_f64(), report));
     }
     steps.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -34,16 +34,30 @@ pub struct Args {
 impl Args {
     fn load(&self) -> Result<(RunConfig, RunOptions)> {
         let cfg = RunConfig::load(Some(&self.config), &self.sets)?;
-        let opts = RunOptions { resume: self.resume, quiet: self.quiet, stop_after: self.stop_after, stop: StopFlag::on_signals()? };
+        let dist = crate::dist::from_env()?;
+        // Rank 0 speaks for the run; the others stay quiet.
+        let quiet = self.quiet || !dist.is_writer();
+        let opts = RunOptions { resume: self.resume, quiet, stop_after: self.stop_after, stop: StopFlag::on_signals()?, dist };
         Ok((cfg, opts))
     }
 }
 
-/// Prints the summary (JSON), says how the run ended, and after a stop request exits with
-/// 128 + the signal's number.
-fn finish(summary: &impl serde::Serialize, stage: &StageSummary, stop: &StopFlag, quiet: bool) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(summary)?);
-    if !quiet {
+/// Prints the summary (JSON; rank 0), says how the run ended, and after a stop request exits
+/// with 128 + the signal's number. An error on one of several ranks ends them all.
+fn finish<S: serde::Serialize>(result: Result<S>, stage: impl Fn(&S) -> &StageSummary, opts: RunOptions) -> Result<()> {
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) if opts.dist.size() > 1 => {
+            eprintln!("error (rank {} of {}): {e:#}", opts.dist.rank(), opts.dist.size());
+            opts.dist.abort(1)
+        }
+        Err(e) => return Err(e),
+    };
+    let stage = stage(&summary);
+    if opts.dist.is_writer() {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    if !opts.quiet {
         let dir = stage.dir.display();
         if stage.finished {
             eprintln!("done: adapter in {dir}/final, best val in {dir}/best");
@@ -52,19 +66,22 @@ fn finish(summary: &impl serde::Serialize, stage: &StageSummary, stop: &StopFlag
         }
     }
     if stage.interrupted {
-        std::process::exit(stop.exit_code());
+        let code = opts.stop.exit_code();
+        // Every rank stopped at the same step: leave MPI in order before exiting.
+        drop(opts);
+        std::process::exit(code);
     }
     Ok(())
 }
 
 pub fn run_sft(args: Args) -> Result<()> {
     let (cfg, opts) = args.load()?;
-    let s = sft::run(&cfg, &opts)?;
-    finish(&s, &s.stage, &opts.stop, args.quiet)
+    let result = sft::run(&cfg, &opts);
+    finish(result, |s| &s.stage, opts)
 }
 
 pub fn run_grpo(args: Args) -> Result<()> {
     let (cfg, opts) = args.load()?;
-    let s = grpo::run(&cfg, &opts)?;
-    finish(&s, &s.stage, &opts.stop, args.quiet)
+    let result = grpo::run(&cfg, &opts);
+    finish(result, |s| &s.stage, opts)
 }

@@ -265,10 +265,12 @@ impl RunDir {
     }
 
     /// The state and log a stage's loop starts from: restored from the checkpoint `latest` (which
-    /// must plan the same `total` steps) with the log cut back to it, or fresh.
+    /// must plan the same `total` steps) with the log cut back to it, or fresh. A rank that does
+    /// not write (`writer` false) gets a log that discards its lines.
     #[allow(clippy::too_many_arguments)]
     pub fn restore_or_start(
         &self,
+        writer: bool,
         latest: Option<&Path>,
         model: &mut CausalLm,
         opt: &mut AdamW,
@@ -281,10 +283,13 @@ impl RunDir {
             Some(dir) => {
                 let state = RunDir::load_checkpoint(dir, model, opt, stage, config_hash)?;
                 ensure!(state.total_steps == total, "checkpoint {} plans {} steps, this config {total}", dir.display(), state.total_steps);
-                let log = MetricsLog::resume(&self.metrics(), state.step)?;
+                let log = if writer { MetricsLog::resume(&self.metrics(), state.step)? } else { MetricsLog::discard() };
                 Ok((state, log))
             }
-            None => Ok((TrainerState::new(stage, seed, total, config_hash.to_string()), MetricsLog::create(&self.metrics())?)),
+            None => {
+                let log = if writer { MetricsLog::create(&self.metrics())? } else { MetricsLog::discard() };
+                Ok((TrainerState::new(stage, seed, total, config_hash.to_string()), log))
+            }
         }
     }
 
@@ -442,14 +447,19 @@ pub fn config_diff(a: &str, b: &str) -> Result<Vec<String>> {
 
 /// `metrics.jsonl`: one JSON object per line, flushed as written.
 pub struct MetricsLog {
-    file: std::fs::File,
+    /// None: a log that discards (the ranks other than 0).
+    file: Option<std::fs::File>,
 }
 
 impl MetricsLog {
+    pub fn discard() -> MetricsLog {
+        MetricsLog { file: None }
+    }
+
     /// A new, empty log.
     pub fn create(path: &Path) -> Result<MetricsLog> {
         let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(MetricsLog { file })
+        Ok(MetricsLog { file: Some(file) })
     }
 
     /// The log of a resumed run: lines of steps after `step` (written after the checkpoint the
@@ -470,14 +480,15 @@ impl MetricsLog {
         }
         write_atomic(path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(MetricsLog { file })
+        Ok(MetricsLog { file: Some(file) })
     }
 
     pub fn log(&mut self, value: &serde_json::Value) -> Result<()> {
+        let Some(file) = self.file.as_mut() else { return Ok(()) };
         let mut line = serde_json::to_string(value)?;
         line.push('\n');
-        self.file.write_all(line.as_bytes())?;
-        self.file.flush()?;
+        file.write_all(line.as_bytes())?;
+        file.flush()?;
         Ok(())
     }
 }

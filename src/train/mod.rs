@@ -9,6 +9,10 @@
 //! - [`val`]: greedy validation on a fixed val sample through the eval harness.
 //! - here: the stage loop's cadence, the data order, log-probabilities of target tokens in a
 //!   padded batch (the shape of every loss), the stop flag (signals) and the progress bar.
+//!
+//! With several ranks ([`crate::dist`]), every rank runs the same loop on its share of each
+//! step; rank 0 alone holds the lock and writes the run directory, and a stop request on any
+//! rank stops all of them at the same step boundary.
 
 pub mod checkpoint;
 pub mod config;
@@ -32,6 +36,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
 use crate::data::{Dataset, Instance, Split};
+use crate::dist::Dist;
 use crate::lock::DirLock;
 use crate::model::{self, AdapterBase, CausalLm, LoadedModel, Mode};
 use crate::prompt::PromptConfig;
@@ -53,6 +58,8 @@ pub struct RunOptions {
     /// Raised by Ctrl-C, SIGTERM or SIGUSR1: stop at the next micro-batch, checkpoint the last
     /// completed step.
     pub stop: StopFlag,
+    /// The ranks of a data-parallel run (one process by default).
+    pub dist: Dist,
 }
 
 /// The training examples (instances) of a run: all train instances, or a fixed subset of
@@ -129,8 +136,9 @@ pub fn load_model(cfg: &RunConfig, adapter: Option<&Path>, key: &str, seed: u64)
 /// What a stage starts from: its run directory (created, or opened to resume with the same
 /// config), the checkpoint to resume from, the config's hash, and the dataset.
 pub struct StageStart {
-    /// Held until the stage returns: no other run writes this run directory meanwhile.
-    pub lock: DirLock,
+    /// Held until the stage returns: no other run writes this run directory meanwhile (rank 0's;
+    /// the other ranks hold none).
+    pub lock: Option<DirLock>,
     pub run: RunDir,
     pub latest: Option<PathBuf>,
     pub config_hash: String,
@@ -139,20 +147,53 @@ pub struct StageStart {
 
 impl StageStart {
     /// Opens `stage`'s run directory for `cfg`. A fresh run first passes `check_fresh`, so a
-    /// run that cannot start leaves nothing behind.
+    /// run that cannot start leaves nothing behind. With several ranks, rank 0 opens it and
+    /// tells the others which checkpoint to load (or why it could not start).
     pub fn open(cfg: &RunConfig, stage: Stage, opts: &RunOptions, check_fresh: impl FnOnce() -> Result<()>) -> Result<StageStart> {
         cfg.validate()?;
         let config_toml = cfg.stage_toml(stage)?;
         let root = cfg.stage_dir(stage);
-        let lock = DirLock::acquire(&root, stage.command())?;
-        let (run, latest, config_hash) = if opts.resume {
-            RunDir::open_for_resume(&root, &config_toml, |saved| RunConfig::from_toml(saved)?.stage_toml(stage))?
+        let dist = &opts.dist;
+        let (lock, run, latest, config_hash) = if dist.is_writer() {
+            let opened = Self::open_dir(&root, &config_toml, stage, opts.resume, check_fresh);
+            if dist.size() > 1 {
+                let news = match &opened {
+                    Ok((_, _, latest, hash)) => serde_json::json!({"latest": latest, "config_hash": hash}),
+                    Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+                };
+                dist.broadcast_string(&news.to_string())?;
+            }
+            let (lock, run, latest, hash) = opened?;
+            (Some(lock), run, latest, hash)
         } else {
-            check_fresh()?;
-            (RunDir::create(&root, &config_toml)?, None, fnv_hex(&config_toml))
+            let news: serde_json::Value = serde_json::from_str(&dist.broadcast_string("")?)?;
+            if let Some(e) = news["error"].as_str() {
+                anyhow::bail!("rank 0 could not open {}: {e}", root.display());
+            }
+            let latest = news["latest"].as_str().map(PathBuf::from);
+            let hash = news["config_hash"].as_str().context("rank 0 sent no config hash")?.to_string();
+            (None, RunDir { root }, latest, hash)
         };
         let ds = Dataset::load(&cfg.data.dir).with_context(|| format!("cannot load the dataset in {}", cfg.data.dir.display()))?;
         Ok(StageStart { lock, run, latest, config_hash, ds })
+    }
+
+    /// Locks and creates (or opens to resume) the run directory.
+    fn open_dir(
+        root: &Path,
+        config_toml: &str,
+        stage: Stage,
+        resume: bool,
+        check_fresh: impl FnOnce() -> Result<()>,
+    ) -> Result<(DirLock, RunDir, Option<PathBuf>, String)> {
+        let lock = DirLock::acquire(root, stage.command())?;
+        let (run, latest, config_hash) = if resume {
+            RunDir::open_for_resume(root, config_toml, |saved| RunConfig::from_toml(saved)?.stage_toml(stage))?
+        } else {
+            check_fresh()?;
+            (RunDir::create(root, config_toml)?, None, fnv_hex(config_toml))
+        };
+        Ok((lock, run, latest, config_hash))
     }
 }
 
@@ -189,6 +230,7 @@ pub struct StageLoop<'a> {
     nonfinite_in_a_row: usize,
     /// The newest checkpoint.
     pub checkpoint: Option<PathBuf>,
+    dist: Dist,
 }
 
 impl<'a> StageLoop<'a> {
@@ -201,6 +243,7 @@ impl<'a> StageLoop<'a> {
         step: u64,
         latest: Option<PathBuf>,
         stop_after: Option<u64>,
+        dist: &Dist,
     ) -> Self {
         StageLoop {
             run,
@@ -212,6 +255,7 @@ impl<'a> StageLoop<'a> {
             interrupted: false,
             nonfinite_in_a_row: 0,
             checkpoint: latest,
+            dist: dist.clone(),
         }
     }
 
@@ -220,11 +264,17 @@ impl<'a> StageLoop<'a> {
         stop.raised() || self.stop_at.is_some_and(|s| step >= s)
     }
 
-    /// Whether the loop stops before `step` (a stop request, or `--stop-after`); a stop request
-    /// marks the run interrupted.
-    pub fn stop_before(&mut self, stop: &StopFlag, step: u64) -> bool {
+    /// Whether the loop stops before `step` (a stop request on any rank, or `--stop-after`); a
+    /// stop request marks the run interrupted.
+    pub fn stop_before(&mut self, stop: &StopFlag, step: u64) -> Result<bool> {
+        // Every rank stops at the same step: the signal seen by any (the largest number) stops all.
+        let mine = if stop.raised() { stop.signal().max(1) } else { 0 };
+        let seen = self.dist.gather_f64(&[f64::from(mine)])?.into_iter().fold(0.0, f64::max) as i32;
+        if seen > 0 && !stop.raised() {
+            stop.raise_by(if seen == 1 { 0 } else { seen });
+        }
         self.interrupted |= stop.raised();
-        self.stopping(stop, step)
+        Ok(self.stopping(stop, step))
     }
 
     /// Counts a completed step whose update was skipped because its loss or gradient was not
@@ -272,7 +322,7 @@ impl<'a> StageLoop<'a> {
         bar: &indicatif::ProgressBar,
         status: &str,
     ) -> Result<()> {
-        if self.val_due(state.step) {
+        if self.val_due(state.step) && self.dist.is_writer() {
             bar.set_message(format!("{status}, validating on {} val instances", self.t.eval_instances));
             validate_and_keep_best(loaded, ds, prompt, self.t, stop, state, self.run, log, bar)?;
         }
@@ -288,8 +338,13 @@ impl<'a> StageLoop<'a> {
         Ok(())
     }
 
-    /// Writes the checkpoint of `state.step`; a failed write names the checkpoint that is left.
+    /// Writes the checkpoint of `state.step` (rank 0; the other ranks only note the step); a
+    /// failed write names the checkpoint that is left.
     fn save(&mut self, model: &CausalLm, opt: &AdamW, state: &TrainerState) -> Result<()> {
+        if !self.dist.is_writer() {
+            self.saved_at = Some(state.step);
+            return Ok(());
+        }
         let saved = self.run.save_checkpoint(model, &self.base, opt, state, self.t.keep_checkpoints).with_context(|| {
             let kept = self.checkpoint.as_ref().map_or("no earlier checkpoint".to_string(), |c| format!("{} is intact", c.display()));
             format!("cannot write the checkpoint of step {} ({kept})", state.step)
@@ -306,7 +361,7 @@ impl<'a> StageLoop<'a> {
             self.save(model, opt, state)?;
         }
         let finished = state.step == self.total;
-        if finished {
+        if finished && self.dist.is_writer() {
             self.run.save_adapter_copy("final", model, &self.base, &serde_json::json!({"step": state.step, "best": state.best}))?;
         }
         ensure!(finished || self.interrupted || self.stop_at.is_some(), "training stopped early at step {} of {}", state.step, self.total);
@@ -443,6 +498,17 @@ impl StopFlag {
 
     pub fn raise(&self) {
         self.raised.store(true, Ordering::SeqCst);
+    }
+
+    /// Raises the flag as `signal` would have (0: by the program itself).
+    pub fn raise_by(&self, signal: i32) {
+        self.signal.store(signal, Ordering::SeqCst);
+        self.raise();
+    }
+
+    /// The signal that raised the flag (0: none, or the program itself).
+    pub fn signal(&self) -> i32 {
+        self.signal.load(Ordering::SeqCst)
     }
 
     pub fn raised(&self) -> bool {

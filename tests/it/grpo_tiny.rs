@@ -7,6 +7,7 @@ use refine_poi::model::tiny::{tiny_config, write_tiny_model};
 use refine_poi::model::{LoadedModel, LoraConfig, Mode, ModelSource, load_on};
 use refine_poi::train::grpo::config::LossNorm;
 use refine_poi::train::grpo::loss::{LossConfig, StepConfig, step};
+use refine_poi::dist::Dist;
 use refine_poi::train::optim::{AdamW, AdamWParams};
 
 fn first_token_probs(m: &LoadedModel, prompt: &[u32]) -> Vec<f32> {
@@ -50,7 +51,7 @@ fn a_tiny_model_learns_a_synthetic_reward() {
         let mut reward = |_: usize, c: &refine_poi::generate::Completion| -> anyhow::Result<f64> {
             Ok(if c.tokens.first().is_some_and(|t| rewarded.contains(t)) { 1.0 } else { 0.0 })
         };
-        let report = step(&m.model, &m.tokenizer, &prompts, &seeds, &mut reward, &cfg, &mut opt, 2e-2, None).unwrap();
+        let report = step(&m.model, &m.tokenizer, &prompts, &seeds, &mut reward, &cfg, &mut opt, 2e-2, None, &Dist::single()).unwrap();
         assert!(report.loss.loss.is_finite());
         mean_reward.push(report.rewards.iter().sum::<f64>() / report.rewards.len() as f64);
     }

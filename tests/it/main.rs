@@ -6,6 +6,7 @@ mod cli_data;
 mod cli_model;
 mod common;
 mod configs;
+mod dist;
 mod grpo_tiny;
 mod grpo_train;
 mod model_tiny;

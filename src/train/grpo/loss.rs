@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::config::LossNorm;
 
 use super::advantages::{DEFAULT_EPS, GroupStats, group_advantages};
+use crate::dist::Dist;
 use crate::generate::{Completion, FinishReason, SamplingConfig, generate_seeded};
 use crate::model::{CausalLm, Mode, TextTokenizer};
 use crate::train::optim::{AdamW, GradAccum, clip_grad_norm};
@@ -120,6 +121,8 @@ pub struct StepTimes {
     /// Reference (adapter-off) and old-policy log-prob forwards, without gradients.
     pub reference: f64,
     pub forward_backward: f64,
+    /// Summing the gradients over ranks (0 with one process).
+    pub allreduce: f64,
     pub optimizer: f64,
 }
 
@@ -177,6 +180,10 @@ pub fn group_logprobs(model: &CausalLm, prompt: &[u32], tokens: &Tensor, mode: M
 /// One GRPO step: sample G completions per prompt (one shared prefill each), score them with
 /// `reward(prompt index, completion)`, turn rewards into group-relative advantages, and update
 /// the adapter with the clipped surrogate + β·KL to the adapter-off reference.
+///
+/// With several ranks, each samples, scores and trains on its own prompts (`dist.owns`); the
+/// rewards are gathered so that every rank computes all groups' advantages and statistics, and
+/// the gradients, the kept-group count and the loss statistics are summed over ranks.
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     model: &CausalLm,
@@ -188,19 +195,31 @@ pub fn step(
     opt: &mut AdamW,
     lr: f64,
     dropout_seed: Option<u64>,
+    dist: &Dist,
 ) -> Result<StepReport> {
     let mut times = StepTimes::default();
     let t0 = Instant::now();
-    let sampled = generate_seeded(model, tokenizer, prompts, seeds, cfg.group, &cfg.sampling, Mode::INFERENCE)?;
+    let mine: Vec<usize> = (0..prompts.len()).filter(|&p| dist.owns(p)).collect();
+    let my_prompts: Vec<Vec<u32>> = mine.iter().map(|&p| prompts[p].clone()).collect();
+    let my_seeds: Vec<u64> = mine.iter().map(|&p| seeds[p]).collect();
+    let sampled = if mine.is_empty() {
+        Vec::new()
+    } else {
+        generate_seeded(model, tokenizer, &my_prompts, &my_seeds, cfg.group, &cfg.sampling, Mode::INFERENCE)?
+    };
     times.sampling = t0.elapsed().as_secs_f64();
 
     let t0 = Instant::now();
-    let mut rewards = Vec::with_capacity(prompts.len() * cfg.group);
-    for (p, group) in sampled.iter().enumerate() {
+    // Per prompt of this rank: its index, its G rewards, its G completion lengths.
+    let mut mine_rows = Vec::with_capacity(mine.len() * (1 + 2 * cfg.group));
+    for (&p, group) in mine.iter().zip(&sampled) {
+        mine_rows.push(p as f64);
         for c in group {
-            rewards.push(reward(p, c)?);
+            mine_rows.push(reward(p, c)?);
         }
+        mine_rows.extend(group.iter().map(|c| c.tokens.len() as f64));
     }
+    let (rewards, completion_tokens) = prompt_order(&dist.gather_f64(&mine_rows)?, prompts.len(), cfg.group)?;
     let (advantages, groups) = group_advantages(&rewards, cfg.group, cfg.scale_rewards, DEFAULT_EPS)?;
     times.reward = t0.elapsed().as_secs_f64();
 
@@ -209,7 +228,7 @@ pub fn step(
     let t0 = Instant::now();
     // Per group kept for the update: tokens, mask, advantages, old and reference log-probs.
     let mut prepared = Vec::new();
-    for (p, group) in sampled.iter().enumerate() {
+    for (&p, group) in mine.iter().zip(&sampled) {
         if cfg.skip_zero_signal && groups.zero_signal[p] {
             continue;
         }
@@ -225,6 +244,8 @@ pub fn step(
         };
         prepared.push((p, tokens, mask, adv, old, reference));
     }
+    // The groups kept over all ranks: the batch loss is the mean over them.
+    let kept = (0..prompts.len()).filter(|&p| !(cfg.skip_zero_signal && groups.zero_signal[p])).count();
     times.reference = t0.elapsed().as_secs_f64();
 
     let mut loss_sum = LossStats::default();
@@ -233,12 +254,13 @@ pub fn step(
     let mut evaluated = 0.0f64;
     let params = opt.params().to_vec();
     for update in 0..cfg.updates_per_batch.max(1) {
-        if prepared.is_empty() {
+        if kept == 0 {
             break;
         }
         let t0 = Instant::now();
         let mut accum = GradAccum::new(params.len());
-        let mut update_loss = 0.0;
+        // This update's loss, its statistics and the groups evaluated, summed over ranks below.
+        let mut sums = [0.0f64; 6];
         for (p, tokens, mask, adv, old, reference) in &prepared {
             let mode = match dropout_seed {
                 Some(seed) => Mode::TRAIN.with_dropout(crate::seed::derive_seed(seed, update as u64, *p as u64)),
@@ -251,18 +273,23 @@ pub fn step(
             };
             let (loss, stats) = grpo_loss(&logp, &old, reference.as_ref(), adv, mask, &cfg.loss)?;
             // The batch loss is the mean over its groups.
-            let grads = (loss / prepared.len() as f64)?.backward()?;
+            let grads = (loss / kept as f64)?.backward()?;
             accum.add(&grads, &params)?;
-            update_loss += stats.loss;
-            loss_sum.loss += stats.loss;
-            loss_sum.kl += stats.kl;
-            loss_sum.clip_fraction += stats.clip_fraction;
-            loss_sum.tokens += stats.tokens;
-            evaluated += 1.0;
+            for (sum, v) in sums.iter_mut().zip([stats.loss, stats.loss, stats.kl, stats.clip_fraction, stats.tokens, 1.0]) {
+                *sum += v;
+            }
         }
         times.forward_backward += t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
         let mut grads = accum.take(&params)?;
+        times.allreduce += dist.sum_tensors(&mut grads)?;
+        dist.sum_f64(&mut sums)?;
+        let [update_loss, loss, kl, clip_fraction, tokens, groups_evaluated] = sums;
+        loss_sum.loss += loss;
+        loss_sum.kl += kl;
+        loss_sum.clip_fraction += clip_fraction;
+        loss_sum.tokens += tokens;
+        evaluated += groups_evaluated;
+        let t0 = Instant::now();
         grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         // Each update on its own: one non-finite update does not stop the ones after it.
         if grad_norm.is_finite() && update_loss.is_finite() {
@@ -275,8 +302,19 @@ pub fn step(
     let n = evaluated.max(1.0);
     let loss =
         LossStats { loss: loss_sum.loss / n, kl: loss_sum.kl / n, clip_fraction: loss_sum.clip_fraction / n, tokens: loss_sum.tokens / n };
-    let completion_tokens = sampled.iter().flatten().map(|c| c.tokens.len()).collect();
     Ok(StepReport { rewards, advantages, groups, loss, grad_norm, skipped_updates, completion_tokens, times })
+}
+
+/// The gathered rows of [`step`] (per prompt: index, G rewards, G completion lengths, from all
+/// ranks) back in prompt order: all rewards and all completion lengths.
+fn prompt_order(rows: &[f64], prompts: usize, group: usize) -> Result<(Vec<f64>, Vec<usize>)> {
+    let width = 1 + 2 * group;
+    anyhow::ensure!(rows.len() == prompts * width, "gathered {} values for {prompts} prompts of {group} samples", rows.len());
+    let mut by_prompt: Vec<&[f64]> = rows.chunks_exact(width).collect();
+    by_prompt.sort_by_key(|r| r[0] as usize);
+    let rewards = by_prompt.iter().flat_map(|r| r[1..=group].iter().copied()).collect();
+    let lens = by_prompt.iter().flat_map(|r| r[1 + group..].iter().map(|&l| l as usize)).collect();
+    Ok((rewards, lens))
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ use serde_json::{Map, Value, json};
 
 use crate::answer::{ANSWER_CLOSE, parse_answer};
 use crate::data::{Dataset, Instance};
+use crate::dist::Dist;
 use crate::generate::{Completion, SamplingConfig};
 use crate::prompt::{PromptBuilder, PromptContext, candidate_stats};
 use crate::seed::{SEED_SAMPLING, derive_seed};
@@ -114,6 +115,7 @@ pub fn step_config(cfg: &RunConfig) -> StepConfig {
 }
 
 /// What the reward function saw of one sampled completion.
+#[derive(Clone)]
 struct Scored {
     breakdown: RewardBreakdown,
     /// The target's rank in the parsed list (1-based), if listed.
@@ -121,6 +123,42 @@ struct Scored {
     /// At least one in-range id was read (eval's notion of a valid answer).
     valid: bool,
     well_formed: bool,
+}
+
+impl Scored {
+    /// As numbers, to gather across ranks: prompt index, total, rank (0: not listed), valid,
+    /// well-formed, then every term in [`rewards::REWARDS`] order.
+    fn encode(&self, prompt: usize, out: &mut Vec<f64>) {
+        out.extend([prompt as f64, self.breakdown.total, self.rank.unwrap_or(0) as f64]);
+        out.extend([self.valid, self.well_formed].map(|b| f64::from(u8::from(b))));
+        out.extend(self.breakdown.terms.iter().map(|t| t.1));
+    }
+
+    fn decode(row: &[f64]) -> Scored {
+        let terms = rewards::REWARDS.iter().zip(&row[5..]).map(|(r, &v)| (r.name, v)).collect();
+        Scored {
+            breakdown: RewardBreakdown { terms, total: row[1] },
+            rank: (row[2] > 0.0).then_some(row[2] as usize),
+            valid: row[3] > 0.0,
+            well_formed: row[4] > 0.0,
+        }
+    }
+}
+
+/// Every rank's scored completions, in prompt order (each prompt's in sampling order).
+fn gather_scored(dist: &Dist, mine: &[(usize, Scored)]) -> Result<Vec<Scored>> {
+    if dist.size() == 1 {
+        return Ok(mine.iter().map(|(_, s)| s.clone()).collect());
+    }
+    let width = 5 + rewards::REWARDS.len();
+    let mut rows = Vec::with_capacity(mine.len() * width);
+    for (p, s) in mine {
+        s.encode(*p, &mut rows);
+    }
+    let all = dist.gather_f64(&rows)?;
+    let mut rows: Vec<&[f64]> = all.chunks_exact(width).collect();
+    rows.sort_by_key(|r| r[0] as usize);
+    Ok(rows.into_iter().map(Scored::decode).collect())
 }
 
 /// Scores a completion for `inst` with every reward of the config.
@@ -185,6 +223,7 @@ fn step_record(step: u64, lr: f64, k: usize, scored: &[Scored], report: &StepRep
 /// Runs (or resumes) the GRPO stage described by `cfg`.
 pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let t = &cfg.grpo.train;
+    let dist = &opts.dist;
     // A missing SFT start is an error before anything is written.
     let StageStart { lock: _lock, run, latest, config_hash, ds } = StageStart::open(cfg, STAGE, opts, || init_adapter(cfg).map(|_| ()))?;
     let root = run.root.clone();
@@ -197,7 +236,8 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let start = if copied { Some(init_copy.clone()) } else { init_adapter(cfg)? };
     let mut loaded = load_model(cfg, start.as_deref(), "grpo.init_adapter", t.seed)?;
     loaded.model.set_lora_dropout(0.0);
-    if !copied {
+    // Rank 0 keeps the copy; the other ranks read the same adapter it copies.
+    if !copied && dist.is_writer() {
         let from = json!({ "init_adapter": start.as_ref().map(|p| p.display().to_string()) });
         run.save_adapter_copy(INIT_DIR, &loaded.model, &loaded.adapter_base(), &from)
             .with_context(|| format!("cannot write {}", init_copy.display()))?;
@@ -210,7 +250,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let per_step = cfg.grpo.prompts_per_step as u64;
     let total = t.total_steps(examples.len(), cfg.grpo.prompts_per_step) as u64;
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
-    let (mut state, mut log) = run.restore_or_start(latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
+    let (mut state, mut log) = run.restore_or_start(dist.is_writer(), latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
     let step_cfg = step_config(cfg);
     if !opts.quiet {
         let from = start.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
@@ -228,13 +268,13 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
 
     let base = loaded.adapter_base();
     let bar = progress_bar(total, state.step, opts.quiet, "grpo");
-    let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after);
+    let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after, dist);
     let (mut first_reward, mut last_reward) = (None, None);
     let mut order = EpochOrder::new(t.seed, examples.len());
     let k = cfg.prompt.k;
 
     while state.step < total {
-        if cadence.stop_before(&opts.stop, state.step) {
+        if cadence.stop_before(&opts.stop, state.step)? {
             break;
         }
         let step = state.step;
@@ -247,15 +287,16 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
             .map(|inst| Ok(prompts.build(&PromptContext::from_instance_with(&ds, inst, stats.as_ref()))?.ids))
             .collect::<Result<Vec<_>>>()?;
         let seeds: Vec<u64> = positions.iter().map(|&g| derive_seed(t.seed, SEED_SAMPLING, g)).collect();
-        let mut scored = Vec::with_capacity(insts.len() * cfg.grpo.group);
+        let mut mine = Vec::with_capacity(insts.len() * cfg.grpo.group);
         let mut reward = |p: usize, c: &Completion| -> Result<f64> {
             let s = score_completion(&ds, cfg, insts[p], c);
             let total = s.breakdown.total;
-            scored.push(s);
+            mine.push((p, s));
             Ok(total)
         };
-        let report = loss::step(&loaded.model, &loaded.tokenizer, &prompt_ids, &seeds, &mut reward, &step_cfg, &mut opt, lr, None)
+        let report = loss::step(&loaded.model, &loaded.tokenizer, &prompt_ids, &seeds, &mut reward, &step_cfg, &mut opt, lr, None, dist)
             .with_context(|| format!("GRPO step {}", step + 1))?;
+        let scored = gather_scored(dist, &mine)?;
         let step_s = started.elapsed().as_secs_f64();
 
         state.step += 1;

@@ -12,6 +12,9 @@
 //! its examples, forward/backward each micro-batch, clip, step, log; validate and checkpoint
 //! on their cadence. Examples come in a seeded permutation per epoch and dropout masks are
 //! seeded by (seed, step, micro-batch), so a resumed run repeats an uninterrupted one exactly.
+//! With several ranks, rank r runs micro-batches r, r + N, ... of each step and the gradients
+//! are summed over ranks before clipping: the same micro-batches, dropout masks and loss as one
+//! process (set `grad_accum` to a multiple of the rank count, or some ranks idle).
 
 pub mod config;
 
@@ -143,7 +146,8 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     let builder = ExampleBuilder::new(&ds, cfg, &loaded.tokenizer)?;
     let total = t.total_steps(examples.len(), cfg.sft.examples_per_step()) as u64;
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
-    let (mut state, mut log) = run.restore_or_start(latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
+    let dist = &opts.dist;
+    let (mut state, mut log) = run.restore_or_start(dist.is_writer(), latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
     if !opts.quiet {
         let from = latest.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
         eprintln!(
@@ -158,14 +162,14 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
 
     let base = loaded.adapter_base();
     let bar = progress_bar(total, state.step, opts.quiet, "sft");
-    let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after);
+    let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after, dist);
     let (mut first_loss, mut last_loss) = (None, None);
     let mut order = EpochOrder::new(t.seed, examples.len());
     let n = examples.len() as u64;
     let per_step = cfg.sft.examples_per_step() as u64;
 
     while state.step < total {
-        if cadence.stop_before(&opts.stop, state.step) {
+        if cadence.stop_before(&opts.stop, state.step)? {
             break;
         }
         let step = state.step;
@@ -180,12 +184,17 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         let answer_tokens: usize = rows.iter().map(ScoredSeq::scored).sum();
         let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
 
-        // Forward/backward per micro-batch; the loss is the mean over the step's answer tokens.
+        // Forward/backward per micro-batch (this rank's); the loss is the mean over the step's
+        // answer tokens.
         let mut accum = GradAccum::new(opt.params().len());
         let mut loss_sum = 0f64;
         let mut abandoned = false;
         for (micro, chunk) in rows.chunks(cfg.sft.batch_size).enumerate() {
-            if opts.stop.raised() {
+            if !dist.owns(micro) {
+                continue;
+            }
+            // Mid-step, only a lone process may abandon the step (ranks agree at step boundaries).
+            if dist.size() == 1 && opts.stop.raised() {
                 abandoned = true;
                 break;
             }
@@ -200,6 +209,10 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
             break;
         }
         let mut grads = accum.take(opt.params())?;
+        let allreduce_s = dist.sum_tensors(&mut grads)?;
+        let mut summed = [loss_sum];
+        dist.sum_f64(&mut summed)?;
+        let loss_sum = summed[0];
         let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
         let finite = loss_sum.is_finite() && grad_norm.is_finite();
         if finite {
@@ -224,6 +237,8 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
             "answer_tokens": answer_tokens,
             "tokens_per_s": tps,
             "step_s": step_s,
+            "allreduce_s": allreduce_s,
+            "ranks": dist.size(),
             "elapsed_s": state.elapsed_s,
             "skipped_nonfinite": !finite,
         }))?;
