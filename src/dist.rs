@@ -31,9 +31,30 @@ pub trait Collective {
     fn gather_f64(&self, local: &[f64]) -> Result<Vec<f64>>;
     /// Rank 0's `bytes` on every rank.
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<()>;
+    /// Sums `grads` over ranks in place: by default through one flat f32 host buffer
+    /// ([`host_sum_tensors`]); GPU tensors through NCCL with the `nccl` feature.
+    fn sum_tensors(&self, grads: &mut [Tensor]) -> Result<()> {
+        host_sum_tensors(self, grads)
+    }
     /// Ends every rank's process at once (after an error on one rank, the others would wait
     /// forever in their next collective).
     fn abort(&self, code: i32) -> !;
+}
+
+/// Sums tensors over ranks through one flat f32 host buffer and one [`Collective::sum_f32`].
+pub fn host_sum_tensors<C: Collective + ?Sized>(c: &C, grads: &mut [Tensor]) -> Result<()> {
+    let mut flat = Vec::new();
+    for g in grads.iter() {
+        flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    c.sum_f32(&mut flat)?;
+    let mut at = 0;
+    for g in grads.iter_mut() {
+        let n = g.elem_count();
+        *g = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?.to_dtype(g.dtype())?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// One process: every collective is the identity.
@@ -131,24 +152,14 @@ impl Dist {
         String::from_utf8(bytes).context("rank 0 sent a string that is not UTF-8")
     }
 
-    /// Sums `grads` over ranks in place (one flat f32 buffer, one collective), returning the
-    /// seconds it took. With one rank nothing is copied.
+    /// Sums `grads` over ranks in place, returning the seconds it took (0 with one rank, where
+    /// nothing is copied).
     pub fn sum_tensors(&self, grads: &mut [Tensor]) -> Result<f64> {
         if self.size() == 1 {
             return Ok(0.0);
         }
         let started = Instant::now();
-        let mut flat = Vec::new();
-        for g in grads.iter() {
-            flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        }
-        self.inner.sum_f32(&mut flat)?;
-        let mut at = 0;
-        for g in grads.iter_mut() {
-            let n = g.elem_count();
-            *g = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?.to_dtype(g.dtype())?;
-            at += n;
-        }
+        self.inner.sum_tensors(grads)?;
         Ok(started.elapsed().as_secs_f64())
     }
 
@@ -158,10 +169,22 @@ impl Dist {
     }
 }
 
-/// The number of processes a launcher started, from its environment (OpenMPI, PMIx, Slurm's
-/// PMI), if any.
+fn env_number(keys: &[&str]) -> Option<usize> {
+    keys.iter().find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
+/// The number of processes a launcher started, from its environment, if any: `mpirun`
+/// (OpenMPI), or `srun --mpi=pmix` / `--mpi=pmi2` under Slurm (the step's task count).
 fn launched_size() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE"].iter().find_map(|k| std::env::var(k).ok()?.parse().ok())
+    env_number(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]).or_else(|| {
+        let pmix = std::env::var_os("PMIX_RANK").is_some();
+        if pmix { env_number(&["SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"]) } else { None }
+    })
+}
+
+/// This process's rank among those of its node (0 without a launcher): the GPU it takes.
+pub fn local_rank() -> usize {
+    env_number(&["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]).unwrap_or(0)
 }
 
 /// The run's collective: MPI when a launcher started this process (and the binary has the
@@ -200,6 +223,9 @@ mod mpi_backend {
     /// MPI_COMM_WORLD over the system's MPI library; finalized when dropped.
     pub struct Mpi {
         world: SimpleCommunicator,
+        /// GPU gradients' communicator, made at their first sum.
+        #[cfg(feature = "nccl")]
+        nccl: std::cell::OnceCell<super::nccl::Nccl>,
         // Dropped last: finalizes MPI.
         _universe: Universe,
     }
@@ -209,7 +235,12 @@ mod mpi_backend {
             // Funneled: only the main thread calls MPI (the compute threads never do).
             let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled).context("MPI is already initialized")?;
             let world = universe.world();
-            Ok(Mpi { world, _universe: universe })
+            Ok(Mpi {
+                world,
+                #[cfg(feature = "nccl")]
+                nccl: std::cell::OnceCell::new(),
+                _universe: universe,
+            })
         }
     }
 
@@ -253,6 +284,92 @@ mod mpi_backend {
         }
         fn abort(&self, code: i32) -> ! {
             self.world.abort(code)
+        }
+        #[cfg(feature = "nccl")]
+        fn sum_tensors(&self, grads: &mut [candle_core::Tensor]) -> Result<()> {
+            match grads.first().map(|g| g.device().clone()) {
+                Some(device @ candle_core::Device::Cuda(_)) => {
+                    let comm = match self.nccl.get() {
+                        Some(c) => c,
+                        None => {
+                            let c = super::nccl::Nccl::init(self, &device)?;
+                            self.nccl.get_or_init(|| c)
+                        }
+                    };
+                    comm.sum_tensors(grads)
+                }
+                _ => super::host_sum_tensors(self, grads),
+            }
+        }
+    }
+}
+
+/// Gradients on GPUs are summed by NCCL, on the device: the communicator is made at the first
+/// sum (every rank reaches it together), from an id that rank 0 creates and MPI broadcasts.
+/// Built with the `nccl` feature (it links libnccl); never run here, for want of a GPU.
+#[cfg(feature = "nccl")]
+mod nccl {
+    use anyhow::{Context, Result, anyhow};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::cudarc::nccl::{Comm, Id, ReduceOp};
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+
+    use super::Collective;
+
+    pub struct Nccl {
+        comm: Comm,
+    }
+
+    // SAFETY: the communicator is only used from the thread that drives training (MPI is
+    // initialized `Funneled`); candle's custom-op trait asks for Send + Sync all the same.
+    unsafe impl Send for Nccl {}
+    unsafe impl Sync for Nccl {}
+
+    impl Nccl {
+        pub fn init(mpi: &dyn Collective, device: &Device) -> Result<Nccl> {
+            let cuda = device.as_cuda_device()?;
+            let mut bytes = if mpi.rank() == 0 {
+                let id = Id::new().map_err(|e| anyhow!("cannot create an NCCL id: {e:?}"))?;
+                id.internal().iter().map(|&c| c as u8).collect()
+            } else {
+                Vec::new()
+            };
+            mpi.broadcast_bytes(&mut bytes)?;
+            let mut internal = [0 as std::ffi::c_char; 128];
+            anyhow::ensure!(bytes.len() == internal.len(), "rank 0 sent an NCCL id of {} bytes", bytes.len());
+            for (to, from) in internal.iter_mut().zip(&bytes) {
+                *to = *from as std::ffi::c_char;
+            }
+            let comm = Comm::from_rank(cuda.cuda_stream(), mpi.rank(), mpi.size(), Id::uninit(internal))
+                .map_err(|e| anyhow!("cannot join the NCCL communicator: {e:?}"))
+                .context("NCCL (one GPU per rank: the rank's local rank picks it)")?;
+            Ok(Nccl { comm })
+        }
+
+        pub fn sum_tensors(&self, grads: &mut [Tensor]) -> Result<()> {
+            for g in grads.iter_mut() {
+                *g = g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(self)?;
+            }
+            Ok(())
+        }
+    }
+
+    impl CustomOp1 for Nccl {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce-sum"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the NCCL sum runs on GPU tensors only")
+        }
+
+        fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
+            let src = storage.as_cuda_slice::<f32>()?.slice(start..end);
+            let device = storage.device().clone();
+            let mut dst = device.alloc_zeros::<f32>(end - start)?;
+            self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum).map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, device), layout.shape().clone()))
         }
     }
 }

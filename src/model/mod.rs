@@ -84,11 +84,12 @@ impl ModelSource {
 }
 
 /// The compute device: CUDA when built with the `cuda` feature and a GPU is present, else CPU.
+/// Each data-parallel rank of a node takes the GPU of its local rank (one rank per GPU).
 pub fn default_device() -> anyhow::Result<Device> {
     #[cfg(feature = "cuda")]
     {
         if candle_core::utils::cuda_is_available() {
-            return Ok(Device::new_cuda(0)?);
+            return Ok(Device::new_cuda(crate::dist::local_rank())?);
         }
     }
     Ok(Device::Cpu)

@@ -234,7 +234,8 @@ pub struct StageLoop<'a> {
 }
 
 impl<'a> StageLoop<'a> {
-    /// `latest` is the checkpoint resumed from (at `step`), if any.
+    /// `latest` is the checkpoint resumed from (at `step`), if any; `opts` gives `--stop-after`
+    /// and the ranks.
     pub fn new(
         run: &'a RunDir,
         t: &'a TrainConfig,
@@ -242,20 +243,19 @@ impl<'a> StageLoop<'a> {
         total: u64,
         step: u64,
         latest: Option<PathBuf>,
-        stop_after: Option<u64>,
-        dist: &Dist,
+        opts: &RunOptions,
     ) -> Self {
         StageLoop {
             run,
             t,
             base,
             total,
-            stop_at: stop_after.map(|n| step + n),
+            stop_at: opts.stop_after.map(|n| step + n),
             saved_at: latest.as_ref().map(|_| step),
             interrupted: false,
             nonfinite_in_a_row: 0,
             checkpoint: latest,
-            dist: dist.clone(),
+            dist: opts.dist.clone(),
         }
     }
 

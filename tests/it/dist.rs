@@ -75,9 +75,10 @@ mod with_mpi {
     /// Training moved the adapter in `stage_dir` away from `start` (so that equality is not
     /// that of two untouched adapters).
     fn assert_moved(start: &Path, stage_dir: &Path) {
-        let moved = adapter(start).iter().zip(adapter(&stage_dir.join("final"))).any(|((_, x), (_, y))| {
-            x.iter().zip(&y).any(|(p, q)| (p - q).abs() > 1e-4)
-        });
+        let moved = adapter(start)
+            .iter()
+            .zip(adapter(&stage_dir.join("final")))
+            .any(|((_, x), (_, y))| x.iter().zip(&y).any(|(p, q)| (p - q).abs() > 1e-4));
         assert!(moved, "{} did not train", stage_dir.display());
     }
 

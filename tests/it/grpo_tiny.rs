@@ -2,12 +2,12 @@
 //! a chosen set) must become more likely within a few dozen steps.
 
 use candle_core::{DType, Device, Tensor};
+use refine_poi::dist::Dist;
 use refine_poi::generate::SamplingConfig;
 use refine_poi::model::tiny::{tiny_config, write_tiny_model};
 use refine_poi::model::{LoadedModel, LoraConfig, Mode, ModelSource, load_on};
 use refine_poi::train::grpo::config::LossNorm;
 use refine_poi::train::grpo::loss::{LossConfig, StepConfig, step};
-use refine_poi::dist::Dist;
 use refine_poi::train::optim::{AdamW, AdamWParams};
 
 fn first_token_probs(m: &LoadedModel, prompt: &[u32]) -> Vec<f32> {

@@ -250,7 +250,8 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let per_step = cfg.grpo.prompts_per_step as u64;
     let total = t.total_steps(examples.len(), cfg.grpo.prompts_per_step) as u64;
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
-    let (mut state, mut log) = run.restore_or_start(dist.is_writer(), latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
+    let (mut state, mut log) =
+        run.restore_or_start(dist.is_writer(), latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
     let step_cfg = step_config(cfg);
     if !opts.quiet {
         let from = start.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
@@ -268,7 +269,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
 
     let base = loaded.adapter_base();
     let bar = progress_bar(total, state.step, opts.quiet, "grpo");
-    let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after, dist);
+    let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts);
     let (mut first_reward, mut last_reward) = (None, None);
     let mut order = EpochOrder::new(t.seed, examples.len());
     let k = cfg.prompt.k;

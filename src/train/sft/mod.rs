@@ -147,7 +147,8 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     let total = t.total_steps(examples.len(), cfg.sft.examples_per_step()) as u64;
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
     let dist = &opts.dist;
-    let (mut state, mut log) = run.restore_or_start(dist.is_writer(), latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
+    let (mut state, mut log) =
+        run.restore_or_start(dist.is_writer(), latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
     if !opts.quiet {
         let from = latest.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
         eprintln!(
@@ -162,7 +163,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
 
     let base = loaded.adapter_base();
     let bar = progress_bar(total, state.step, opts.quiet, "sft");
-    let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts.stop_after, dist);
+    let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts);
     let (mut first_loss, mut last_loss) = (None, None);
     let mut order = EpochOrder::new(t.seed, examples.len());
     let n = examples.len() as u64;
