@@ -22,6 +22,14 @@ pub mod train;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Where the model runs: cpu, cuda (this rank's local GPU) or cuda:N. Default: the first GPU
+    /// when built with the `cuda` feature and one is present, else cpu.
+    #[arg(long, global = true, value_name = "cpu|cuda|cuda:N")]
+    pub device: Option<String>,
+    /// Weights and activations: f32, bf16 or f16. Default: f32 on cpu, bf16 on a GPU (the
+    /// adapter and the optimizer state stay f32).
+    #[arg(long, global = true, value_name = "f32|bf16|f16")]
+    pub dtype: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -49,6 +57,7 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    model::Placement::parse(cli.device.as_deref(), cli.dtype.as_deref())?.install();
     match cli.command {
         Command::Preprocess(args) => preprocess::run(args),
         Command::Bench(args) => bench::run(args),

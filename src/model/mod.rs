@@ -83,21 +83,76 @@ impl ModelSource {
     }
 }
 
-/// The compute device: CUDA when built with the `cuda` feature and a GPU is present, else CPU.
-/// Each data-parallel rank of a node takes the GPU of its local rank (one rank per GPU).
+/// Where models run, as `--device` and `--dtype` asked (unset: the defaults below). Set once,
+/// before any model loads.
+static PLACEMENT: std::sync::OnceLock<Placement> = std::sync::OnceLock::new();
+
+/// `--device` (`cpu`, `cuda`, `cuda:N`) and `--dtype` (`f32`, `bf16`, `f16`), parsed.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Placement {
+    /// None: the default device; Some(None): CUDA, the GPU of this rank's local rank; Some(Some(n)): GPU n.
+    pub cuda: Option<Option<usize>>,
+    pub cpu: bool,
+    pub dtype: Option<DType>,
+}
+
+impl Placement {
+    pub fn parse(device: Option<&str>, dtype: Option<&str>) -> anyhow::Result<Placement> {
+        let mut p = Placement::default();
+        match device {
+            None => {}
+            Some("cpu") => p.cpu = true,
+            Some("cuda") => p.cuda = Some(None),
+            Some(d) => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => p.cuda = Some(Some(n)),
+                _ => bail!("--device {d}: expected cpu, cuda or cuda:N"),
+            },
+        }
+        p.dtype = match dtype {
+            None => None,
+            Some("f32") => Some(DType::F32),
+            Some("bf16") => Some(DType::BF16),
+            Some("f16") => Some(DType::F16),
+            Some(t) => bail!("--dtype {t}: expected f32, bf16 or f16"),
+        };
+        if p.cuda.is_some() && !cfg!(feature = "cuda") {
+            bail!("--device {}: this binary was built without the `cuda` feature (see scripts/build-cuda.sh)", device.unwrap_or_default());
+        }
+        Ok(p)
+    }
+
+    /// Makes this the process's placement (the first call wins).
+    pub fn install(self) {
+        let _ = PLACEMENT.set(self);
+    }
+}
+
+/// The compute device: `--device` when given; else CUDA when built with the `cuda` feature and
+/// a GPU is present, else CPU. Each data-parallel rank of a node takes the GPU of its local rank
+/// (one rank per GPU) unless `--device cuda:N` names one.
 pub fn default_device() -> anyhow::Result<Device> {
+    let p = PLACEMENT.get().copied().unwrap_or_default();
+    if p.cpu {
+        return Ok(Device::Cpu);
+    }
     #[cfg(feature = "cuda")]
     {
-        if candle_core::utils::cuda_is_available() {
-            return Ok(Device::new_cuda(crate::dist::local_rank())?);
+        if p.cuda.is_some() || candle_core::utils::cuda_is_available() {
+            let ordinal = p.cuda.flatten().unwrap_or_else(crate::dist::local_rank);
+            return Ok(Device::new_cuda(ordinal).with_context(|| format!("cannot open GPU {ordinal}"))?);
         }
     }
     Ok(Device::Cpu)
 }
 
-/// f32 on CPU; bf16 on a GPU.
+/// `--dtype` when given; else f32 on CPU and bf16 on a GPU. On CPU only f32 takes the fused
+/// kernels; other types run candle's portable ops (the path a GPU runs).
 pub fn default_dtype(device: &Device) -> DType {
-    if device.is_cuda() { DType::BF16 } else { DType::F32 }
+    match PLACEMENT.get().and_then(|p| p.dtype) {
+        Some(t) => t,
+        None if device.is_cuda() => DType::BF16,
+        None => DType::F32,
+    }
 }
 
 /// Loads a model from `--model`'s value on the default device.
@@ -243,4 +298,30 @@ fn hub_snapshot(repo: &str) -> anyhow::Result<PathBuf> {
         let _ = remote.get(file);
     }
     dir.context("no files downloaded")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_parses_devices_and_dtypes_and_names_bad_ones() {
+        assert_eq!(Placement::parse(None, None).unwrap(), Placement::default());
+        let p = Placement::parse(Some("cpu"), Some("bf16")).unwrap();
+        assert!(p.cpu && p.cuda.is_none() && p.dtype == Some(DType::BF16));
+        for (device, dtype, want) in [
+            (Some("gpu"), None, "--device gpu: expected cpu, cuda or cuda:N"),
+            (Some("cuda:x"), None, "expected cpu, cuda or cuda:N"),
+            (None, Some("f8"), "--dtype f8: expected f32, bf16 or f16"),
+        ] {
+            let e = format!("{:#}", Placement::parse(device, dtype).unwrap_err());
+            assert!(e.contains(want), "{e}");
+        }
+        let cuda = Placement::parse(Some("cuda:1"), None);
+        if cfg!(feature = "cuda") {
+            assert_eq!(cuda.unwrap().cuda, Some(Some(1)));
+        } else {
+            assert!(format!("{:#}", cuda.unwrap_err()).contains("built without the `cuda` feature"));
+        }
+    }
 }

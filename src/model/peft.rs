@@ -37,17 +37,25 @@ fn short_name(path: &str) -> &str {
     path.rsplit('.').next().unwrap_or(path)
 }
 
+/// The dtype of the adapter's factors for a model in `model`: f32, or f64 for an f64 model (the
+/// gradient checks); never half precision (see [`CausalLm::attach_lora`]).
+pub fn adapter_dtype(model: DType) -> DType {
+    if model == DType::F64 { DType::F64 } else { DType::F32 }
+}
+
 fn peft_key(path: &str, factor: &str) -> String {
     format!("base_model.model.{path}.lora_{factor}.weight")
 }
 
 impl CausalLm {
     /// Adds a fresh adapter: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's Kaiming init), B = 0, so the
-    /// adapted model starts equal to the base model.
+    /// adapted model starts equal to the base model. The factors are f32 (f64 for an f64 model)
+    /// whatever the model's dtype: master weights that bf16 rounding cannot freeze (the
+    /// forward casts them).
     pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> anyhow::Result<()> {
         let targets = cfg.target_modules()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let (device, dtype) = (self.device().clone(), self.dtype());
+        let (device, dtype) = (self.device().clone(), adapter_dtype(self.dtype()));
         let scale = cfg.alpha / cfg.r as f64;
         for lin in self.linears_mut() {
             if !targets.iter().any(|t| t == short_name(&lin.path)) {
@@ -175,7 +183,7 @@ impl CausalLm {
         let mut tensors = candle_core::safetensors::load(&weights_path, self.device())
             .with_context(|| format!("cannot read adapter weights {}", weights_path.display()))?;
         let mut kinds: Vec<String> = Vec::new();
-        let dtype = self.dtype();
+        let dtype = adapter_dtype(self.dtype());
         for lin in self.linears_mut() {
             let reference = lin.lora.take().and_then(|l| l.reference);
             if !spec.targets(&lin.path) {

@@ -132,7 +132,10 @@ impl Linear {
                 }
                 _ => &x2,
             };
-            // The scale goes on the rank-r intermediate, not the full-width output.
+            // The scale goes on the rank-r intermediate, not the full-width output. The f32
+            // factors are cast to the activations' dtype (a no-op in f32); their gradients flow
+            // back through the cast to the f32 master copy.
+            let (a, b) = (a.to_dtype(x2.dtype())?, b.to_dtype(x2.dtype())?);
             let low = (input.matmul(&a.t()?)? * scale)?;
             let delta = low.matmul(&b.t()?)?;
             y = (y + delta)?;
@@ -433,7 +436,11 @@ impl CausalLm {
         }
         for lin in self.linears() {
             let weight = match &lin.lora {
-                Some(l) => (&lin.weight + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?)?,
+                // In f32, then back to the weight's dtype.
+                Some(l) => {
+                    let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?;
+                    (lin.weight.to_dtype(delta.dtype())? + delta)?.to_dtype(lin.weight.dtype())?
+                }
                 None => lin.weight.clone(),
             };
             out.push((format!("{}.weight", lin.path), weight));

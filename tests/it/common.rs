@@ -59,9 +59,14 @@ pub struct Setup {
 
 impl Setup {
     pub fn new() -> Setup {
+        Setup::of("llama")
+    }
+
+    /// The same with a tiny model of another family (`qwen2`: q/k/v biases, untied head).
+    pub fn of(model_type: &str) -> Setup {
         let tmp = tempfile::tempdir().unwrap();
         let model = tmp.path().join("tiny");
-        write_tiny_model(&model, &tiny_config("llama"), 3).unwrap();
+        write_tiny_model(&model, &tiny_config(model_type), 3).unwrap();
         let data = tmp.path().join("data");
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tsmc2014_synthetic.txt");
         let out = bin()

@@ -11,6 +11,7 @@ mod grpo_tiny;
 mod grpo_train;
 mod model_tiny;
 mod peft;
+mod portable;
 mod reference_model;
 mod reliability;
 mod sft_tiny;

@@ -223,7 +223,8 @@ pub fn step(
     let (advantages, groups) = group_advantages(&rewards, cfg.group, cfg.scale_rewards, DEFAULT_EPS)?;
     times.reward = t0.elapsed().as_secs_f64();
 
-    let (device, dtype) = (model.device().clone(), model.dtype());
+    // The objective is computed in f32, as the log-probs are (half-precision logits are widened).
+    let (device, dtype) = (model.device().clone(), DType::F32);
     let eos = tokenizer.eos_ids.first().copied().unwrap_or(0);
     let t0 = Instant::now();
     // Per group kept for the update: tokens, mask, advantages, old and reference log-probs.

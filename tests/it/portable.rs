@@ -1,0 +1,82 @@
+//! The code a GPU runs, run on the CPU: a tiny Qwen2 (q/k/v biases, untied head) through the SFT
+//! warm-up and GRPO, once in f32 (the fused CPU kernels) and once with `--dtype bf16`, where
+//! every op is candle's portable one, as on a GPU. The adapter stays f32 either way.
+
+use std::path::Path;
+
+use crate::common::{Setup, bin, text};
+
+fn train(s: &Setup, dtype: &str, stage: &str, run_dir: &Path, sets: &[String]) {
+    let mut c = bin();
+    c.args(["--dtype", dtype, stage, "--quiet", "--config"]).arg(&s.config).arg("--set").arg(format!("run_dir=\"{}\"", run_dir.display()));
+    for set in sets {
+        c.args(["--set", set]);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{dtype} {stage}: {}", text(&out.stderr));
+}
+
+fn logged(dir: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
+        .collect()
+}
+
+/// The adapter's tensors: every one f32, as (name, values).
+fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k} is not f32");
+            (k, v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn a_tiny_qwen2_trains_in_f32_and_in_bf16_with_an_f32_adapter() {
+    let s = Setup::of("qwen2");
+    let warm_up: Vec<String> = [
+        "data.train_instances=4",
+        "sft.max_steps=30",
+        "sft.lr=2e-2",
+        "sft.answer=single",
+        "sft.min_lr_ratio=1.0",
+        "sft.save_every=0",
+        "lora.dropout=0.0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for dtype in ["f32", "bf16"] {
+        let run = s.tmp.path().join(dtype);
+        train(&s, dtype, "sft-warmup", &run, &warm_up);
+        let losses = logged(&run.join("sft"), "loss");
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < 0.3 * first, "{dtype}: SFT loss went from {first} to {last}");
+        let sft = adapter(&run.join("sft/final"));
+        assert!(sft.iter().any(|(n, x)| n.contains("lora_B") && x.iter().any(|v| v.abs() > 1e-3)), "{dtype}: B never moved");
+
+        let init = format!("grpo.init_adapter=\"{}\"", run.join("sft/final").display());
+        // A tiny model's samples rarely differ in reward, so every group stays in the update and
+        // the KL to the base model (which the warm-up moved away from) gives the gradient.
+        let more = [init, "grpo.skip_zero_signal=false".into(), "grpo.reference=\"base\"".into(), "grpo.beta=0.1".into()];
+        let grpo_sets: Vec<String> = warm_up.iter().cloned().chain(more).collect();
+        train(&s, dtype, "grpo-train", &run, &grpo_sets);
+        let grads = logged(&run.join("grpo"), "grad_norm");
+        assert!(logged(&run.join("grpo"), "kl").iter().any(|&k| k > 0.0), "{dtype}: no KL to the base model");
+        assert_eq!(grads.len(), 4, "{dtype}: 4 GRPO steps logged");
+        assert!(grads.iter().all(|g| g.is_finite()) && grads.iter().any(|&g| g > 0.0), "{dtype}: no GRPO gradient: {grads:?}");
+        let grpo = adapter(&run.join("grpo/final"));
+        // Small updates survive: an f32 master copy, not bf16 that rounds them away.
+        let moved = sft.iter().zip(&grpo).any(|((_, x), (_, y))| x.iter().zip(y).any(|(p, q)| p != q));
+        assert!(moved, "{dtype}: GRPO did not move the adapter");
+    }
+}
