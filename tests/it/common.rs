@@ -46,6 +46,44 @@ pub fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// A tiny SFT warm-up that teaches `<answer>id</answer>` (4 examples, 30 steps), so that sampled
+/// answers parse and their rewards can differ within a group: a random tiny model never writes
+/// an answer tag.
+pub const WARM_UP: [&str; 7] = [
+    "data.train_instances=4",
+    "sft.max_steps=30",
+    "sft.lr=2e-2",
+    "sft.answer=single",
+    "sft.min_lr_ratio=1.0",
+    "sft.save_every=0",
+    "lora.dropout=0.0",
+];
+
+/// The values of `key` in a run's `metrics.jsonl`, in order (lines without it skipped).
+pub fn logged(dir: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
+        .collect()
+}
+
+/// An adapter folder's tensors as f32 values by name (sorted); every one must be stored as f32.
+pub fn adapter_f32(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k} is not f32");
+            (k, v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// Training options without a progress bar.
 pub fn quiet() -> RunOptions {
     RunOptions { quiet: true, ..Default::default() }

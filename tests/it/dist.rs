@@ -23,6 +23,7 @@ mod with_mpi {
     use std::process::Command;
 
     use super::*;
+    use crate::common::{WARM_UP, adapter_f32, logged};
 
     /// `mpirun -np N` of the binary, as root if need be, oversubscribing the 2-core machine.
     fn mpirun(n: usize) -> Command {
@@ -46,25 +47,9 @@ mod with_mpi {
         assert!(out.status.success(), "{stage} {extra:?}: {}\n{}", text(&out.stdout), text(&out.stderr));
     }
 
-    /// The final adapter's tensors as f32 values, by name.
-    fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
-        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut out: Vec<(String, Vec<f32>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| {
-                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
-                (k, v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
-    }
-
     /// Every tensor equal within `tol` relative to the tensor's largest value.
     fn assert_same_adapter(a: &Path, b: &Path, tol: f32) {
-        let (a, b) = (adapter(&a.join("final")), adapter(&b.join("final")));
+        let (a, b) = (adapter_f32(&a.join("final")), adapter_f32(&b.join("final")));
         for ((name, x), (_, y)) in a.iter().zip(&b) {
             let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
             let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
@@ -75,19 +60,11 @@ mod with_mpi {
     /// Training moved the adapter in `stage_dir` away from `start` (so that equality is not
     /// that of two untouched adapters).
     fn assert_moved(start: &Path, stage_dir: &Path) {
-        let moved = adapter(start)
+        let moved = adapter_f32(start)
             .iter()
-            .zip(adapter(&stage_dir.join("final")))
+            .zip(adapter_f32(&stage_dir.join("final")))
             .any(|((_, x), (_, y))| x.iter().zip(&y).any(|(p, q)| (p - q).abs() > 1e-4));
         assert!(moved, "{} did not train", stage_dir.display());
-    }
-
-    fn logged(dir: &Path, key: &str) -> Vec<f64> {
-        std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
-            .collect()
     }
 
     fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
@@ -112,8 +89,7 @@ mod with_mpi {
         // group (a random tiny model never writes an answer tag): 2 prompts per step, one per
         // rank; the rewards are gathered for the log.
         let warm = runs("warm");
-        let warm_up = ["sft.max_steps=30", "sft.lr=2e-2", "sft.answer=single", "sft.min_lr_ratio=1.0", "sft.save_every=0"];
-        let sets: Vec<String> = warm_up.iter().flat_map(|s| ["--set".to_string(), s.to_string()]).collect();
+        let sets: Vec<String> = WARM_UP.iter().flat_map(|s| ["--set".to_string(), s.to_string()]).collect();
         let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
         train(bin(), "sft-warmup", &s.config, &warm, &sets);
         let init = format!("grpo.init_adapter=\"{}\"", warm.join("sft/final").display());

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::common::{Setup, adapter_tensors, bin, quiet, text};
+use crate::common::{Setup, WARM_UP, adapter_tensors, bin, quiet, text};
 use refine_poi::train::{RunOptions, StopFlag};
 use refine_poi::train::{grpo, sft};
 
@@ -17,18 +17,9 @@ fn records(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A tiny SFT warm-up that teaches `<answer>id</answer>`, so sampled answers parse and their
-/// rewards differ within a group (a random tiny model never writes an answer tag).
+/// The warm-up ([`WARM_UP`]) run, and the sets of a GRPO run that starts from it.
 fn warmed_up(s: &Setup) -> Vec<String> {
-    let sets = [
-        "data.train_instances=4",
-        "sft.max_steps=30",
-        "sft.lr=2e-2",
-        "sft.answer=single",
-        "sft.min_lr_ratio=1.0",
-        "sft.save_every=0",
-        "lora.dropout=0.0",
-    ];
+    let sets = WARM_UP;
     let cfg = s.cfg(&sets);
     assert!(sft::run(&cfg, &quiet()).unwrap().stage.finished);
     let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::common::{Setup, bin, text};
+use crate::common::{Setup, WARM_UP, adapter_f32, bin, logged, text};
 
 fn train(s: &Setup, dtype: &str, stage: &str, run_dir: &Path, sets: &[String]) {
     let mut c = bin();
@@ -14,30 +14,6 @@ fn train(s: &Setup, dtype: &str, stage: &str, run_dir: &Path, sets: &[String]) {
     }
     let out = c.output().unwrap();
     assert!(out.status.success(), "{dtype} {stage}: {}", text(&out.stderr));
-}
-
-fn logged(dir: &Path, key: &str) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
-        .collect()
-}
-
-/// The adapter's tensors: every one f32, as (name, values).
-fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k} is not f32");
-            (k, v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 #[test]
@@ -61,7 +37,7 @@ fn a_tiny_qwen2_trains_in_f32_and_in_bf16_with_an_f32_adapter() {
         let losses = logged(&run.join("sft"), "loss");
         let (first, last) = (losses[0], *losses.last().unwrap());
         assert!(last < 0.3 * first, "{dtype}: SFT loss went from {first} to {last}");
-        let sft = adapter(&run.join("sft/final"));
+        let sft = adapter_f32(&run.join("sft/final"));
         assert!(sft.iter().any(|(n, x)| n.contains("lora_B") && x.iter().any(|v| v.abs() > 1e-3)), "{dtype}: B never moved");
 
         let init = format!("grpo.init_adapter=\"{}\"", run.join("sft/final").display());
@@ -74,7 +50,7 @@ fn a_tiny_qwen2_trains_in_f32_and_in_bf16_with_an_f32_adapter() {
         assert!(logged(&run.join("grpo"), "kl").iter().any(|&k| k > 0.0), "{dtype}: no KL to the base model");
         assert_eq!(grads.len(), 4, "{dtype}: 4 GRPO steps logged");
         assert!(grads.iter().all(|g| g.is_finite()) && grads.iter().any(|&g| g > 0.0), "{dtype}: no GRPO gradient: {grads:?}");
-        let grpo = adapter(&run.join("grpo/final"));
+        let grpo = adapter_f32(&run.join("grpo/final"));
         // Small updates survive: an f32 master copy, not bf16 that rounds them away.
         let moved = sft.iter().zip(&grpo).any(|((_, x), (_, y))| x.iter().zip(y).any(|(p, q)| p != q));
         assert!(moved, "{dtype}: GRPO did not move the adapter");
