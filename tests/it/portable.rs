@@ -19,18 +19,7 @@ fn train(s: &Setup, dtype: &str, stage: &str, run_dir: &Path, sets: &[String]) {
 #[test]
 fn a_tiny_qwen2_trains_in_f32_and_in_bf16_with_an_f32_adapter() {
     let s = Setup::of("qwen2");
-    let warm_up: Vec<String> = [
-        "data.train_instances=4",
-        "sft.max_steps=30",
-        "sft.lr=2e-2",
-        "sft.answer=single",
-        "sft.min_lr_ratio=1.0",
-        "sft.save_every=0",
-        "lora.dropout=0.0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let warm_up: Vec<String> = WARM_UP.iter().map(|s| s.to_string()).collect();
     for dtype in ["f32", "bf16"] {
         let run = s.tmp.path().join(dtype);
         train(&s, dtype, "sft-warmup", &run, &warm_up);
