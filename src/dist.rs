@@ -137,14 +137,6 @@ impl Dist {
         self.inner.gather_f64(local)
     }
 
-    /// True on every rank when `flag` is true on any (a stop request seen by one rank stops all
-    /// at the same step).
-    pub fn any(&self, flag: bool) -> Result<bool> {
-        let mut v = [f64::from(u8::from(flag))];
-        self.inner.sum_f64(&mut v)?;
-        Ok(v[0] > 0.0)
-    }
-
     /// Rank 0's string on every rank.
     pub fn broadcast_string(&self, s: &str) -> Result<String> {
         let mut bytes = s.as_bytes().to_vec();
@@ -387,7 +379,6 @@ mod tests {
         let mut g = vec![Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap()];
         assert_eq!(d.sum_tensors(&mut g).unwrap(), 0.0);
         assert_eq!(g[0].to_vec1::<f32>().unwrap(), [1.0, 2.0]);
-        assert!(d.any(true).unwrap() && !d.any(false).unwrap());
         assert_eq!(d.gather_f64(&[1.0, 2.0]).unwrap(), [1.0, 2.0]);
         assert_eq!(d.broadcast_string("runs/x").unwrap(), "runs/x");
     }

@@ -115,7 +115,6 @@ pub fn step_config(cfg: &RunConfig) -> StepConfig {
 }
 
 /// What the reward function saw of one sampled completion.
-#[derive(Clone)]
 struct Scored {
     breakdown: RewardBreakdown,
     /// The target's rank in the parsed list (1-based), if listed.
@@ -146,13 +145,13 @@ impl Scored {
 }
 
 /// Every rank's scored completions, in prompt order (each prompt's in sampling order).
-fn gather_scored(dist: &Dist, mine: &[(usize, Scored)]) -> Result<Vec<Scored>> {
+fn gather_scored(dist: &Dist, mine: Vec<(usize, Scored)>) -> Result<Vec<Scored>> {
     if dist.size() == 1 {
-        return Ok(mine.iter().map(|(_, s)| s.clone()).collect());
+        return Ok(mine.into_iter().map(|(_, s)| s).collect());
     }
     let width = 5 + rewards::REWARDS.len();
     let mut rows = Vec::with_capacity(mine.len() * width);
-    for (p, s) in mine {
+    for (p, s) in &mine {
         s.encode(*p, &mut rows);
     }
     let all = dist.gather_f64(&rows)?;
@@ -297,7 +296,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         };
         let report = loss::step(&loaded.model, &loaded.tokenizer, &prompt_ids, &seeds, &mut reward, &step_cfg, &mut opt, lr, None, dist)
             .with_context(|| format!("GRPO step {}", step + 1))?;
-        let scored = gather_scored(dist, &mine)?;
+        let scored = gather_scored(dist, mine)?;
         let step_s = started.elapsed().as_secs_f64();
 
         state.step += 1;
