@@ -11,17 +11,27 @@
 # (PTX for the chosen compute capability, plus its static GGUF/MoE kernels as SASS) and the
 # binary is linked.
 #
-#   scripts/build-cuda.sh [--compute-cap 80] [extra cargo build arguments]
+#   scripts/build-cuda.sh [--compute-cap 80] [--runtime 12|13] [extra cargo build arguments]
 #
 # --compute-cap: 80 (Ampere, the default; its PTX also runs on Hopper through the driver's JIT)
-# or 90 (Hopper SASS). Output: target/cuda-smNN/release/refine-poi. The binary needs the CUDA
-# 12 runtime libraries (libcudart, libcublas, libcublasLt, libcurand, libnvrtc) and the NVIDIA
-# driver where it runs: the driver's, or those under .cuda/root/usr/lib/x86_64-linux-gnu via
-# LD_LIBRARY_PATH. CUDA_LOCAL sets the folder, DEBIAN_MIRROR the mirror.
+# or 90 (Hopper SASS).
+# --runtime: the CUDA libraries the binary links and needs where it runs.
+#   12 (default): Debian's CUDA 12.4 libraries (libcudart, libcublas, libcublasLt, libcurand,
+#      libnvrtc): install them there, or point LD_LIBRARY_PATH at .cuda/root/usr/lib/x86_64-linux-gnu.
+#   13: the CUDA 13.0 libraries of PyPI's nvidia-* wheels, the ones PyTorch's cu130 builds
+#      install, so the binary runs on a machine whose only CUDA is such a PyTorch (the lent
+#      GPU machines). The kernels are still compiled by nvcc 12.4: its PTX is JIT-compiled by
+#      any newer driver. cudarc's bindings are then its CUDA 13.0 ones (CUDARC_CUDA_VERSION).
+# Output: target/cuda-smNN[-cuda13]/release/refine-poi. CUDA_LOCAL sets the folder,
+# DEBIAN_MIRROR the mirror.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cap=80
-if [[ "${1:-}" == "--compute-cap" ]]; then cap="$2"; shift 2; fi
+cap=80 runtime=12
+while [[ "${1:-}" == --compute-cap || "${1:-}" == --runtime ]]; do
+    case "$1" in --compute-cap) cap="$2" ;; --runtime) runtime="$2" ;; esac
+    shift 2
+done
+[[ "$runtime" == 12 || "$runtime" == 13 ]] || { echo "build-cuda.sh: --runtime 12 or 13" >&2; exit 1; }
 prefix="${CUDA_LOCAL:-$PWD/.cuda}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 root="$prefix/root"
@@ -65,13 +75,37 @@ LIBRARIES	=+ $(_SPACE_) "-L$(_HERE_)/../../x86_64-linux-gnu/stubs" "-L$(_HERE_)/
 EOF
     touch "$toolkit/nvcc.profile.local"
 fi
+# The CUDA 13.0 libraries, from PyPI: the oldest 13.0 releases, so that whatever 13.x a
+# machine has defines every symbol the binary takes.
+cu13=(nvidia-cublas==13.0.0.19 nvidia-cuda-runtime==13.0.48 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.48)
+if [[ "$runtime" == 13 && ! -f "$prefix/cu13/lib/libcublas.so" ]]; then
+    echo "build-cuda.sh: fetching the CUDA 13.0 libraries from PyPI into $prefix/cu13"
+    mkdir -p "$prefix/cu13/wheels" "$prefix/cu13/lib"
+    python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$prefix/cu13/wheels" "${cu13[@]}"
+    for w in "$prefix"/cu13/wheels/*.whl; do
+        python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$w" "$prefix/cu13/unpacked"
+    done
+    find "$prefix/cu13/unpacked" -name 'lib*.so*' -exec cp -t "$prefix/cu13/lib" {} +
+    # The linker wants the unversioned names.
+    for l in cublas cublasLt cudart curand nvrtc; do
+        so="$(ls "$prefix"/cu13/lib/lib$l.so.* | head -1)"
+        ln -sf "$(basename "$so")" "$prefix/cu13/lib/lib$l.so"
+    done
+fi
 fetched=$(date +%s)
 
 export PATH="$toolkit:$PATH"
 export CUDA_COMPUTE_CAP="$cap"
 # cudarc links the CUDA libraries by name; the driver's libcuda only as the toolkit's stub.
-export RUSTFLAGS="${RUSTFLAGS:-} -L native=$lib -L native=$lib/stubs"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda-sm$cap}"
+suffix=""
+if [[ "$runtime" == 13 ]]; then
+    export CUDARC_CUDA_VERSION=13000 suffix=-cuda13
+    export RUSTFLAGS="${RUSTFLAGS:-} -L native=$prefix/cu13/lib -L native=$lib/stubs"
+else
+    export RUSTFLAGS="${RUSTFLAGS:-} -L native=$lib -L native=$lib/stubs"
+fi
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda-sm$cap$suffix}"
 nvcc --version | tail -2
 cargo build --release --locked --features cuda "$@"
 done_at=$(date +%s)

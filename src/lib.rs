@@ -22,6 +22,7 @@ pub mod report;
 pub mod retrieval;
 pub mod runtime;
 pub mod seed;
+pub mod selfcheck;
 pub mod stats;
 pub mod train;
 pub mod visits;

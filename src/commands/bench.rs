@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
-use super::bench_gemm::{cpu_features, decode_weight_bytes, gemm_at_model_shapes, prefill_flops_per_token};
+use super::bench_gemm::{cpu_features, decode_weights, gemm_at_model_shapes, prefill_flops_per_token};
 use crate::generate::argmax;
 use crate::model::{self, CausalLm, KvCache, Mode};
 
@@ -30,11 +30,14 @@ pub struct Args {
     /// Runs of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Benchmark one GRPO step instead (G = --samples completions of one --prompt-tokens
-    /// prompt, up to --new-tokens each, LoRA r = 8 on all seven projections, beta = 0.04), and
+    /// Benchmark one GRPO step instead (G = --samples completions of each of --prompts
+    /// prompts of --prompt-tokens, up to --new-tokens each, LoRA r = 8 on all seven projections, beta = 0.04), and
     /// the prefix-shared training forward against an unshared one.
     #[arg(long)]
     pub grpo: bool,
+    /// Prompts (groups of --samples) in the benchmarked GRPO step.
+    #[arg(long, default_value_t = 1)]
+    pub prompts: usize,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -112,17 +115,18 @@ fn grpo_bench(args: &Args, mut loaded: crate::model::LoadedModel, prompt: Vec<u3
     let mut reward = |_: usize, c: &crate::generate::Completion| -> anyhow::Result<f64> {
         Ok(c.text.chars().filter(char::is_ascii_digit).count() as f64)
     };
-    let prompts = vec![prompt.clone()];
+    let prompts = vec![prompt.clone(); args.prompts];
     let mut steps = Vec::new();
     for r in 0..args.repeats {
+        let seeds: Vec<u64> = (0..args.prompts).map(|p| (r * args.prompts + p) as u64).collect();
         let start = Instant::now();
-        let report = step(model, tokenizer, &prompts, &[r as u64], &mut reward, &cfg, &mut opt, 1e-5, None, &crate::dist::Dist::single())?;
+        let report = step(model, tokenizer, &prompts, &seeds, &mut reward, &cfg, &mut opt, 1e-5, None, &crate::dist::Dist::single())?;
         steps.push((start.elapsed().as_secs_f64(), report));
     }
     steps.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (secs, report) = &steps[steps.len() / 2];
     // Shared against unshared training forward on the same sampled completions.
-    let completions = crate::generate::generate(model, tokenizer, &prompts, args.samples, &cfg.sampling, Mode::INFERENCE)?;
+    let completions = crate::generate::generate(model, tokenizer, &prompts[..1], args.samples, &cfg.sampling, Mode::INFERENCE)?;
     let eos = tokenizer.eos_ids.first().copied().unwrap_or(0);
     let (tokens, _) = completion_tensors(&completions[0], eos, eos, model.device(), model.dtype())?;
     let shared = training_forward_seconds(model, &prompt, &tokens, true)?;
@@ -130,7 +134,10 @@ fn grpo_bench(args: &Args, mut loaded: crate::model::LoadedModel, prompt: Vec<u3
     let unshared = training_forward_seconds(model, &prompt, &tokens, false)?;
     let report = json!({
         "model": loaded.source,
+        "device": format!("{:?}", model.device()),
+        "dtype": format!("{:?}", model.dtype()),
         "threads": rayon::current_num_threads(),
+        "prompts": args.prompts,
         "group": args.samples,
         "prompt_tokens": prompt.len(),
         "max_new_tokens": args.new_tokens,
@@ -148,7 +155,10 @@ fn grpo_bench(args: &Args, mut loaded: crate::model::LoadedModel, prompt: Vec<u3
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.repeats > 0 && args.samples > 0 && args.new_tokens > 0, "repeats, samples and new-tokens must be positive");
+    anyhow::ensure!(
+        args.repeats > 0 && args.samples > 0 && args.new_tokens > 0 && args.prompts > 0,
+        "repeats, samples, prompts and new-tokens must be positive"
+    );
     let load_start = Instant::now();
     let loaded = model::load(&args.model)?;
     let load_s = load_start.elapsed().as_secs_f64();
@@ -181,11 +191,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let decode_g = (args.new_tokens * args.samples) as f64 / dg;
     // This machine's GEMM rate at the model's shapes, and how much of it each phase reaches.
     let cfg = &model.config;
-    let gemm_prefill = gemm_at_model_shapes(cfg, args.prompt_tokens, args.repeats)?;
-    let gemm_decode = gemm_at_model_shapes(cfg, args.samples, args.repeats)?;
+    let gemm_prefill = gemm_at_model_shapes(cfg, args.prompt_tokens, args.repeats, model.device(), model.dtype())?;
+    let gemm_decode = gemm_at_model_shapes(cfg, args.samples, args.repeats, model.device(), model.dtype())?;
     let prefill_gflops = prefill_tps * prefill_flops_per_token(cfg, args.prompt_tokens) / 1e9;
     // A decoding step's FLOPs per row: the linear layers and the LM head (attention is small).
-    let decode_flops = decode_weight_bytes(cfg) / 2.0;
+    let decode_flops = 2.0 * decode_weights(cfg);
     let decode_g_gflops = decode_g * decode_flops / 1e9;
     let limit = |g: &serde_json::Value| g["gflops_layer"].as_f64().unwrap_or(f64::NAN);
     let report = json!({
@@ -209,8 +219,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "prefill_share_of_gemm": prefill_gflops / limit(&gemm_prefill),
         "decode_batch_gflops": decode_g_gflops,
         "decode_batch_share_of_gemm": decode_g_gflops / limit(&gemm_decode),
-        // Batch 1 is bound by reading the weights: f32 bytes read per second.
-        "decode_batch1_weight_gb_per_s": decode1 * decode_weight_bytes(cfg) / 1e9,
+        // Batch 1 is bound by reading the weights: their bytes read per second.
+        "decode_batch1_weight_gb_per_s": decode1 * decode_weights(cfg) * model.dtype().size_in_bytes() as f64 / 1e9,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -1,5 +1,6 @@
-//! The machine's own f32 matrix-multiply speed at the model's shapes, so that `bench` can say how
-//! far each phase is from this machine's limit, on any CPU.
+//! The machine's own matrix-multiply speed at the model's shapes, in the model's dtype on the
+//! model's device, so that `bench` can say how far each phase is from this machine's limit, on
+//! any CPU or GPU.
 //!
 //! Each linear layer of a prefill of `tokens` tokens is one `[tokens, k] x [k, n]` product,
 //! timed through candle's matmul (the path the model's linear layers take; its kernels pick the
@@ -55,25 +56,27 @@ pub fn prefill_flops_per_token(cfg: &ModelConfig, tokens: usize) -> f64 {
     (2 * cfg.num_hidden_layers * (linear + attention)) as f64
 }
 
-/// Bytes of f32 weights one decoding step reads: every layer's linear weights and the LM head.
-pub fn decode_weight_bytes(cfg: &ModelConfig) -> f64 {
+/// Weights one decoding step reads (and multiplies once per row): every layer's linear weights
+/// and the LM head.
+pub fn decode_weights(cfg: &ModelConfig) -> f64 {
     let linear: usize = layer_shapes(cfg).iter().map(|(_, n, k)| n * k).sum();
-    (4 * (cfg.num_hidden_layers * linear + cfg.vocab_size * cfg.hidden_size)) as f64
+    (cfg.num_hidden_layers * linear + cfg.vocab_size * cfg.hidden_size) as f64
 }
 
 /// GFLOP/s of each of one layer's products at `tokens` rows (median of `repeats` timings of
-/// ~50 ms each), and the FLOP-weighted rate over all seven.
-pub fn gemm_at_model_shapes(cfg: &ModelConfig, tokens: usize, repeats: usize) -> anyhow::Result<Value> {
-    let dev = Device::Cpu;
+/// ~50 ms each) on `dev` in `dtype`, and the FLOP-weighted rate over all seven. A GPU is
+/// synchronised before each clock is read.
+pub fn gemm_at_model_shapes(cfg: &ModelConfig, tokens: usize, repeats: usize, dev: &Device, dtype: DType) -> anyhow::Result<Value> {
     let mut per_shape = serde_json::Map::new();
     let (mut flops, mut seconds) = (0.0, 0.0);
     for (name, n, k) in layer_shapes(cfg) {
-        let x = Tensor::randn(0f32, 1.0, (tokens, k), &dev)?.to_dtype(DType::F32)?;
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::F32)?;
+        let x = Tensor::randn(0f32, 1.0, (tokens, k), dev)?.to_dtype(dtype)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), dev)?.to_dtype(dtype)?;
         // Warm-up, and enough products per timing (about 50 ms) that one product's noise does
         // not decide the figure.
         let start = Instant::now();
         x.matmul(&w.t()?)?;
+        dev.synchronize()?;
         let per_timing = ((0.05 / start.elapsed().as_secs_f64().max(1e-6)) as usize).clamp(1, 10_000);
         let mut times: Vec<f64> = (0..repeats.max(1))
             .map(|_| {
@@ -81,6 +84,7 @@ pub fn gemm_at_model_shapes(cfg: &ModelConfig, tokens: usize, repeats: usize) ->
                 for _ in 0..per_timing {
                     x.matmul(&w.t()?)?;
                 }
+                dev.synchronize()?;
                 Ok(start.elapsed().as_secs_f64() / per_timing as f64)
             })
             .collect::<anyhow::Result<_>>()?;
@@ -110,12 +114,12 @@ mod tests {
         // Linear weights per layer: 1024 + 512 + 512 + 1024 + 3 × 2048 = 9216. At 3 tokens each
         // attends to 2 positions on average: 2 × 4 × 8 × 2 = 128 per layer.
         assert_eq!(prefill_flops_per_token(&cfg, 3), (2 * 2 * (9216 + 128)) as f64);
-        assert_eq!(decode_weight_bytes(&cfg), (4 * (2 * 9216 + cfg.vocab_size * 32)) as f64);
+        assert_eq!(decode_weights(&cfg), (2 * 9216 + cfg.vocab_size * 32) as f64);
     }
 
     #[test]
     fn gemm_rates_are_positive_for_every_shape() {
-        let r = gemm_at_model_shapes(&tiny_config("llama"), 3, 2).unwrap();
+        let r = gemm_at_model_shapes(&tiny_config("llama"), 3, 2, &Device::Cpu, DType::F32).unwrap();
         let shapes = r["gflops_per_shape"].as_object().unwrap();
         assert_eq!(shapes.len(), 7);
         assert!(shapes.values().all(|v| v.as_f64().unwrap() > 0.0));

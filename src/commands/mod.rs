@@ -15,6 +15,7 @@ pub mod preprocess;
 pub mod prompt_stats;
 pub mod recommend;
 pub mod report;
+pub mod selfcheck;
 pub mod train;
 
 #[derive(Parser, Debug)]
@@ -54,6 +55,8 @@ pub enum Command {
     Generate(generate::Args),
     /// Answer-in-prompt: how often the prompt names the target POI, per group and section.
     PromptStats(prompt_stats::Args),
+    /// Check the model on --device/--dtype: golden logits, LoRA gradients (JSON; fails if off).
+    Selfcheck(selfcheck::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -67,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::PromptStats(args) => prompt_stats::run(args),
         Command::Export(args) => export::run(args),
         Command::Report(args) => report::run(args),
+        Command::Selfcheck(args) => selfcheck::run(args),
         Command::SftWarmup(args) => train::run_sft(args),
         Command::GrpoTrain(args) => train::run_grpo(args),
     }

@@ -253,7 +253,13 @@ impl Attention {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
-        let probs = softmax(&scores, mode)?.reshape((b, self.kv_heads, group * t, keys))?;
+        // Half precision takes its softmax in f32, as Hugging Face's models do: a bf16 sum over
+        // the keys would round away the small probabilities.
+        let probs = match scores.dtype() {
+            DType::BF16 | DType::F16 => softmax(&scores.to_dtype(DType::F32)?, mode)?.to_dtype(scores.dtype())?,
+            _ => softmax(&scores, mode)?,
+        };
+        let probs = probs.reshape((b, self.kv_heads, group * t, keys))?;
         let y = probs.matmul(&v.contiguous()?)?.reshape((b, self.heads, t, self.head_dim))?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&y, mode)

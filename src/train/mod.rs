@@ -186,6 +186,8 @@ impl StageStart {
         resume: bool,
         check_fresh: impl FnOnce() -> Result<()>,
     ) -> Result<(DirLock, RunDir, Option<PathBuf>, String)> {
+        // Resuming what is not there must not leave an empty run folder behind.
+        ensure!(!resume || root.is_dir(), "nothing to resume in {}: no such folder", root.display());
         let lock = DirLock::acquire(root, stage.command())?;
         let (run, latest, config_hash) = if resume {
             RunDir::open_for_resume(root, config_toml, |saved| RunConfig::from_toml(saved)?.stage_toml(stage))?

@@ -2,10 +2,11 @@
 //! gradients against finite differences, PEFT round trip, mismatch errors), padding, and
 //! batched generation against one-by-one generation.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use refine_poi::generate::{SamplingConfig, generate_seeded};
 use refine_poi::model::tiny::{tiny_config, write_tiny_model};
 use refine_poi::model::{KvCache, LoadedModel, LoraConfig, Mode, ModelSource, load_on};
+use refine_poi::selfcheck::{lora_finite_differences, randomize_lora_b};
 
 fn tiny(model_type: &str, dtype: DType) -> (tempfile::TempDir, LoadedModel) {
     let dir = tempfile::tempdir().unwrap();
@@ -25,19 +26,6 @@ fn logits(m: &LoadedModel, tokens: &[u32], mode: Mode) -> Vec<Vec<f32>> {
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-/// Gives every B factor random values so the adapter changes the output.
-fn randomize_b(m: &LoadedModel, seed: u64) {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    for (name, var) in m.model.lora_vars() {
-        if name.contains("lora_B") {
-            let values: Vec<f32> = (0..var.elem_count()).map(|_| rng.random_range(-0.3f32..0.3)).collect();
-            let t = Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap().to_dtype(var.dtype()).unwrap();
-            var.set(&t).unwrap();
-        }
-    }
 }
 
 #[test]
@@ -61,7 +49,7 @@ fn zero_b_adapter_leaves_logits_unchanged() {
     let before = logits(&m, &tokens, Mode::INFERENCE);
     m.model.attach_lora(&LoraConfig::default(), 1).unwrap();
     assert_eq!(max_diff(&before, &logits(&m, &tokens, Mode::INFERENCE)), 0.0);
-    randomize_b(&m, 2);
+    randomize_lora_b(&m, 2, 0.3).unwrap();
     assert!(max_diff(&before, &logits(&m, &tokens, Mode::INFERENCE)) > 1e-3, "a non-zero adapter changes the output");
     assert_eq!(max_diff(&before, &logits(&m, &tokens, Mode::REFERENCE)), 0.0, "adapter off is the base model");
 }
@@ -71,7 +59,7 @@ fn zero_b_adapter_leaves_logits_unchanged() {
 fn a_pinned_reference_adapter_is_what_adapter_off_computes() {
     let (dir, mut m) = tiny("llama", DType::F32);
     m.model.attach_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..Default::default() }, 3).unwrap();
-    randomize_b(&m, 1);
+    randomize_lora_b(&m, 1, 0.3).unwrap();
     let tokens = ids(&m, "pinned reference");
     let base = logits(&m, &tokens, Mode::REFERENCE);
     let start = logits(&m, &tokens, Mode::INFERENCE);
@@ -79,7 +67,7 @@ fn a_pinned_reference_adapter_is_what_adapter_off_computes() {
     m.model.pin_reference_adapter().unwrap();
     assert_eq!(max_diff(&start, &logits(&m, &tokens, Mode::REFERENCE)), 0.0);
     // The trained adapter moves (and is reloaded from a checkpoint); the reference stays put.
-    randomize_b(&m, 2);
+    randomize_lora_b(&m, 2, 0.3).unwrap();
     let moved = logits(&m, &tokens, Mode::INFERENCE);
     assert!(max_diff(&moved, &start) > 1e-3);
     assert_eq!(max_diff(&start, &logits(&m, &tokens, Mode::REFERENCE)), 0.0);
@@ -90,43 +78,12 @@ fn a_pinned_reference_adapter_is_what_adapter_off_computes() {
     assert_eq!(max_diff(&start, &logits(&m, &tokens, Mode::REFERENCE)), 0.0);
 }
 
-fn log_likelihood(m: &LoadedModel, tokens: &[u32]) -> Tensor {
-    let input = Tensor::new(&tokens[..tokens.len() - 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let targets = Tensor::new(&tokens[1..], &Device::Cpu).unwrap().unsqueeze(0).unwrap().unsqueeze(D::Minus1).unwrap();
-    let logp = candle_nn::ops::log_softmax(&m.model.forward(&input, None, None, Mode::TRAIN).unwrap(), D::Minus1).unwrap();
-    logp.gather(&targets, D::Minus1).unwrap().sum_all().unwrap()
-}
-
+/// The f64 finite-difference check `refine-poi selfcheck` runs on its device, here on the CPU.
 #[test]
 fn lora_gradients_match_finite_differences() {
-    let (_d, mut m) = tiny("llama", DType::F64);
-    let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q".into(), "v".into(), "down".into()] };
-    m.model.attach_lora(&cfg, 3).unwrap();
-    randomize_b(&m, 4);
-    let tokens = ids(&m, "lora grad");
-    let grads = log_likelihood(&m, &tokens).backward().unwrap();
-    let eps = 1e-6;
-    let mut checked = 0;
-    for (name, var) in m.model.lora_vars() {
-        let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-        let analytic = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        for idx in [0, base.len() / 2, base.len() - 1] {
-            let shifted = |delta: f64| {
-                let mut v = base.clone();
-                v[idx] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
-                let l = log_likelihood(&m, &tokens).to_scalar::<f64>().unwrap();
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
-                l
-            };
-            let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
-            let tol = 1e-6 * (1.0 + numeric.abs());
-            assert!((numeric - analytic[idx]).abs() < tol, "{name}[{idx}]: analytic {} vs numeric {numeric}", analytic[idx]);
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, 2 * 3 * 2 * 3, "2 layers x 3 targets x (A, B) x 3 entries");
+    let report = lora_finite_differences(&Device::Cpu).unwrap();
+    assert_eq!(report.checked, 2 * 3 * 2 * 3, "2 layers x 3 targets x (A, B) x 3 entries");
+    assert!(report.passed, "max error {:.3e}", report.max_error);
 }
 
 #[test]
@@ -135,7 +92,7 @@ fn peft_round_trip_is_exact_and_mismatches_are_errors() {
     m.model
         .attach_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, targets: vec!["q_proj".into(), "o_proj".into(), "up_proj".into()] }, 5)
         .unwrap();
-    randomize_b(&m, 6);
+    randomize_lora_b(&m, 6, 0.3).unwrap();
     let out = tempfile::tempdir().unwrap();
     m.model.save_adapter(out.path(), &refine_poi::model::AdapterBase::local("tiny")).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap()).unwrap();
@@ -191,7 +148,7 @@ fn left_padded_batch_equals_single_rows() {
 fn batched_generation_equals_one_by_one() {
     let (_d, mut m) = tiny("qwen2", DType::F32);
     m.model.attach_lora(&LoraConfig::default(), 9).unwrap();
-    randomize_b(&m, 10);
+    randomize_lora_b(&m, 10, 0.3).unwrap();
     let prompts = vec![ids(&m, "first prompt"), ids(&m, "2nd"), ids(&m, "and the third, longest prompt")];
     let seeds = [11, 22, 33];
     for cfg in [
@@ -290,7 +247,7 @@ fn prefix_shared_group_forward_equals_separate_sequences() {
     for (dtype, mode, tol) in [(DType::F64, Mode::TRAIN, 1e-9), (DType::F32, Mode::INFERENCE, 1e-4)] {
         let (_d, mut m) = tiny("qwen2", dtype);
         m.model.attach_lora(&LoraConfig::default(), 11).unwrap();
-        randomize_b(&m, 12);
+        randomize_lora_b(&m, 12, 0.3).unwrap();
         let prompt = ids(&m, "a shared prompt");
         let completions = vec![ids(&m, "one"), ids(&m, "two"), ids(&m, "six")];
         let flat: Vec<u32> = completions.concat();
@@ -311,7 +268,7 @@ fn grpo_loss_gradient_matches_finite_differences() {
     let (_d, mut m) = tiny("llama", DType::F64);
     let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q".into(), "up".into()] };
     m.model.attach_lora(&cfg, 13).unwrap();
-    randomize_b(&m, 14);
+    randomize_lora_b(&m, 14, 0.3).unwrap();
     let prompt = ids(&m, "prompt");
     // Two completions, the second one token shorter (right padding, masked).
     let tokens = Tensor::from_vec(vec![10u32, 20, 30, 40, 50, 0], (2, 3), &Device::Cpu).unwrap();
@@ -350,7 +307,7 @@ fn grpo_loss_gradient_matches_finite_differences() {
 fn lora_dropout_is_seeded_and_training_only() {
     let (_d, mut m) = tiny("llama", DType::F32);
     m.model.attach_lora(&LoraConfig { dropout: 0.3, ..LoraConfig::default() }, 1).unwrap();
-    randomize_b(&m, 2);
+    randomize_lora_b(&m, 2, 0.3).unwrap();
     let tokens = ids(&m, "dropout test");
     let plain = logits(&m, &tokens, Mode::TRAIN);
     let a = logits(&m, &tokens, Mode::TRAIN.with_dropout(5));

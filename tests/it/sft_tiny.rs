@@ -177,8 +177,10 @@ fn broken_or_mismatched_checkpoints_are_clear_errors() {
     let done = sft::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
     assert!(done.stage.finished);
     // Nothing to resume in an empty run_dir.
-    let e = resume(&s.cfg(&["run_dir=elsewhere-never-created"]));
+    let elsewhere = s.tmp.path().join("elsewhere");
+    let e = resume(&s.cfg(&[&format!("run_dir={}", elsewhere.display())]));
     assert!(e.contains("nothing to resume"), "{e}");
+    assert!(!elsewhere.exists(), "a failed resume leaves no folder behind");
 }
 
 /// The newest checkpoint damaged (here: its optimizer file cut short, as a full disk or a
