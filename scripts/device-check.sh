@@ -2,10 +2,13 @@
 # The prepared check for a bare GPU machine: no Rust toolchain, no network, files carried in
 # pieces of at most 64 MiB a call (the lent H200 machines). Two halves:
 #
-#   scripts/device-check.sh pack [--binary PATH] [--piece-mib 40]
+#   scripts/device-check.sh pack [--binary PATH] [--model PATH] [--piece-mib 40]
 #       Here, after scripts/build-cuda.sh: packs the CUDA binary (stripped) and the default
 #       model into .device/ (git-ignored) as parts of --piece-mib each, with their checksums,
 #       and prints the calls that carry them over, one part a call, the last one running the check.
+#
+#   scripts/device-check.sh unpack DIR
+#       Joins and verifies the parts into DIR (refine-poi, models/): what `run` does first.
 #
 #   scripts/device-check.sh run [--device cuda|cpu] [--small] [--out DIR] [--binary PATH] [--model PATH]
 #       There (or here, as a dry run with --device cpu): joins and checks the parts when
@@ -28,36 +31,38 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
 shift || true
-stash=.device
+stash="$(realpath -m "${DEVICE_STASH:-.device}")"  # where the parts are (tests set another folder)
 
 pack() {
-    local binary=target/cuda-sm90-cuda13/release/refine-poi piece=40
+    local binary=target/cuda-sm90-cuda13/release/refine-poi piece=40 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --binary) binary="$2"; shift 2 ;;
+            --model) model="$2"; shift 2 ;;
             --piece-mib) piece="$2"; shift 2 ;;
             *) echo "device-check.sh pack: unknown argument $1" >&2; exit 2 ;;
         esac
     done
     [[ -x "$binary" ]] || { echo "device-check.sh: no binary at $binary (build it with scripts/build-cuda.sh --compute-cap 90 --runtime 13)" >&2; exit 1; }
-    local model=models/SmolLM2-135M-Instruct.Q4_1.gguf
     [[ -f "$model" ]] || { echo "device-check.sh: no model at $model (scripts/fetch-model.sh)" >&2; exit 1; }
     rm -rf "$stash" && mkdir -p "$stash/bundle/models"
     strip -o "$stash/bundle/refine-poi" "$binary"
-    cp "$model" "$stash/bundle/models/"
+    cp "$model" "$stash/bundle/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     tar -C "$stash/bundle" -czf "$stash/bundle.tar.gz" refine-poi models
     rm -rf "$stash/bundle"
     split -b "${piece}M" -d -a 2 "$stash/bundle.tar.gz" "$stash/part-"
     (cd "$stash" && sha256sum bundle.tar.gz part-* > SHA256SUMS && rm bundle.tar.gz)
-    local parts=("$stash"/part-*) n=0
-    echo "device-check.sh: $(du -sh "$stash" | cut -f1) in ${#parts[@]} parts under $stash/ (binary stripped from $(du -h "$binary" | cut -f1))"
+    local rel parts=() n=0 p
+    rel="$(realpath --relative-to=. "$stash")"
+    for p in "$stash"/part-*; do parts+=("$rel/$(basename "$p")"); done
+    echo "device-check.sh: $(du -sh "$stash" | cut -f1) in ${#parts[@]} parts under $rel/ (binary stripped from $(du -h "$binary" | cut -f1))"
     echo "Carry them one call each, in order, within the machine's idle time (files under ignored paths stay while it is warm):"
     for p in "${parts[@]}"; do
         n=$((n + 1))
         if [[ $n -lt ${#parts[@]} ]]; then
-            echo "  run  carry=[\"$p\"]  command: ls -l $stash"
+            echo "  run  carry=[\"$p\"]  command: ls -l $rel"
         else
-            echo "  run  carry=[\"$p\", \"$stash/SHA256SUMS\"]  timeout_s=560  command: bash scripts/device-check.sh run --device cuda"
+            echo "  run  carry=[\"$p\", \"$rel/SHA256SUMS\"]  timeout_s=560  command: bash scripts/device-check.sh run --device cuda"
         fi
     done
 }
@@ -67,7 +72,8 @@ unpack() {
     local into="$1"
     (cd "$stash" && sha256sum --quiet -c <(grep part- SHA256SUMS)) || { echo "device-check.sh: a carried part is missing or damaged" >&2; return 1; }
     cat "$stash"/part-* > "$into/bundle.tar.gz"
-    (cd "$into" && sha256sum --quiet -c <(grep bundle.tar.gz "$OLDPWD/$stash/SHA256SUMS")) || return 1
+    (cd "$into" && sha256sum --quiet -c <(grep bundle.tar.gz "$stash/SHA256SUMS")) \
+        || { echo "device-check.sh: the joined parts are not the packed bundle" >&2; return 1; }
     tar -C "$into" -xzf "$into/bundle.tar.gz" && rm "$into/bundle.tar.gz"
 }
 
@@ -213,5 +219,6 @@ EOF
 case "$mode" in
     pack) pack "$@" ;;
     run) run_check "$@" ;;
-    *) echo "usage: scripts/device-check.sh pack [--binary PATH] [--piece-mib N] | run [--device cuda|cpu] [--small] [--out DIR] [--binary PATH] [--model PATH]" >&2; exit 2 ;;
+    unpack) mkdir -p "${1:?unpack DIR}" && unpack "$1" ;;
+    *) echo "usage: scripts/device-check.sh pack [--binary PATH] [--piece-mib N] | unpack DIR | run [--device cuda|cpu] [--small] [--out DIR] [--binary PATH] [--model PATH]" >&2; exit 2 ;;
 esac

@@ -6,6 +6,7 @@ mod cli_data;
 mod cli_model;
 mod common;
 mod configs;
+mod device_check;
 mod dist;
 mod grpo_tiny;
 mod grpo_train;
