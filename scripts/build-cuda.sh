@@ -4,7 +4,7 @@
 # The CUDA 12.4 compiler, headers and libraries come from Debian trixie's packages, served by
 # the Debian registry: nvidia-cuda-toolkit (nvcc, cicc, ptxas, cudafe++, fatbinary),
 # nvidia-cuda-dev (headers, libcudart and the libcuda link stub), the runtime libraries candle
-# links (cuBLAS, cuBLASLt, cuRAND, NVRTC) and libcu++ (headers nvcc includes). They are
+# links (cuBLAS, cuBLASLt, cuRAND, NVRTC), and libcu++, Thrust and CUB (headers nvcc includes). They are
 # unpacked with `dpkg -x` into a local folder (default .cuda/, git-ignored); nothing is
 # installed system-wide. nvcc gets a profile pointing at that folder, and uses the system's
 # g++ (12 on bookworm; CUDA 12.4 takes up to 13). Then candle's kernels are compiled for real
@@ -41,7 +41,7 @@ started=$(date +%s)
 
 # name=version of every package: pinned, so the build is the same on any day.
 nonfree=(nvidia-cuda-toolkit nvidia-cuda-dev libcudart12 libnvvm4 libcublas12 libcublaslt12 libcurand10 libnvrtc12 libnvrtc-builtins12.4)
-main=(libcu++-dev)
+main=(libcu++-dev libthrust-dev libcub-dev)
 
 fetch() { # fetch COMPONENT ARCH PACKAGE...: downloads and unpacks each package of trixie's index
     local component="$1" arch="$2"; shift 2
@@ -63,7 +63,6 @@ if [[ ! -x "$toolkit/cicc" || ! -f "$toolkit/nvcc.profile.local" ]]; then
     mkdir -p "$prefix/debs" "$root"
     echo "build-cuda.sh: fetching CUDA 12.4 from Debian trixie into $prefix (about 1.4 GB)"
     fetch non-free amd64 "${nonfree[@]}"
-    fetch main all "${main[@]}"
     # The packaged profile is a link to /etc/nvcc.profile with absolute /usr paths: replace it
     # with one relative to the toolkit's own folder.
     rm -f "$toolkit/nvcc.profile"
@@ -93,6 +92,8 @@ if [[ "$runtime" == 13 && ! -f "$prefix/cu13/lib/libcublas.so" ]]; then
         ln -sf "$(basename "$so")" "$prefix/cu13/lib/lib$l.so"
     done
 fi
+# Headers from main: libcu++, and Thrust and CUB (candle's MoE kernels include Thrust).
+[[ -f "$root/usr/include/thrust/device_ptr.h" ]] || fetch main all "${main[@]}"
 fetched=$(date +%s)
 
 export PATH="$toolkit:$PATH"

@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::constrain::{AnswerConstraint, AnswerState};
 use crate::model::{CausalLm, KvCache, Mode, TextTokenizer};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -67,6 +68,8 @@ struct Row {
     rng: StdRng,
     tokens: Vec<u32>,
     finish: Option<FinishReason>,
+    /// Where the row is in the answer grammar, when decoding is constrained.
+    answer: Option<AnswerState>,
 }
 
 /// A per-row seed from (seed, prompt, sample): stable whatever the batch composition.
@@ -105,6 +108,23 @@ pub fn generate_seeded(
     cfg: &SamplingConfig,
     mode: Mode,
 ) -> anyhow::Result<Vec<Vec<Completion>>> {
+    generate_constrained(model, tokenizer, prompts, prompt_seeds, samples, cfg, mode, None)
+}
+
+/// [`generate_seeded`], each completion held to `constraint`'s answer grammar when given: the
+/// tokens it forbids are masked out before sampling (so greedy decoding takes the best allowed
+/// token), and a token that alone is allowed is appended without sampling.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_constrained(
+    model: &CausalLm,
+    tokenizer: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    prompt_seeds: &[u64],
+    samples: usize,
+    cfg: &SamplingConfig,
+    mode: Mode,
+    constraint: Option<&AnswerConstraint>,
+) -> anyhow::Result<Vec<Vec<Completion>>> {
     cfg.validate()?;
     anyhow::ensure!(prompt_seeds.len() == prompts.len(), "one seed per prompt");
     anyhow::ensure!(samples > 0, "need at least one sample per prompt");
@@ -124,6 +144,7 @@ pub fn generate_seeded(
                 rng: StdRng::seed_from_u64(row_seed(cfg.seed, prompt_seeds[p], s)),
                 tokens: Vec::new(),
                 finish: None,
+                answer: constraint.map(AnswerConstraint::start),
             });
             first_logits.push(logits.clone());
         }
@@ -143,7 +164,26 @@ pub fn generate_seeded(
         let mut next = Vec::with_capacity(active.len());
         for (slot, &r) in active.iter().enumerate() {
             let row = &mut rows[r];
-            let token = sample_token(&logits[slot], cfg, &mut row.rng);
+            let token = match (constraint, &row.answer) {
+                (Some(c), Some(state)) => {
+                    let token = match c.allowed(state, &tokenizer.eos_ids)[..] {
+                        [] => anyhow::bail!("the answer grammar allows no token: the tokenizer has no end-of-sequence token"),
+                        [only] => only,
+                        ref allowed => {
+                            let mut masked = vec![f32::NEG_INFINITY; logits[slot].len()];
+                            for &a in allowed {
+                                if let Some(&l) = logits[slot].get(a as usize) {
+                                    masked[a as usize] = l;
+                                }
+                            }
+                            sample_token(&masked, cfg, &mut row.rng)
+                        }
+                    };
+                    row.answer = c.after_token(state, token);
+                    token
+                }
+                _ => sample_token(&logits[slot], cfg, &mut row.rng),
+            };
             if tokenizer.eos_ids.contains(&token) {
                 row.finish = Some(FinishReason::Eos);
             } else {

@@ -6,6 +6,7 @@ pub mod baselines;
 pub mod commands;
 pub mod compare;
 pub mod config;
+pub mod constrain;
 pub mod data;
 pub mod dist;
 pub mod eval;

@@ -6,9 +6,10 @@ use anyhow::Result;
 use serde_json::json;
 
 use crate::answer::{ANSWER_CLOSE, parse_answer};
+use crate::constrain::AnswerConstraint;
 use crate::data::{Dataset, Instance};
 use crate::eval::{Prediction, Recommender};
-use crate::generate::{SamplingConfig, generate};
+use crate::generate::{SamplingConfig, generate_constrained};
 use crate::model::{LoadedModel, Mode};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::retrieval::TrainStats;
@@ -23,13 +24,46 @@ pub struct LlmRecommender {
     details: Vec<serde_json::Value>,
     /// The candidate lists' statistics, counted at the first `predict` (when the prompt asks for them).
     stats: Option<TrainStats>,
+    /// Constrained decoding: the answer grammar for the dataset's POIs, built at the first answer.
+    constrained: bool,
+    grammar: std::sync::OnceLock<(usize, AnswerConstraint)>,
 }
 
 impl LlmRecommender {
     pub fn new(loaded: LoadedModel, prompt: PromptConfig, batch_size: usize, max_new_tokens: usize, name: String) -> Result<Self> {
         prompt.validate()?;
         anyhow::ensure!(batch_size > 0 && max_new_tokens > 0, "batch size and max new tokens must be positive");
-        Ok(LlmRecommender { loaded, prompt, batch_size, max_new_tokens, name, details: Vec::new(), stats: None })
+        Ok(LlmRecommender {
+            loaded,
+            prompt,
+            batch_size,
+            max_new_tokens,
+            name,
+            details: Vec::new(),
+            stats: None,
+            constrained: false,
+            grammar: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Holds every answer to the answer grammar ([`crate::constrain`]) when `on`.
+    pub fn constrained(mut self, on: bool) -> Result<Self> {
+        anyhow::ensure!(!(on && self.prompt.reasoning), "constrained decoding needs reasoning = false: the grammar has no <think> part");
+        self.constrained = on;
+        Ok(self)
+    }
+
+    fn grammar(&self, num_pois: usize) -> Result<Option<&AnswerConstraint>> {
+        if !self.constrained {
+            return Ok(None);
+        }
+        if self.grammar.get().is_none() {
+            let built = AnswerConstraint::new(&self.loaded.tokenizer, self.prompt.k, num_pois)?;
+            let _ = self.grammar.set((num_pois, built));
+        }
+        let (n, grammar) = self.grammar.get().expect("set above");
+        anyhow::ensure!(*n == num_pois, "the answer grammar was built for {n} POIs, not {num_pois}");
+        Ok(Some(grammar))
     }
 
     /// Greedy answers for `contexts`: the raw completion, the parsed answer, and the prompt.
@@ -38,7 +72,9 @@ impl LlmRecommender {
         let prompts = contexts.iter().map(|c| builder.build(c)).collect::<Result<Vec<_>>>()?;
         let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
         let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
-        let out = generate(&self.loaded.model, &self.loaded.tokenizer, &ids, 1, &cfg, Mode::INFERENCE)?;
+        let seeds: Vec<u64> = (0..ids.len() as u64).collect();
+        let grammar = self.grammar(num_pois)?;
+        let out = generate_constrained(&self.loaded.model, &self.loaded.tokenizer, &ids, &seeds, 1, &cfg, Mode::INFERENCE, grammar)?;
         Ok(prompts
             .into_iter()
             .zip(out)

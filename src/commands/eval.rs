@@ -40,6 +40,10 @@ pub struct LlmArgs {
     /// Length of the list the prompt asks for (overrides the prompt config).
     #[arg(long)]
     pub k: Option<usize>,
+    /// Constrained decoding: the answer can only be `<answer>`, k distinct POI ids of the
+    /// dataset, `</answer>` (no invalid, out-of-range or repeated id). Needs reasoning = false.
+    #[arg(long)]
+    pub constrained: bool,
 }
 
 impl LlmArgs {
@@ -63,7 +67,8 @@ impl LlmArgs {
     /// [`LlmArgs::recommender`] with the prompt options given.
     pub fn recommender_with(&self, batch_size: usize, prompt: PromptConfig) -> Result<LlmRecommender> {
         let (loaded, name) = self.model.load()?;
-        LlmRecommender::new(loaded, prompt, batch_size, self.max_new_tokens, format!("llm:{name}"))
+        let name = if self.constrained { format!("llm:{name}+constrained") } else { format!("llm:{name}") };
+        LlmRecommender::new(loaded, prompt, batch_size, self.max_new_tokens, name)?.constrained(self.constrained)
     }
 }
 

@@ -243,3 +243,46 @@ fn prompt_stats_counts_the_target_in_the_prompt() {
         assert!(section.as_f64().unwrap() <= g("all")["share"].as_f64().unwrap());
     }
 }
+
+/// `eval --constrained`: a random model's answers are all valid lists of k distinct POI ids,
+/// against 100% invalid answers without the grammar; with reasoning on it is one clear error.
+#[test]
+fn eval_constrained_answers_are_never_invalid() {
+    let (tmp, model, data) = setup();
+    let run = |extra: &[&str], name: &str| {
+        let report = tmp.path().join(format!("{name}.json"));
+        let preds = tmp.path().join(format!("{name}.jsonl"));
+        let out = bin()
+            .args(["eval", "--method", "llm", "--split", "test", "--limit", "4", "--k", "3", "--max-new-tokens", "40", "--quiet", "--data"])
+            .arg(&data)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&report)
+            .arg("--predictions")
+            .arg(&preds)
+            .args(extra)
+            .output()
+            .unwrap();
+        (out, report, preds)
+    };
+    let (out, free, _) = run(&[], "free");
+    ok(out);
+    let (out, constrained, preds) = run(&["--constrained"], "constrained");
+    ok(out);
+    let rate = |p: &Path| {
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).unwrap()).unwrap()["invalid_rate"].as_f64().unwrap()
+    };
+    assert_eq!(rate(&free), 1.0, "a random model writes no valid list");
+    assert_eq!(rate(&constrained), 0.0);
+    for line in std::fs::read_to_string(&preds).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let parsed = &v["detail"]["parsed"];
+        assert_eq!(parsed["ids"].as_array().unwrap().len(), 3, "{v}");
+        assert_eq!((parsed["out_of_range"].as_u64(), parsed["duplicates"].as_u64()), (Some(0), Some(0)));
+    }
+    let reasoning = tmp.path().join("reasoning.toml");
+    std::fs::write(&reasoning, "reasoning = true\n").unwrap();
+    let (out, _, _) = run(&["--constrained", "--prompt-config", reasoning.to_str().unwrap()], "reasoning");
+    assert!(error_line(&out).contains("constrained decoding needs reasoning = false"));
+}

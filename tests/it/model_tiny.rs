@@ -319,3 +319,33 @@ fn lora_dropout_is_seeded_and_training_only() {
     m.model.set_lora_dropout(0.0);
     assert_eq!(max_diff(&plain, &logits(&m, &tokens, Mode::TRAIN.with_dropout(5))), 0.0, "rate 0 = no dropout");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// Under the answer grammar a random model, sampling at any temperature or greedily, only
+    /// ever writes `<answer>` and exactly k distinct in-range ids, and stops at `</answer>`.
+    #[test]
+    fn constrained_decoding_never_writes_an_invalid_answer(
+        seed in 0u64..1000,
+        num_pois in 1usize..300,
+        k_wish in 1usize..8,
+        temperature in 0.3f64..3.0,
+        greedy in proptest::bool::weighted(0.25),
+    ) {
+        let (_d, mut m) = tiny("llama", DType::F32);
+        m.model.attach_lora(&LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q".into(), "down".into()] }, seed).unwrap();
+        randomize_lora_b(&m, seed, 0.3).unwrap();
+        let k = k_wish.min(num_pois);
+        let constraint = refine_poi::constrain::AnswerConstraint::new(&m.tokenizer, k, num_pois).unwrap();
+        let cfg = SamplingConfig { greedy, temperature, max_new_tokens: 20 + 6 * k, stop: vec!["</answer>".into()], seed, ..Default::default() };
+        let prompts = [ids(&m, "user 7 visited 12, 40"), ids(&m, "next?")];
+        let out = refine_poi::generate::generate_constrained(&m.model, &m.tokenizer, &prompts, &[seed, seed + 1], 3, &cfg, Mode::INFERENCE, Some(&constraint)).unwrap();
+        for c in out.iter().flatten() {
+            let parsed = refine_poi::answer::parse_answer(&c.text, num_pois);
+            proptest::prop_assert_eq!(c.finish, refine_poi::generate::FinishReason::Stop, "{}", c.text);
+            proptest::prop_assert_eq!(parsed.ids.len(), k, "{}", c.text);
+            proptest::prop_assert_eq!((parsed.non_numeric, parsed.out_of_range, parsed.duplicates, parsed.decorated), (0, 0, 0, 0), "{}", c.text);
+            proptest::prop_assert_eq!(&c.text, &refine_poi::answer::format_answer(&parsed.ids, None));
+        }
+    }
+}
