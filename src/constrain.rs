@@ -12,11 +12,13 @@
 //! Token texts are read by decoding each token alone, which is exact for byte-level BPE
 //! tokenizers (SmolLM2, Qwen2, the tiny test models).
 
+use anyhow::Context;
+
 use crate::answer::{ANSWER_CLOSE, ANSWER_OPEN};
 use crate::model::TextTokenizer;
 
 /// The grammar of one answer list, and the tokens that can spell it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AnswerConstraint {
     k: usize,
     num_pois: u64,
@@ -174,6 +176,32 @@ impl AnswerConstraint {
             return eos.to_vec();
         }
         self.tokens.iter().filter(|(_, text)| self.advance(state, text).is_some()).map(|(id, _)| *id).collect()
+    }
+
+    /// The additive logit mask (rows, width, vocab) of completions sampled under the grammar:
+    /// 0 where a token was allowed at that position, −∞ where it was not, and 0 everywhere past
+    /// a completion's end (padding, masked out of the loss anyway). Adding it to the logits
+    /// before the log-softmax gives the log-probabilities of the masked distribution the
+    /// completions were sampled from, so GRPO's ratios and KL stay on-policy.
+    pub fn logit_mask(&self, completions: &[Vec<u32>], width: usize, vocab: usize, eos: &[u32]) -> anyhow::Result<Vec<f32>> {
+        let mut mask = vec![0f32; completions.len() * width * vocab];
+        for (r, tokens) in completions.iter().enumerate() {
+            anyhow::ensure!(tokens.len() <= width, "a completion of {} tokens in rows of {width}", tokens.len());
+            let mut state = self.start();
+            for (i, &t) in tokens.iter().enumerate() {
+                let row = &mut mask[(r * width + i) * vocab..(r * width + i + 1) * vocab];
+                row.fill(f32::NEG_INFINITY);
+                for a in self.allowed(&state, eos) {
+                    if let Some(m) = row.get_mut(a as usize) {
+                        *m = 0.0;
+                    }
+                }
+                state = self
+                    .after_token(&state, t)
+                    .with_context(|| format!("completion {r}: token {t} at position {i} is outside the answer grammar"))?;
+            }
+        }
+        Ok(mask)
     }
 
     /// The state after token `id` (an end-of-sequence token leaves a done state as it is).

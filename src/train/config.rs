@@ -150,6 +150,10 @@ impl RunConfig {
         ensure!(self.lora.alpha > 0.0, "lora.alpha must be positive");
         self.sft.validate()?;
         self.grpo.validate()?;
+        ensure!(
+            !(self.grpo.constrained && self.prompt.reasoning),
+            "grpo.constrained needs prompt.reasoning = false: the answer grammar has no <think> part"
+        );
         self.ranker.validate()?;
         self.rewards.validate()
     }

@@ -233,6 +233,8 @@ pub struct StageLoop<'a> {
     /// The newest checkpoint.
     pub checkpoint: Option<PathBuf>,
     dist: Dist,
+    /// How validation runs (from `t`; the stage may hold its answers to the grammar).
+    pub val: val::ValSettings,
 }
 
 impl<'a> StageLoop<'a> {
@@ -258,6 +260,7 @@ impl<'a> StageLoop<'a> {
             nonfinite_in_a_row: 0,
             checkpoint: latest,
             dist: opts.dist.clone(),
+            val: val::ValSettings::from_train(t),
         }
     }
 
@@ -326,7 +329,7 @@ impl<'a> StageLoop<'a> {
     ) -> Result<()> {
         if self.val_due(state.step) && self.dist.is_writer() {
             bar.set_message(format!("{status}, validating on {} val instances", self.t.eval_instances));
-            validate_and_keep_best(loaded, ds, prompt, self.t, stop, state, self.run, log, bar)?;
+            validate_and_keep_best(loaded, ds, prompt, self.val, stop, state, self.run, log, bar)?;
         }
         self.after_step(&loaded.model, opt, state, stop)
     }
@@ -387,14 +390,14 @@ pub fn validate_and_keep_best(
     loaded: &LoadedModel,
     ds: &Dataset,
     prompt: &PromptConfig,
-    t: &TrainConfig,
+    settings: val::ValSettings,
     stop: &StopFlag,
     state: &mut TrainerState,
     run: &RunDir,
     log: &mut MetricsLog,
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
-    let report = match val::validate(&loaded.model, &loaded.tokenizer, ds, prompt, val::ValSettings::from_train(t), Some(stop.flag())) {
+    let report = match val::validate(&loaded.model, &loaded.tokenizer, ds, prompt, settings, Some(stop.flag())) {
         Ok(r) => r,
         Err(e) if e.is::<val::Interrupted>() => return Ok(()),
         Err(e) => return Err(e.context(format!("validation at step {}", state.step))),

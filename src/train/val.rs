@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Result, bail};
 
 use crate::answer::{ANSWER_CLOSE, parse_answer};
+use crate::constrain::AnswerConstraint;
 use crate::data::{Dataset, Instance, Split};
 use crate::eval::{EvalOptions, EvalReport, Prediction, Recommender, evaluate};
-use crate::generate::{SamplingConfig, generate};
+use crate::generate::{SamplingConfig, generate_constrained};
 use crate::model::{CausalLm, Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::retrieval::TrainStats;
@@ -29,6 +30,7 @@ struct BorrowedLlm<'a> {
     batch_size: usize,
     stop: Option<&'a AtomicBool>,
     stats: Option<TrainStats>,
+    grammar: Option<AnswerConstraint>,
 }
 
 impl Recommender for BorrowedLlm<'_> {
@@ -50,7 +52,8 @@ impl Recommender for BorrowedLlm<'_> {
             .map(|inst| Ok(builder.build(&PromptContext::from_instance_with(ds, inst, self.stats.as_ref()))?.ids))
             .collect::<Result<Vec<_>>>()?;
         let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
-        let out = generate(self.model, self.tokenizer, &ids, 1, &cfg, Mode::INFERENCE)?;
+        let seeds: Vec<u64> = (0..ids.len() as u64).collect();
+        let out = generate_constrained(self.model, self.tokenizer, &ids, &seeds, 1, &cfg, Mode::INFERENCE, self.grammar.as_ref())?;
         Ok(out
             .into_iter()
             .map(|mut c| {
@@ -63,18 +66,24 @@ impl Recommender for BorrowedLlm<'_> {
     }
 }
 
-/// How validation runs: the size of the fixed val sample, prompts decoded together, and tokens
-/// per answer.
+/// How validation runs: the size of the fixed val sample, prompts decoded together, tokens
+/// per answer, and whether the answers are held to the answer grammar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ValSettings {
     pub instances: usize,
     pub batch_size: usize,
     pub max_new_tokens: usize,
+    pub constrained: bool,
 }
 
 impl ValSettings {
     pub fn from_train(t: &crate::train::schedule::TrainConfig) -> Self {
-        ValSettings { instances: t.eval_instances, batch_size: t.eval_batch_size, max_new_tokens: t.eval_max_new_tokens }
+        ValSettings {
+            instances: t.eval_instances,
+            batch_size: t.eval_batch_size,
+            max_new_tokens: t.eval_max_new_tokens,
+            constrained: false,
+        }
     }
 }
 
@@ -88,9 +97,10 @@ pub fn validate(
     settings: ValSettings,
     stop: Option<&AtomicBool>,
 ) -> Result<EvalReport> {
-    let ValSettings { instances, batch_size, max_new_tokens } = settings;
+    let ValSettings { instances, batch_size, max_new_tokens, constrained } = settings;
     let stats = candidate_stats(prompt, ds);
-    let mut rec = BorrowedLlm { model, tokenizer, prompt: prompt.clone(), max_new_tokens, batch_size, stop, stats };
+    let grammar = if constrained { Some(AnswerConstraint::new(tokenizer, prompt.k, ds.num_pois())?) } else { None };
+    let mut rec = BorrowedLlm { model, tokenizer, prompt: prompt.clone(), max_new_tokens, batch_size, stop, stats, grammar };
     let opts = EvalOptions { batch_size: Some(batch_size), limit: Some(instances), quiet: true, ..Default::default() };
     Ok(evaluate(ds, Split::Val, &mut rec, &opts)?.0)
 }

@@ -144,3 +144,33 @@ fn the_binary_trains_from_a_fresh_adapter_and_explains_a_missing_sft_start() {
         assert!(!out.status.success() && !err.contains("panicked") && err.contains(expect), "{set}: {err}");
     }
 }
+
+/// `grpo.constrained`: from a fresh adapter (whose free answers are all invalid), every sampled
+/// answer and every validation answer is a valid list, the reward's format term is always
+/// earned, and the groups still carry a learning signal; with reasoning on it is a clear error.
+#[test]
+fn constrained_grpo_samples_and_validates_only_valid_lists() {
+    let s = Setup::new();
+    let sets = [
+        "grpo.constrained=true",
+        "grpo.init_adapter=none",
+        "grpo.max_steps=3",
+        "grpo.eval_every=3",
+        "grpo.skip_zero_signal=false",
+        "grpo.max_new_tokens=48",
+        "grpo.eval_max_new_tokens=48",
+    ];
+    let done = grpo::run(&s.cfg(&sets), &quiet()).unwrap();
+    assert!(done.stage.finished);
+    let log = records(&done.stage.dir);
+    assert_eq!(log.len(), 3);
+    for r in &log {
+        assert_eq!(r["valid"].as_f64(), Some(1.0), "{r}");
+        assert_eq!(r["well_formed"].as_f64(), Some(1.0), "{r}");
+    }
+    assert!(log.iter().any(|r| r["grad_norm"].as_f64().unwrap() > 0.0), "{log:?}");
+    assert_eq!(crate::common::logged(&done.stage.dir, "val_invalid_rate"), vec![0.0]);
+    let sets = ["grpo.constrained=true".to_string(), "prompt.reasoning=true".to_string()];
+    let e = format!("{:#}", refine_poi::train::config::RunConfig::load(Some(&s.config), &sets).unwrap_err());
+    assert!(e.contains("grpo.constrained needs prompt.reasoning = false"), "{e}");
+}

@@ -349,3 +349,61 @@ proptest::proptest! {
         }
     }
 }
+
+/// GRPO under the answer grammar stays on-policy: the log-probs its training forward computes
+/// (prefix-shared, with the grammar's logit mask) are those of the masked distribution the
+/// completions were sampled from, position by position; a forced token has log-prob 0.
+#[test]
+fn constrained_training_logprobs_are_the_masked_sampling_distribution() {
+    use refine_poi::train::grpo::loss::{completion_tensors, group_logprobs};
+    let (_d, mut m) = tiny("llama", DType::F32);
+    m.model.attach_lora(&LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q".into(), "v".into()] }, 5).unwrap();
+    randomize_lora_b(&m, 6, 0.3).unwrap();
+    let grammar = refine_poi::constrain::AnswerConstraint::new(&m.tokenizer, 2, 30).unwrap();
+    let prompt = ids(&m, "user 3: 12, 7 ->");
+    let cfg = SamplingConfig { max_new_tokens: 40, stop: vec!["</answer>".into()], ..Default::default() };
+    let group = refine_poi::generate::generate_constrained(
+        &m.model,
+        &m.tokenizer,
+        std::slice::from_ref(&prompt),
+        &[9],
+        4,
+        &cfg,
+        Mode::INFERENCE,
+        Some(&grammar),
+    )
+    .unwrap()
+    .remove(0);
+    let eos = m.tokenizer.eos_ids.clone();
+    let (tokens, _) = completion_tensors(&group, eos[0], eos[0], &Device::Cpu, DType::F32).unwrap();
+    let (g, c) = tokens.dims2().unwrap();
+    let vocab = m.model.config.vocab_size;
+    let rows: Vec<Vec<u32>> = group.iter().map(|x| x.tokens.clone()).collect();
+    let mask = Tensor::from_vec(grammar.logit_mask(&rows, c, vocab, &eos).unwrap(), (g, c, vocab), &Device::Cpu).unwrap();
+    let trained = group_logprobs(&m.model, &prompt, &tokens, Some(&mask), Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
+    let free = group_logprobs(&m.model, &prompt, &tokens, None, Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
+    let mut forced = 0;
+    for (r, completion) in group.iter().enumerate() {
+        let mut state = grammar.start();
+        for (i, &t) in completion.tokens.iter().enumerate() {
+            // The sampler's view: the whole sequence so far, the logits masked to what the grammar allows.
+            let seq: Vec<u32> = prompt.iter().chain(&completion.tokens[..i]).copied().collect();
+            let input = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let logits = m.model.forward_last(&input, None, None, Mode::INFERENCE).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            let allowed = grammar.allowed(&state, &eos);
+            assert!(allowed.contains(&t), "row {r} position {i}: the sampled token is allowed");
+            let max = allowed.iter().map(|&a| logits[a as usize] as f64).fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + allowed.iter().map(|&a| (logits[a as usize] as f64 - max).exp()).sum::<f64>().ln();
+            let want = logits[t as usize] as f64 - lse;
+            assert!((trained[r][i] as f64 - want).abs() < 1e-4, "row {r} position {i}: {} vs {want}", trained[r][i]);
+            if allowed.len() == 1 {
+                forced += 1;
+                assert!(trained[r][i].abs() < 1e-6);
+            }
+            assert!(trained[r][i] >= free[r][i] - 1e-6, "masking only renormalises upwards");
+            state = grammar.after_token(&state, t).unwrap();
+        }
+        assert!(state.done(), "row {r} wrote the whole list");
+    }
+    assert!(forced >= 4 * 8, "every `<answer>` byte is forced with the tiny tokenizer: {forced}");
+}

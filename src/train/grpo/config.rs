@@ -62,6 +62,10 @@ pub struct GrpoConfig {
     pub top_p: f64,
     /// Keep the k most likely tokens (0 = off).
     pub top_k: usize,
+    /// Sample (and validate) under the answer grammar: only k distinct POI ids of the dataset
+    /// (`src/constrain.rs`). The log-probs are then those of the masked distribution. Needs
+    /// `prompt.reasoning = false`.
+    pub constrained: bool,
     #[serde(flatten)]
     pub train: TrainConfig,
 }
@@ -99,6 +103,7 @@ impl Default for GrpoConfig {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
+            constrained: false,
             train: TrainConfig {
                 lr: 5e-5,
                 schedule: Schedule::Constant,

@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use super::config::LossNorm;
 
 use super::advantages::{DEFAULT_EPS, GroupStats, group_advantages};
+use crate::constrain::AnswerConstraint;
 use crate::dist::Dist;
-use crate::generate::{Completion, FinishReason, SamplingConfig, generate_seeded};
+use crate::generate::{Completion, FinishReason, SamplingConfig, generate_constrained};
 use crate::model::{CausalLm, Mode, TextTokenizer};
 use crate::train::optim::{AdamW, GradAccum, clip_grad_norm};
 use crate::train::token_logprobs;
@@ -104,6 +105,9 @@ pub struct StepConfig {
     pub loss: LossConfig,
     /// Sampling of the completions (temperature, top-p, max new tokens, stop, seed).
     pub sampling: SamplingConfig,
+    /// Sample under the answer grammar; the log-probs are then those of the masked
+    /// distribution, in the reference and old-policy forwards too.
+    pub constraint: Option<AnswerConstraint>,
     /// Divide advantages by the group's reward std (GRPO) or not (Dr. GRPO).
     pub scale_rewards: bool,
     /// Leave groups whose rewards are all equal out of the update (they carry no signal).
@@ -172,9 +176,24 @@ pub fn completion_tensors(
 }
 
 /// Log-probs (G, C) of a group's completion tokens, the prompt run once (prefix sharing).
-pub fn group_logprobs(model: &CausalLm, prompt: &[u32], tokens: &Tensor, mode: Mode) -> Result<Tensor> {
+/// `logit_mask` (G, C, vocab), added to the logits, restricts them to the answer grammar's
+/// tokens: the distribution constrained completions were sampled from.
+pub fn group_logprobs(model: &CausalLm, prompt: &[u32], tokens: &Tensor, logit_mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
     let logits = model.forward_group(prompt, tokens, mode)?;
+    let logits = match logit_mask {
+        Some(m) => logits.broadcast_add(&m.to_dtype(logits.dtype())?)?,
+        None => logits,
+    };
     Ok(token_logprobs(&logits, tokens)?)
+}
+
+/// The additive logit mask of a group sampled under `constraint` (see
+/// [`AnswerConstraint::logit_mask`]), shaped like its completion tensor's logits.
+fn group_logit_mask(constraint: &AnswerConstraint, group: &[Completion], tokens: &Tensor, vocab: usize, eos: &[u32]) -> Result<Tensor> {
+    let (g, c) = tokens.dims2()?;
+    let rows: Vec<Vec<u32>> = group.iter().map(|x| x.tokens.clone()).collect();
+    let mask = constraint.logit_mask(&rows, c, vocab, eos)?;
+    Ok(Tensor::from_vec(mask, (g, c, vocab), tokens.device())?)
 }
 
 /// One GRPO step: sample G completions per prompt (one shared prefill each), score them with
@@ -205,7 +224,7 @@ pub fn step(
     let sampled = if mine.is_empty() {
         Vec::new()
     } else {
-        generate_seeded(model, tokenizer, &my_prompts, &my_seeds, cfg.group, &cfg.sampling, Mode::INFERENCE)?
+        generate_constrained(model, tokenizer, &my_prompts, &my_seeds, cfg.group, &cfg.sampling, Mode::INFERENCE, cfg.constraint.as_ref())?
     };
     times.sampling = t0.elapsed().as_secs_f64();
 
@@ -234,16 +253,21 @@ pub fn step(
             continue;
         }
         let (tokens, mask) = completion_tensors(group, eos, eos, &device, dtype)?;
+        let grammar = match &cfg.constraint {
+            Some(c) => Some(group_logit_mask(c, group, &tokens, model.config.vocab_size, &tokenizer.eos_ids)?),
+            None => None,
+        };
         let adv = Tensor::from_vec(advantages[p * cfg.group..(p + 1) * cfg.group].to_vec(), cfg.group, &device)?.to_dtype(dtype)?;
-        let reference = if cfg.loss.beta > 0.0 { Some(group_logprobs(model, &prompts[p], &tokens, Mode::REFERENCE)?) } else { None };
+        let reference =
+            if cfg.loss.beta > 0.0 { Some(group_logprobs(model, &prompts[p], &tokens, grammar.as_ref(), Mode::REFERENCE)?) } else { None };
         // With one update per batch the policy has not moved since sampling: old = current
         // (detached), as in TRL. Otherwise the sampling-time log-probs are computed once here.
         let old = if cfg.updates_per_batch > 1 {
-            Some(group_logprobs(model, &prompts[p], &tokens, Mode { adapter: true, grad: false, dropout: None })?)
+            Some(group_logprobs(model, &prompts[p], &tokens, grammar.as_ref(), Mode { adapter: true, grad: false, dropout: None })?)
         } else {
             None
         };
-        prepared.push((p, tokens, mask, adv, old, reference));
+        prepared.push((p, tokens, mask, grammar, adv, old, reference));
     }
     // The groups kept over all ranks: the batch loss is the mean over them.
     let kept = (0..prompts.len()).filter(|&p| !(cfg.skip_zero_signal && groups.zero_signal[p])).count();
@@ -262,12 +286,12 @@ pub fn step(
         let mut accum = GradAccum::new(params.len());
         // This update's loss, its statistics and the groups evaluated, summed over ranks below.
         let mut sums = [0.0f64; 6];
-        for (p, tokens, mask, adv, old, reference) in &prepared {
+        for (p, tokens, mask, grammar, adv, old, reference) in &prepared {
             let mode = match dropout_seed {
                 Some(seed) => Mode::TRAIN.with_dropout(crate::seed::derive_seed(seed, update as u64, *p as u64)),
                 None => Mode::TRAIN,
             };
-            let logp = group_logprobs(model, &prompts[*p], tokens, mode)?;
+            let logp = group_logprobs(model, &prompts[*p], tokens, grammar.as_ref(), mode)?;
             let old = match old {
                 Some(o) => o.clone(),
                 None => logp.detach(),

@@ -27,6 +27,7 @@ use anyhow::{Context, Result, ensure};
 use serde_json::{Map, Value, json};
 
 use crate::answer::{ANSWER_CLOSE, parse_answer};
+use crate::constrain::AnswerConstraint;
 use crate::data::{Dataset, Instance};
 use crate::dist::Dist;
 use crate::generate::{Completion, SamplingConfig};
@@ -86,8 +87,9 @@ pub fn init_adapter(cfg: &RunConfig) -> Result<Option<PathBuf>> {
     }
 }
 
-/// The settings of one step, from the config.
-pub fn step_config(cfg: &RunConfig) -> StepConfig {
+/// The settings of one step, from the config; `constraint` is the answer grammar when
+/// `grpo.constrained` is on.
+pub fn step_config(cfg: &RunConfig, constraint: Option<AnswerConstraint>) -> StepConfig {
     let g = &cfg.grpo;
     StepConfig {
         group: g.group,
@@ -107,6 +109,7 @@ pub fn step_config(cfg: &RunConfig) -> StepConfig {
             stop: vec![ANSWER_CLOSE.to_string()],
             seed: 0,
         },
+        constraint,
         scale_rewards: g.scale_rewards,
         skip_zero_signal: g.skip_zero_signal,
         updates_per_batch: g.updates_per_batch,
@@ -251,7 +254,8 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
     let (mut state, mut log) =
         run.restore_or_start(dist.is_writer(), latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
-    let step_cfg = step_config(cfg);
+    let constraint = if cfg.grpo.constrained { Some(AnswerConstraint::new(&loaded.tokenizer, cfg.prompt.k, ds.num_pois())?) } else { None };
+    let step_cfg = step_config(cfg, constraint);
     if !opts.quiet {
         let from = start.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
         let reference = match cfg.grpo.reference {
@@ -269,6 +273,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let base = loaded.adapter_base();
     let bar = progress_bar(total, state.step, opts.quiet, "grpo");
     let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts);
+    cadence.val.constrained = cfg.grpo.constrained;
     let (mut first_reward, mut last_reward) = (None, None);
     let mut order = EpochOrder::new(t.seed, examples.len());
     let k = cfg.prompt.k;
