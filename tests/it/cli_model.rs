@@ -286,3 +286,27 @@ fn eval_constrained_answers_are_never_invalid() {
     let (out, _, _) = run(&["--constrained", "--prompt-config", reasoning.to_str().unwrap()], "reasoning");
     assert!(error_line(&out).contains("constrained decoding needs reasoning = false"));
 }
+
+/// `recommend --constrained`: the same random model that answers nothing parsable above now
+/// answers k distinct POIs of the dataset.
+#[test]
+fn recommend_constrained_answers_k_dataset_pois() {
+    let (_tmp, model, data) = setup();
+    let users = std::fs::read_to_string(data.join("users.csv")).unwrap();
+    let user = users.lines().nth(1).unwrap().split(',').nth(1).unwrap().to_string();
+    let out = ok(bin()
+        .args(["recommend", "--user", &user, "--constrained", "--k", "3", "--max-new-tokens", "40", "--json", "--data"])
+        .arg(&data)
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["parsed"]["well_formed"], true, "{v}");
+    let recs = v["recommendations"].as_array().unwrap();
+    assert_eq!(recs.len(), 3, "{v}");
+    let mut pois: Vec<u64> = recs.iter().map(|r| r["poi"].as_u64().unwrap()).collect();
+    pois.dedup();
+    assert_eq!(pois.len(), 3);
+    assert!(recs.iter().all(|r| r["venue_id"].is_string()), "every id is a dataset POI: {v}");
+}
