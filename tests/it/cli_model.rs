@@ -306,6 +306,7 @@ fn recommend_constrained_answers_k_dataset_pois() {
     let recs = v["recommendations"].as_array().unwrap();
     assert_eq!(recs.len(), 3, "{v}");
     let mut pois: Vec<u64> = recs.iter().map(|r| r["poi"].as_u64().unwrap()).collect();
+    pois.sort_unstable();
     pois.dedup();
     assert_eq!(pois.len(), 3);
     assert!(recs.iter().all(|r| r["venue_id"].is_string()), "every id is a dataset POI: {v}");
