@@ -28,7 +28,13 @@
 
 use std::collections::HashSet;
 
+use std::borrow::Cow;
+
+use anyhow::Context;
 use serde::Serialize;
+
+use crate::data::codebook::Codebook;
+use crate::prompt::PoiIds;
 
 pub const THINK_OPEN: &str = "<think>";
 pub const THINK_CLOSE: &str = "</think>";
@@ -71,11 +77,59 @@ impl ParsedAnswer {
     }
 }
 
+/// How answers name POIs: dense ids, or a codebook's semantic codes, which are read back as
+/// dense ids before parsing (so parsing, rewards and metrics see one form).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnswerIds<'a> {
+    codebook: Option<&'a Codebook>,
+}
+
+impl<'a> AnswerIds<'a> {
+    /// `Semantic` needs the codebook (`None`: the dataset has no `codebook.json`).
+    pub fn new(ids: PoiIds, codebook: Option<&'a Codebook>) -> anyhow::Result<Self> {
+        match ids {
+            PoiIds::Raw => Ok(AnswerIds { codebook: None }),
+            PoiIds::Semantic => {
+                let cb = codebook.context("prompt.ids = \"semantic\" needs the dataset's codebook.json (run `preprocess` again)")?;
+                Ok(AnswerIds { codebook: Some(cb) })
+            }
+        }
+    }
+
+    pub fn codebook(&self) -> Option<&'a Codebook> {
+        self.codebook
+    }
+
+    /// The text a model is trained to produce for `ids` ([`format_answer`] in this naming).
+    pub fn format(&self, ids: &[u32], reasoning: Option<&str>) -> String {
+        match self.codebook {
+            Some(cb) => wrap_answer(&cb.list_text(ids), reasoning),
+            None => format_answer(ids, reasoning),
+        }
+    }
+
+    /// A completion in dense ids: codes rewritten ([`Codebook::to_raw_ids`]), raw text as it is.
+    pub fn to_raw<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        match self.codebook {
+            Some(cb) => Cow::Owned(cb.to_raw_ids(text)),
+            None => Cow::Borrowed(text),
+        }
+    }
+
+    /// [`parse_answer`] of a completion in this naming.
+    pub fn parse(&self, text: &str, num_pois: usize) -> ParsedAnswer {
+        parse_answer(&self.to_raw(text), num_pois)
+    }
+}
+
 /// The text a model is trained to produce: `<answer>3, 1, 4</answer>`, preceded by
 /// `<think>\n{reasoning}\n</think>\n` when reasoning is given. With distinct in-range ids (at
 /// least one) it parses as well-formed, with the same ids and the trimmed reasoning.
 pub fn format_answer(ids: &[u32], reasoning: Option<&str>) -> String {
-    let list = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    wrap_answer(&ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "), reasoning)
+}
+
+fn wrap_answer(list: &str, reasoning: Option<&str>) -> String {
     match reasoning {
         Some(r) => format!("{THINK_OPEN}\n{}\n{THINK_CLOSE}\n{ANSWER_OPEN}{list}{ANSWER_CLOSE}", r.trim()),
         None => format!("{ANSWER_OPEN}{list}{ANSWER_CLOSE}"),

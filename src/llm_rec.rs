@@ -5,13 +5,13 @@
 use anyhow::Result;
 use serde_json::json;
 
-use crate::answer::{ANSWER_CLOSE, parse_answer};
+use crate::answer::{ANSWER_CLOSE, AnswerIds};
 use crate::constrain::AnswerConstraint;
 use crate::data::{Dataset, Instance};
 use crate::eval::{Prediction, Recommender};
 use crate::generate::{SamplingConfig, generate_constrained};
 use crate::model::{LoadedModel, Mode};
-use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
+use crate::prompt::{PoiIds, PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::retrieval::TrainStats;
 
 pub struct LlmRecommender {
@@ -49,6 +49,7 @@ impl LlmRecommender {
     /// Holds every answer to the answer grammar ([`crate::constrain`]) when `on`.
     pub fn constrained(mut self, on: bool) -> Result<Self> {
         anyhow::ensure!(!(on && self.prompt.reasoning), "constrained decoding needs reasoning = false: the grammar has no <think> part");
+        anyhow::ensure!(!(on && self.prompt.ids == PoiIds::Semantic), "constrained decoding covers raw ids only, not semantic codes");
         self.constrained = on;
         Ok(self)
     }
@@ -69,6 +70,15 @@ impl LlmRecommender {
     /// Greedy answers for `contexts`: the raw completion, the parsed answer, and the prompt.
     pub fn answer(&self, contexts: &[PromptContext], num_pois: usize) -> Result<Vec<LlmAnswer>> {
         let builder = PromptBuilder::new(self.prompt.clone(), &self.loaded.tokenizer)?;
+        let naming = AnswerIds::new(self.prompt.ids, contexts.first().and_then(|c| c.codebook))?;
+        if let Some(cb) = naming.codebook() {
+            let added = self.loaded.model.new_tokens.as_ref().map(|t| &t.names);
+            anyhow::ensure!(
+                added == Some(&cb.tokens()),
+                "semantic ids need an adapter trained with this dataset's codebook (its added tokens); this model has {}",
+                added.map_or("none".to_string(), |n| format!("{} other tokens", n.len()))
+            );
+        }
         let prompts = contexts.iter().map(|c| builder.build(c)).collect::<Result<Vec<_>>>()?;
         let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
         let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
@@ -80,7 +90,7 @@ impl LlmRecommender {
             .zip(out)
             .map(|(prompt, mut completions)| {
                 let completion = completions.remove(0);
-                let parsed = parse_answer(&completion.text, num_pois);
+                let parsed = naming.parse(&completion.text, num_pois);
                 LlmAnswer { prompt_text: prompt.text, prompt_tokens: prompt.ids.len(), completion: completion.text, parsed }
             })
             .collect())

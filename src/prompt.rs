@@ -29,7 +29,8 @@ use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
 
 pub use crate::answer::format_answer;
-use crate::answer::{ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN};
+use crate::answer::{ANSWER_CLOSE, ANSWER_OPEN, AnswerIds, THINK_CLOSE, THINK_OPEN};
+use crate::data::codebook::Codebook;
 use crate::data::{Checkin, Dataset, Instance, Poi};
 use crate::model::{ChatMessage, TextTokenizer};
 use crate::retrieval::{Candidate, CandidateConfig, Query, Source, TrainStats};
@@ -72,6 +73,21 @@ pub struct PromptConfig {
     /// POIs beyond the user's own lists, from all users' train check-ins
     /// (`[prompt.candidates]`, see [`crate::retrieval`]); none by default.
     pub candidates: CandidateConfig,
+    /// How POIs are named in the prompt and the answer: dense ids (`POI 1234`) or semantic codes
+    /// (`<a12><b3><c40>`, the dataset's `codebook.json`; the model needs an adapter that adds
+    /// their tokens).
+    pub ids: PoiIds,
+}
+
+/// How prompts and answers name POIs (`[prompt] ids`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PoiIds {
+    /// Dense ids in digits.
+    #[default]
+    Raw,
+    /// Codes of new vocabulary tokens from the dataset's codebook.
+    Semantic,
 }
 
 impl Default for PromptConfig {
@@ -89,6 +105,7 @@ impl Default for PromptConfig {
             hour_window_min: DEFAULT_WINDOW_MIN,
             system_message: None,
             candidates: CandidateConfig::default(),
+            ids: PoiIds::Raw,
         }
     }
 }
@@ -133,6 +150,8 @@ pub struct PromptContext<'a> {
     /// The statistics and query of the candidate lists (none: no candidate lists, whatever the
     /// config asks; see [`candidate_stats`]).
     pub retrieval: Option<(&'a TrainStats, Query<'a>)>,
+    /// The POIs' semantic codes (needed when the config names POIs by [`PoiIds::Semantic`]).
+    pub codebook: Option<&'a Codebook>,
 }
 
 impl<'a> PromptContext<'a> {
@@ -150,6 +169,7 @@ impl<'a> PromptContext<'a> {
             earlier,
             pois: ds.pois(),
             retrieval: None,
+            codebook: ds.codebook(),
         }
     }
 
@@ -197,6 +217,7 @@ impl<'a> PromptContext<'a> {
             earlier: &history[..start],
             pois,
             retrieval: None,
+            codebook: None,
         })
     }
 }
@@ -306,6 +327,22 @@ impl<'t> PromptBuilder<'t> {
     }
 }
 
+/// How an earlier check-in's time is shown: `Mon 2012-04-09 12:20`.
+pub const DATED_TIME: &str = "%a %Y-%m-%d %H:%M";
+
+/// How a prompt names POI `id`: its name (`POI 12`, or its code `<a1><b0><c3>` with `codebook`)
+/// and what follows it (` (Bar)` with categories on, else nothing).
+pub fn poi_name(cfg: &PromptConfig, codebook: Option<&Codebook>, pois: &[Poi], id: u32) -> Result<(String, String)> {
+    let p = pois.get(id as usize).with_context(|| format!("POI {id} is not in the POI table"))?;
+    let name = match codebook {
+        Some(cb) => cb.code_text(id),
+        None => format!("POI {id}"),
+    };
+    let category = one_line(&p.category);
+    let suffix = if cfg.categories && !category.is_empty() { format!(" ({category})") } else { String::new() };
+    Ok((name, suffix))
+}
+
 const TOP_HEADER: &str = "Most visited POIs:";
 const EARLIER_HEADER: &str = "Earlier check-ins (oldest first):";
 const TRAJECTORY_HEADER: &str = "Current trajectory (oldest first):";
@@ -335,10 +372,10 @@ struct Parts {
 impl Parts {
     fn new(cfg: &PromptConfig, ctx: &PromptContext) -> Result<Parts> {
         ensure!(!ctx.trajectory.is_empty(), "the prompt needs at least one check-in in the current trajectory");
+        let codebook = AnswerIds::new(cfg.ids, ctx.codebook)?.codebook();
         let poi = |id: u32| -> Result<String> {
-            let p = ctx.pois.get(id as usize).with_context(|| format!("POI {id} is not in the POI table"))?;
-            let category = one_line(&p.category);
-            Ok(if cfg.categories && !category.is_empty() { format!("POI {id} ({category})") } else { format!("POI {id}") })
+            let (name, suffix) = poi_name(cfg, codebook, ctx.pois, id)?;
+            Ok(format!("{name}{suffix}"))
         };
         let user = if ctx.user.trim().is_empty() { "the user".to_string() } else { format!("user {}", one_line(&ctx.user)) };
 
@@ -360,11 +397,7 @@ impl Parts {
             let from = ctx.earlier.len().saturating_sub(cfg.recent_checkins);
             for c in &ctx.earlier[from..] {
                 let t = c.local_time();
-                earlier.push(if cfg.times {
-                    format!("- {}: {}", t.format("%a %Y-%m-%d %H:%M"), poi(c.poi)?)
-                } else {
-                    format!("- {}", poi(c.poi)?)
-                });
+                earlier.push(if cfg.times { format!("- {}: {}", t.format(DATED_TIME), poi(c.poi)?) } else { format!("- {}", poi(c.poi)?) });
                 shown.insert(c.poi);
             }
         }
@@ -383,8 +416,11 @@ impl Parts {
         } else {
             "Which POI will be the next check-in?".to_string()
         };
-        let ids = if cfg.k == 1 { "1 POI id".to_string() } else { format!("{} distinct POI ids", cfg.k) };
-        let format = format!("{ANSWER_OPEN}id, id, ...{ANSWER_CLOSE}");
+        let (what, format) = match cfg.ids {
+            PoiIds::Raw => ("id", format!("{ANSWER_OPEN}id, id, ...{ANSWER_CLOSE}")),
+            PoiIds::Semantic => ("code", format!("{ANSWER_OPEN}code code ...{ANSWER_CLOSE}")),
+        };
+        let ids = if cfg.k == 1 { format!("1 POI {what}") } else { format!("{} distinct POI {what}s", cfg.k) };
         let instruction = if cfg.reasoning {
             format!(
                 "First think briefly inside {THINK_OPEN}...{THINK_CLOSE}. Then answer with exactly {ids}, \
@@ -968,6 +1004,7 @@ mod tests {
             earlier: &[],
             pois: &pois,
             retrieval: None,
+            codebook: None,
         };
         assert!(PromptConfig::default().messages(&ctx).is_err());
         let traj = [Checkin { poi: 400, utc: 0, tz_offset_min: 0 }];

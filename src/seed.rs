@@ -9,6 +9,8 @@ pub const SEED_DROPOUT: u64 = 3;
 pub const SEED_LORA_INIT: u64 = 4;
 pub const SEED_SAMPLING: u64 = 5;
 pub const SEED_RANKER: u64 = 6;
+pub const SEED_CODEBOOK: u64 = 7;
+pub const SEED_NEW_TOKENS: u64 = 8;
 
 /// A mixing step of SplitMix64: a well-spread 64-bit hash of `x`.
 pub fn splitmix64(mut x: u64) -> u64 {

@@ -86,7 +86,7 @@ fn training_forward_seconds(model: &CausalLm, prompt: &[u32], tokens: &Tensor, s
         for row in 0..g {
             let completion = tokens.get(row)?.to_vec1::<u32>()?;
             let ids: Vec<u32> = prompt.iter().copied().chain(completion).collect();
-            let seq = crate::train::ScoredSeq { ids, score_from: prompt.len() };
+            let seq = crate::train::ScoredSeq::answer(ids, prompt.len());
             let logp = crate::train::scored_logprobs(model, &[seq], Mode::TRAIN)?;
             debug_assert_eq!(logp.dim(0)?, c);
             let _grads = logp.sum_all()?.backward()?;

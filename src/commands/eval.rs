@@ -9,7 +9,7 @@ use crate::baselines::Baseline;
 use crate::data::{Dataset, Split};
 use crate::eval::{EvalOptions, Recommender, evaluate, format_table, write_predictions};
 use crate::llm_rec::LlmRecommender;
-use crate::prompt::PromptConfig;
+use crate::prompt::{PoiIds, PromptConfig};
 
 /// A baseline or the language model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -44,6 +44,10 @@ pub struct LlmArgs {
     /// dataset, `</answer>` (no invalid, out-of-range or repeated id). Needs reasoning = false.
     #[arg(long)]
     pub constrained: bool,
+    /// How POIs are named (overrides the prompt config): raw dense ids, or the dataset's
+    /// semantic codes, which need an adapter trained with them.
+    #[arg(long, value_enum)]
+    pub ids: Option<PoiIds>,
 }
 
 impl LlmArgs {
@@ -54,6 +58,9 @@ impl LlmArgs {
         };
         if let Some(k) = self.k {
             cfg.k = k;
+        }
+        if let Some(ids) = self.ids {
+            cfg.ids = ids;
         }
         cfg.validate()?;
         Ok(cfg)

@@ -48,6 +48,7 @@ pub fn run(args: Args) -> Result<()> {
         "tie_word_embeddings": !tensors.contains_key("lm_head.weight"),
         "head_dim": cfg.head_dim(),
         "num_key_value_heads": cfg.num_kv_heads(),
+        "vocab_size": model.vocab_size(),
     });
     if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
         c.extend(e.clone());

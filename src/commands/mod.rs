@@ -93,7 +93,7 @@ impl ModelArgs {
         let mut loaded = model::load(&self.model)?;
         let mut name = loaded.source.clone();
         if let Some(adapter) = &self.adapter {
-            loaded.model.load_adapter(adapter)?;
+            loaded.load_adapter(adapter)?;
             name.push_str(&format!("+{}", adapter.display()));
         }
         Ok((loaded, name))

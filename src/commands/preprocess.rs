@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::json;
 
+use crate::data::codebook::{Codebook, CodebookConfig};
 use crate::data::protocol::{self, ProtocolConfig, SplitFractions};
 use crate::data::readers::{self, BBox, Format, ReadOptions};
 use crate::data::{Split, dataset::FORMAT_VERSION};
@@ -15,7 +16,7 @@ use crate::train::config::RunConfig;
 pub struct Args {
     /// Take every setting from a run config's `[preprocess]` table and write to its `data.dir`
     /// (e.g. `--config configs/tky.toml --set preprocess.input=raw/TKY.txt`).
-    #[arg(long, conflicts_with_all = ["format", "input", "out", "min_user", "min_poi", "gap_hours", "split", "strict", "bbox", "categories", "tz_offset_min"])]
+    #[arg(long, conflicts_with_all = ["format", "input", "out", "min_user", "min_poi", "gap_hours", "split", "strict", "bbox", "categories", "tz_offset_min", "codebook_levels"])]
     pub config: Option<PathBuf>,
     /// Override a config key (with --config), e.g. `--set preprocess.input=raw.txt`.
     #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
@@ -53,6 +54,9 @@ pub struct Args {
     /// Gowalla: local offset (minutes) of every check-in; default round(longitude / 15) hours.
     #[arg(long, allow_hyphen_values = true)]
     pub tz_offset_min: Option<i32>,
+    /// Clusters per learned level of the semantic POI ids (`codebook.json`), coarse first.
+    #[arg(long, value_delimiter = ',', default_value = "32,16")]
+    pub codebook_levels: Vec<usize>,
     /// No progress output on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -65,6 +69,7 @@ struct Settings {
     out: PathBuf,
     read: ReadOptions,
     protocol: ProtocolConfig,
+    codebook: CodebookConfig,
 }
 
 fn settings(args: &Args) -> Result<Settings> {
@@ -79,7 +84,8 @@ fn settings(args: &Args) -> Result<Settings> {
             categories: p.categories.clone(),
         };
         let protocol = ProtocolConfig { min_user: p.min_user, min_poi: p.min_poi, gap_hours: p.gap_hours, split: p.split_fractions()? };
-        return Ok(Settings { format: p.format, input: p.input.clone(), out: cfg.data.dir.clone(), read, protocol });
+        let codebook = p.codebook.clone();
+        return Ok(Settings { format: p.format, input: p.input.clone(), out: cfg.data.dir.clone(), read, protocol, codebook });
     }
     let (Some(format), Some(input), Some(out)) = (args.format, args.input.clone(), args.out.clone()) else {
         anyhow::bail!("give --format, --input and --out, or --config");
@@ -92,12 +98,14 @@ fn settings(args: &Args) -> Result<Settings> {
         categories: args.categories.clone(),
     };
     let protocol = ProtocolConfig { min_user: args.min_user, min_poi: args.min_poi, gap_hours: args.gap_hours, split: args.split };
-    Ok(Settings { format, input, out, read, protocol })
+    let codebook = CodebookConfig { levels: args.codebook_levels.clone(), ..CodebookConfig::default() };
+    Ok(Settings { format, input, out, read, protocol, codebook })
 }
 
 pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
-    let Settings { format, input, out, read: ropts, protocol: cfg } = settings(&args)?;
+    let Settings { format, input, out, read: ropts, protocol: cfg, codebook } = settings(&args)?;
+    codebook.validate()?;
     // No two preprocess runs write one dataset directory at once.
     let _lock = crate::lock::DirLock::acquire(&out, "preprocess")?;
     let spinner = if args.quiet {
@@ -128,6 +136,7 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let (ds, st) = protocol::run(&raw, &cfg)?;
+    let codebook = Codebook::build(&ds, &codebook)?;
 
     let stats = json!({
         "format_version": FORMAT_VERSION,
@@ -155,6 +164,7 @@ pub fn run(args: Args) -> Result<()> {
         "checkins_per_split": st.checkins_per_split,
         "dropped_instances": st.dropped_instances,
         "cutoffs": st.cutoffs,
+        "codebook": { "levels": codebook.config.levels, "seed": codebook.config.seed, "sizes": codebook.sizes, "tokens": codebook.tokens().len() },
         "input": raw.report,
         "filtering": {
             "kcore_rounds": st.kcore_rounds,
@@ -166,6 +176,7 @@ pub fn run(args: Args) -> Result<()> {
         },
     });
     ds.save(&out, &stats)?;
+    codebook.save(&out)?;
 
     println!(
         "{}: {} users, {} POIs, {} categories, {} check-ins ({:.1} s)",
@@ -193,5 +204,11 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     println!("(dropped = val/test instances whose user + whose target POI is not in train)");
+    println!(
+        "semantic ids: {} tokens, sizes {:?} per level (learned on train, seed {})",
+        codebook.tokens().len(),
+        codebook.sizes,
+        codebook.config.seed
+    );
     Ok(())
 }

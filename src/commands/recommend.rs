@@ -167,6 +167,7 @@ pub fn run(args: Args) -> Result<()> {
             let stats = candidate_stats(&rec.prompt, &ds);
             let mut ctx = PromptContext::from_checkins(ds.pois(), label, &history, target, tz, gap_hours)?;
             ctx.retrieval = stats.as_ref().map(|s| (s, query(&ctx)));
+            ctx.codebook = ds.codebook();
             let answer = rec.answer(&[ctx], ds.num_pois())?.remove(0);
             (answer.parsed.ids.clone(), rec.prompt.k, Some(answer))
         }

@@ -74,6 +74,8 @@ pub struct Dataset {
     user_start: Vec<usize>,
     trajectories: Vec<Trajectory>,
     instances: [Vec<Instance>; 3],
+    /// The semantic POI ids, when the directory has them (`codebook.json`).
+    codebook: Option<super::codebook::Codebook>,
 }
 
 impl Dataset {
@@ -118,7 +120,7 @@ impl Dataset {
                 user_start[u] = user_start[u + 1];
             }
         }
-        let mut ds = Dataset { pois, users, checkins, user_start, trajectories, instances: Default::default() };
+        let mut ds = Dataset { pois, users, checkins, user_start, trajectories, instances: Default::default(), codebook: None };
         for (s, mut list) in Split::ALL.into_iter().zip(instances) {
             for (i, inst) in list.iter_mut().enumerate() {
                 ensure!(inst.split == s && inst.id as usize == i, "{s} instance {i} has a wrong id or split");
@@ -145,6 +147,11 @@ impl Dataset {
 
     pub fn num_pois(&self) -> usize {
         self.pois.len()
+    }
+
+    /// The semantic POI ids, when the dataset directory has them.
+    pub fn codebook(&self) -> Option<&super::codebook::Codebook> {
+        self.codebook.as_ref()
     }
 
     /// All users; `users()[id]` has that id.
@@ -341,8 +348,11 @@ impl Dataset {
                 instances[s.index()].push(j.into_instance(s));
             }
         }
-        let ds = Dataset::new(pois, users, checkins, trajectories, instances)
+        let mut ds = Dataset::new(pois, users, checkins, trajectories, instances)
             .with_context(|| format!("dataset {} is inconsistent", dir.display()))?;
+        if dir.join(super::codebook::FILE).exists() {
+            ds.codebook = Some(super::codebook::Codebook::load(dir, ds.num_pois())?);
+        }
         for s in Split::ALL {
             for (inst, st) in ds.instances(s).iter().zip(&stored[s.index()]) {
                 if let Some(st) = *st

@@ -7,6 +7,7 @@
 //! The types a consumer (a prompt builder, a recommender) needs are re-exported here:
 //! [`Dataset`], [`Instance`], [`Checkin`], [`Poi`], [`User`], [`Trajectory`], [`Split`].
 
+pub mod codebook;
 pub mod dataset;
 pub mod preprocess;
 pub mod protocol;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use super::codebook::CodebookConfig;
 use super::protocol::SplitFractions;
 use super::readers::{BBox, Format};
 
@@ -36,6 +37,9 @@ pub struct PreprocessConfig {
     pub tz_offset_min: Option<i32>,
     /// Fail on the first bad row instead of skipping and counting it.
     pub strict: bool,
+    /// `[preprocess.codebook]`: the semantic POI ids written beside the dataset.
+    #[serde(default)]
+    pub codebook: CodebookConfig,
 }
 
 impl PreprocessConfig {
@@ -61,6 +65,7 @@ impl Default for PreprocessConfig {
             categories: None,
             tz_offset_min: None,
             strict: false,
+            codebook: CodebookConfig::default(),
         }
     }
 }

@@ -52,6 +52,40 @@ impl LoadedModel {
     pub fn adapter_base(&self) -> AdapterBase {
         AdapterBase { repo: self.repo.clone(), source: self.source.clone() }
     }
+
+    /// Adds `names` to the vocabulary: to the tokenizer, and as trainable rows to the model
+    /// (see [`CausalLm::add_tokens`]).
+    pub fn add_tokens(&mut self, names: Vec<String>, seed: u64) -> anyhow::Result<()> {
+        self.model.add_tokens(names, seed)?;
+        self.sync_tokenizer()
+    }
+
+    /// Loads a PEFT adapter ([`CausalLm::load_adapter`]); the tokens it adds join the tokenizer.
+    pub fn load_adapter(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.model.load_adapter(dir)?;
+        self.sync_tokenizer()
+    }
+
+    /// Gives the tokenizer the model's added tokens, with the model's ids.
+    fn sync_tokenizer(&mut self) -> anyhow::Result<()> {
+        let Some(added) = &self.model.new_tokens else { return Ok(()) };
+        let first = self.model.config.vocab_size;
+        for (i, name) in added.names.iter().enumerate() {
+            let id = first + i;
+            match self.tokenizer.token_id(name) {
+                Some(have) => anyhow::ensure!(have as usize == id, "token {name} has id {have} in the tokenizer but {id} in the model"),
+                None => {
+                    anyhow::ensure!(
+                        self.tokenizer.vocab_size() == id,
+                        "the tokenizer has {} tokens where the model has {first} rows: added tokens need the two to agree",
+                        self.tokenizer.vocab_size() - i
+                    );
+                    self.tokenizer.add_token(name)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where weights live.

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use super::lora::{ALL_TARGETS, Lora, LoraConfig};
 use super::peft_config::PeftSpec;
-use super::transformer::CausalLm;
+use super::transformer::{CausalLm, NewTokens};
 
 /// The base model as an adapter records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +43,14 @@ pub fn adapter_dtype(model: DType) -> DType {
     if model == DType::F64 { DType::F64 } else { DType::F32 }
 }
 
+/// PEFT's key of the rows of trainable tokens in the input embedding (saved without the adapter
+/// name); a tied output head saves nothing of its own.
+pub const TRAINABLE_TOKENS_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+
+/// The added tokens' text beside the adapter, `{"<a0>": 49152, ...}`: transformers'
+/// `added_tokens.json`, what a tokenizer needs before it can read the adapter's prompts.
+pub const ADDED_TOKENS_FILE: &str = "added_tokens.json";
+
 fn peft_key(path: &str, factor: &str) -> String {
     format!("base_model.model.{path}.lora_{factor}.weight")
 }
@@ -73,6 +81,28 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Adds `names` as new tokens with ids `vocab_size..`, trained with the adapter. Each row
+    /// starts at the base embedding's mean plus seeded noise of the base entries' spread, so a
+    /// new token looks like an ordinary token until training tells them apart.
+    pub fn add_tokens(&mut self, names: Vec<String>, seed: u64) -> anyhow::Result<()> {
+        anyhow::ensure!(self.new_tokens.is_none(), "the model already has added tokens");
+        anyhow::ensure!(!names.is_empty(), "no tokens to add");
+        anyhow::ensure!(
+            !self.has_untied_head(),
+            "added tokens need a model whose output head is tied to its embedding (this one's is not)"
+        );
+        let embed = self.embedding().to_dtype(DType::F32)?;
+        let h = self.config.hidden_size;
+        let mean = embed.mean_keepdim(0)?;
+        let spread = embed.broadcast_sub(&mean)?.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let noise: Vec<f32> = (0..names.len() * h).map(|_| spread * gaussian(&mut rng)).collect();
+        let noise = Tensor::from_vec(noise, (names.len(), h), self.device())?;
+        let rows = noise.broadcast_add(&mean)?.to_dtype(adapter_dtype(self.dtype()))?;
+        self.new_tokens = Some(NewTokens { names, rows: Var::from_tensor(&rows)?, reference: None });
+        Ok(())
+    }
+
     /// Freezes a copy of the adapter's current factors as the reference policy: from now on,
     /// adapter-off passes ([`Mode::REFERENCE`](super::Mode::REFERENCE)) compute base + this
     /// copy instead of the base model. The copy is the adapter only (a few MB), not the base.
@@ -82,6 +112,9 @@ impl CausalLm {
             if let Some(l) = lin.lora.as_mut() {
                 l.reference = Some((l.a.as_tensor().copy()?, l.b.as_tensor().copy()?, l.scale));
             }
+        }
+        if let Some(t) = self.new_tokens.as_mut() {
+            t.reference = Some(t.rows.as_tensor().copy()?);
         }
         Ok(())
     }
@@ -99,7 +132,8 @@ impl CausalLm {
         }
     }
 
-    /// The adapter's trainable tensors under their PEFT keys, in a fixed order.
+    /// The adapter's trainable tensors under their PEFT keys, in a fixed order: the LoRA
+    /// factors, then the added tokens' rows.
     pub fn lora_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for lin in self.linears() {
@@ -107,6 +141,9 @@ impl CausalLm {
                 out.push((peft_key(&lin.path, "A"), l.a.clone()));
                 out.push((peft_key(&lin.path, "B"), l.b.clone()));
             }
+        }
+        if let Some(t) = &self.new_tokens {
+            out.push((TRAINABLE_TOKENS_KEY.to_string(), t.rows.clone()));
         }
         out
     }
@@ -145,7 +182,7 @@ impl CausalLm {
         kinds.dedup();
         let every_layer = self.linears().all(|l| l.lora.is_some() == kinds.contains(&short_name(&l.path)));
         let target_modules: Vec<&str> = if every_layer { kinds } else { adapted.iter().map(|(p, ..)| *p).collect() };
-        let peft = serde_json::json!({
+        let mut peft = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "r": r,
@@ -162,6 +199,13 @@ impl CausalLm {
             "inference_mode": true,
         });
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        if let Some(t) = &self.new_tokens {
+            let first = self.config.vocab_size;
+            peft["trainable_token_indices"] = serde_json::json!({ "embed_tokens": (first..first + t.names.len()).collect::<Vec<_>>() });
+            let ids: serde_json::Map<String, serde_json::Value> =
+                t.names.iter().enumerate().map(|(i, name)| (name.clone(), (first + i).into())).collect();
+            crate::fsutil::write_atomic(&dir.join(ADDED_TOKENS_FILE), serde_json::to_string_pretty(&ids)?.as_bytes())?;
+        }
         let tensors: Vec<(String, Tensor)> =
             self.lora_vars().into_iter().map(|(k, v)| Ok((k, v.as_tensor().to_dtype(DType::F32)?))).collect::<anyhow::Result<_>>()?;
         crate::fsutil::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&peft)?.as_bytes())?;
@@ -213,6 +257,29 @@ impl CausalLm {
             let b = take("B", (lin.out_dim(), r))?;
             lin.lora = Some(Lora { a, b, scale, dropout: spec.dropout, reference });
         }
+        let reference = self.new_tokens.take().and_then(|t| t.reference);
+        if let Some(rows) = tensors.remove(TRAINABLE_TOKENS_KEY) {
+            let names = read_added_tokens(dir, &spec.trainable_tokens, self.config.vocab_size)?;
+            anyhow::ensure!(
+                rows.dims2()? == (names.len(), self.config.hidden_size),
+                "adapter {} does not fit this model: {TRAINABLE_TOKENS_KEY} has shape {:?}, the model needs ({}, {})",
+                dir.display(),
+                rows.dims(),
+                names.len(),
+                self.config.hidden_size
+            );
+            self.add_tokens(names, 0)?;
+            let t = self.new_tokens.as_mut().expect("just added");
+            t.rows = Var::from_tensor(&rows.to_dtype(dtype)?)?;
+            t.reference = reference;
+        } else {
+            anyhow::ensure!(
+                spec.trainable_tokens.is_empty(),
+                "adapter {} lists trainable tokens but lacks {TRAINABLE_TOKENS_KEY}",
+                dir.display()
+            );
+            anyhow::ensure!(reference.is_none(), "adapter {} does not fit the pinned reference: it has no added tokens", dir.display());
+        }
         if let Some(extra) = tensors.keys().next() {
             anyhow::bail!("adapter {} does not fit this model: unexpected tensor {extra}", dir.display());
         }
@@ -222,4 +289,38 @@ impl CausalLm {
         self.lora_config = Some(LoraConfig { r: spec.r, alpha: spec.alpha, dropout: spec.dropout, targets: kinds });
         Ok(())
     }
+}
+
+/// The added tokens of an adapter in `dir`: its `trainable_token_indices` must be the rows right
+/// after the base vocabulary of `vocab_size`, in order, and `added_tokens.json` must name each.
+fn read_added_tokens(dir: &Path, indices: &[u32], vocab_size: usize) -> anyhow::Result<Vec<String>> {
+    let expected: Vec<u32> = (vocab_size as u32..(vocab_size + indices.len()) as u32).collect();
+    anyhow::ensure!(
+        !indices.is_empty() && indices == expected,
+        "adapter {}: trainable tokens must be new rows {vocab_size}.. in order (this tool does not retrain existing rows)",
+        dir.display()
+    );
+    let path = dir.join(ADDED_TOKENS_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("adapter {} has trainable tokens but no readable {ADDED_TOKENS_FILE}", dir.display()))?;
+    let ids: HashMap<String, u32> = serde_json::from_str(&text).with_context(|| format!("malformed {}", path.display()))?;
+    let mut names = vec![None; indices.len()];
+    for (name, id) in ids {
+        let slot = id.checked_sub(vocab_size as u32).and_then(|i| names.get_mut(i as usize));
+        let slot = slot.with_context(|| format!("{}: token {name} has id {id}, outside the adapter's rows", path.display()))?;
+        anyhow::ensure!(slot.is_none(), "{}: two tokens have id {id}", path.display());
+        *slot = Some(name);
+    }
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| n.with_context(|| format!("{}: no token has id {}", path.display(), vocab_size + i)))
+        .collect()
+}
+
+/// A standard normal draw (Box-Muller).
+fn gaussian(rng: &mut impl Rng) -> f32 {
+    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
 }

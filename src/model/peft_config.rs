@@ -35,6 +35,7 @@ const METADATA_KEYS: &[&str] = &[
 /// The keys applied below.
 const APPLIED_KEYS: &[&str] = &[
     "peft_type",
+    "trainable_token_indices",
     "r",
     "lora_alpha",
     "lora_dropout",
@@ -70,6 +71,9 @@ pub struct PeftSpec {
     alpha_pattern: Vec<(Regex, f64)>,
     layers: Option<Vec<usize>>,
     layers_pattern: Vec<Regex>,
+    /// `trainable_token_indices`: embedding rows the adapter replaces (PEFT's trainable
+    /// tokens; a tied output head follows the embedding).
+    pub trainable_tokens: Vec<u32>,
 }
 
 /// A value that switches nothing on.
@@ -87,6 +91,32 @@ fn is_off(v: &Value) -> bool {
 /// its part after a dot.
 fn pattern_regex(key: &str) -> Result<Regex> {
     Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).with_context(|| format!("pattern key `{key}` is not a regex this reader accepts"))
+}
+
+/// `trainable_token_indices` as PEFT writes it: a list (the input embedding's rows), or
+/// `{"embed_tokens": [...]}`, with an `lm_head` entry only when it names the same rows (tied).
+fn trainable_token_indices(v: Option<&Value>, what: &str) -> Result<Vec<u32>> {
+    let ids = |v: &Value| -> Result<Vec<u32>> {
+        let list = v.as_array().with_context(|| format!("{what}: trainable_token_indices must list token ids"))?;
+        list.iter()
+            .map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok()).with_context(|| format!("{what}: trainable token id {i} is not an id")))
+            .collect()
+    };
+    match v {
+        None => Ok(Vec::new()),
+        Some(Value::Array(_)) => ids(v.unwrap()),
+        Some(Value::Object(o)) => {
+            let embed = o.get("embed_tokens").map(ids).transpose()?.unwrap_or_default();
+            for (k, val) in o {
+                ensure!(
+                    k == "embed_tokens" || (k == "lm_head" && ids(val)? == embed),
+                    "{what}: trainable tokens of `{k}` are not supported (only the input embedding, with a tied output head)"
+                );
+            }
+            Ok(embed)
+        }
+        Some(other) => bail!("{what}: trainable_token_indices must be a list or an object, not {other}"),
+    }
 }
 
 impl PeftSpec {
@@ -179,7 +209,8 @@ impl PeftSpec {
             layers.is_none() || matches!(targets, Targets::Names(_)),
             "{what}: layers_to_transform cannot go with a regex target_modules (PEFT refuses it too)"
         );
-        Ok(PeftSpec { r, alpha, dropout, use_rslora, targets, rank_pattern, alpha_pattern, layers, layers_pattern })
+        let trainable_tokens = trainable_token_indices(get("trainable_token_indices"), what)?;
+        Ok(PeftSpec { r, alpha, dropout, use_rslora, targets, rank_pattern, alpha_pattern, layers, layers_pattern, trainable_tokens })
     }
 
     /// Whether the module named `path` carries an adapter (PEFT's `check_target_module_exists`).

@@ -47,6 +47,12 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Adds `token` as one new, non-special token (it decodes as its text), with the next id.
+    pub fn add_token(&mut self, token: &str) -> anyhow::Result<u32> {
+        self.inner.add_tokens([tokenizers::AddedToken::from(token, false)]).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        self.token_id(token).with_context(|| format!("the tokenizer did not take the token {token}"))
+    }
+
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) are recognised;
     /// `add_special` adds what the model adds by default (a BOS for Llama, nothing for SmolLM2).
     pub fn encode(&self, text: &str, add_special: bool) -> anyhow::Result<Vec<u32>> {

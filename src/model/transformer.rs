@@ -187,6 +187,20 @@ pub struct CausalLm {
     dtype: DType,
     /// The attached adapter's settings, if any (see `lora.rs`).
     pub lora_config: Option<LoraConfig>,
+    /// Vocabulary rows added after the base's (the semantic POI ids), if any.
+    pub new_tokens: Option<NewTokens>,
+}
+
+/// Tokens added to the vocabulary, ids `vocab_size..vocab_size + n`, trained with the adapter
+/// (PEFT's trainable tokens): each row is both the token's input embedding and its output row,
+/// as the base ties the two (see `peft.rs`).
+pub struct NewTokens {
+    /// The tokens' text, in id order.
+    pub names: Vec<String>,
+    /// (n, hidden), in the adapter's dtype (f32 master weights).
+    pub rows: candle_core::Var,
+    /// The frozen rows of the reference policy (adapter-off passes), pinned with the adapter's.
+    pub reference: Option<Tensor>,
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> candle_core::Result<Tensor> {
@@ -415,11 +429,70 @@ impl CausalLm {
         let angles = Tensor::from_vec(angles, (positions, inv_freq.len()), &device)?;
         let cos_table = angles.cos()?.to_dtype(dtype)?;
         let sin_table = angles.sin()?.to_dtype(dtype)?;
-        Ok(CausalLm { config, embed, blocks, final_norm, lm_head, cos_table, sin_table, device, dtype, lora_config: None })
+        Ok(CausalLm {
+            config,
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            cos_table,
+            sin_table,
+            device,
+            dtype,
+            lora_config: None,
+            new_tokens: None,
+        })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The base's input embedding, (vocab, hidden).
+    pub fn embedding(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// Whether the output projection has weights of its own (not tied to the embedding).
+    pub fn has_untied_head(&self) -> bool {
+        self.lm_head.is_some()
+    }
+
+    /// The base vocabulary and the added tokens: the width of the logits.
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size + self.new_tokens.as_ref().map_or(0, |t| t.names.len())
+    }
+
+    /// The added rows a pass in `mode` uses, in the model's dtype: the trainable ones with the
+    /// adapter on, else the pinned reference (or, unpinned, the current rows, detached: the
+    /// base has no rows of its own for these tokens).
+    fn new_rows(&self, mode: Mode) -> candle_core::Result<Option<Tensor>> {
+        let Some(t) = &self.new_tokens else { return Ok(None) };
+        let rows = match (&t.reference, mode.adapter) {
+            (_, true) => t.rows.as_tensor().clone(),
+            (Some(r), false) => r.clone(),
+            (None, false) => t.rows.as_tensor().detach(),
+        };
+        rows.to_dtype(self.dtype).map(Some)
+    }
+
+    /// Input embeddings (N, hidden) of the flat ids (N,), added tokens included.
+    fn embed_ids(&self, ids: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let Some(rows) = self.new_rows(mode)? else { return self.embed.index_select(ids, 0) };
+        let v = self.config.vocab_size as u32;
+        let host = ids.to_vec1::<u32>()?;
+        if host.iter().all(|&i| i < v) {
+            return self.embed.index_select(ids, 0);
+        }
+        let device = ids.device();
+        let base_ids: Vec<u32> = host.iter().map(|&i| if i < v { i } else { 0 }).collect();
+        let new_ids: Vec<u32> = host.iter().map(|&i| i.saturating_sub(v)).collect();
+        let is_new: Vec<f32> = host.iter().map(|&i| if i < v { 0.0 } else { 1.0 }).collect();
+        let base = self.embed.index_select(&Tensor::new(base_ids, device)?, 0)?;
+        let added = rows.index_select(&Tensor::new(new_ids, device)?, 0)?;
+        let is_new = Tensor::new(is_new, device)?.to_dtype(self.dtype)?.unsqueeze(1)?;
+        // Multiplying by exactly 0 and 1 selects each row; the added rows get their gradient.
+        base.broadcast_mul(&(1.0 - &is_new)?)? + added.broadcast_mul(&is_new)?
     }
 
     pub fn dtype(&self) -> DType {
@@ -434,8 +507,13 @@ impl CausalLm {
     /// Every weight under its Hugging Face name with the adapter merged in (`W + scale · B A`;
     /// the base weights themselves are untouched): what `refine-poi export` writes. The output
     /// projection is left out when it is tied to the embedding.
+    /// Added tokens become rows after the base vocabulary (the embedding is resized).
     pub fn merged_weights(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        let embed = match &self.new_tokens {
+            Some(t) => Tensor::cat(&[&self.embed, &t.rows.as_tensor().to_dtype(self.embed.dtype())?], 0)?,
+            None => self.embed.clone(),
+        };
+        let mut out = vec![("model.embed_tokens.weight".to_string(), embed)];
         for (i, block) in self.blocks.iter().enumerate() {
             out.push((format!("model.layers.{i}.input_layernorm.weight"), block.attn_norm.clone()));
             out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), block.mlp_norm.clone()));
@@ -511,7 +589,7 @@ impl CausalLm {
         };
         // The fused inference attention masks by itself; only the differentiable path needs it.
         let mask = if fused_attention(mode, &self.device, self.dtype) { None } else { self.attention_mask(&pads, past, t)? };
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        let mut x = self.embed_ids(&ids.flatten_all()?, mode)?.reshape((b, t, self.config.hidden_size))?;
         let eps = self.config.rms_norm_eps;
         for (layer, block) in self.blocks.iter().enumerate() {
             let normed = rms_norm(&x, &block.attn_norm, eps, mode)?;
@@ -548,16 +626,21 @@ impl CausalLm {
         Tensor::from_vec(mask, (pads.len(), 1, t, keys), &self.device)?.to_dtype(self.dtype).map(Some)
     }
 
-    /// Next-token logits (…, vocab) from hidden states (…, hidden); half precision is upcast to f32.
-    pub fn logits(&self, hidden: &Tensor) -> anyhow::Result<Tensor> {
+    /// Next-token logits (…, vocab) from hidden states (…, hidden) of a pass in `mode`, added
+    /// tokens last; half precision is upcast to f32.
+    pub fn logits(&self, hidden: &Tensor, mode: Mode) -> anyhow::Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let dims = hidden.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        let hidden = hidden.reshape((rows, self.config.hidden_size))?;
         // Hidden states that carry gradients keep the differentiable matmul.
-        let mode = Mode { adapter: false, grad: hidden.track_op(), dropout: None };
-        let logits = matmul_wt(&hidden.reshape((rows, self.config.hidden_size))?, head, mode)?;
+        let base_mode = Mode { adapter: false, grad: hidden.track_op(), dropout: None };
+        let mut logits = matmul_wt(&hidden, head, base_mode)?;
+        if let Some(added) = self.new_rows(mode)? {
+            logits = Tensor::cat(&[&logits, &hidden.matmul(&added.t()?)?], 1)?;
+        }
         let mut out = dims;
-        *out.last_mut().unwrap() = self.config.vocab_size;
+        *out.last_mut().unwrap() = self.vocab_size();
         let logits = logits.reshape(out)?;
         Ok(match self.dtype {
             DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
@@ -568,14 +651,14 @@ impl CausalLm {
     /// Logits at every position, (B, T, vocab).
     pub fn forward(&self, ids: &Tensor, pads: Option<&[usize]>, cache: Option<&mut KvCache>, mode: Mode) -> anyhow::Result<Tensor> {
         let hidden = self.forward_hidden(ids, pads, cache, mode)?;
-        self.logits(&hidden)
+        self.logits(&hidden, mode)
     }
 
     /// Logits of the last position only, (B, vocab): what generation needs.
     pub fn forward_last(&self, ids: &Tensor, pads: Option<&[usize]>, cache: Option<&mut KvCache>, mode: Mode) -> anyhow::Result<Tensor> {
         let hidden = self.forward_hidden(ids, pads, cache, mode)?;
         let t = hidden.dim(1)?;
-        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?, mode)
     }
 
     /// Rotary tables for rows that share the positions `start..start + t`, (t, hd / 2).
@@ -597,8 +680,8 @@ impl CausalLm {
         anyhow::ensure!(p + c <= self.config.max_position_embeddings, "prompt + completion exceed the model's positions");
         let h = self.config.hidden_size;
         let prompt_ids = Tensor::new(prompt, &self.device)?;
-        let mut xp = self.embed.index_select(&prompt_ids, 0)?.unsqueeze(0)?;
-        let mut xc = self.embed.index_select(&completions.flatten_all()?, 0)?.reshape((g, c, h))?;
+        let mut xp = self.embed_ids(&prompt_ids, mode)?.unsqueeze(0)?;
+        let mut xc = self.embed_ids(&completions.flatten_all()?, mode)?.reshape((g, c, h))?;
         let (rope_p, rope_c) = (self.rope_range(0, p)?, self.rope_range(p, c)?);
         let causal = |t: usize, past: usize| -> candle_core::Result<Tensor> {
             let mask: Vec<f32> = (0..t).flat_map(|i| (0..past + t).map(move |j| if j <= past + i { 0.0 } else { MASKED })).collect();
@@ -628,7 +711,7 @@ impl CausalLm {
         } else {
             last_p.contiguous()?
         };
-        self.logits(&hidden)
+        self.logits(&hidden, mode)
     }
 
     /// A new, empty cache sized for `capacity` positions.

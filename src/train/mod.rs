@@ -35,12 +35,13 @@ use candle_core::{D, DType, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
+use crate::answer::AnswerIds;
 use crate::data::{Dataset, Instance, Split};
 use crate::dist::Dist;
 use crate::lock::DirLock;
 use crate::model::{self, AdapterBase, CausalLm, LoadedModel, Mode};
 use crate::prompt::PromptConfig;
-use crate::seed::{SEED_DATA, SEED_LORA_INIT, SEED_SUBSET, derive_seed, fnv_hex};
+use crate::seed::{SEED_DATA, SEED_LORA_INIT, SEED_NEW_TOKENS, SEED_SUBSET, derive_seed, fnv_hex};
 use checkpoint::{BestVal, MetricsLog, RunDir, TrainerState};
 use config::{RunConfig, Stage};
 use optim::AdamW;
@@ -108,11 +109,15 @@ impl EpochOrder {
 /// Loads the model with a starting adapter (`adapter`, which must agree with `[lora]`; `key`
 /// names the config key it came from) or a fresh one seeded by `seed`; the run's LoRA dropout
 /// either way.
-pub fn load_model(cfg: &RunConfig, adapter: Option<&Path>, key: &str, seed: u64) -> Result<LoadedModel> {
+///
+/// With `prompt.ids = "semantic"` the model gets the codebook's tokens: from the adapter, which
+/// must have been trained with the same ones, or fresh.
+pub fn load_model(cfg: &RunConfig, ds: &Dataset, adapter: Option<&Path>, key: &str, seed: u64) -> Result<LoadedModel> {
     let mut loaded = model::load(&cfg.model.path)?;
+    let tokens = AnswerIds::new(cfg.prompt.ids, ds.codebook())?.codebook().map(|cb| cb.tokens());
     match adapter {
         Some(dir) => {
-            loaded.model.load_adapter(dir).with_context(|| format!("cannot load {key} = {}", dir.display()))?;
+            loaded.load_adapter(dir).with_context(|| format!("cannot load {key} = {}", dir.display()))?;
             let got = loaded.model.lora_config.clone().context("adapter did not load")?;
             let same_targets = got.target_modules()? == cfg.lora.target_modules()?;
             ensure!(
@@ -128,6 +133,14 @@ pub fn load_model(cfg: &RunConfig, adapter: Option<&Path>, key: &str, seed: u64)
             );
         }
         None => loaded.model.attach_lora(&cfg.lora, derive_seed(seed, SEED_LORA_INIT, 0))?,
+    }
+    match (tokens, &loaded.model.new_tokens) {
+        (Some(names), Some(added)) => {
+            ensure!(added.names == names, "{key} was trained with other semantic ids than the dataset's codebook.json")
+        }
+        (Some(names), None) => loaded.add_tokens(names, derive_seed(seed, SEED_NEW_TOKENS, 0))?,
+        (None, Some(_)) => anyhow::bail!("{key} adds the tokens of semantic ids, but prompt.ids = \"raw\""),
+        (None, None) => {}
     }
     loaded.model.set_lora_dropout(cfg.lora.dropout);
     Ok(loaded)
@@ -427,12 +440,19 @@ pub fn validate_and_keep_best(
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoredSeq {
     pub ids: Vec<u32>,
-    pub score_from: usize,
+    /// Positions of the tokens whose log-probabilities count, ascending, each at least 1.
+    pub targets: Vec<usize>,
 }
 
 impl ScoredSeq {
+    /// A prompt and its answer: every token from `score_from` on counts.
+    pub fn answer(ids: Vec<u32>, score_from: usize) -> ScoredSeq {
+        let targets = (score_from..ids.len()).collect();
+        ScoredSeq { ids, targets }
+    }
+
     pub fn scored(&self) -> usize {
-        self.ids.len() - self.score_from
+        self.targets.len()
     }
 }
 
@@ -452,25 +472,26 @@ pub fn token_logprobs(logits: &Tensor, tokens: &Tensor) -> candle_core::Result<T
 pub fn scored_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Result<Tensor> {
     ensure!(!rows.is_empty(), "empty batch");
     for (i, r) in rows.iter().enumerate() {
+        ensure!(!r.targets.is_empty(), "row {i}: nothing to score");
         ensure!(
-            r.score_from >= 1 && r.score_from < r.ids.len(),
-            "row {i}: nothing to score (score_from {} of {} tokens)",
-            r.score_from,
+            r.targets[0] >= 1 && r.targets.windows(2).all(|w| w[0] < w[1]) && r.targets[r.targets.len() - 1] < r.ids.len(),
+            "row {i}: its scored positions must ascend within 1..{}",
             r.ids.len()
         );
     }
-    // The input is every token but the last; position t predicts token t + 1.
-    let t = rows.iter().map(|r| r.ids.len() - 1).max().unwrap_or(0);
+    // The input runs up to the last scored token; position t predicts token t + 1.
+    let input_len = |r: &ScoredSeq| r.targets[r.targets.len() - 1];
+    let t = rows.iter().map(input_len).max().unwrap_or(0);
     let mut input = Vec::with_capacity(rows.len() * t);
     let mut pads = Vec::with_capacity(rows.len());
     let (mut positions, mut targets) = (Vec::new(), Vec::new());
     for (b, r) in rows.iter().enumerate() {
-        let len = r.ids.len() - 1;
+        let len = input_len(r);
         let pad = t - len;
         pads.push(pad);
         input.extend(std::iter::repeat_n(0u32, pad));
         input.extend_from_slice(&r.ids[..len]);
-        for j in r.score_from..r.ids.len() {
+        for &j in &r.targets {
             positions.push((b * t + pad + j - 1) as u32);
             targets.push(r.ids[j]);
         }
@@ -480,7 +501,7 @@ pub fn scored_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Resu
     let hidden = model.forward_hidden(&input, Some(&pads), None, mode)?;
     let h = hidden.dim(D::Minus1)?;
     let picked = hidden.reshape((rows.len() * t, h))?.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
-    let logits = model.logits(&picked)?;
+    let logits = model.logits(&picked, mode)?;
     let n = targets.len();
     Ok(token_logprobs(&logits, &Tensor::from_vec(targets, n, device)?)?)
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail};
 
-use crate::answer::{ANSWER_CLOSE, parse_answer};
+use crate::answer::{ANSWER_CLOSE, AnswerIds};
 use crate::constrain::AnswerConstraint;
 use crate::data::{Dataset, Instance, Split};
 use crate::eval::{EvalOptions, EvalReport, Prediction, Recommender, evaluate};
@@ -54,10 +54,11 @@ impl Recommender for BorrowedLlm<'_> {
         let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
         let seeds: Vec<u64> = (0..ids.len() as u64).collect();
         let out = generate_constrained(self.model, self.tokenizer, &ids, &seeds, 1, &cfg, Mode::INFERENCE, self.grammar.as_ref())?;
+        let naming = AnswerIds::new(self.prompt.ids, ds.codebook())?;
         Ok(out
             .into_iter()
             .map(|mut c| {
-                let parsed = parse_answer(&c.remove(0).text, ds.num_pois());
+                let parsed = naming.parse(&c.remove(0).text, ds.num_pois());
                 // As in `eval --method llm`: an answer with no readable id is invalid (a miss).
                 let valid = !parsed.ids.is_empty();
                 Prediction::List { ids: parsed.ids, valid }

@@ -15,5 +15,6 @@ mod peft;
 mod portable;
 mod reference_model;
 mod reliability;
+mod semantic;
 mod sft_tiny;
 mod sweep;

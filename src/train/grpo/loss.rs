@@ -254,7 +254,7 @@ pub fn step(
         }
         let (tokens, mask) = completion_tensors(group, eos, eos, &device, dtype)?;
         let grammar = match &cfg.constraint {
-            Some(c) => Some(group_logit_mask(c, group, &tokens, model.config.vocab_size, &tokenizer.eos_ids)?),
+            Some(c) => Some(group_logit_mask(c, group, &tokens, model.vocab_size(), &tokenizer.eos_ids)?),
             None => None,
         };
         let adv = Tensor::from_vec(advantages[p * cfg.group..(p + 1) * cfg.group].to_vec(), cfg.group, &device)?.to_dtype(dtype)?;

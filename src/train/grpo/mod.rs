@@ -26,7 +26,7 @@ pub mod rewards;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Map, Value, json};
 
-use crate::answer::{ANSWER_CLOSE, parse_answer};
+use crate::answer::{ANSWER_CLOSE, AnswerIds, parse_answer};
 use crate::constrain::AnswerConstraint;
 use crate::data::{Dataset, Instance};
 use crate::dist::Dist;
@@ -163,12 +163,14 @@ fn gather_scored(dist: &Dist, mine: Vec<(usize, Scored)>) -> Result<Vec<Scored>>
     Ok(rows.into_iter().map(Scored::decode).collect())
 }
 
-/// Scores a completion for `inst` with every reward of the config.
-fn score_completion(ds: &Dataset, cfg: &RunConfig, inst: &Instance, c: &Completion) -> Scored {
-    let parsed = parse_answer(&c.text, ds.num_pois());
+/// Scores a completion for `inst` with every reward of the config; the rewards read it in dense
+/// ids (`naming`).
+fn score_completion(ds: &Dataset, cfg: &RunConfig, naming: AnswerIds, inst: &Instance, c: &Completion) -> Scored {
+    let text = naming.to_raw(&c.text);
+    let parsed = parse_answer(&text, ds.num_pois());
     let input = RewardInput {
         answer: &parsed,
-        completion: &c.text,
+        completion: &text,
         completion_tokens: c.tokens.len(),
         target: inst.target.poi,
         k: cfg.prompt.k,
@@ -236,7 +238,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let init_copy = root.join(INIT_DIR);
     let copied = opts.resume && init_copy.join("adapter_model.safetensors").is_file();
     let start = if copied { Some(init_copy.clone()) } else { init_adapter(cfg)? };
-    let mut loaded = load_model(cfg, start.as_deref(), "grpo.init_adapter", t.seed)?;
+    let mut loaded = load_model(cfg, &ds, start.as_deref(), "grpo.init_adapter", t.seed)?;
     loaded.model.set_lora_dropout(0.0);
     // Rank 0 keeps the copy; the other ranks read the same adapter it copies.
     if !copied && dist.is_writer() {
@@ -248,6 +250,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         loaded.model.pin_reference_adapter()?;
     }
     let prompts = PromptBuilder::new(cfg.prompt.clone(), &loaded.tokenizer)?;
+    let naming = AnswerIds::new(cfg.prompt.ids, ds.codebook())?;
     let stats = candidate_stats(&cfg.prompt, &ds);
     let per_step = cfg.grpo.prompts_per_step as u64;
     let total = t.total_steps(examples.len(), cfg.grpo.prompts_per_step) as u64;
@@ -294,7 +297,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         let seeds: Vec<u64> = positions.iter().map(|&g| derive_seed(t.seed, SEED_SAMPLING, g)).collect();
         let mut mine = Vec::with_capacity(insts.len() * cfg.grpo.group);
         let mut reward = |p: usize, c: &Completion| -> Result<f64> {
-            let s = score_completion(&ds, cfg, insts[p], c);
+            let s = score_completion(&ds, cfg, naming, insts[p], c);
             let total = s.breakdown.total;
             mine.push((p, s));
             Ok(total)

@@ -2,7 +2,7 @@
 //! loss on the answer tokens only, so the model learns the answer format before GRPO.
 //!
 //! An example is the instance's prompt ([`crate::prompt`], chat-templated, ending with the
-//! assistant turn's opener) followed by the answer ([`format_answer`]) and the model's
+//! assistant turn's opener) followed by the answer ([`crate::answer::format_answer`]) and the model's
 //! end-of-turn token. Its target list is the ground truth alone, or a k-list with the ground
 //! truth first ([`AnswerForm`]). The loss is the mean negative log-likelihood over all answer
 //! tokens of an optimizer step (every micro-batch of it), prompts left-padded and masked.
@@ -17,13 +17,14 @@
 //! process (set `grad_accum` to a multiple of the rank count, or some ranks idle).
 
 pub mod config;
+pub mod history;
 
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
 
-use crate::answer::format_answer;
+use crate::answer::AnswerIds;
 use crate::data::{Dataset, Instance};
 use crate::model::{Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
@@ -36,7 +37,7 @@ use crate::train::{
     EpochOrder, RunOptions, ScoredSeq, StageLoop, StageStart, StageSummary, load_model, progress_bar, scored_logprobs, train_instances,
 };
 use crate::visits::{count_visits, hour_first_order};
-use config::AnswerForm;
+use config::{AnswerForm, Examples};
 
 const STAGE: Stage = Stage::Sft;
 
@@ -90,6 +91,7 @@ pub struct ExampleBuilder<'a> {
     prompts: PromptBuilder<'a>,
     tokenizer: &'a TextTokenizer,
     form: AnswerForm,
+    naming: AnswerIds<'a>,
     eot: u32,
     popular: Vec<u32>,
     /// The candidate lists' statistics (when the prompt asks for them).
@@ -104,6 +106,7 @@ impl<'a> ExampleBuilder<'a> {
             prompts: PromptBuilder::new(cfg.prompt.clone(), tokenizer)?,
             tokenizer,
             form: cfg.sft.answer,
+            naming: AnswerIds::new(cfg.prompt.ids, ds.codebook())?,
             eot: end_of_turn(tokenizer)?,
             popular: popularity_order(ds),
             stats: candidate_stats(&cfg.prompt, ds),
@@ -111,7 +114,7 @@ impl<'a> ExampleBuilder<'a> {
     }
 
     pub fn answer_text(&self, inst: &Instance) -> String {
-        format_answer(&target_ids(self.ds, inst, self.form, self.prompts.config(), &self.popular), None)
+        self.naming.format(&target_ids(self.ds, inst, self.form, self.prompts.config(), &self.popular), None)
     }
 
     pub fn build(&self, inst: &Instance) -> Result<ScoredSeq> {
@@ -120,7 +123,22 @@ impl<'a> ExampleBuilder<'a> {
         let score_from = ids.len();
         ids.extend(self.tokenizer.encode(&self.answer_text(inst), false)?);
         ids.push(self.eot);
-        Ok(ScoredSeq { ids, score_from })
+        Ok(ScoredSeq::answer(ids, score_from))
+    }
+}
+
+/// A run's examples, in a fixed order that [`EpochOrder`] permutes.
+enum SftExamples<'d> {
+    Prompts(Vec<&'d Instance>),
+    Histories(Vec<ScoredSeq>),
+}
+
+impl SftExamples<'_> {
+    fn len(&self) -> usize {
+        match self {
+            SftExamples::Prompts(v) => v.len(),
+            SftExamples::Histories(v) => v.len(),
+        }
     }
 }
 
@@ -141,9 +159,15 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     let t = &cfg.sft.train;
     let StageStart { lock: _lock, run, latest, config_hash, ds } = StageStart::open(cfg, STAGE, opts, || Ok(()))?;
     let root = run.root.clone();
-    let examples = train_instances(&ds, cfg, t.seed)?;
-    let mut loaded = load_model(cfg, cfg.model.adapter.as_deref(), "model.adapter", t.seed)?;
+    let mut loaded = load_model(cfg, &ds, cfg.model.adapter.as_deref(), "model.adapter", t.seed)?;
     let builder = ExampleBuilder::new(&ds, cfg, &loaded.tokenizer)?;
+    let examples = match cfg.sft.examples {
+        Examples::Prompts => SftExamples::Prompts(train_instances(&ds, cfg, t.seed)?),
+        Examples::Histories => {
+            ensure!(cfg.data.train_instances == 0, "data.train_instances subsets prompt examples; histories cover every user");
+            SftExamples::Histories(history::history_examples(&ds, &cfg.prompt, &loaded.tokenizer, cfg.sft.history_tokens)?)
+        }
+    };
     let total = t.total_steps(examples.len(), cfg.sft.examples_per_step()) as u64;
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
     let dist = &opts.dist;
@@ -180,7 +204,10 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         // This step's examples: the next ones in the epoch's seeded order.
         let mut rows = Vec::with_capacity(per_step as usize);
         for g in state.examples_seen..state.examples_seen + per_step {
-            rows.push(builder.build(examples[order.example(g)])?);
+            rows.push(match &examples {
+                SftExamples::Prompts(insts) => builder.build(insts[order.example(g)])?,
+                SftExamples::Histories(seqs) => seqs[order.example(g)].clone(),
+            });
         }
         let answer_tokens: usize = rows.iter().map(ScoredSeq::scored).sum();
         let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();

@@ -1,0 +1,227 @@
+//! Semantic POI ids on a tiny model: `preprocess` writes a codebook that covers every POI; an
+//! adapter that adds the codes' tokens trains, resumes bit for bit, reloads and exports, in
+//! PEFT's trainable-tokens layout; GRPO and `eval` read answers written in codes; whole-history
+//! examples score every train check-in once.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use refine_poi::data::Dataset;
+use refine_poi::data::codebook::Codebook;
+use refine_poi::model::peft::{ADDED_TOKENS_FILE, TRAINABLE_TOKENS_KEY};
+use refine_poi::model::{self, Mode};
+use refine_poi::train::config::RunConfig;
+use refine_poi::train::sft::history::history_examples;
+use refine_poi::train::{RunOptions, ScoredSeq, grpo, scored_logprobs, sft};
+
+use crate::common::{Setup, adapter_f32, adapter_tensors, bin, error_line, quiet, text};
+
+const SEMANTIC: &[&str] = &["prompt.ids=semantic", "sft.eval_every=3"];
+
+fn codebook(s: &Setup) -> Codebook {
+    let ds = Dataset::load(&s.cfg(&[]).data.dir).unwrap();
+    ds.codebook().expect("preprocess writes codebook.json").clone()
+}
+
+#[test]
+fn preprocess_writes_a_deterministic_codebook_of_every_poi() {
+    let s = Setup::new();
+    let ds = Dataset::load(&s.cfg(&[]).data.dir).unwrap();
+    let cb = ds.codebook().expect("preprocess writes codebook.json");
+    cb.check(ds.num_pois()).unwrap();
+    assert_eq!(cb.levels(), cb.config.levels.len() + 1);
+    // Rebuilt from the loaded dataset (another process, the same train split): the same codes.
+    assert_eq!(&Codebook::build(&ds, &cb.config).unwrap(), cb);
+
+    // The warm-up's prompts and answers name POIs by code only.
+    let cfg = s.cfg(&["prompt.ids=semantic"]);
+    let mut loaded = model::load(cfg.model.path.as_str()).unwrap();
+    loaded.add_tokens(cb.tokens(), 0).unwrap();
+    let builder = sft::ExampleBuilder::new(&ds, &cfg, &loaded.tokenizer).unwrap();
+    let inst = &ds.instances(refine_poi::data::Split::Train)[0];
+    let answer = builder.answer_text(inst);
+    assert!(answer.starts_with(&format!("<answer>{}", cb.code_text(inst.target.poi))), "{answer}");
+    let seq = builder.build(inst).unwrap();
+    let prompt = loaded.tokenizer.decode(&seq.ids, false).unwrap();
+    let raw_id = prompt.split("POI ").skip(1).any(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+    assert!(prompt.contains(&cb.code_text(inst.prefix[0].poi)) && !raw_id, "{prompt}");
+}
+
+#[test]
+fn an_adapter_with_added_tokens_trains_resumes_and_keeps_pefts_layout() {
+    let straight = Setup::new();
+    let cfg = straight.cfg(SEMANTIC);
+    let full = sft::run(&cfg, &quiet()).unwrap();
+    assert!(full.stage.finished);
+    let fin = full.stage.dir.join("final");
+
+    // PEFT's trainable tokens: the new rows right after the base vocabulary, under the input
+    // embedding's key only (the head is tied), named by added_tokens.json.
+    let cb = codebook(&straight);
+    let names = cb.tokens();
+    let base = model::load(cfg.model.path.as_str()).unwrap();
+    let (vocab, hidden) = (base.model.config.vocab_size, base.model.config.hidden_size);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fin.join("adapter_config.json")).unwrap()).unwrap();
+    let indices: Vec<usize> = (vocab..vocab + names.len()).collect();
+    assert_eq!(config["trainable_token_indices"], serde_json::json!({ "embed_tokens": indices }));
+    let added: std::collections::HashMap<String, usize> =
+        serde_json::from_str(&std::fs::read_to_string(fin.join(ADDED_TOKENS_FILE)).unwrap()).unwrap();
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(added[name], vocab + i);
+    }
+    let bytes = std::fs::read(fin.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let rows = st.tensor(TRAINABLE_TOKENS_KEY).unwrap();
+    assert_eq!(rows.shape(), [names.len(), hidden]);
+    assert_eq!(rows.dtype(), safetensors::Dtype::F32);
+    for key in st.names() {
+        assert!(key == TRAINABLE_TOKENS_KEY || key.contains(".lora_A.") || key.contains(".lora_B."), "unexpected key {key}");
+    }
+    // The rows trained: they moved between the first checkpoint and the end.
+    let rows_of = |dir: &Path| adapter_f32(dir).into_iter().find(|(k, _)| k == TRAINABLE_TOKENS_KEY).unwrap().1;
+    assert_ne!(rows_of(&full.stage.dir.join("checkpoints/step-4")), rows_of(&fin));
+
+    // Stopped after 2 steps and resumed: the same adapter, rows included, bit for bit.
+    let resumed = Setup::new();
+    let cfg = resumed.cfg(SEMANTIC);
+    let a = sft::run(&cfg, &RunOptions { stop_after: Some(2), ..quiet() }).unwrap();
+    assert_eq!(a.stage.step, 2);
+    let d = sft::run(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
+    assert!(d.stage.finished);
+    assert_eq!(adapter_tensors(&fin), adapter_tensors(&d.stage.dir.join("final")), "resumed adapter differs");
+
+    // Reloaded, the tokenizer reads a code as its tokens.
+    let mut loaded = model::load(cfg.model.path.as_str()).unwrap();
+    loaded.load_adapter(&fin).unwrap();
+    assert_eq!(loaded.model.vocab_size(), vocab + names.len());
+    let ids = loaded.tokenizer.encode(&cb.code_text(0), false).unwrap();
+    assert_eq!(ids.len(), cb.levels());
+    assert!(ids.iter().all(|&i| i as usize >= vocab), "{ids:?}");
+    assert_eq!(loaded.tokenizer.decode(&ids, true).unwrap(), cb.code_text(0));
+
+    // Exported: a plain model with the resized vocabulary gives the same logits, new tokens in
+    // the input and in the output.
+    let out = straight.tmp.path().join("export");
+    let run = bin().args(["export", "--model", cfg.model.path.as_str(), "--adapter"]).arg(&fin).arg("--out").arg(&out).output().unwrap();
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let exported = model::load(out.to_str().unwrap()).unwrap();
+    assert_eq!(exported.model.config.vocab_size, vocab + names.len());
+    assert_eq!(exported.tokenizer.encode(&cb.code_text(0), false).unwrap(), ids);
+    let mut input = loaded.tokenizer.encode("next: ", false).unwrap();
+    input.extend(&ids);
+    let input = Tensor::new(input.as_slice(), loaded.model.device()).unwrap().unsqueeze(0).unwrap();
+    let logits = |m: &model::CausalLm| m.forward(&input, None, None, Mode::INFERENCE).unwrap().to_dtype(DType::F32).unwrap();
+    let diff = (logits(&loaded.model) - logits(&exported.model)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-4, "max |logit difference| = {diff}");
+}
+
+#[test]
+fn grpo_and_eval_read_answers_in_codes() {
+    let s = Setup::new();
+    let sft_cfg = s.cfg(&["prompt.ids=semantic", "sft.max_steps=2"]);
+    let warm = sft::run(&sft_cfg, &quiet()).unwrap();
+    let fin = warm.stage.dir.join("final");
+    let fin_s = fin.to_str().unwrap().to_string();
+
+    // GRPO from the warm-up: the starting adapter's tokens are the codebook's, and it runs.
+    let init = format!("grpo.init_adapter={fin_s}");
+    let cfg = s.cfg(&["prompt.ids=semantic", &init, "grpo.max_steps=2", "grpo.eval_every=2"]);
+    let done = grpo::run(&cfg, &quiet()).unwrap();
+    assert!(done.stage.finished);
+    // A raw-id run cannot start from it, nor can a KL to the base model.
+    let raw_dir = format!("run_dir={}", s.tmp.path().join("raw-run").display());
+    let e = format!("{:#}", grpo::run(&s.cfg(&[&init, &raw_dir]), &quiet()).unwrap_err());
+    assert!(e.contains("semantic"), "{e}");
+    let e = format!("{:#}", RunConfig::load(Some(&s.config), &["prompt.ids=semantic".into(), "grpo.reference=base".into()]).unwrap_err());
+    assert!(e.contains("reference"), "{e}");
+
+    // eval --ids semantic with the adapter: answers are read back as dense ids.
+    let data = sft_cfg.data.dir.to_str().unwrap().to_string();
+    let model = sft_cfg.model.path.clone();
+    let report = s.tmp.path().join("eval.json");
+    let eval = |adapter: Option<&str>| {
+        let mut cmd = bin();
+        cmd.args(["eval", "--method", "llm", "--split", "val", "--limit", "3", "--max-new-tokens", "12", "--quiet"])
+            .args(["--ids", "semantic", "--prompt-config", s.config.to_str().unwrap(), "--data", &data, "--model", &model, "--out"])
+            .arg(&report);
+        if let Some(a) = adapter {
+            cmd.args(["--adapter", a]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = eval(Some(&fin_s));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["instances"], 3, "{r}");
+    assert!(r["invalid"].as_u64().is_some(), "{r}");
+    // Without an adapter that adds the tokens: one clear error.
+    let out = eval(None);
+    assert!(!out.status.success());
+    assert!(error_line(&out).contains("adapter"), "{}", error_line(&out));
+}
+
+/// Whole-history examples on codes: every train check-in is one line of one window, its code is
+/// the scored part, and a window's loss is the sum of what each target scores as the end of
+/// its own prefix (one forward, many targets, the same numbers).
+#[test]
+fn whole_histories_score_every_train_checkin_once() {
+    let s = Setup::new();
+    let cfg = s.cfg(&["prompt.ids=semantic", "prompt.times=true", "prompt.categories=true"]);
+    let ds = Dataset::load(&cfg.data.dir).unwrap();
+    let cb = ds.codebook().unwrap();
+    let mut loaded = model::load(cfg.model.path.as_str()).unwrap();
+    loaded.model.attach_lora(&cfg.lora, 1).unwrap();
+    loaded.add_tokens(cb.tokens(), 2).unwrap();
+    refine_poi::selfcheck::randomize_lora_b(&loaded, 3, 0.05).unwrap();
+    let max_tokens = 160;
+    let windows = history_examples(&ds, &cfg.prompt, &loaded.tokenizer, max_tokens).unwrap();
+
+    let mut scored = String::new();
+    for w in &windows {
+        assert!(w.ids.len() <= max_tokens);
+        assert!(loaded.tokenizer.decode(&w.ids, false).unwrap().starts_with("Check-ins of user "));
+        let targets: Vec<u32> = w.targets.iter().map(|&j| w.ids[j]).collect();
+        scored.push_str(&loaded.tokenizer.decode(&targets, false).unwrap());
+    }
+    // Users in id order, each one's train check-ins in time order: their codes, nothing else.
+    let mut expected = String::new();
+    for u in 0..ds.users().len() as u32 {
+        let mut train: Vec<_> = ds
+            .trajectories()
+            .iter()
+            .filter(|t| t.user == u && t.split == refine_poi::data::Split::Train)
+            .flat_map(|t| ds.trajectory_checkins(t).to_vec())
+            .collect();
+        train.sort_by_key(|c| c.utc);
+        train.iter().for_each(|c| expected.push_str(&cb.code_text(c.poi)));
+    }
+    assert_eq!(scored, expected);
+    assert!(windows.len() > ds.users().len(), "long histories are cut into windows");
+
+    // Two windows in one padded batch against each target alone.
+    let batch = &windows[..2];
+    assert_ne!(batch[0].ids.len(), batch[1].ids.len(), "the batch needs padding");
+    let together = scored_logprobs(&loaded.model, batch, Mode::TRAIN).unwrap().to_vec1::<f32>().unwrap();
+    let mut alone = Vec::new();
+    for w in batch {
+        for &j in &w.targets {
+            let prefix = ScoredSeq::answer(w.ids[..=j].to_vec(), j);
+            alone.extend(scored_logprobs(&loaded.model, &[prefix], Mode::TRAIN).unwrap().to_vec1::<f32>().unwrap());
+        }
+    }
+    assert_eq!(together.len(), alone.len());
+    for (i, (a, b)) in together.iter().zip(&alone).enumerate() {
+        assert!((a - b).abs() < 1e-4, "target {i}: {a} in the window, {b} alone");
+    }
+    let (sum_a, sum_b): (f32, f32) = (together.iter().sum(), alone.iter().sum());
+    assert!((sum_a - sum_b).abs() < 1e-3 * sum_b.abs().max(1.0), "{sum_a} vs {sum_b}");
+
+    // A whole-history warm-up runs, one example a window.
+    let run =
+        s.cfg(&["prompt.ids=semantic", "sft.examples=histories", "data.train_instances=0", "sft.history_tokens=160", "sft.max_steps=2"]);
+    let done = sft::run(&run, &quiet()).unwrap();
+    assert!(done.stage.finished && done.first_loss.is_some_and(f64::is_finite));
+    let bad = s.cfg(&["sft.examples=histories", "data.train_instances=6", "sft.max_steps=1"]);
+    let bad = RunConfig { run_dir: s.tmp.path().join("bad"), ..bad };
+    assert!(format!("{:#}", sft::run(&bad, &quiet()).unwrap_err()).contains("train_instances"));
+}
