@@ -328,7 +328,10 @@ impl<'t> PromptBuilder<'t> {
 }
 
 /// How an earlier check-in's time is shown: `Mon 2012-04-09 12:20`.
-pub const DATED_TIME: &str = "%a %Y-%m-%d %H:%M";
+const DATED_TIME: &str = "%a %Y-%m-%d %H:%M";
+
+/// How a current-trajectory check-in's time is shown: `Mon 12:20`.
+pub const TRAJECTORY_TIME: &str = "%a %H:%M";
 
 /// How a prompt names POI `id`: its name (`POI 12`, or its code `<a1><b0><c3>` with `codebook`)
 /// and what follows it (` (Bar)` with categories on, else nothing).
@@ -404,7 +407,7 @@ impl Parts {
         let mut trajectory = Vec::new();
         for c in ctx.trajectory {
             trajectory.push(if cfg.times {
-                format!("- {}: {}", c.local_time().format("%a %H:%M"), poi(c.poi)?)
+                format!("- {}: {}", c.local_time().format(TRAJECTORY_TIME), poi(c.poi)?)
             } else {
                 format!("- {}", poi(c.poi)?)
             });

@@ -462,11 +462,13 @@ mod tests {
         let list = cb.list_text(&[1, 0, 2]);
         assert_eq!(list, "<a1><b0><c2><a0><b0><c0><a1><b0><c0>");
         assert_eq!(cb.to_raw_ids(&format!("<answer>{list}</answer>")), "<answer>1, 0, 2</answer>");
-        // Unknown codes, broken codes and other tags stay as they are, each its own item.
+        // Unknown and broken codes stay as they are, each its own item (a code runs from one
+        // level-a token to the next).
         assert_eq!(
             cb.to_raw_ids("<answer><a1><b0><c1><a0><b0><c0><a1><c2><b0></answer>"),
-            "<answer><a1><b0><c1>, 0, <a1><c2>, <b0></answer>"
+            "<answer><a1><b0><c1>, 0, <a1><c2><b0></answer>"
         );
+        assert_eq!(cb.to_raw_ids("<b0><c0><a0><b0><c0>"), "<b0><c0>, 0");
         assert_eq!(cb.to_raw_ids("<think>x < y</think><a0><b0><c0>, <a99999><b0><c0> <a"), "<think>x < y</think>0, <a99999><b0><c0> <a");
         assert_eq!(cb.to_raw_ids("no codes"), "no codes");
         // The round trip through the answer parser: the same ranked list, well formed.

@@ -1,7 +1,8 @@
-//! Whole-history examples (`sft.examples = "histories"`): a user's train check-ins written as the
-//! prompt's dated check-in lines, `- Mon 2012-04-09 12:20: <a1><b0><c3> (Bar)`, where every
-//! check-in's POI name is a target. One forward pass scores every check-in of a window, so one
-//! epoch covers the whole train split; the list answer is taught afterwards (list SFT, GRPO).
+//! Whole-history examples (`sft.examples = "histories"`): a user's train trajectories written as
+//! the prompt's trajectory lines, `- Mon 12:20: <a1><b0><c3>` (with ` (Bar)` when
+//! `prompt.categories` is on), a blank line between trajectories, where every check-in's POI
+//! name is a target. One forward pass scores every check-in of a window, so one epoch covers the
+//! whole train split; the list answer is taught afterwards (list SFT, GRPO).
 //!
 //! A user's check-ins are cut into windows of at most `sft.history_tokens` tokens, each opening
 //! with the user's header line; a check-in's tokens never straddle two windows.
@@ -13,24 +14,30 @@ use anyhow::{Result, ensure};
 use crate::answer::AnswerIds;
 use crate::data::{Checkin, Dataset, Split};
 use crate::model::TextTokenizer;
-use crate::prompt::{DATED_TIME, PromptConfig, poi_name};
+use crate::prompt::{PromptConfig, TRAJECTORY_TIME, poi_name};
 use crate::train::ScoredSeq;
 
 /// Every window of every user's train check-ins, users in id order.
 pub fn history_examples(ds: &Dataset, cfg: &PromptConfig, tokenizer: &TextTokenizer, max_tokens: usize) -> Result<Vec<ScoredSeq>> {
     let codebook = AnswerIds::new(cfg.ids, ds.codebook())?.codebook();
-    let mut by_user: BTreeMap<u32, Vec<&Checkin>> = BTreeMap::new();
+    let mut by_user: BTreeMap<u32, Vec<&[Checkin]>> = BTreeMap::new();
     for t in ds.trajectories().iter().filter(|t| t.split == Split::Train) {
-        by_user.entry(t.user).or_default().extend(ds.trajectory_checkins(t));
+        by_user.entry(t.user).or_default().push(ds.trajectory_checkins(t));
     }
     let mut out = Vec::new();
-    for (user, mut checkins) in by_user {
-        checkins.sort_by_key(|c| c.utc);
+    for (user, mut trajectories) in by_user {
+        trajectories.sort_by_key(|t| t[0].utc);
         let header = tokenizer.encode(&format!("Check-ins of user {user}, in local time.\n"), false)?;
         let mut window = ScoredSeq { ids: header.clone(), targets: Vec::new() };
-        for c in checkins {
+        let starts = trajectories.iter().scan(0, |n, t| {
+            *n += t.len();
+            Some(*n - t.len())
+        });
+        let first_of_trajectory: std::collections::HashSet<usize> = starts.collect();
+        for (i, c) in trajectories.into_iter().flatten().enumerate() {
             let (name, suffix) = poi_name(cfg, codebook, ds.pois(), c.poi)?;
-            let before = if cfg.times { format!("- {}: ", c.local_time().format(DATED_TIME)) } else { "- ".to_string() };
+            let gap = if i > 0 && first_of_trajectory.contains(&i) { "\n" } else { "" };
+            let before = if cfg.times { format!("{gap}- {}: ", c.local_time().format(TRAJECTORY_TIME)) } else { format!("{gap}- ") };
             let (before, name, after) =
                 (tokenizer.encode(&before, false)?, tokenizer.encode(&name, false)?, tokenizer.encode(&format!("{suffix}\n"), false)?);
             let line = before.len() + name.len() + after.len();
