@@ -1,8 +1,11 @@
 //! Constrained decoding of the answer list: the model can only write `<answer>`, then exactly k
-//! distinct POI ids below `num_pois` (canonical decimals, `, `-separated), then `</answer>`.
-//! Invalid, out-of-range and repeated ids become impossible, not just penalised.
+//! distinct POI ids below `num_pois` (canonical decimals, `, `-separated), or k distinct codes of
+//! the dataset's codebook (back to back, with semantic ids), then `</answer>`. Invalid,
+//! out-of-range and repeated ids become impossible, not just penalised.
 //!
-//! The grammar runs on characters, so any tokenisation of the answer is allowed: at each step a
+//! With codes, each code piece must be its own vocabulary token (`<a12>`, as the model writes
+//! and was trained on), never spelled out in bytes. Otherwise the grammar runs on characters,
+//! so any tokenisation of the answer is allowed: at each step a
 //! token is allowed when its whole text can be read from the row's state. Only the few thousand
 //! tokens made of the answer's characters are ever tried (digits, `,`, space, and the letters
 //! of the tags). An id prefix is allowed only while some unused valid id still starts with it,
@@ -15,6 +18,7 @@
 use anyhow::Context;
 
 use crate::answer::{ANSWER_CLOSE, ANSWER_OPEN};
+use crate::data::codebook::Codebook;
 use crate::model::TextTokenizer;
 
 /// The grammar of one answer list, and the tokens that can spell it.
@@ -22,8 +26,15 @@ use crate::model::TextTokenizer;
 pub struct AnswerConstraint {
     k: usize,
     num_pois: u64,
+    /// Every POI's code text, when the answer names POIs by code (index = POI id).
+    codes: Option<Vec<Vec<u8>>>,
+    /// The code texts sorted, with their POI: for counting the codes that start with a prefix,
+    /// and for finding a complete one.
+    sorted_codes: Vec<(Vec<u8>, u64)>,
     /// (token id, its text) for every token whose text only uses the answer's characters.
     tokens: Vec<(u32, Vec<u8>)>,
+    /// The ids of the codebook's tokens, sorted: the only tokens a code is written with.
+    code_tokens: Vec<u32>,
 }
 
 /// Where a row is in the answer.
@@ -64,11 +75,16 @@ fn parse_digits(digits: &[u8]) -> Option<u64> {
 }
 
 impl AnswerConstraint {
-    /// The grammar for lists of `k` ids below `num_pois`, over `tokenizer`'s vocabulary.
-    pub fn new(tokenizer: &TextTokenizer, k: usize, num_pois: usize) -> anyhow::Result<AnswerConstraint> {
+    /// The grammar for lists of `k` ids below `num_pois` (or, with `codebook`, of `k` codes of
+    /// its POIs), over `tokenizer`'s vocabulary.
+    pub fn new(tokenizer: &TextTokenizer, k: usize, num_pois: usize, codebook: Option<&Codebook>) -> anyhow::Result<AnswerConstraint> {
         anyhow::ensure!(k > 0, "a constrained answer needs k > 0");
         anyhow::ensure!(k <= num_pois, "a list of {k} distinct ids needs at least {k} POIs, not {num_pois}");
-        let alphabet: Vec<u8> = format!("0123456789, {ANSWER_OPEN}{ANSWER_CLOSE}").into_bytes();
+        let codes: Option<Vec<Vec<u8>>> = codebook.map(|cb| (0..num_pois as u32).map(|p| cb.code_text(p).into_bytes()).collect());
+        let mut alphabet: Vec<u8> = format!("0123456789, {ANSWER_OPEN}{ANSWER_CLOSE}").into_bytes();
+        if let Some(codes) = &codes {
+            alphabet.extend(codes.iter().flatten());
+        }
         let mut tokens = Vec::new();
         for id in 0..tokenizer.vocab_size() as u32 {
             if tokenizer.eos_ids.contains(&id) {
@@ -80,10 +96,47 @@ impl AnswerConstraint {
             }
         }
         anyhow::ensure!(
-            (0..10).all(|d| tokens.iter().any(|(_, t)| t == &[b'0' + d])),
+            codes.is_some() || (0..10).all(|d| tokens.iter().any(|(_, t)| t == &[b'0' + d])),
             "the tokenizer has no token for each single digit: it cannot spell every POI id"
         );
-        Ok(AnswerConstraint { k, num_pois: num_pois as u64, tokens })
+        let mut sorted_codes: Vec<(Vec<u8>, u64)> = codes.iter().flatten().enumerate().map(|(p, c)| (c.clone(), p as u64)).collect();
+        sorted_codes.sort();
+        let mut code_tokens = Vec::new();
+        for name in codebook.map(Codebook::tokens).unwrap_or_default() {
+            let id = tokenizer
+                .token_id(&name)
+                .with_context(|| format!("the tokenizer has no token {name}: load the adapter that adds the codebook's tokens"))?;
+            code_tokens.push(id);
+        }
+        code_tokens.sort_unstable();
+        Ok(AnswerConstraint { k, num_pois: num_pois as u64, codes, sorted_codes, tokens, code_tokens })
+    }
+
+    /// How many codes start with `prefix`, less the used ones that do.
+    fn free_codes_with_prefix(&self, codes: &[Vec<u8>], prefix: &[u8], used: &[u64]) -> u64 {
+        let from = self.sorted_codes.partition_point(|(c, _)| c.as_slice() < prefix);
+        let total = self.sorted_codes[from..].iter().take_while(|(c, _)| c.starts_with(prefix)).count();
+        let taken = used.iter().filter(|&&u| codes[u as usize].starts_with(prefix)).count();
+        (total - taken) as u64
+    }
+
+    /// A byte of a code: allowed while an unused code starts with the text so far; a complete
+    /// code (codes end with `>`, so none is a prefix of another) is an item of the list.
+    fn step_code(&self, codes: &[Vec<u8>], s: &mut AnswerState, b: u8) -> bool {
+        let Phase::Id(text) = &s.phase else { return false };
+        let mut longer = text.clone();
+        longer.push(b);
+        if self.free_codes_with_prefix(codes, &longer, &s.used) == 0 {
+            return false;
+        }
+        match self.sorted_codes.binary_search_by(|(c, _)| c.as_slice().cmp(&longer)) {
+            Ok(i) => {
+                s.used.push(self.sorted_codes[i].1);
+                s.phase = if s.used.len() == self.k { Phase::Close(0) } else { Phase::Id(Vec::new()) };
+            }
+            Err(_) => s.phase = Phase::Id(longer),
+        }
+        true
     }
 
     pub fn start(&self) -> AnswerState {
@@ -122,6 +175,10 @@ impl AnswerConstraint {
                     s.phase = Phase::Id(Vec::new());
                 }
                 true
+            }
+            Phase::Id(_) if self.codes.is_some() => {
+                let codes = self.codes.as_deref().expect("checked");
+                self.step_code(codes, s, b)
             }
             Phase::Id(digits) => {
                 if b.is_ascii_digit() {
@@ -175,7 +232,16 @@ impl AnswerConstraint {
         if state.done() {
             return eos.to_vec();
         }
-        self.tokens.iter().filter(|(_, text)| self.advance(state, text).is_some()).map(|(id, _)| *id).collect()
+        self.tokens
+            .iter()
+            .filter(|(id, text)| self.may_write(state, *id) && self.advance(state, text).is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether token `id` may be tried in `state`: inside a code only the codebook's tokens.
+    fn may_write(&self, state: &AnswerState, id: u32) -> bool {
+        !(self.codes.is_some() && matches!(state.phase, Phase::Id(_))) || self.code_tokens.binary_search(&id).is_ok()
     }
 
     /// The additive logit mask (rows, width, vocab) of completions sampled under the grammar:
@@ -210,6 +276,9 @@ impl AnswerConstraint {
             return Some(state.clone());
         }
         let (_, text) = self.tokens.iter().find(|(t, _)| *t == id)?;
+        if !self.may_write(state, id) {
+            return None;
+        }
         self.advance(state, text)
     }
 }
@@ -228,7 +297,7 @@ mod tests {
             candle_core::DType::F32,
         )
         .unwrap();
-        let c = AnswerConstraint::new(&m.tokenizer, k, num_pois).unwrap();
+        let c = AnswerConstraint::new(&m.tokenizer, k, num_pois, None).unwrap();
         (dir, c)
     }
 
@@ -294,6 +363,51 @@ mod tests {
             candle_core::DType::F32,
         )
         .unwrap();
-        assert!(AnswerConstraint::new(&m.tokenizer, 6, 5).is_err(), "6 distinct ids of 5");
+        assert!(AnswerConstraint::new(&m.tokenizer, 6, 5, None).is_err(), "6 distinct ids of 5");
+    }
+
+    #[test]
+    fn with_a_codebook_only_distinct_known_codes_are_written() {
+        use crate::data::codebook::{Codebook, CodebookConfig};
+        let (d, _) = constraint(1, 5);
+        let mut m = crate::model::load_on(
+            &crate::model::ModelSource::Folder(d.path().to_path_buf()),
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        let cb = Codebook {
+            config: CodebookConfig::default(),
+            sizes: vec![2, 1, 12],
+            codes: vec![vec![0, 0, 0], vec![1, 0, 2], vec![1, 0, 0], vec![1, 0, 11]],
+        };
+        let e = format!("{:#}", AnswerConstraint::new(&m.tokenizer, 3, 4, Some(&cb)).unwrap_err());
+        assert!(e.contains("adapter"), "{e}");
+        for name in cb.tokens() {
+            m.tokenizer.add_token(&name).unwrap();
+        }
+        let c = AnswerConstraint::new(&m.tokenizer, 3, 4, Some(&cb)).unwrap();
+        let reads = |text: &str| c.advance(&c.start(), text.as_bytes());
+        assert!(reads("<answer><a1><b0><c2><a0><b0><c0><a1><b0><c11></answer>").unwrap().done());
+        for bad in [
+            "<answer><a1><b0><c1>",                           // names no POI
+            "<answer><a1><b0><c2><a1><b0><c2>",               // repeated
+            "<answer><a1><c2>",                               // a level skipped
+            "<answer><a1><b0><c2>, ",                         // separators are not part of it
+            "<answer><a1><b0><c2><a0><b0><c0></answer>",      // two codes where three are asked for
+            "<answer><a1><b0><c2><a0><b0><c0><a1><b0><c0><a", // a fourth
+        ] {
+            assert!(reads(bad).is_none(), "{bad}");
+        }
+        // `<c1` may still become `<c11>`; once `<a1><b0><c11>` is used, `<a1><b0><c1` leads nowhere.
+        assert!(reads("<answer><a1><b0><c1").is_some());
+        assert!(reads("<answer><a1><b0><c11><a1><b0><c1").is_none());
+        // After `<answer>`, only the first-level tokens of unused codes: never the byte `<`.
+        let s = reads("<answer>").unwrap();
+        let first: Vec<u32> = ["<a0>", "<a1>"].iter().map(|t| m.tokenizer.token_id(t).unwrap()).collect();
+        assert_eq!(c.allowed(&s, &[2]), first);
+        let lt = m.tokenizer.encode("<", false).unwrap()[0];
+        assert!(c.after_token(&s, lt).is_none());
+        assert_eq!(c.after_token(&s, first[1]).unwrap(), reads("<answer><a1>").unwrap());
     }
 }

@@ -7,11 +7,12 @@ use serde_json::json;
 
 use crate::answer::{ANSWER_CLOSE, AnswerIds};
 use crate::constrain::AnswerConstraint;
+use crate::data::codebook::Codebook;
 use crate::data::{Dataset, Instance};
 use crate::eval::{Prediction, Recommender};
 use crate::generate::{SamplingConfig, generate_constrained};
 use crate::model::{LoadedModel, Mode};
-use crate::prompt::{PoiIds, PromptBuilder, PromptConfig, PromptContext, candidate_stats};
+use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::retrieval::TrainStats;
 
 pub struct LlmRecommender {
@@ -49,17 +50,16 @@ impl LlmRecommender {
     /// Holds every answer to the answer grammar ([`crate::constrain`]) when `on`.
     pub fn constrained(mut self, on: bool) -> Result<Self> {
         anyhow::ensure!(!(on && self.prompt.reasoning), "constrained decoding needs reasoning = false: the grammar has no <think> part");
-        anyhow::ensure!(!(on && self.prompt.ids == PoiIds::Semantic), "constrained decoding covers raw ids only, not semantic codes");
         self.constrained = on;
         Ok(self)
     }
 
-    fn grammar(&self, num_pois: usize) -> Result<Option<&AnswerConstraint>> {
+    fn grammar(&self, num_pois: usize, codebook: Option<&Codebook>) -> Result<Option<&AnswerConstraint>> {
         if !self.constrained {
             return Ok(None);
         }
         if self.grammar.get().is_none() {
-            let built = AnswerConstraint::new(&self.loaded.tokenizer, self.prompt.k, num_pois)?;
+            let built = AnswerConstraint::new(&self.loaded.tokenizer, self.prompt.k, num_pois, codebook)?;
             let _ = self.grammar.set((num_pois, built));
         }
         let (n, grammar) = self.grammar.get().expect("set above");
@@ -83,7 +83,7 @@ impl LlmRecommender {
         let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
         let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
         let seeds: Vec<u64> = (0..ids.len() as u64).collect();
-        let grammar = self.grammar(num_pois)?;
+        let grammar = self.grammar(num_pois, naming.codebook())?;
         let out = generate_constrained(&self.loaded.model, &self.loaded.tokenizer, &ids, &seeds, 1, &cfg, Mode::INFERENCE, grammar)?;
         Ok(prompts
             .into_iter()

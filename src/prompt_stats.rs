@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::answer::AnswerIds;
 use crate::data::{Dataset, Split};
 use crate::eval::sample;
-use crate::prompt::{NEARBY_HEADER_START, PromptBuilder, PromptContext, SIMILAR_HEADER, TRANSITIONS_HEADER, candidate_stats};
+use crate::prompt::{NEARBY_HEADER_START, PromptBuilder, PromptContext, SIMILAR_HEADER, TRANSITIONS_HEADER, candidate_stats, poi_name};
 
 /// The sections of a prompt's user message, named by their headers (see `src/prompt.rs`).
 const SECTIONS: [(&str, &str); 7] = [
@@ -26,11 +27,12 @@ const SECTIONS: [(&str, &str); 7] = [
 const CANDIDATES: &str = "candidates";
 
 /// The sections of `text` (a prompt's user message; blocks separated by a blank line) that
-/// name `POI {target}`; `"other"` for a block without a known header.
-pub fn sections_naming(text: &str, target: u32) -> Vec<&'static str> {
+/// name the target by `name`, as the prompt writes it (`POI 12`, or a code `<a1><b0><c3>`);
+/// `"other"` for a block without a known header.
+pub fn sections_naming(text: &str, name: &str) -> Vec<&'static str> {
     let mut found = Vec::new();
     for block in text.split("\n\n") {
-        if !names_poi(block, target) {
+        if !names_poi(block, name) {
             continue;
         }
         let header = block.lines().next().unwrap_or("");
@@ -42,13 +44,10 @@ pub fn sections_naming(text: &str, target: u32) -> Vec<&'static str> {
     found
 }
 
-/// Whether `text` mentions `POI {id}` (the whole number).
-fn names_poi(text: &str, id: u32) -> bool {
-    let want = id.to_string();
-    text.match_indices("POI ").any(|(i, m)| {
-        let digits: String = text[i + m.len()..].chars().take_while(char::is_ascii_digit).collect();
-        digits == want
-    })
+/// Whether `text` mentions `name` whole: `POI 12` is not the start of `POI 120`. (A code ends
+/// with `>`, so no code is the start of another.)
+fn names_poi(text: &str, name: &str) -> bool {
+    text.match_indices(name).any(|(i, m)| !text[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()))
 }
 
 /// One group's shares.
@@ -79,11 +78,13 @@ pub fn answer_in_prompt(ds: &Dataset, split: Split, prompts: &PromptBuilder, lim
     let stats = candidate_stats(prompts.config(), ds);
     let mut counts: BTreeMap<String, (u64, u64, BTreeMap<String, u64>)> = BTreeMap::new();
     let mut tokens = 0usize;
+    let codebook = AnswerIds::new(prompts.config().ids, ds.codebook())?.codebook();
     for inst in &instances {
         let built = prompts.build(&PromptContext::from_instance_with(ds, inst, stats.as_ref()))?;
         tokens += built.ids.len();
         let user: String = built.messages.iter().filter(|m| m.role == "user").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
-        let sections = sections_naming(&user, inst.target.poi);
+        let (name, _) = poi_name(prompts.config(), codebook, ds.pois(), inst.target.poi)?;
+        let sections = sections_naming(&user, &name);
         let group = if inst.is_return { "return" } else { "discovery" };
         for g in ["all", group] {
             let c = counts.entry(g.to_string()).or_default();
@@ -140,11 +141,20 @@ mod tests {
         let text = "Check-ins of user 5.\n\nMost visited POIs:\n- POI 12 (Bar): 3 visits\n- POI 7 (Park): 1 visit\n\n\
                     Current trajectory (oldest first):\n- Fri 17:59: POI 120 (Bar)\n- Fri 18:30: POI 7 (Park)\n\n\
                     Answer with exactly 10 distinct POI ids.";
-        assert_eq!(sections_naming(text, 7), vec!["most_visited", "trajectory"]);
-        assert_eq!(sections_naming(text, 12), vec!["most_visited"]);
-        assert_eq!(sections_naming(text, 120), vec!["trajectory"]);
+        assert_eq!(sections_naming(text, "POI 7"), vec!["most_visited", "trajectory"]);
+        assert_eq!(sections_naming(text, "POI 12"), vec!["most_visited"]);
+        assert_eq!(sections_naming(text, "POI 120"), vec!["trajectory"]);
         // Not a prefix of another id, and not the "10" of the instruction.
-        assert!(sections_naming(text, 1).is_empty());
-        assert!(sections_naming(text, 10).is_empty());
+        assert!(sections_naming(text, "POI 1").is_empty());
+        assert!(sections_naming(text, "POI 10").is_empty());
+    }
+
+    #[test]
+    fn finds_a_semantic_code() {
+        let text = "Most visited POIs:\n- <a12><b3><c40> (Bar): 3 visits\n\n\
+                    Current trajectory (oldest first):\n- Fri 17:59: <a1><b3><c4> (Park)";
+        assert_eq!(sections_naming(text, "<a12><b3><c40>"), vec!["most_visited"]);
+        assert_eq!(sections_naming(text, "<a1><b3><c4>"), vec!["trajectory"]);
+        assert!(sections_naming(text, "<a1><b3><c40>").is_empty());
     }
 }

@@ -155,7 +155,6 @@ impl RunConfig {
             "grpo.constrained needs prompt.reasoning = false: the answer grammar has no <think> part"
         );
         let semantic = self.prompt.ids == crate::prompt::PoiIds::Semantic;
-        ensure!(!(self.grpo.constrained && semantic), "grpo.constrained covers raw ids only, not prompt.ids = \"semantic\"");
         ensure!(
             !(semantic && self.grpo.reference == super::grpo::config::ReferencePolicy::Base),
             "grpo.reference = \"base\" has no rows for the semantic ids' tokens: use \"init\""

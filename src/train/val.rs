@@ -100,7 +100,11 @@ pub fn validate(
 ) -> Result<EvalReport> {
     let ValSettings { instances, batch_size, max_new_tokens, constrained } = settings;
     let stats = candidate_stats(prompt, ds);
-    let grammar = if constrained { Some(AnswerConstraint::new(tokenizer, prompt.k, ds.num_pois())?) } else { None };
+    let grammar = if constrained {
+        Some(AnswerConstraint::new(tokenizer, prompt.k, ds.num_pois(), AnswerIds::new(prompt.ids, ds.codebook())?.codebook())?)
+    } else {
+        None
+    };
     let mut rec = BorrowedLlm { model, tokenizer, prompt: prompt.clone(), max_new_tokens, batch_size, stop, stats, grammar };
     let opts = EvalOptions { batch_size: Some(batch_size), limit: Some(instances), quiet: true, ..Default::default() };
     Ok(evaluate(ds, Split::Val, &mut rec, &opts)?.0)

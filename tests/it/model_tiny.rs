@@ -336,7 +336,7 @@ proptest::proptest! {
         m.model.attach_lora(&LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q".into(), "down".into()] }, seed).unwrap();
         randomize_lora_b(&m, seed, 0.3).unwrap();
         let k = k_wish.min(num_pois);
-        let constraint = refine_poi::constrain::AnswerConstraint::new(&m.tokenizer, k, num_pois).unwrap();
+        let constraint = refine_poi::constrain::AnswerConstraint::new(&m.tokenizer, k, num_pois, None).unwrap();
         let cfg = SamplingConfig { greedy, temperature, max_new_tokens: 20 + 6 * k, stop: vec!["</answer>".into()], seed, ..Default::default() };
         let prompts = [ids(&m, "user 7 visited 12, 40"), ids(&m, "next?")];
         let out = refine_poi::generate::generate_constrained(&m.model, &m.tokenizer, &prompts, &[seed, seed + 1], 3, &cfg, Mode::INFERENCE, Some(&constraint)).unwrap();
@@ -359,7 +359,7 @@ fn constrained_training_logprobs_are_the_masked_sampling_distribution() {
     let (_d, mut m) = tiny("llama", DType::F32);
     m.model.attach_lora(&LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q".into(), "v".into()] }, 5).unwrap();
     randomize_lora_b(&m, 6, 0.3).unwrap();
-    let grammar = refine_poi::constrain::AnswerConstraint::new(&m.tokenizer, 2, 30).unwrap();
+    let grammar = refine_poi::constrain::AnswerConstraint::new(&m.tokenizer, 2, 30, None).unwrap();
     let prompt = ids(&m, "user 3: 12, 7 ->");
     let cfg = SamplingConfig { max_new_tokens: 40, stop: vec!["</answer>".into()], ..Default::default() };
     let group = refine_poi::generate::generate_constrained(

@@ -47,6 +47,24 @@ fn preprocess_writes_a_deterministic_codebook_of_every_poi() {
     assert!(prompt.contains(&cb.code_text(inst.prefix[0].poi)) && !raw_id, "{prompt}");
 }
 
+/// Answer-in-prompt finds targets named by code: on the same instances, a semantic prompt names
+/// the target exactly where the raw prompt does (a large budget keeps every line in both).
+#[test]
+fn answer_in_prompt_finds_codes_where_it_finds_raw_ids() {
+    let s = Setup::new();
+    let ds = Dataset::load(&s.cfg(&[]).data.dir).unwrap();
+    let mut loaded = model::load(s.cfg(&[]).model.path.as_str()).unwrap();
+    loaded.add_tokens(ds.codebook().unwrap().tokens(), 0).unwrap();
+    let shares = |ids: &str| {
+        let cfg = s.cfg(&[ids, "prompt.max_prompt_tokens=100000"]);
+        let prompts = refine_poi::prompt::PromptBuilder::new(cfg.prompt.clone(), &loaded.tokenizer).unwrap();
+        refine_poi::prompt_stats::answer_in_prompt(&ds, refine_poi::data::Split::Val, &prompts, None).unwrap()
+    };
+    let (raw, semantic) = (shares("prompt.ids=raw"), shares("prompt.ids=semantic"));
+    assert!(raw.groups["all"].in_prompt > 0, "{raw:?}");
+    assert_eq!(raw.groups, semantic.groups);
+}
+
 #[test]
 fn an_adapter_with_added_tokens_trains_resumes_and_keeps_pefts_layout() {
     let straight = Setup::new();
@@ -154,6 +172,30 @@ fn grpo_and_eval_read_answers_in_codes() {
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r["instances"], 3, "{r}");
     assert!(r["invalid"].as_u64().is_some(), "{r}");
+    // Constrained to the codebook: every answer is k distinct codes of the dataset's POIs.
+    let preds = s.tmp.path().join("constrained.jsonl");
+    let out = bin()
+        .args(["eval", "--method", "llm", "--split", "val", "--limit", "3", "--max-new-tokens", "40", "--quiet", "--constrained"])
+        .args(["--ids", "semantic", "--prompt-config", s.config.to_str().unwrap(), "--data", &data, "--model", &model])
+        .args(["--adapter", &fin_s, "--out"])
+        .arg(&report)
+        .arg("--predictions")
+        .arg(&preds)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["invalid"], 0, "{r}");
+    for line in std::fs::read_to_string(&preds).unwrap().lines() {
+        let p: serde_json::Value = serde_json::from_str(line).unwrap();
+        let parsed = &p["detail"]["parsed"];
+        assert!(parsed["well_formed"].as_bool().unwrap() && parsed["ids"].as_array().unwrap().len() == 3, "{p}");
+    }
+    // GRPO samples under the same grammar.
+    let constrained = s.cfg(&["prompt.ids=semantic", &init, "grpo.constrained=true", "grpo.max_steps=1", "grpo.max_new_tokens=40"]);
+    let constrained = RunConfig { run_dir: s.tmp.path().join("constrained"), ..constrained };
+    assert!(grpo::run(&constrained, &quiet()).unwrap().stage.finished);
+
     // Without an adapter that adds the tokens: one clear error.
     let out = eval(None);
     assert!(!out.status.success());

@@ -257,7 +257,11 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
     let (mut state, mut log) =
         run.restore_or_start(dist.is_writer(), latest.as_deref(), &mut loaded.model, &mut opt, STAGE, t.seed, total, &config_hash)?;
-    let constraint = if cfg.grpo.constrained { Some(AnswerConstraint::new(&loaded.tokenizer, cfg.prompt.k, ds.num_pois())?) } else { None };
+    let constraint = if cfg.grpo.constrained {
+        Some(AnswerConstraint::new(&loaded.tokenizer, cfg.prompt.k, ds.num_pois(), naming.codebook())?)
+    } else {
+        None
+    };
     let step_cfg = step_config(cfg, constraint);
     if !opts.quiet {
         let from = start.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
