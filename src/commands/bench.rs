@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
-use super::bench_gemm::{cpu_features, decode_weights, gemm_at_model_shapes, prefill_flops_per_token};
+use super::bench_gemm::{Weights, cpu_features, decode_weights, gemm_at_model_shapes, prefill_flops_per_token};
 use crate::generate::argmax;
 use crate::model::{self, CausalLm, KvCache, Mode};
 
@@ -192,8 +192,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let decode_g = (args.new_tokens * args.samples) as f64 / dg;
     // This machine's GEMM rate at the model's shapes, and how much of it each phase reaches.
     let cfg = &model.config;
-    let gemm_prefill = gemm_at_model_shapes(cfg, args.prompt_tokens, args.repeats, model.device(), model.dtype())?;
-    let gemm_decode = gemm_at_model_shapes(cfg, args.samples, args.repeats, model.device(), model.dtype())?;
+    let gemm = |rows: usize, weights: Weights| gemm_at_model_shapes(cfg, rows, args.repeats, model.device(), model.dtype(), weights);
+    let gemm_prefill = gemm(args.prompt_tokens, Weights::Dense)?;
+    let gemm_decode = gemm(args.samples, Weights::Dense)?;
+    // The same products on Q8_0 weights (CPU): a quantised base pays only where these beat the
+    // dense rates, which on 2 AVX2/AVX-512 cores is at one row only (docs/performance.md).
+    let quantized = if model.device().is_cpu() {
+        json!({
+            "gemm_at_one_row": gemm(1, Weights::Q8_0)?,
+            "gemm_at_decode_batch_shapes": gemm(args.samples, Weights::Q8_0)?,
+            "gemm_at_prefill_shapes": gemm(args.prompt_tokens, Weights::Q8_0)?,
+        })
+    } else {
+        serde_json::Value::Null
+    };
     let prefill_gflops = prefill_tps * prefill_flops_per_token(cfg, args.prompt_tokens) / 1e9;
     // A decoding step's FLOPs per row: the linear layers and the LM head (attention is small).
     let decode_flops = 2.0 * decode_weights(cfg);
@@ -216,6 +228,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "cpu": cpu_features(),
         "gemm_at_prefill_shapes": gemm_prefill,
         "gemm_at_decode_batch_shapes": gemm_decode,
+        "gemm_at_one_row": gemm(1, Weights::Dense)?,
+        "q8_0_weights": quantized,
         "prefill_gflops": prefill_gflops,
         "prefill_share_of_gemm": prefill_gflops / limit(&gemm_prefill),
         "decode_batch_gflops": decode_g_gflops,

@@ -6,10 +6,12 @@
 //! timed through candle's matmul (the path the model's linear layers take; its kernels pick the
 //! instruction set at run time). The FLOP-weighted rate over one layer's seven products is the
 //! GEMM rate a prefill could reach at best; a phase's share is the rate it achieves over that.
+//! The same products with Q8_0 weights tell whether a quantised frozen base would be faster.
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
 use serde_json::{Value, json};
 
 use crate::model::ModelConfig;
@@ -63,26 +65,54 @@ pub fn decode_weights(cfg: &ModelConfig) -> f64 {
     (cfg.num_hidden_layers * linear + cfg.vocab_size * cfg.hidden_size) as f64
 }
 
+/// How the weights of a timed product are held.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Weights {
+    /// Dense, in the model's dtype: candle's matmul, the path the model takes.
+    Dense,
+    /// GGUF Q8_0 blocks through candle's quantized matmul (CPU; the activations stay f32):
+    /// what a quantised frozen base would run, timed beside the dense path so any machine shows
+    /// whether one would pay.
+    Q8_0,
+}
+
 /// GFLOP/s of each of one layer's products at `tokens` rows (median of `repeats` timings of
-/// ~50 ms each) on `dev` in `dtype`, and the FLOP-weighted rate over all seven. A GPU is
-/// synchronised before each clock is read.
-pub fn gemm_at_model_shapes(cfg: &ModelConfig, tokens: usize, repeats: usize, dev: &Device, dtype: DType) -> anyhow::Result<Value> {
+/// ~50 ms each) on `dev` in `dtype` with `weights`, and the FLOP-weighted rate over all seven.
+/// A GPU is synchronised before each clock is read.
+pub fn gemm_at_model_shapes(
+    cfg: &ModelConfig,
+    tokens: usize,
+    repeats: usize,
+    dev: &Device,
+    dtype: DType,
+    weights: Weights,
+) -> anyhow::Result<Value> {
     let mut per_shape = serde_json::Map::new();
     let (mut flops, mut seconds) = (0.0, 0.0);
     for (name, n, k) in layer_shapes(cfg) {
-        let x = Tensor::randn(0f32, 1.0, (tokens, k), dev)?.to_dtype(dtype)?;
-        let w = Tensor::randn(0f32, 1.0, (n, k), dev)?.to_dtype(dtype)?;
+        let x = Tensor::randn(0f32, 1.0, (tokens, k), dev)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), dev)?;
+        let product: Box<dyn Fn() -> candle_core::Result<Tensor>> = match weights {
+            Weights::Dense => {
+                let (x, wt) = (x.to_dtype(dtype)?, w.to_dtype(dtype)?.t()?);
+                Box::new(move || x.matmul(&wt))
+            }
+            Weights::Q8_0 => {
+                let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+                Box::new(move || q.forward(&x))
+            }
+        };
         // Warm-up, and enough products per timing (about 50 ms) that one product's noise does
         // not decide the figure.
         let start = Instant::now();
-        x.matmul(&w.t()?)?;
+        product()?;
         dev.synchronize()?;
         let per_timing = ((0.05 / start.elapsed().as_secs_f64().max(1e-6)) as usize).clamp(1, 10_000);
         let mut times: Vec<f64> = (0..repeats.max(1))
             .map(|_| {
                 let start = Instant::now();
                 for _ in 0..per_timing {
-                    x.matmul(&w.t()?)?;
+                    product()?;
                 }
                 dev.synchronize()?;
                 Ok(start.elapsed().as_secs_f64() / per_timing as f64)
@@ -119,11 +149,13 @@ mod tests {
 
     #[test]
     fn gemm_rates_are_positive_for_every_shape() {
-        let r = gemm_at_model_shapes(&tiny_config("llama"), 3, 2, &Device::Cpu, DType::F32).unwrap();
-        let shapes = r["gflops_per_shape"].as_object().unwrap();
-        assert_eq!(shapes.len(), 7);
-        assert!(shapes.values().all(|v| v.as_f64().unwrap() > 0.0));
-        assert!(r["gflops_layer"].as_f64().unwrap().is_finite());
+        for weights in [Weights::Dense, Weights::Q8_0] {
+            let r = gemm_at_model_shapes(&tiny_config("llama"), 3, 2, &Device::Cpu, DType::F32, weights).unwrap();
+            let shapes = r["gflops_per_shape"].as_object().unwrap();
+            assert_eq!(shapes.len(), 7);
+            assert!(shapes.values().all(|v| v.as_f64().unwrap() > 0.0));
+            assert!(r["gflops_layer"].as_f64().unwrap().is_finite());
+        }
         assert!(cpu_features()["fused_kernels"].is_string());
     }
 }

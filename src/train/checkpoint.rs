@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::Stage;
 use super::optim::AdamW;
-use crate::fsutil::write_atomic;
+use crate::fsutil::{rename_durable, sync_folder, write_atomic};
 use crate::model::{AdapterBase, CausalLm};
 use crate::seed::fnv1a;
 
@@ -244,12 +244,13 @@ impl RunDir {
         let state = TrainerState { optimizer_updates: Some(opt.updates()), ..state.clone() };
         write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?.as_bytes())?;
         write_manifest(&tmp)?;
+        sync_folder(&tmp)?;
         let dir = ckpts.join(&name);
         if dir.exists() {
             // The same step written again (a resumed run passing it once more): replace it.
             std::fs::remove_dir_all(&dir)?;
         }
-        std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+        rename_durable(&tmp, &dir)?;
         write_atomic(&ckpts.join("last"), name.as_bytes())?;
         if keep > 0 {
             let mut steps = self.step_dirs()?;
@@ -342,6 +343,7 @@ impl RunDir {
         }
         model.save_adapter(&tmp, base_model)?;
         write_atomic(&tmp.join(format!("{name}.json")), serde_json::to_string_pretty(info)?.as_bytes())?;
+        sync_folder(&tmp)?;
         let old = self.root.join(format!(".old-{name}"));
         if old.exists() {
             std::fs::remove_dir_all(&old)?;
@@ -349,7 +351,7 @@ impl RunDir {
         if dest.exists() {
             std::fs::rename(&dest, &old)?;
         }
-        std::fs::rename(&tmp, &dest).with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+        rename_durable(&tmp, &dest)?;
         if old.exists() {
             std::fs::remove_dir_all(&old)?;
         }
