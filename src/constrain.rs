@@ -232,16 +232,24 @@ impl AnswerConstraint {
         if state.done() {
             return eos.to_vec();
         }
-        self.tokens
-            .iter()
-            .filter(|(id, text)| self.may_write(state, *id) && self.advance(state, text).is_some())
-            .map(|(id, _)| *id)
-            .collect()
+        self.tokens.iter().filter(|(id, text)| self.advance_token(state, *id, text).is_some()).map(|(id, _)| *id).collect()
     }
 
-    /// Whether token `id` may be tried in `state`: inside a code only the codebook's tokens.
-    fn may_write(&self, state: &AnswerState, id: u32) -> bool {
-        !(self.codes.is_some() && matches!(state.phase, Phase::Id(_))) || self.code_tokens.binary_search(&id).is_ok()
+    /// The state after token `id` whose text is `text`. With codes, the bytes read inside a
+    /// code must all come from a codebook token, and a codebook token only writes inside one:
+    /// `><` may close `<answer` but not open a code in bytes.
+    fn advance_token(&self, state: &AnswerState, id: u32, text: &[u8]) -> Option<AnswerState> {
+        if self.codes.is_none() {
+            return self.advance(state, text);
+        }
+        let is_code = self.code_tokens.binary_search(&id).is_ok();
+        let mut s = state.clone();
+        for &b in text {
+            if matches!(s.phase, Phase::Id(_)) != is_code || !self.step(&mut s, b) {
+                return None;
+            }
+        }
+        Some(s)
     }
 
     /// The additive logit mask (rows, width, vocab) of completions sampled under the grammar:
@@ -276,10 +284,7 @@ impl AnswerConstraint {
             return Some(state.clone());
         }
         let (_, text) = self.tokens.iter().find(|(t, _)| *t == id)?;
-        if !self.may_write(state, id) {
-            return None;
-        }
-        self.advance(state, text)
+        self.advance_token(state, id, text)
     }
 }
 
@@ -409,5 +414,12 @@ mod tests {
         let lt = m.tokenizer.encode("<", false).unwrap()[0];
         assert!(c.after_token(&s, lt).is_none());
         assert_eq!(c.after_token(&s, first[1]).unwrap(), reads("<answer><a1>").unwrap());
+        // A token that closes `<answer` and starts a code in bytes leads nowhere: never allowed.
+        let joint = m.tokenizer.add_token("><").unwrap();
+        let c = AnswerConstraint::new(&m.tokenizer, 3, 4, Some(&cb)).unwrap();
+        let open = c.advance(&c.start(), b"<answer").unwrap();
+        assert!(c.after_token(&open, joint).is_none());
+        assert!(!c.allowed(&open, &[2]).contains(&joint));
+        assert!(!c.allowed(&open, &[2]).is_empty());
     }
 }

@@ -186,8 +186,16 @@ impl Codebook {
                 });
                 i = j;
             }
-            out.push_str(&items.join(", "));
-            rest = &run[tokens[tokens.len() - 1].end..];
+            let after = &run[tokens[tokens.len() - 1].end..];
+            // A digit beside the run would join the first or last id into another number
+            // (`1<a0><b0><c0>` is not POI 10): such a run stays as written, an item that is not an id.
+            let digit_beside = out.ends_with(|c: char| c.is_ascii_digit()) || after.starts_with(|c: char| c.is_ascii_digit());
+            if digit_beside {
+                out.push_str(&run[..tokens[tokens.len() - 1].end]);
+            } else {
+                out.push_str(&items.join(", "));
+            }
+            rest = after;
         }
         out.push_str(rest);
         out
@@ -246,7 +254,9 @@ fn code_tokens(text: &str) -> Vec<CodeToken> {
         if digits == 0 || bytes.get(at + 2 + digits) != Some(&b'>') {
             break;
         }
-        let index = text[at + 2..at + 2 + digits].parse::<u16>().ok();
+        // Only canonical indices (`<a1>`, never `<a01>`): the ones `code_text` writes.
+        let digits_text = &text[at + 2..at + 2 + digits];
+        let index = (digits == 1 || !digits_text.starts_with('0')).then(|| digits_text.parse::<u16>().ok()).flatten();
         out.push(CodeToken { level, index, start: at, end: at + 3 + digits });
         at += 3 + digits;
     }
@@ -471,6 +481,11 @@ mod tests {
         assert_eq!(cb.to_raw_ids("<b0><c0><a0><b0><c0>"), "<b0><c0>, 0");
         assert_eq!(cb.to_raw_ids("<think>x < y</think><a0><b0><c0>, <a99999><b0><c0> <a"), "<think>x < y</think>0, <a99999><b0><c0> <a");
         assert_eq!(cb.to_raw_ids("no codes"), "no codes");
+        // A digit beside a run would make another id of it; a non-canonical index names no POI.
+        assert_eq!(cb.to_raw_ids("<answer>1<a0><b0><c0></answer>"), "<answer>1<a0><b0><c0></answer>");
+        assert_eq!(cb.to_raw_ids("<a1><b0><c2>5"), "<a1><b0><c2>5");
+        assert_eq!(cb.to_raw_ids("<a01><b0><c2>"), "<a01><b0><c2>");
+        assert!(!crate::answer::parse_answer(&cb.to_raw_ids("<answer>1<a0><b0><c0></answer>"), 1).well_formed);
         // The round trip through the answer parser: the same ranked list, well formed.
         let parsed = crate::answer::parse_answer(&cb.to_raw_ids(&format!("<answer>{list}</answer>")), 3);
         assert_eq!(parsed.ids, vec![1, 0, 2]);

@@ -18,6 +18,9 @@ impl ChatMessage {
     }
 }
 
+/// A token's bytes in the encoded text, `(start, end)`.
+pub type ByteRange = (usize, usize);
+
 pub struct TextTokenizer {
     inner: Tokenizer,
     /// Token ids that end a generation.
@@ -58,6 +61,12 @@ impl TextTokenizer {
     pub fn encode(&self, text: &str, add_special: bool) -> anyhow::Result<Vec<u32>> {
         let enc = self.inner.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` (no special tokens added) with each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> anyhow::Result<(Vec<u32>, Vec<ByteRange>)> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// Text of `ids`; special tokens are dropped when `skip_special`.

@@ -114,3 +114,33 @@ fn selfcheck_passes_on_the_cpu_in_f32_and_bf16() {
         eprintln!("{stderr}");
     }
 }
+
+/// Whole-history windows on raw ids tokenize as the same text does in a prompt (the real
+/// tokenizer merges the space into ` POI`), and each check-in's targets are its name's tokens.
+#[test]
+fn raw_history_windows_tokenize_like_prompt_text() {
+    let Some(m) = default_model() else { return };
+    let s = crate::common::Setup::new();
+    let cfg = s.cfg(&["prompt.times=true", "prompt.categories=true"]);
+    let ds = refine_poi::data::Dataset::load(&cfg.data.dir).unwrap();
+    let windows = refine_poi::train::sft::history::history_examples(&ds, &cfg.prompt, &m.tokenizer, 200).unwrap();
+    assert!(windows.len() > 1);
+    for w in &windows {
+        let text = m.tokenizer.decode(&w.ids, false).unwrap();
+        assert_eq!(m.tokenizer.encode(&text, false).unwrap(), w.ids, "{text}");
+        // Runs of consecutive targets: one per check-in line, each ` POI n`.
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        for (i, &j) in w.targets.iter().enumerate() {
+            if i == 0 || w.targets[i - 1] + 1 != j {
+                runs.push(Vec::new());
+            }
+            runs.last_mut().unwrap().push(w.ids[j]);
+        }
+        assert_eq!(runs.len(), text.lines().filter(|l| l.starts_with("- ")).count(), "{text}");
+        for run in runs {
+            let name = m.tokenizer.decode(&run, false).unwrap();
+            let id = name.strip_prefix(" POI ").unwrap_or_else(|| panic!("{name:?}"));
+            assert!(id.parse::<u32>().is_ok(), "{name:?}");
+        }
+    }
+}

@@ -38,18 +38,21 @@ pub fn history_examples(ds: &Dataset, cfg: &PromptConfig, tokenizer: &TextTokeni
             let (name, suffix) = poi_name(cfg, codebook, ds.pois(), c.poi)?;
             let gap = if i > 0 && first_of_trajectory.contains(&i) { "\n" } else { "" };
             let before = if cfg.times { format!("{gap}- {}: ", c.local_time().format(TRAJECTORY_TIME)) } else { format!("{gap}- ") };
-            let (before, name, after) =
-                (tokenizer.encode(&before, false)?, tokenizer.encode(&name, false)?, tokenizer.encode(&format!("{suffix}\n"), false)?);
-            let line = before.len() + name.len() + after.len();
-            ensure!(header.len() + line <= max_tokens, "sft.history_tokens = {max_tokens} cannot hold a header and one check-in line");
-            if window.ids.len() + line > max_tokens {
+            // The line is encoded whole, as a prompt's line is (` POI 12` starts with the token
+            // ` POI`, not with a space token and `POI`); the targets are the tokens that cover
+            // any byte of the name.
+            let text = format!("{before}{name}{suffix}\n");
+            let (ids, offsets) = tokenizer.encode_with_offsets(&text)?;
+            let named = before.len()..before.len() + name.len();
+            ensure!(header.len() + ids.len() <= max_tokens, "sft.history_tokens = {max_tokens} cannot hold a header and one check-in line");
+            if window.ids.len() + ids.len() > max_tokens {
                 out.push(std::mem::replace(&mut window, ScoredSeq { ids: header.clone(), targets: Vec::new() }));
             }
-            window.ids.extend(before);
             let start = window.ids.len();
-            window.ids.extend(name);
-            window.targets.extend(start..window.ids.len());
-            window.ids.extend(after);
+            window
+                .targets
+                .extend(offsets.iter().enumerate().filter(|(_, (a, b))| *a < named.end && *b > named.start).map(|(j, _)| start + j));
+            window.ids.extend(ids);
         }
         if !window.targets.is_empty() {
             out.push(window);
