@@ -1,5 +1,5 @@
-//! Batched sampling with a KV cache. Each distinct prompt is prefilled once (its G samples share
-//! that prefill); the rows then decode together, left-padded to a common length, and a finished
+//! Batched sampling with a KV cache. The prompts' common beginning is prefilled once, then each
+//! distinct prompt once (its G samples share that prefill); the rows then decode together, left-padded to a common length, and a finished
 //! row leaves the batch so it stops costing compute. Every row draws from its own seeded RNG, so
 //! a completion does not depend on what else is in the batch.
 
@@ -132,10 +132,24 @@ pub fn generate_constrained(
     let mut rows: Vec<Row> = Vec::with_capacity(prompts.len() * samples);
     let mut caches = Vec::with_capacity(prompts.len());
     let mut first_logits = Vec::with_capacity(prompts.len() * samples);
+    anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "a prompt is empty");
+    // The prompts' common beginning (system text, instructions) is prefilled once; each
+    // prompt's own prefill then reads it in place.
+    let common = shared_prompt_prefix(prompts);
+    let common_cache = if common > 0 {
+        let mut cache = model.new_cache(common);
+        model.forward_hidden(&Tensor::new(&prompts[0][..common], device)?.unsqueeze(0)?, None, Some(&mut cache), mode)?;
+        Some(cache)
+    } else {
+        None
+    };
     for (p, prompt) in prompts.iter().enumerate() {
-        anyhow::ensure!(!prompt.is_empty(), "prompt {p} is empty");
-        let mut cache = model.new_cache(prompt.len()); // read-only after the prefill: rows append to their own part
-        let ids = Tensor::new(prompt.as_slice(), device)?.unsqueeze(0)?;
+        // Read-only after the prefill: rows append to their own part.
+        let (mut cache, rest) = match &common_cache {
+            Some(c) => (KvCache::share(&[c], &[0], prompt.len() - common)?, &prompt[common..]),
+            None => (model.new_cache(prompt.len()), &prompt[..]),
+        };
+        let ids = Tensor::new(rest, device)?.unsqueeze(0)?;
         let logits = model.forward_last(&ids, None, Some(&mut cache), mode)?.squeeze(0)?.to_vec1::<f32>()?;
         for s in 0..samples {
             rows.push(Row {
@@ -214,6 +228,24 @@ pub fn generate_constrained(
         logits = out.to_vec2::<f32>()?;
     }
     collect(rows, prompts.len(), tokenizer, &cfg.stop)
+}
+
+/// Below this many tokens a common beginning is prefilled with each prompt: a separate pass
+/// would cost more than it saves.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// How many leading tokens every prompt shares, when there are several prompts and at least
+/// [`MIN_SHARED_PREFIX`]; each prompt keeps at least one token of its own (its prefill gives the
+/// first logits). 0 when nothing is worth sharing.
+fn shared_prompt_prefix(prompts: &[Vec<u32>]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else { return 0 };
+    if rest.is_empty() {
+        return 0;
+    }
+    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    let common = rest.iter().map(|p| first.iter().zip(p).take_while(|(a, b)| a == b).count()).min().unwrap_or(0);
+    let common = common.min(shortest.saturating_sub(1));
+    if common >= MIN_SHARED_PREFIX { common } else { 0 }
 }
 
 fn collect(rows: Vec<Row>, prompts: usize, tokenizer: &TextTokenizer, stop: &[String]) -> anyhow::Result<Vec<Vec<Completion>>> {

@@ -91,7 +91,13 @@ impl LlmRecommender {
             .map(|(prompt, mut completions)| {
                 let completion = completions.remove(0);
                 let parsed = naming.parse(&completion.text, num_pois);
-                LlmAnswer { prompt_text: prompt.text, prompt_tokens: prompt.ids.len(), completion: completion.text, parsed }
+                LlmAnswer {
+                    prompt_text: prompt.text,
+                    prompt_tokens: prompt.ids.len(),
+                    completion_tokens: completion.tokens.len(),
+                    completion: completion.text,
+                    parsed,
+                }
             })
             .collect())
     }
@@ -100,6 +106,7 @@ impl LlmRecommender {
 pub struct LlmAnswer {
     pub prompt_text: String,
     pub prompt_tokens: usize,
+    pub completion_tokens: usize,
     pub completion: String,
     pub parsed: crate::answer::ParsedAnswer,
 }
@@ -129,6 +136,7 @@ impl Recommender for LlmRecommender {
                 self.details.push(json!({
                     "prompt": a.prompt_text,
                     "prompt_tokens": a.prompt_tokens,
+                    "completion_tokens": a.completion_tokens,
                     "completion": a.completion,
                     "parsed": a.parsed,
                 }));

@@ -2,7 +2,8 @@
 //! Prefill of one long prompt, then decoding at batch 1 and at batch G (G samples sharing the
 //! prompt's one prefill), every step running the full model (EOS is ignored so runs are equal).
 //! Then this machine's own GEMM rate at the model's shapes ([`super::bench_gemm`]) and each
-//! phase's share of it, with the instruction sets found.
+//! phase's share of it, with the instruction sets found. `--grpo` times one GRPO step and
+//! `--eval` the evaluation of a val sample.
 
 use std::time::Instant;
 
@@ -38,6 +39,84 @@ pub struct Args {
     /// Prompts (groups of --samples) in the benchmarked GRPO step.
     #[arg(long, default_value_t = 1)]
     pub prompts: usize,
+    /// Time `eval` instead: the model (with --adapter) greedily answering the fixed sample of
+    /// --limit instances of --data's val split, as `eval --limit` picks it, at batch 8. Prints
+    /// instances/s and the projected minutes for the dataset's full test split.
+    #[arg(long, requires = "data", conflicts_with = "grpo")]
+    pub eval: bool,
+    #[command(flatten)]
+    pub eval_args: EvalBenchArgs,
+}
+
+/// What `bench --eval` evaluates.
+#[derive(ClapArgs, Debug)]
+pub struct EvalBenchArgs {
+    /// Dataset directory written by `refine-poi preprocess`.
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// A LoRA adapter folder (PEFT layout).
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+    /// Prompt options from a TOML file, as `eval --prompt-config` (e.g. configs/nyc.toml).
+    #[arg(long)]
+    pub prompt_config: Option<std::path::PathBuf>,
+    /// Val instances timed.
+    #[arg(long, default_value_t = 32)]
+    pub limit: usize,
+    /// Tokens the model may generate per answer, as `eval --max-new-tokens`.
+    #[arg(long, default_value_t = 96)]
+    pub max_new_tokens: usize,
+    /// Constrained decoding, as `eval --constrained`.
+    #[arg(long)]
+    pub constrained: bool,
+}
+
+/// `bench --eval`: `eval`'s own loop on a fixed val sample, timed.
+fn eval_bench(args: &Args) -> anyhow::Result<()> {
+    use crate::data::{Dataset, Split};
+    use crate::eval::{EvalOptions, evaluate};
+    let e = &args.eval_args;
+    let data = e.data.as_deref().ok_or_else(|| anyhow::anyhow!("bench --eval needs --data"))?;
+    anyhow::ensure!(e.limit > 0, "--limit must be positive");
+    let ds = Dataset::load_splits(data, &[Split::Val, Split::Test])?;
+    let llm = super::eval::LlmArgs {
+        model: super::ModelArgs { model: args.model.clone(), adapter: e.adapter.clone() },
+        max_new_tokens: e.max_new_tokens,
+        prompt_config: e.prompt_config.clone(),
+        k: None,
+        constrained: e.constrained,
+        ids: None,
+    };
+    let mut rec = llm.recommender(8)?;
+    let opts = EvalOptions { batch_size: None, top_n: 0, keep_results: true, quiet: true, limit: Some(e.limit) };
+    let (report, results) = evaluate(&ds, Split::Val, &mut rec, &opts)?;
+    let mean = |key: &str| -> f64 {
+        let xs: Vec<f64> = results.iter().filter_map(|r| r.detail.as_ref()?.get(key)?.as_f64()).collect();
+        xs.iter().sum::<f64>() / xs.len().max(1) as f64
+    };
+    let test = ds.instances(Split::Test).len();
+    let out = json!({
+        "model": rec.name,
+        "device": format!("{:?}", rec.loaded.model.device()),
+        "dtype": format!("{:?}", rec.loaded.model.dtype()),
+        "threads": rayon::current_num_threads(),
+        "cpu": cpu_features(),
+        "split": "val",
+        "instances": report.instances,
+        "batch_size": 8,
+        "max_new_tokens": e.max_new_tokens,
+        "constrained": e.constrained,
+        "mean_prompt_tokens": mean("prompt_tokens"),
+        "mean_completion_tokens": mean("completion_tokens"),
+        "invalid_rate": report.invalid_rate,
+        "seconds": report.elapsed_s,
+        "instances_per_s": report.instances_per_s,
+        "test_instances": test,
+        "projected_test_minutes": test as f64 / report.instances_per_s / 60.0,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -160,6 +239,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.repeats > 0 && args.samples > 0 && args.new_tokens > 0 && args.prompts > 0,
         "repeats, samples, prompts and new-tokens must be positive"
     );
+    if args.eval {
+        return eval_bench(&args);
+    }
     let load_start = Instant::now();
     let loaded = model::load(&args.model)?;
     let load_s = load_start.elapsed().as_secs_f64();

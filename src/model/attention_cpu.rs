@@ -168,12 +168,20 @@ pub fn causal_attention_with_prefix(
         // Prefill: K of each (row, kv head), transposed once to (D, L), so scores for many keys
         // become broadcast multiply-adds over contiguous memory. Decoding (one query per head)
         // reads K once as it is: a transpose would cost more than it saves.
-        let transpose = t > 1 && prefix.is_none();
+        // With a shared prefix, its keys are the first columns.
+        let transpose = t > 1;
         let kts: Vec<Vec<f32>> = (0..if transpose { b * kv } else { 0 })
             .into_par_iter()
             .map(|bg| {
-                let base = kview.offset + (bg / kv) * kview.stride[0] + (bg % kv) * kview.stride[1];
-                transpose_rows(kview.data, base, kview.stride[2], l, d)
+                let (bi, g) = (bg / kv, bg % kv);
+                let mut kt = vec![0f32; d * l];
+                if let Some(pview) = pk.filter(|_| plen > 0) {
+                    let (at, stride) = key_at(kview, Some(pview), bi, g, 0);
+                    transpose_rows_into(pview.data, at, stride, plen, d, &mut kt, l, 0);
+                }
+                let (at, stride) = key_at(kview, None, bi, g, plen);
+                transpose_rows_into(kview.data, at, stride, own, d, &mut kt, l, plen);
+                kt
             })
             .collect();
         Some(
@@ -243,19 +251,19 @@ pub fn causal_attention_with_prefix(
     Tensor::from_vec(out, (b, t, h * d), q.device())
 }
 
-/// `n` rows of `d` values (row i at `base + i * row_stride`) as a (d, n) row-major matrix,
-/// copied in blocks of 8 rows so the writes stay sequential.
-fn transpose_rows(data: &[f32], base: usize, row_stride: usize, n: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; d * n];
+/// `n` rows of `d` values (row i at `base + i * row_stride`) written as columns
+/// `col0..col0 + n` of `out`, a (d, cols) row-major matrix, in blocks of 8 rows so the writes
+/// stay sequential.
+#[allow(clippy::too_many_arguments)]
+fn transpose_rows_into(data: &[f32], base: usize, row_stride: usize, n: usize, d: usize, out: &mut [f32], cols: usize, col0: usize) {
     for j0 in (0..n).step_by(8) {
         let j1 = (j0 + 8).min(n);
         for c in 0..d {
             for j in j0..j1 {
-                out[c * n + j] = data[base + j * row_stride + c];
+                out[c * cols + col0 + j] = data[base + j * row_stride + c];
             }
         }
     }
-    out
 }
 
 /// The inner loops, compiled for AVX2+FMA when the CPU has it (the plain loops vectorise).

@@ -136,28 +136,28 @@ impl KvCache {
         Ok(KvCache { layers, len: self.len, capacity: self.capacity, pads: rows.iter().map(|&r| self.pads[r]).collect(), shared })
     }
 
-    /// A cache whose rows continue the given prefilled prompts (`prompts`, one row each, no
-    /// shared prefix of their own), row i continuing prompt `of_row[i]`. The prompts'
-    /// keys and values become one shared prefix, left-padded to a common length and stored once
-    /// however many rows read them; the rows get room for `extra` positions of their own.
+    /// A cache whose rows continue the given prefilled prompts (`prompts`, one row each),
+    /// row i continuing prompt `of_row[i]`. The prompts' keys and values (a prompt's own shared
+    /// prefix included) become one shared prefix, left-padded to a common length and stored
+    /// once however many rows read them; the rows get room for `extra` positions of their own.
     pub fn share(prompts: &[&KvCache], of_row: &[usize], extra: usize) -> candle_core::Result<KvCache> {
         let err = |m: &str| candle_core::Error::Msg(m.into());
-        if prompts.iter().any(|p| p.shared.is_some() || p.rows() != 1) {
+        if prompts.iter().any(|p| p.rows() != 1) {
             return Err(err("a shared prefix is made of one-row caches"));
         }
         if of_row.iter().any(|&p| p >= prompts.len()) {
             return Err(err("a row continues a prompt that is not there"));
         }
-        let len = prompts.iter().map(|p| p.len).max().unwrap_or(0);
+        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let num_layers = prompts.first().map_or(0, |p| p.layers.len());
-        let pads: Vec<usize> = prompts.iter().map(|p| p.pads[0] + len - p.len).collect();
+        let pads: Vec<usize> = prompts.iter().map(|p| p.pads[0] + len - p.len()).collect();
         let mut layers = Vec::with_capacity(num_layers);
         for layer in 0..num_layers {
             let (mut ks, mut vs) = (Vec::new(), Vec::new());
             for p in prompts {
-                let (k, v) = p.layers[layer].as_ref().ok_or_else(|| err("a shared prefix of an empty cache"))?;
-                ks.push(Self::left_pad(k, p.len, len - p.len)?);
-                vs.push(Self::left_pad(v, p.len, len - p.len)?);
+                let (k, v) = p.whole_row(layer)?;
+                ks.push(Self::left_pad(&k, len - p.len())?);
+                vs.push(Self::left_pad(&v, len - p.len())?);
             }
             layers.push((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
         }
@@ -170,13 +170,35 @@ impl KvCache {
         })
     }
 
-    /// `t`'s first `filled` positions after `shift` zero positions.
-    fn left_pad(t: &Tensor, filled: usize, shift: usize) -> candle_core::Result<Tensor> {
-        let filled = t.narrow(2, 0, filled)?;
+    /// One layer's keys and values of this one-row cache, its shared prefix first:
+    /// (1, kv_heads, len(), head_dim).
+    fn whole_row(&self, layer: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let err = || candle_core::Error::Msg("a shared prefix of an empty cache".into());
+        let own = match &self.layers[layer] {
+            Some((k, v)) => Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)),
+            None if self.len == 0 => None,
+            None => return Err(err()),
+        };
+        let prefix = match &self.shared {
+            Some(s) => {
+                let (pk, pv) = &s.layers[layer];
+                Some((pk.narrow(0, s.of_row[0], 1)?, pv.narrow(0, s.of_row[0], 1)?))
+            }
+            None => None,
+        };
+        match (prefix, own) {
+            (Some((pk, pv)), Some((k, v))) => Ok((Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)),
+            (Some(kv), None) | (None, Some(kv)) => Ok(kv),
+            (None, None) => Err(err()),
+        }
+    }
+
+    /// `t` after `shift` zero positions.
+    fn left_pad(t: &Tensor, shift: usize) -> candle_core::Result<Tensor> {
         if shift == 0 {
-            return Ok(filled);
+            return Ok(t.clone());
         }
         let (rows, heads, _, dim) = t.dims4()?;
-        Tensor::cat(&[&Tensor::zeros((rows, heads, shift, dim), t.dtype(), t.device())?, &filled], D::Minus2)
+        Tensor::cat(&[&Tensor::zeros((rows, heads, shift, dim), t.dtype(), t.device())?, t], D::Minus2)
     }
 }

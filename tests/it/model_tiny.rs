@@ -230,6 +230,69 @@ fn shared_prefix_cache_with_dropped_rows_equals_full_forward() {
     assert!(KvCache::share(&[&caches[0]], &[1], 1).is_err(), "a row of a prompt that is not there");
 }
 
+/// Two levels of sharing, as `generate` does for a batch of prompts with a common beginning:
+/// the beginning prefilled once, each prompt's rest prefilled reading it in place, then rows of
+/// every prompt decoding from one shared prefix. Logits equal a full forward of each sequence.
+#[test]
+fn common_prompt_beginning_prefilled_once_equals_full_forward() {
+    let (_d, m) = tiny("llama", DType::F32);
+    let dev = Device::Cpu;
+    let common = ids(&m, "the same long system text that every prompt of the batch starts with");
+    let prompts: Vec<Vec<u32>> =
+        ["then one user", "and another, longer user part"].iter().map(|s| [common.clone(), ids(&m, s)].concat()).collect();
+    let mut first = m.model.new_cache(common.len());
+    let t = Tensor::new(common.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+    m.model.forward_hidden(&t, None, Some(&mut first), Mode::INFERENCE).unwrap();
+    let mut caches = Vec::new();
+    for p in &prompts {
+        let mut c = KvCache::share(&[&first], &[0], p.len() - common.len()).unwrap();
+        let t = Tensor::new(&p[common.len()..], &dev).unwrap().unsqueeze(0).unwrap();
+        let got = m.model.forward(&t, None, Some(&mut c), Mode::INFERENCE).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let want = logits(&m, p, Mode::INFERENCE);
+        let d = max_diff(&got, &want[common.len()..]);
+        assert!(d < 1e-4, "the prompt's own prefill: {d}");
+        caches.push(c);
+    }
+    let of_row = [1usize, 0, 1];
+    let mut cache = KvCache::share(&caches.iter().collect::<Vec<_>>(), &of_row, 3).unwrap();
+    let mut seqs: Vec<Vec<u32>> = of_row.iter().map(|&p| prompts[p].clone()).collect();
+    for step in 0..3u32 {
+        let next: Vec<u32> = (0..3).map(|r| 5 + step + r).collect();
+        let t = Tensor::new(next.as_slice(), &dev).unwrap().unsqueeze(1).unwrap();
+        let got = m.model.forward_last(&t, None, Some(&mut cache), Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
+        for r in 0..3 {
+            seqs[r].push(next[r]);
+            let want = logits(&m, &seqs[r], Mode::INFERENCE);
+            let d = max_diff(&got[r..r + 1], &want[want.len() - 1..]);
+            assert!(d < 1e-4, "step {step}, row {r}: {d}");
+        }
+    }
+}
+
+/// `generate` prefills a batch's common beginning once; its completions are those of each
+/// prompt generated alone (where nothing is shared).
+#[test]
+fn prompts_with_a_common_beginning_generate_as_alone() {
+    let (_d, mut m) = tiny("llama", DType::F32);
+    m.model.attach_lora(&LoraConfig::default(), 3).unwrap();
+    randomize_lora_b(&m, 4, 0.3).unwrap();
+    let common = ids(&m, "a system text shared by every prompt, long enough to be prefilled once");
+    assert!(common.len() >= 16, "the common beginning must be long enough to be shared");
+    let prompts: Vec<Vec<u32>> =
+        ["first user", "2nd", "and the third user"].iter().map(|s| [common.clone(), ids(&m, s)].concat()).collect();
+    let seeds = [1, 2, 3];
+    for cfg in [SamplingConfig { max_new_tokens: 10, seed: 8, temperature: 0.8, ..Default::default() }, SamplingConfig::greedy(10)] {
+        let batched = generate_seeded(&m.model, &m.tokenizer, &prompts, &seeds, 2, &cfg, Mode::INFERENCE).unwrap();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let alone =
+                generate_seeded(&m.model, &m.tokenizer, std::slice::from_ref(prompt), &seeds[i..i + 1], 2, &cfg, Mode::INFERENCE).unwrap();
+            for s in 0..2 {
+                assert_eq!(batched[i][s].tokens, alone[0][s].tokens, "prompt {i} sample {s} (greedy: {})", cfg.greedy);
+            }
+        }
+    }
+}
+
 #[test]
 fn stop_strings_and_eos_end_generation() {
     let (_d, m) = tiny("llama", DType::F32);
