@@ -16,9 +16,9 @@ args=(--prompt-tokens "${PROMPT_TOKENS:-400}" --new-tokens "${NEW_TOKENS:-64}" -
 bash scripts/fetch-model.sh >&2
 gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
 venv=.venv-ref
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import torch, transformers, gguf' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import torch, transformers, gguf, accelerate' 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch transformers gguf numpy >&2
+  "$venv/bin/pip" install --quiet torch transformers accelerate gguf numpy >&2
 fi
 if [ "${LLAMA_CPP:-0}" = 1 ] && ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
   "$venv/bin/pip" install --quiet llama-cpp-python >&2
@@ -28,7 +28,8 @@ echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(grep -
 RAYON_NUM_THREADS=$threads target/release/refine-poi bench --model "$gguf" "${args[@]}"
 "$venv/bin/python" scripts/side_by_side.py "$gguf" --system hf --threads "$threads" "${args[@]}"
 if "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
-  "$venv/bin/python" scripts/side_by_side.py "$gguf" --system llama-cpp --threads "$threads" "${args[@]}"
+  "$venv/bin/python" scripts/side_by_side.py "$gguf" --system llama-cpp --threads "$threads" "${args[@]}" ||
+    echo "llama.cpp: failed (exit $?)" >&2
 else
   echo "llama.cpp: not installed in $venv (LLAMA_CPP=1 installs it)" >&2
 fi
