@@ -26,6 +26,14 @@ pub fn cpu_features() -> Value {
             "fma": std::is_x86_feature_detected!("fma"),
             // The project's own fused kernels (attention, skinny matmul): AVX2+FMA or portable.
             "fused_kernels": if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") { "avx2+fma" } else { "portable" },
+            // candle's GEMM (the gemm crate, built with its AVX-512 kernels) picks the same way.
+            "gemm_kernels": if std::is_x86_feature_detected!("avx512f") {
+                "avx512f"
+            } else if std::is_x86_feature_detected!("fma") {
+                "avx2+fma"
+            } else {
+                "scalar"
+            },
         })
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -491,3 +491,26 @@ fn constrained_training_logprobs_are_the_masked_sampling_distribution() {
     }
     assert!(forced >= 4 * 8, "every `<answer>` byte is forced with the tiny tokenizer: {forced}");
 }
+
+/// candle's f32 matmul, on whichever kernels this CPU dispatches to (AVX-512, AVX2 + FMA or
+/// scalar), against a plain f64 loop at the model's kinds of shapes: many rows (prefill), a few
+/// (decoding), one, and a k that is not a multiple of any vector width.
+#[test]
+fn dispatched_matmul_agrees_with_a_plain_loop() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for (m, k, n) in [(400, 576, 192), (8, 576, 1536), (1, 1536, 576), (37, 101, 29)] {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let ta = Tensor::from_vec(a.clone(), (m, k), &Device::Cpu).unwrap();
+        let tb = Tensor::from_vec(b.clone(), (n, k), &Device::Cpu).unwrap();
+        let got = ta.matmul(&tb.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|x| a[i * k + x] as f64 * b[j * k + x] as f64).sum();
+                let d = (got[i][j] as f64 - want).abs();
+                assert!(d < 1e-4 * (k as f64).sqrt(), "({m}, {k}, {n}) at [{i}][{j}]: {} vs {want}", got[i][j]);
+            }
+        }
+    }
+}
