@@ -1,7 +1,8 @@
 //! Batched sampling with a KV cache. The prompts' common beginning is prefilled once, then each
-//! distinct prompt once (its G samples share that prefill); the rows then decode together, left-padded to a common length, and a finished
-//! row leaves the batch so it stops costing compute. Every row draws from its own seeded RNG, so
-//! a completion does not depend on what else is in the batch.
+//! distinct prompt once (its G samples share that prefill); the rows then decode together,
+//! left-padded to a common length, and a finished row leaves the batch so it stops costing
+//! compute. Every row draws from its own seeded RNG, so a completion does not depend on what else
+//! is in the batch.
 
 use candle_core::Tensor;
 use rand::rngs::StdRng;
