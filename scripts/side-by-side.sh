@@ -6,6 +6,10 @@
 #   bash scripts/side-by-side.sh                 # refine-poi and transformers
 #   LLAMA_CPP=1 bash scripts/side-by-side.sh     # also builds and times llama-cpp-python
 #
+# On the AVX-512 Xeon of the twelfth session, llama-cpp-python built natively crashed in
+# llama_decode; its AVX2 build ran: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AVX2=ON
+# -DGGML_FMA=ON -DGGML_F16C=ON" LLAMA_CPP=1 bash scripts/side-by-side.sh
+#
 # The first run creates .venv-ref/ (PyPI's torch wheel pulls about 5 GB of CUDA libraries it will
 # not use; llama-cpp-python compiles llama.cpp, several minutes on 2 cores). Run it on an otherwise
 # idle machine: every system shares the same cores.

@@ -82,10 +82,11 @@ def llama_cpp(args):
     import llama_cpp
 
     start = time.perf_counter()
+    n_ctx = args.prompt_tokens + args.new_tokens + 8
     llm = llama_cpp.Llama(
         model_path=args.gguf,
-        n_ctx=args.prompt_tokens + args.new_tokens + 8,
-        n_batch=args.prompt_tokens,
+        n_ctx=n_ctx,
+        n_batch=n_ctx,  # the Python API keeps n_batch rows of scores, indexed by position
         n_threads=args.threads,
         n_threads_batch=args.threads,
         verbose=False,
