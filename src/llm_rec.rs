@@ -71,11 +71,13 @@ impl LlmRecommender {
     pub fn answer(&self, contexts: &[PromptContext], num_pois: usize) -> Result<Vec<LlmAnswer>> {
         let builder = PromptBuilder::new(self.prompt.clone(), &self.loaded.tokenizer)?;
         let naming = AnswerIds::new(self.prompt.ids, contexts.first().and_then(|c| c.codebook))?;
-        if let Some(cb) = naming.codebook() {
+        if let Some(wanted) = crate::prompt::added_tokens(&self.prompt, naming.codebook())? {
             let added = self.loaded.model.new_tokens.as_ref().map(|t| &t.names);
             anyhow::ensure!(
-                added == Some(&cb.tokens()),
-                "semantic ids need an adapter trained with this dataset's codebook (its added tokens); this model has {}",
+                added == Some(&wanted),
+                "semantic ids need an adapter trained with this dataset's codebook (and the time tokens when prompt.time_tokens): \
+                 it adds {} tokens; this model has {}",
+                wanted.len(),
                 added.map_or("none".to_string(), |n| format!("{} other tokens", n.len()))
             );
         }

@@ -77,6 +77,12 @@ pub struct PromptConfig {
     /// (`<a12><b3><c40>`, the dataset's `codebook.json`; the model needs an adapter that adds
     /// their tokens).
     pub ids: PoiIds,
+    /// Check-in and target times as two added tokens, weekday and hour (`<Sat><17h>`), instead
+    /// of text (`Sat 2012-12-08 17:31: `, about ten digit tokens). A check-in line is then its
+    /// two time tokens and its code, `<Sat><17h><a12><b5><c4>`: six tokens with its newline
+    /// where the text form takes 14 (trajectory) or 24 (earlier). Dates and minutes are left
+    /// out. Needs `ids = "semantic"` and `times`; the tokens train with the adapter.
+    pub time_tokens: bool,
 }
 
 /// How prompts and answers name POIs (`[prompt] ids`).
@@ -106,6 +112,7 @@ impl Default for PromptConfig {
             system_message: None,
             candidates: CandidateConfig::default(),
             ids: PoiIds::Raw,
+            time_tokens: false,
         }
     }
 }
@@ -114,6 +121,10 @@ impl PromptConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.k >= 1, "prompt.k must be at least 1");
         ensure!(self.hour_window_min <= 12 * 60, "prompt.hour_window_min is at most 720 (12 hours either way)");
+        ensure!(
+            !self.time_tokens || (self.ids == PoiIds::Semantic && self.times),
+            "prompt.time_tokens = true needs prompt.ids = \"semantic\" and prompt.times = true"
+        );
         self.candidates.validate().context("in [prompt.candidates]")
     }
 
@@ -331,7 +342,45 @@ impl<'t> PromptBuilder<'t> {
 const DATED_TIME: &str = "%a %Y-%m-%d %H:%M";
 
 /// How a current-trajectory check-in's time is shown: `Mon 12:20`.
-pub const TRAJECTORY_TIME: &str = "%a %H:%M";
+const TRAJECTORY_TIME: &str = "%a %H:%M";
+
+/// The weekday tokens of [`PromptConfig::time_tokens`], Monday first, as chrono's `%a` writes
+/// them.
+const WEEKDAY_TOKENS: [&str; 7] = ["<Mon>", "<Tue>", "<Wed>", "<Thu>", "<Fri>", "<Sat>", "<Sun>"];
+
+/// The tokens [`PromptConfig::time_tokens`] adds: the weekdays, then the hours `<0h>`..`<23h>`.
+/// None of them reads as a code token (`<` and a level letter, then digits).
+pub fn time_token_names() -> Vec<String> {
+    WEEKDAY_TOKENS.iter().map(|t| t.to_string()).chain((0..24).map(|h| format!("<{h}h>"))).collect()
+}
+
+/// `at` as its two time tokens, `<Sat><17h>`.
+fn time_tokens(at: NaiveDateTime) -> String {
+    use chrono::{Datelike, Timelike};
+    format!("{}<{}h>", WEEKDAY_TOKENS[at.weekday().num_days_from_monday() as usize], at.hour())
+}
+
+/// The vocabulary a prompt of `cfg` adds to the model, in the adapter's order: the codebook's
+/// code tokens, then the time tokens when `cfg.time_tokens`. None for raw ids.
+pub fn added_tokens(cfg: &PromptConfig, codebook: Option<&Codebook>) -> Result<Option<Vec<String>>> {
+    let Some(cb) = AnswerIds::new(cfg.ids, codebook)?.codebook() else { return Ok(None) };
+    let mut names = cb.tokens();
+    if cfg.time_tokens {
+        names.extend(time_token_names());
+    }
+    Ok(Some(names))
+}
+
+/// What a check-in's line shows before its POI's name (the whole line is `{this}{name}{suffix}`):
+/// `- Mon 2012-04-09 12:20: ` (`dated`), `- Mon 12:20: `, `- ` without times, and `<Mon><12h>`
+/// with time tokens. Prompts and whole-history examples write check-ins alike through it.
+pub fn checkin_line_start(cfg: &PromptConfig, at: NaiveDateTime, dated: bool) -> String {
+    match (cfg.times, cfg.time_tokens) {
+        (false, _) => "- ".to_string(),
+        (true, true) => time_tokens(at),
+        (true, false) => format!("- {}: ", at.format(if dated { DATED_TIME } else { TRAJECTORY_TIME })),
+    }
+}
 
 /// How a prompt names POI `id`: its name (`POI 12`, or its code `<a1><b0><c3>` with `codebook`)
 /// and what follows it (` (Bar)` with categories on, else nothing).
@@ -399,22 +448,19 @@ impl Parts {
             }
             let from = ctx.earlier.len().saturating_sub(cfg.recent_checkins);
             for c in &ctx.earlier[from..] {
-                let t = c.local_time();
-                earlier.push(if cfg.times { format!("- {}: {}", t.format(DATED_TIME), poi(c.poi)?) } else { format!("- {}", poi(c.poi)?) });
+                earlier.push(format!("{}{}", checkin_line_start(cfg, c.local_time(), true), poi(c.poi)?));
                 shown.insert(c.poi);
             }
         }
         let mut trajectory = Vec::new();
         for c in ctx.trajectory {
-            trajectory.push(if cfg.times {
-                format!("- {}: {}", c.local_time().format(TRAJECTORY_TIME), poi(c.poi)?)
-            } else {
-                format!("- {}", poi(c.poi)?)
-            });
+            trajectory.push(format!("{}{}", checkin_line_start(cfg, c.local_time(), false), poi(c.poi)?));
         }
 
         let head = if cfg.times { format!("Check-ins of {user}, in local time.") } else { format!("Check-ins of {user}.") };
-        let question = if cfg.times {
+        let question = if cfg.time_tokens {
+            format!("The next check-in is at {}. Which POI will it be?", time_tokens(ctx.target_local))
+        } else if cfg.times {
             format!("The next check-in is on {}. Which POI will it be?", ctx.target_local.format("%A %Y-%m-%d at %H:%M"))
         } else {
             "Which POI will be the next check-in?".to_string()

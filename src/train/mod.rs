@@ -35,7 +35,6 @@ use candle_core::{D, DType, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
-use crate::answer::AnswerIds;
 use crate::data::{Dataset, Instance, Split};
 use crate::dist::Dist;
 use crate::lock::DirLock;
@@ -114,7 +113,7 @@ impl EpochOrder {
 /// must have been trained with the same ones, or fresh.
 pub fn load_model(cfg: &RunConfig, ds: &Dataset, adapter: Option<&Path>, key: &str, seed: u64) -> Result<LoadedModel> {
     let mut loaded = model::load(&cfg.model.path)?;
-    let tokens = AnswerIds::new(cfg.prompt.ids, ds.codebook())?.codebook().map(|cb| cb.tokens());
+    let tokens = crate::prompt::added_tokens(&cfg.prompt, ds.codebook())?;
     match adapter {
         Some(dir) => {
             loaded.load_adapter(dir).with_context(|| format!("cannot load {key} = {}", dir.display()))?;
@@ -136,7 +135,10 @@ pub fn load_model(cfg: &RunConfig, ds: &Dataset, adapter: Option<&Path>, key: &s
     }
     match (tokens, &loaded.model.new_tokens) {
         (Some(names), Some(added)) => {
-            ensure!(added.names == names, "{key} was trained with other semantic ids than the dataset's codebook.json")
+            ensure!(
+                added.names == names,
+                "{key} was trained with other added tokens than this prompt's: the dataset's codebook.json, plus the time tokens when prompt.time_tokens"
+            )
         }
         (Some(names), None) => loaded.add_tokens(names, derive_seed(seed, SEED_NEW_TOKENS, 0))?,
         (None, Some(_)) => anyhow::bail!("{key} adds the tokens of semantic ids, but prompt.ids = \"raw\""),

@@ -267,3 +267,128 @@ fn whole_histories_score_every_train_checkin_once() {
     let bad = RunConfig { run_dir: s.tmp.path().join("bad"), ..bad };
     assert!(format!("{:#}", sft::run(&bad, &quiet()).unwrap_err()).contains("train_instances"));
 }
+
+/// With `prompt.time_tokens`, a check-in is its weekday and hour tokens and its code, in
+/// history windows and prompts alike; the target's time is tokens too; a warm-up adds the time
+/// tokens after the codes and its adapter evaluates, while an adapter without them is refused.
+#[test]
+fn time_tokens_write_each_checkin_as_two_tokens_and_its_code() {
+    let s = Setup::new();
+    let on = ["prompt.ids=semantic", "prompt.times=true", "prompt.time_tokens=true", "prompt.categories=false"];
+    let cfg = s.cfg(&on);
+    let ds = Dataset::load(&cfg.data.dir).unwrap();
+    let cb = ds.codebook().unwrap();
+    let names = refine_poi::prompt::added_tokens(&cfg.prompt, Some(cb)).unwrap().unwrap();
+    assert_eq!(names[..cb.tokens().len()], cb.tokens()[..]);
+    assert_eq!(names[cb.tokens().len()..], refine_poi::prompt::time_token_names()[..]);
+    for t in refine_poi::prompt::time_token_names() {
+        assert_eq!(cb.to_raw_ids(&t), t, "a time token reads as no code");
+    }
+    let mut loaded = model::load(cfg.model.path.as_str()).unwrap();
+    loaded.model.attach_lora(&cfg.lora, 1).unwrap();
+    loaded.add_tokens(names.clone(), 2).unwrap();
+
+    // A check-in line: `<Sat><17h>`, then the code (its targets), then a newline: 2 + levels + 1 tokens.
+    let line = regex_lite(cb.levels());
+    let newline = loaded.tokenizer.encode("\n", false).unwrap();
+    let windows = history_examples(&ds, &cfg.prompt, &loaded.tokenizer, 160).unwrap();
+    let mut checkins = 0;
+    for w in &windows {
+        let text = loaded.tokenizer.decode(&w.ids, false).unwrap();
+        let (_, body) = text.split_once(", in local time.\n").expect("a window opens with its header");
+        for l in body.lines().filter(|l| !l.is_empty()) {
+            assert!(line(l), "{l:?} is not a time-token check-in line");
+            let (ids, _) = loaded.tokenizer.encode_with_offsets(&format!("{l}\n")).unwrap();
+            assert_eq!(ids.len(), 2 + cb.levels() + newline.len(), "{l:?}");
+            checkins += 1;
+        }
+        assert_eq!(w.targets.len() % cb.levels(), 0);
+    }
+    assert_eq!(windows.iter().map(|w| w.targets.len()).sum::<usize>(), checkins * cb.levels());
+
+    // A prompt: the trajectory's and earlier check-ins' lines are time tokens and codes, and the
+    // question names the target's time in tokens.
+    let builder = refine_poi::prompt::PromptBuilder::new(cfg.prompt.clone(), &loaded.tokenizer).unwrap();
+    let inst = &ds.instances(refine_poi::data::Split::Val)[0];
+    let built = builder.build(&refine_poi::prompt::PromptContext::from_instance(&ds, inst)).unwrap();
+    let (_, trajectory) = built.text.split_once("Current trajectory (oldest first):\n").unwrap();
+    let lines: Vec<&str> = trajectory.lines().take_while(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty() && lines.iter().all(|l| line(l)), "{lines:?}");
+    let at = inst.target.local_time();
+    let weekday = at.format("<%a>").to_string();
+    assert!(built.text.contains(&format!("The next check-in is at {weekday}<{}h>.", chrono::Timelike::hour(&at))), "{}", built.text);
+    let text_form = refine_poi::prompt::PromptBuilder::new(
+        refine_poi::prompt::PromptConfig { time_tokens: false, ..cfg.prompt.clone() },
+        &loaded.tokenizer,
+    )
+    .unwrap()
+    .build(&refine_poi::prompt::PromptContext::from_instance(&ds, inst))
+    .unwrap();
+    assert!(built.ids.len() < text_form.ids.len(), "{} vs {} tokens", built.ids.len(), text_form.ids.len());
+
+    // Raw ids cannot have time tokens.
+    let e = format!("{:#}", RunConfig::load(Some(&s.config), &["prompt.time_tokens=true".into()]).unwrap_err());
+    assert!(e.contains("time_tokens"), "{e}");
+
+    // A whole-history warm-up with time tokens: its adapter adds codes then times, and evaluates.
+    let run = s.cfg(&[&on[..], &["sft.examples=histories", "data.train_instances=0", "sft.history_tokens=160", "sft.max_steps=1"]].concat());
+    let done = sft::run(&run, &quiet()).unwrap();
+    let fin = done.stage.dir.join("final");
+    let added: Vec<String> = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
+        &std::fs::read_to_string(fin.join(ADDED_TOKENS_FILE)).unwrap(),
+    )
+    .unwrap()
+    .keys()
+    .cloned()
+    .collect();
+    assert_eq!(added.len(), names.len());
+    let report = s.tmp.path().join("eval.json");
+    let out = bin()
+        .args(["eval", "--run"])
+        .arg(&done.stage.dir)
+        .args(["--split", "val", "--limit", "3", "--max-new-tokens", "20", "--constrained", "--quiet", "--out"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!((r["instances"].as_u64(), r["invalid"].as_u64()), (Some(3), Some(0)), "{r}");
+
+    // An adapter with the codes alone, asked for time tokens: one clear error.
+    let plain = s.cfg(&["prompt.ids=semantic", "sft.max_steps=1"]);
+    let plain = RunConfig { run_dir: s.tmp.path().join("plain"), ..plain };
+    let plain = sft::run(&plain, &quiet()).unwrap().stage.dir.join("final");
+    let prompt = s.tmp.path().join("prompt.toml");
+    std::fs::write(&prompt, "ids = \"semantic\"\ntime_tokens = true\ncategories = false\n").unwrap();
+    let out = bin()
+        .args(["eval", "--method", "llm", "--split", "val", "--limit", "2", "--max-new-tokens", "8", "--quiet", "--data"])
+        .arg(&run.data.dir)
+        .args(["--model", &run.model.path, "--prompt-config"])
+        .arg(&prompt)
+        .arg("--adapter")
+        .arg(&plain)
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(error_line(&out).contains("time tokens"), "{}", error_line(&out));
+}
+
+/// Whether `l` is one time-token check-in line: `<Sat><17h>` and a code of `levels` tokens.
+fn regex_lite(levels: usize) -> impl Fn(&str) -> bool {
+    move |l: &str| {
+        let Some(rest) = ["<Mon>", "<Tue>", "<Wed>", "<Thu>", "<Fri>", "<Sat>", "<Sun>"].iter().find_map(|d| l.strip_prefix(d)) else {
+            return false;
+        };
+        let Some((hour, code)) = rest.strip_prefix('<').and_then(|r| r.split_once("h>")) else { return false };
+        let hour_ok = hour.parse::<u32>().is_ok_and(|h| h < 24);
+        let parts: Vec<&str> = code.split('>').filter(|p| !p.is_empty()).collect();
+        hour_ok
+            && code.ends_with('>')
+            && parts.len() == levels
+            && parts.iter().enumerate().all(|(i, p)| {
+                p.strip_prefix('<').and_then(|p| p.strip_prefix((b'a' + i as u8) as char)).is_some_and(|d| d.parse::<u16>().is_ok())
+            })
+    }
+}

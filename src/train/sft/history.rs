@@ -1,6 +1,7 @@
 //! Whole-history examples (`sft.examples = "histories"`): a user's train trajectories written as
 //! the prompt's trajectory lines, `- Mon 12:20: <a1><b0><c3>` (with ` (Bar)` when
-//! `prompt.categories` is on), a blank line between trajectories, where every check-in's POI
+//! `prompt.categories` is on; `<Mon><12h><a1><b0><c3>` with `prompt.time_tokens`), a blank line
+//! between trajectories, where every check-in's POI
 //! name is a target. One forward pass scores every check-in of a window, so one epoch covers the
 //! whole train split; the list answer is taught afterwards (list SFT, GRPO).
 //!
@@ -14,7 +15,7 @@ use anyhow::{Result, ensure};
 use crate::answer::AnswerIds;
 use crate::data::{Checkin, Dataset, Split};
 use crate::model::TextTokenizer;
-use crate::prompt::{PromptConfig, TRAJECTORY_TIME, poi_name};
+use crate::prompt::{PromptConfig, checkin_line_start, poi_name};
 use crate::train::ScoredSeq;
 
 /// Every window of every user's train check-ins, users in id order.
@@ -37,7 +38,7 @@ pub fn history_examples(ds: &Dataset, cfg: &PromptConfig, tokenizer: &TextTokeni
         for (i, c) in trajectories.into_iter().flatten().enumerate() {
             let (name, suffix) = poi_name(cfg, codebook, ds.pois(), c.poi)?;
             let gap = if i > 0 && first_of_trajectory.contains(&i) { "\n" } else { "" };
-            let before = if cfg.times { format!("{gap}- {}: ", c.local_time().format(TRAJECTORY_TIME)) } else { format!("{gap}- ") };
+            let before = format!("{gap}{}", checkin_line_start(cfg, c.local_time(), false));
             // The line is encoded whole, as a prompt's line is (` POI 12` starts with the token
             // ` POI`, not with a space token and `POI`); the targets are the tokens that cover
             // any byte of the name.

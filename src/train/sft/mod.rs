@@ -140,6 +140,19 @@ impl SftExamples<'_> {
             SftExamples::Histories(v) => v.len(),
         }
     }
+
+    /// What one epoch of whole-history windows holds (`, 1234 tokens with 567 targets`); prompt
+    /// examples are built as they are drawn, so they say nothing.
+    fn epoch_size(&self) -> String {
+        match self {
+            SftExamples::Prompts(_) => String::new(),
+            SftExamples::Histories(v) => format!(
+                " ({} tokens with {} targets an epoch)",
+                v.iter().map(|w| w.ids.len()).sum::<usize>(),
+                v.iter().map(|w| w.targets.len()).sum::<usize>()
+            ),
+        }
+    }
 }
 
 /// What a run did.
@@ -176,8 +189,9 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     if !opts.quiet {
         let from = latest.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
         eprintln!(
-            "sft-warmup: {} examples, {} steps of {} x {} examples, from {from}; writing {}",
+            "sft-warmup: {} examples{}, {} steps of {} x {} examples, from {from}; writing {}",
             examples.len(),
+            examples.epoch_size(),
             total,
             cfg.sft.batch_size,
             cfg.sft.grad_accum,
