@@ -131,27 +131,9 @@ pub fn generate_constrained(
     anyhow::ensure!(samples > 0, "need at least one sample per prompt");
     let device = model.device();
     let mut rows: Vec<Row> = Vec::with_capacity(prompts.len() * samples);
-    let mut caches = Vec::with_capacity(prompts.len());
     let mut first_logits = Vec::with_capacity(prompts.len() * samples);
-    anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "a prompt is empty");
-    // The prompts' common beginning (system text, instructions) is prefilled once; each
-    // prompt's own prefill then reads it in place.
-    let common = shared_prompt_prefix(prompts);
-    let common_cache = if common > 0 {
-        let mut cache = model.new_cache(common);
-        model.forward_hidden(&Tensor::new(&prompts[0][..common], device)?.unsqueeze(0)?, None, Some(&mut cache), mode)?;
-        Some(cache)
-    } else {
-        None
-    };
-    for (p, prompt) in prompts.iter().enumerate() {
-        // Read-only after the prefill: rows append to their own part.
-        let (mut cache, rest) = match &common_cache {
-            Some(c) => (KvCache::share(&[c], &[0], prompt.len() - common)?, &prompt[common..]),
-            None => (model.new_cache(prompt.len()), &prompt[..]),
-        };
-        let ids = Tensor::new(rest, device)?.unsqueeze(0)?;
-        let logits = model.forward_last(&ids, None, Some(&mut cache), mode)?.squeeze(0)?.to_vec1::<f32>()?;
+    let (caches, prompt_logits) = prefill_each(model, prompts, mode)?;
+    for (p, logits) in prompt_logits.into_iter().enumerate() {
         for s in 0..samples {
             rows.push(Row {
                 prompt: p,
@@ -163,7 +145,6 @@ pub fn generate_constrained(
             });
             first_logits.push(logits.clone());
         }
-        caches.push(cache);
     }
     if cfg.max_new_tokens == 0 {
         return collect(rows, prompts.len(), tokenizer, &cfg.stop);
@@ -229,6 +210,34 @@ pub fn generate_constrained(
         logits = out.to_vec2::<f32>()?;
     }
     collect(rows, prompts.len(), tokenizer, &cfg.stop)
+}
+
+/// Prefills each prompt into its own one-row cache and returns the caches with the logits of
+/// each prompt's last position. The prompts' common beginning (system text, instructions) is
+/// prefilled once; each prompt's own prefill then reads it in place.
+pub fn prefill_each(model: &CausalLm, prompts: &[Vec<u32>], mode: Mode) -> anyhow::Result<(Vec<KvCache>, Vec<Vec<f32>>)> {
+    anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "a prompt is empty");
+    let device = model.device();
+    let common = shared_prompt_prefix(prompts);
+    let common_cache = if common > 0 {
+        let mut cache = model.new_cache(common);
+        model.forward_hidden(&Tensor::new(&prompts[0][..common], device)?.unsqueeze(0)?, None, Some(&mut cache), mode)?;
+        Some(cache)
+    } else {
+        None
+    };
+    let (mut caches, mut last) = (Vec::with_capacity(prompts.len()), Vec::with_capacity(prompts.len()));
+    for prompt in prompts {
+        // Read-only after the prefill: rows append to their own part.
+        let (mut cache, rest) = match &common_cache {
+            Some(c) => (KvCache::share(&[c], &[0], prompt.len() - common)?, &prompt[common..]),
+            None => (model.new_cache(prompt.len()), &prompt[..]),
+        };
+        let ids = Tensor::new(rest, device)?.unsqueeze(0)?;
+        last.push(model.forward_last(&ids, None, Some(&mut cache), mode)?.squeeze(0)?.to_vec1::<f32>()?);
+        caches.push(cache);
+    }
+    Ok((caches, last))
 }
 
 /// Below this many tokens a common beginning is prefilled with each prompt: a separate pass

@@ -3,6 +3,7 @@
 
 pub mod answer;
 pub mod baselines;
+pub mod beam;
 pub mod commands;
 pub mod compare;
 pub mod config;

@@ -2,10 +2,11 @@
 //! `</answer>`, parse the list. The eval harness ranks and scores its lists exactly like the
 //! baselines' scores; this module only turns instances into answers.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::answer::{ANSWER_CLOSE, AnswerIds};
+use crate::beam::{CodeTrie, rank_next_codes};
 use crate::constrain::AnswerConstraint;
 use crate::data::codebook::Codebook;
 use crate::data::{Dataset, Instance};
@@ -14,6 +15,7 @@ use crate::generate::{SamplingConfig, generate_constrained};
 use crate::model::{LoadedModel, Mode};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::retrieval::TrainStats;
+use crate::train::sft::history::next_checkin_prompt;
 
 pub struct LlmRecommender {
     pub loaded: LoadedModel,
@@ -28,6 +30,10 @@ pub struct LlmRecommender {
     /// Constrained decoding: the answer grammar for the dataset's POIs, built at the first answer.
     constrained: bool,
     grammar: std::sync::OnceLock<(usize, AnswerConstraint)>,
+    /// Rank by beam search over the next code instead of generating a list (`--beam-next`): the
+    /// number of beams, and the codebook's trie, built at the first batch.
+    beam_next: Option<usize>,
+    trie: std::sync::OnceLock<CodeTrie>,
 }
 
 impl LlmRecommender {
@@ -44,6 +50,8 @@ impl LlmRecommender {
             stats: None,
             constrained: false,
             grammar: std::sync::OnceLock::new(),
+            beam_next: None,
+            trie: std::sync::OnceLock::new(),
         })
     }
 
@@ -52,6 +60,65 @@ impl LlmRecommender {
         anyhow::ensure!(!(on && self.prompt.reasoning), "constrained decoding needs reasoning = false: the grammar has no <think> part");
         self.constrained = on;
         Ok(self)
+    }
+
+    /// Ranks by what the model writes next after the user's check-ins in the whole-history form
+    /// ([`next_checkin_prompt`]): the POIs of the `beams` best codes ([`rank_next_codes`]), at
+    /// least k. Needs semantic ids; the list is always k distinct valid POIs.
+    pub fn beam_next(mut self, beams: Option<usize>) -> Result<Self> {
+        if let Some(b) = beams {
+            anyhow::ensure!(self.prompt.ids == crate::prompt::PoiIds::Semantic, "--beam-next ranks codes: it needs semantic ids");
+            anyhow::ensure!(b >= self.prompt.k, "--beam-next {b} keeps fewer codes than the k = {} the list needs", self.prompt.k);
+            anyhow::ensure!(!self.constrained, "--beam-next and --constrained are two ways of decoding: choose one");
+        }
+        self.beam_next = beams;
+        Ok(self)
+    }
+
+    /// The adapter must add the tokens this prompt writes (the codebook's, and the time tokens).
+    fn check_added_tokens(&self, codebook: Option<&Codebook>) -> Result<()> {
+        if let Some(wanted) = crate::prompt::added_tokens(&self.prompt, codebook)? {
+            let added = self.loaded.model.new_tokens.as_ref().map(|t| &t.names);
+            anyhow::ensure!(
+                added == Some(&wanted),
+                "semantic ids need an adapter trained with this dataset's codebook (and the time tokens when prompt.time_tokens): \
+                 it adds {} tokens; this model has {}",
+                wanted.len(),
+                added.map_or("none".to_string(), |n| format!("{} other tokens", n.len()))
+            );
+        }
+        Ok(())
+    }
+
+    /// [`LlmRecommender::beam_next`]'s ranking of `batch`: the k best POIs and every kept code's
+    /// score, with the prompts.
+    fn rank_next(&self, ds: &Dataset, batch: &[&Instance], beams: usize) -> Result<Vec<(Vec<u32>, serde_json::Value)>> {
+        let codebook = ds.codebook().context("--beam-next needs the dataset's codebook.json (preprocess writes it)")?;
+        self.check_added_tokens(Some(codebook))?;
+        if self.trie.get().is_none() {
+            let _ = self.trie.set(CodeTrie::new(codebook, &self.loaded.tokenizer)?);
+        }
+        let trie = self.trie.get().expect("set above");
+        anyhow::ensure!(trie.num_codes() == ds.num_pois(), "the code trie was built for another dataset");
+        let budget = match self.prompt.max_prompt_tokens {
+            0 => self.loaded.model.config.max_position_embeddings - codebook.levels(),
+            n => n,
+        };
+        let prompts = batch.iter().map(|inst| next_checkin_prompt(ds, &self.prompt, &self.loaded.tokenizer, inst, budget)).collect::<Result<Vec<_>>>()?;
+        let ranked = rank_next_codes(&self.loaded.model, trie, &prompts, beams)?;
+        prompts
+            .iter()
+            .zip(ranked)
+            .map(|(prompt, codes)| {
+                let ids = codes.iter().take(self.prompt.k).map(|&(p, _)| p).collect();
+                let detail = json!({
+                    "prompt": self.loaded.tokenizer.decode(prompt, false)?,
+                    "prompt_tokens": prompt.len(),
+                    "beam": codes.iter().map(|&(p, score)| json!([p, score])).collect::<Vec<_>>(),
+                });
+                Ok((ids, detail))
+            })
+            .collect()
     }
 
     fn grammar(&self, num_pois: usize, codebook: Option<&Codebook>) -> Result<Option<&AnswerConstraint>> {
@@ -71,16 +138,7 @@ impl LlmRecommender {
     pub fn answer(&self, contexts: &[PromptContext], num_pois: usize) -> Result<Vec<LlmAnswer>> {
         let builder = PromptBuilder::new(self.prompt.clone(), &self.loaded.tokenizer)?;
         let naming = AnswerIds::new(self.prompt.ids, contexts.first().and_then(|c| c.codebook))?;
-        if let Some(wanted) = crate::prompt::added_tokens(&self.prompt, naming.codebook())? {
-            let added = self.loaded.model.new_tokens.as_ref().map(|t| &t.names);
-            anyhow::ensure!(
-                added == Some(&wanted),
-                "semantic ids need an adapter trained with this dataset's codebook (and the time tokens when prompt.time_tokens): \
-                 it adds {} tokens; this model has {}",
-                wanted.len(),
-                added.map_or("none".to_string(), |n| format!("{} other tokens", n.len()))
-            );
-        }
+        self.check_added_tokens(naming.codebook())?;
         let prompts = contexts.iter().map(|c| builder.build(c)).collect::<Result<Vec<_>>>()?;
         let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
         let cfg = SamplingConfig { stop: vec![ANSWER_CLOSE.to_string()], ..SamplingConfig::greedy(self.max_new_tokens) };
@@ -123,6 +181,11 @@ impl Recommender for LlmRecommender {
     }
 
     fn predict(&mut self, ds: &Dataset, batch: &[&Instance]) -> Result<Vec<Prediction>> {
+        if let Some(beams) = self.beam_next {
+            let ranked = self.rank_next(ds, batch, beams)?;
+            self.details = ranked.iter().map(|(_, d)| d.clone()).collect();
+            return Ok(ranked.into_iter().map(|(ids, _)| Prediction::List { ids, valid: true }).collect());
+        }
         if self.stats.is_none() {
             self.stats = candidate_stats(&self.prompt, ds);
         }

@@ -69,6 +69,9 @@ pub struct EvalBenchArgs {
     /// Constrained decoding, as `eval --constrained`.
     #[arg(long)]
     pub constrained: bool,
+    /// Rank by beam search over the next code, as `eval --beam-next`.
+    #[arg(long, conflicts_with = "constrained")]
+    pub beam_next: Option<usize>,
 }
 
 /// `bench --eval`: `eval`'s own loop on a fixed val sample, timed.
@@ -85,6 +88,7 @@ fn eval_bench(args: &Args) -> anyhow::Result<()> {
         prompt_config: e.prompt_config.clone(),
         k: None,
         constrained: e.constrained,
+        beam_next: e.beam_next,
         ids: None,
     };
     let mut rec = llm.recommender(8)?;

@@ -44,6 +44,12 @@ pub struct LlmArgs {
     /// dataset, `</answer>` (no invalid, out-of-range or repeated id). Needs reasoning = false.
     #[arg(long)]
     pub constrained: bool,
+    /// Rank instead of generating a list: write the user's check-ins as whole-history training
+    /// does (`sft.examples = "histories"`), then the target's time, and rank the POIs whose codes
+    /// the model would write next, by beam search with this many beams (at least k). Semantic
+    /// ids only; the prompt's budget is max_prompt_tokens.
+    #[arg(long, conflicts_with = "constrained")]
+    pub beam_next: Option<usize>,
     /// How POIs are named (overrides the prompt config): raw dense ids, or the dataset's
     /// semantic codes, which need an adapter trained with them.
     #[arg(long, value_enum)]
@@ -74,8 +80,12 @@ impl LlmArgs {
     /// [`LlmArgs::recommender`] with the prompt options given.
     pub fn recommender_with(&self, batch_size: usize, prompt: PromptConfig) -> Result<LlmRecommender> {
         let (loaded, name) = self.model.load()?;
-        let name = if self.constrained { format!("llm:{name}+constrained") } else { format!("llm:{name}") };
-        LlmRecommender::new(loaded, prompt, batch_size, self.max_new_tokens, name)?.constrained(self.constrained)
+        let name = match (self.constrained, self.beam_next) {
+            (true, _) => format!("llm:{name}+constrained"),
+            (false, Some(b)) => format!("llm:{name}+beam-next{b}"),
+            (false, None) => format!("llm:{name}"),
+        };
+        LlmRecommender::new(loaded, prompt, batch_size, self.max_new_tokens, name)?.constrained(self.constrained)?.beam_next(self.beam_next)
     }
 }
 

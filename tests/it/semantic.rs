@@ -11,7 +11,8 @@ use refine_poi::data::codebook::Codebook;
 use refine_poi::model::peft::{ADDED_TOKENS_FILE, TRAINABLE_TOKENS_KEY};
 use refine_poi::model::{self, Mode};
 use refine_poi::train::config::RunConfig;
-use refine_poi::train::sft::history::history_examples;
+use refine_poi::beam::{CodeTrie, rank_next_codes};
+use refine_poi::train::sft::history::{history_examples, next_checkin_prompt};
 use refine_poi::train::{RunOptions, ScoredSeq, grpo, scored_logprobs, sft};
 
 use crate::common::{Setup, adapter_f32, adapter_tensors, bin, error_line, quiet, text};
@@ -353,6 +354,27 @@ fn time_tokens_write_each_checkin_as_two_tokens_and_its_code() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!((r["instances"].as_u64(), r["invalid"].as_u64()), (Some(3), Some(0)), "{r}");
+    // Ranked by beam search over the next code instead: k distinct POIs for every instance.
+    let preds = s.tmp.path().join("beam.jsonl");
+    let out = bin()
+        .args(["eval", "--run"])
+        .arg(&done.stage.dir)
+        .args(["--split", "val", "--limit", "3", "--beam-next", "5", "--quiet", "--out"])
+        .arg(&report)
+        .arg("--predictions")
+        .arg(&preds)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!((r["instances"].as_u64(), r["invalid"].as_u64()), (Some(3), Some(0)), "{r}");
+    assert!(r["method"].as_str().unwrap().ends_with("+beam-next5"), "{r}");
+    for line in std::fs::read_to_string(&preds).unwrap().lines() {
+        let p: serde_json::Value = serde_json::from_str(line).unwrap();
+        let ranked: Vec<u64> = p["ranked"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(ranked.len(), 3);
+        assert_eq!(p["detail"]["beam"].as_array().unwrap().len(), 5, "{p}");
+    }
 
     // An adapter with the codes alone, asked for time tokens: one clear error.
     let plain = s.cfg(&["prompt.ids=semantic", "sft.max_steps=1"]);
@@ -390,5 +412,115 @@ fn regex_lite(levels: usize) -> impl Fn(&str) -> bool {
             && parts.iter().enumerate().all(|(i, p)| {
                 p.strip_prefix('<').and_then(|p| p.strip_prefix((b'a' + i as u8) as char)).is_some_and(|d| d.parse::<u16>().is_ok())
             })
+    }
+}
+
+/// The next-check-in prompt is the whole-history form cut before the target: the user's header,
+/// check-ins before the target only (the instance's prefix last), then the target's time tokens;
+/// it keeps the newest lines within its budget.
+#[test]
+fn next_checkin_prompt_ends_with_the_prefix_and_the_targets_time() {
+    let s = Setup::new();
+    let cfg = s.cfg(&["prompt.ids=semantic", "prompt.times=true", "prompt.time_tokens=true", "prompt.categories=false"]);
+    let ds = Dataset::load(&cfg.data.dir).unwrap();
+    let cb = ds.codebook().unwrap();
+    let mut loaded = model::load(cfg.model.path.as_str()).unwrap();
+    loaded.add_tokens(refine_poi::prompt::added_tokens(&cfg.prompt, Some(cb)).unwrap().unwrap(), 2).unwrap();
+    for inst in ds.instances(refine_poi::data::Split::Test).iter().take(5) {
+        let line = |c: &refine_poi::data::Checkin| {
+            let at = c.local_time();
+            format!("{}<{}h>{}", at.format("<%a>"), chrono::Timelike::hour(&at), cb.code_text(c.poi))
+        };
+        let mut shown: Vec<Vec<String>> = Vec::new();
+        for budget in [400, 60] {
+            let ids = next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, inst, budget).unwrap();
+            assert!(ids.len() <= budget);
+            let text = loaded.tokenizer.decode(&ids, false).unwrap();
+            assert!(text.starts_with(&format!("Check-ins of user {}, in local time.\n", inst.user)), "{text}");
+            let at = inst.target.local_time();
+            let (body, end) = text.rsplit_once('\n').unwrap();
+            assert_eq!(end, format!("{}<{}h>", at.format("<%a>"), chrono::Timelike::hour(&at)));
+            shown.push(body.lines().filter(|l| l.starts_with('<')).map(str::to_string).collect());
+        }
+        // The large budget: the prefix last, earlier check-ins before it, none at or after the target.
+        let expected: Vec<String> = inst.prefix.iter().map(line).collect();
+        let (all, newest) = (&shown[0], &shown[1]);
+        assert!(all.len() > expected.len() && all.ends_with(&expected), "{all:?}\n{expected:?}");
+        assert!(all.len() <= ds.history(inst).len());
+        // The small one keeps the newest lines.
+        assert!(!newest.is_empty() && newest.len() < all.len() && all.ends_with(newest), "{newest:?}");
+    }
+    let e = next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, &ds.instances(refine_poi::data::Split::Test)[0], 12).unwrap_err();
+    assert!(format!("{e:#}").contains("budget"), "{e:#}");
+}
+
+/// Beam search over the next code: with as many beams as codes it ranks every POI exactly as
+/// scoring each code after the prompt does (at each level a log-softmax over the tokens that
+/// continue some code); a narrow beam gives that many distinct POIs with the same scores; a
+/// batch ranks as each prompt alone.
+#[test]
+fn beam_next_ranks_every_code_as_scoring_each_does() {
+    let s = Setup::new();
+    let cfg = s.cfg(&["prompt.ids=semantic", "prompt.times=true", "prompt.time_tokens=true", "prompt.categories=false"]);
+    let ds = Dataset::load(&cfg.data.dir).unwrap();
+    let cb = ds.codebook().unwrap();
+    let mut loaded = model::load(cfg.model.path.as_str()).unwrap();
+    loaded.model.attach_lora(&cfg.lora, 1).unwrap();
+    loaded.add_tokens(refine_poi::prompt::added_tokens(&cfg.prompt, Some(cb)).unwrap().unwrap(), 2).unwrap();
+    refine_poi::selfcheck::randomize_lora_b(&loaded, 3, 0.05).unwrap();
+    let trie = CodeTrie::new(cb, &loaded.tokenizer).unwrap();
+    let prompts: Vec<Vec<u32>> = ds.instances(refine_poi::data::Split::Val)[..2]
+        .iter()
+        .map(|inst| next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, inst, 120).unwrap())
+        .collect();
+    let all = ds.num_pois();
+    let ranked = rank_next_codes(&loaded.model, &trie, &prompts, all).unwrap();
+
+    let token = |level: usize, i: u16| loaded.tokenizer.token_id(&Codebook::token(level, usize::from(i))).unwrap();
+    for (prompt, got) in prompts.iter().zip(&ranked) {
+        // Every code scored alone: one forward over the prompt and the code.
+        let mut expected = std::collections::HashMap::new();
+        for (poi, code) in cb.codes.iter().enumerate() {
+            let ids: Vec<u32> = prompt.iter().copied().chain(code.iter().enumerate().map(|(l, &i)| token(l, i))).collect();
+            let input = Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let logits = loaded.model.forward(&input, None, None, Mode::INFERENCE).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+            let mut score = 0.0f64;
+            for level in 0..code.len() {
+                let row = &logits[prompt.len() - 1 + level];
+                let mut next: Vec<u16> = cb.codes.iter().filter(|c| c[..level] == code[..level]).map(|c| c[level]).collect();
+                next.sort_unstable();
+                next.dedup();
+                let log_sum = next.iter().map(|&i| f64::from(row[token(level, i) as usize]).exp()).sum::<f64>().ln();
+                score += f64::from(row[token(level, code[level]) as usize]) - log_sum;
+            }
+            expected.insert(poi as u32, score);
+        }
+        assert_eq!(got.len(), all);
+        let distinct: std::collections::HashSet<u32> = got.iter().map(|&(p, _)| p).collect();
+        assert_eq!(distinct.len(), all, "every POI once");
+        for w in got.windows(2) {
+            assert!(w[0].1 >= w[1].1, "best first");
+        }
+        for &(p, score) in got {
+            assert!((f64::from(score) - expected[&p]).abs() < 1e-3, "POI {p}: {score} by beam, {} alone", expected[&p]);
+        }
+        let total: f64 = expected.values().map(|s| s.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-3, "the code distribution sums to {total}");
+    }
+
+    // Three beams: three distinct POIs, scored as above; one prompt alone ranks as in the batch.
+    let narrow = rank_next_codes(&loaded.model, &trie, &prompts, 3).unwrap();
+    for (n, full) in narrow.iter().zip(&ranked) {
+        assert_eq!(n.len(), 3);
+        assert_eq!(n.iter().map(|&(p, _)| p).collect::<std::collections::HashSet<_>>().len(), 3);
+        for &(p, score) in n {
+            let (_, s) = full.iter().find(|&&(q, _)| q == p).unwrap();
+            assert!((score - s).abs() < 1e-4);
+        }
+    }
+    let alone = rank_next_codes(&loaded.model, &trie, &prompts[1..], all).unwrap();
+    for ((p, a), (q, b)) in alone[0].iter().zip(&ranked[1]) {
+        assert_eq!(p, q);
+        assert!((a - b).abs() < 1e-4);
     }
 }

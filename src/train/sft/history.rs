@@ -1,19 +1,24 @@
 //! Whole-history examples (`sft.examples = "histories"`): a user's train trajectories written as
 //! the prompt's trajectory lines, `- Mon 12:20: <a1><b0><c3>` (with ` (Bar)` when
 //! `prompt.categories` is on; `<Mon><12h><a1><b0><c3>` with `prompt.time_tokens`), a blank line
-//! between trajectories, where every check-in's POI
-//! name is a target. One forward pass scores every check-in of a window, so one epoch covers the
-//! whole train split; the list answer is taught afterwards (list SFT, GRPO).
+//! between trajectories, where every check-in's POI name is a target. One forward pass scores
+//! every check-in of a window, so one epoch covers the whole train split; the list answer is
+//! taught afterwards (list SFT, GRPO).
 //!
 //! A user's check-ins are cut into windows of at most `sft.history_tokens` tokens, each opening
 //! with the user's header line; a check-in's tokens never straddle two windows.
+//!
+//! The same form, cut before a target and ended with the target's line start, is the prompt of
+//! `eval --beam-next` ([`next_checkin_prompt`]): what the model writes next is the target's code.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use anyhow::{Result, ensure};
 
 use crate::answer::AnswerIds;
-use crate::data::{Checkin, Dataset, Split};
+use crate::data::codebook::Codebook;
+use crate::data::{Checkin, Dataset, Instance, Poi, Split};
 use crate::model::TextTokenizer;
 use crate::prompt::{PromptConfig, checkin_line_start, poi_name};
 use crate::train::ScoredSeq;
@@ -26,25 +31,15 @@ pub fn history_examples(ds: &Dataset, cfg: &PromptConfig, tokenizer: &TextTokeni
         by_user.entry(t.user).or_default().push(ds.trajectory_checkins(t));
     }
     let mut out = Vec::new();
-    for (user, mut trajectories) in by_user {
-        trajectories.sort_by_key(|t| t[0].utc);
-        let header = tokenizer.encode(&format!("Check-ins of user {user}, in local time.\n"), false)?;
+    for (user, trajectories) in by_user {
+        let header = tokenizer.encode(&header(user), false)?;
         let mut window = ScoredSeq { ids: header.clone(), targets: Vec::new() };
-        let starts = trajectories.iter().scan(0, |n, t| {
-            *n += t.len();
-            Some(*n - t.len())
-        });
-        let first_of_trajectory: std::collections::HashSet<usize> = starts.collect();
-        for (i, c) in trajectories.into_iter().flatten().enumerate() {
-            let (name, suffix) = poi_name(cfg, codebook, ds.pois(), c.poi)?;
-            let gap = if i > 0 && first_of_trajectory.contains(&i) { "\n" } else { "" };
-            let before = format!("{gap}{}", checkin_line_start(cfg, c.local_time(), false));
+        for (c, opens) in in_time_order(trajectories, i64::MAX) {
+            let (text, named) = checkin_line(cfg, codebook, ds.pois(), c, opens)?;
             // The line is encoded whole, as a prompt's line is (` POI 12` starts with the token
             // ` POI`, not with a space token and `POI`); the targets are the tokens that cover
             // any byte of the name.
-            let text = format!("{before}{name}{suffix}\n");
             let (ids, offsets) = tokenizer.encode_with_offsets(&text)?;
-            let named = before.len()..before.len() + name.len();
             ensure!(header.len() + ids.len() <= max_tokens, "sft.history_tokens = {max_tokens} cannot hold a header and one check-in line");
             if window.ids.len() + ids.len() > max_tokens {
                 out.push(std::mem::replace(&mut window, ScoredSeq { ids: header.clone(), targets: Vec::new() }));
@@ -61,4 +56,54 @@ pub fn history_examples(ds: &Dataset, cfg: &PromptConfig, tokenizer: &TextTokeni
     }
     ensure!(!out.is_empty(), "{} has no train check-ins", "the dataset");
     Ok(out)
+}
+
+/// The prompt of ranking `inst`'s target by what the model writes next: its user's header, as
+/// many of the user's latest check-ins before the target as fit in `max_tokens` (their
+/// trajectories of every split, lines encoded as in [`history_examples`]), then the target's
+/// line start (`<Sat><17h>`). Its continuation is the target's POI name.
+pub fn next_checkin_prompt(ds: &Dataset, cfg: &PromptConfig, tokenizer: &TextTokenizer, inst: &Instance, max_tokens: usize) -> Result<Vec<u32>> {
+    let codebook = AnswerIds::new(cfg.ids, ds.codebook())?.codebook();
+    let header = tokenizer.encode(&header(inst.user), false)?;
+    let start = tokenizer.encode(&checkin_line_start(cfg, inst.target.local_time(), false), false)?;
+    ensure!(header.len() + start.len() < max_tokens, "a budget of {max_tokens} tokens cannot hold a header and the target's time");
+    let trajectories = ds.trajectories().iter().filter(|t| t.user == inst.user).map(|t| ds.trajectory_checkins(t)).collect();
+    let checkins = in_time_order(trajectories, inst.target.utc);
+    ensure!(!checkins.is_empty(), "user {} has no check-in before instance {}'s target", inst.user, inst.id);
+    let mut lines: Vec<Vec<u32>> = Vec::new();
+    let mut room = max_tokens - header.len() - start.len();
+    for &(c, opens) in checkins.iter().rev() {
+        let ids = tokenizer.encode(&checkin_line(cfg, codebook, ds.pois(), c, opens)?.0, false)?;
+        if ids.len() > room {
+            break;
+        }
+        room -= ids.len();
+        lines.push(ids);
+    }
+    Ok(header.into_iter().chain(lines.into_iter().rev().flatten()).chain(start).collect())
+}
+
+/// The first line of every window and next-check-in prompt.
+fn header(user: u32) -> String {
+    format!("Check-ins of user {user}, in local time.\n")
+}
+
+/// The check-ins of `trajectories` before `before` (UTC seconds), in time order, each with
+/// whether it opens a trajectory other than the first.
+fn in_time_order(mut trajectories: Vec<&[Checkin]>, before: i64) -> Vec<(&Checkin, bool)> {
+    trajectories.sort_by_key(|t| t.first().map_or(i64::MAX, |c| c.utc));
+    trajectories
+        .into_iter()
+        .enumerate()
+        .flat_map(|(n, t)| t.iter().take_while(move |c| c.utc < before).enumerate().map(move |(i, c)| (c, n > 0 && i == 0)))
+        .collect()
+}
+
+/// A check-in's line (after a blank line when it `opens` a trajectory) and the byte range of
+/// its POI's name in it.
+fn checkin_line(cfg: &PromptConfig, codebook: Option<&Codebook>, pois: &[Poi], c: &Checkin, opens: bool) -> Result<(String, Range<usize>)> {
+    let (name, suffix) = poi_name(cfg, codebook, pois, c.poi)?;
+    let before = format!("{}{}", if opens { "\n" } else { "" }, checkin_line_start(cfg, c.local_time(), false));
+    let named = before.len()..before.len() + name.len();
+    Ok((format!("{before}{name}{suffix}\n"), named))
 }
