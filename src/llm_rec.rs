@@ -14,6 +14,7 @@ use crate::eval::{Prediction, Recommender};
 use crate::generate::{SamplingConfig, generate_constrained};
 use crate::model::{LoadedModel, Mode};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
+use crate::prompt_stats::{InPrompt, answer_in_history_prompt, answer_in_prompt};
 use crate::retrieval::TrainStats;
 use crate::train::sft::history::next_checkin_prompt;
 
@@ -100,10 +101,7 @@ impl LlmRecommender {
         }
         let trie = self.trie.get().expect("set above");
         anyhow::ensure!(trie.num_codes() == ds.num_pois(), "the code trie was built for another dataset");
-        let budget = match self.prompt.max_prompt_tokens {
-            0 => self.loaded.model.config.max_position_embeddings - codebook.levels(),
-            n => n,
-        };
+        let budget = self.next_checkin_budget(codebook);
         let prompts = batch.iter().map(|inst| next_checkin_prompt(ds, &self.prompt, &self.loaded.tokenizer, inst, budget)).collect::<Result<Vec<_>>>()?;
         let ranked = rank_next_codes(&self.loaded.model, trie, &prompts, beams)?;
         prompts
@@ -119,6 +117,26 @@ impl LlmRecommender {
                 Ok((ids, detail))
             })
             .collect()
+    }
+
+    /// The token budget of a next-check-in prompt: max_prompt_tokens, or with none the model's
+    /// positions less a code's.
+    fn next_checkin_budget(&self, codebook: &Codebook) -> usize {
+        match self.prompt.max_prompt_tokens {
+            0 => self.loaded.model.config.max_position_embeddings - codebook.levels(),
+            n => n,
+        }
+    }
+
+    /// Answer-in-prompt on the prompts this recommender writes: the list prompt's sections, or
+    /// with `--beam-next` whether the check-ins shown include the target.
+    pub fn answer_in_prompt(&self, ds: &Dataset, split: crate::data::Split, limit: Option<usize>) -> Result<InPrompt> {
+        match (self.beam_next, ds.codebook()) {
+            (Some(_), Some(cb)) => {
+                answer_in_history_prompt(ds, split, &self.prompt, &self.loaded.tokenizer, self.next_checkin_budget(cb), limit)
+            }
+            _ => answer_in_prompt(ds, split, &PromptBuilder::new(self.prompt.clone(), &self.loaded.tokenizer)?, limit),
+        }
     }
 
     fn grammar(&self, num_pois: usize, codebook: Option<&Codebook>) -> Result<Option<&AnswerConstraint>> {

@@ -8,9 +8,13 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::answer::AnswerIds;
-use crate::data::{Dataset, Split};
+use crate::data::{Dataset, Instance, Split};
 use crate::eval::sample;
-use crate::prompt::{NEARBY_HEADER_START, PromptBuilder, PromptContext, SIMILAR_HEADER, TRANSITIONS_HEADER, candidate_stats, poi_name};
+use crate::model::TextTokenizer;
+use crate::prompt::{
+    NEARBY_HEADER_START, PromptBuilder, PromptConfig, PromptContext, SIMILAR_HEADER, TRANSITIONS_HEADER, candidate_stats, poi_name,
+};
+use crate::train::sft::history::next_checkin_prompt;
 
 /// The sections of a prompt's user message, named by their headers (see `src/prompt.rs`).
 const SECTIONS: [(&str, &str); 7] = [
@@ -74,17 +78,52 @@ pub struct InPrompt {
 /// Builds the prompt of every instance of `split` (a fixed sample with `limit`, as `eval`
 /// takes) and counts where its target appears.
 pub fn answer_in_prompt(ds: &Dataset, split: Split, prompts: &PromptBuilder, limit: Option<usize>) -> Result<InPrompt> {
-    let instances = sample(ds.instances(split), limit);
     let stats = candidate_stats(prompts.config(), ds);
-    let mut counts: BTreeMap<String, (u64, u64, BTreeMap<String, u64>)> = BTreeMap::new();
-    let mut tokens = 0usize;
     let codebook = AnswerIds::new(prompts.config().ids, ds.codebook())?.codebook();
-    for inst in &instances {
+    count_in_prompt(ds, split, limit, |inst| {
         let built = prompts.build(&PromptContext::from_instance_with(ds, inst, stats.as_ref()))?;
-        tokens += built.ids.len();
         let user: String = built.messages.iter().filter(|m| m.role == "user").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
         let (name, _) = poi_name(prompts.config(), codebook, ds.pois(), inst.target.poi)?;
-        let sections = sections_naming(&user, &name);
+        Ok((built.ids.len(), sections_naming(&user, &name)))
+    })
+}
+
+/// Answer-in-prompt of `eval --beam-next`'s prompts (the whole-history form within `budget`
+/// tokens): whether the check-ins shown include the target, as section `history`.
+pub fn answer_in_history_prompt(
+    ds: &Dataset,
+    split: Split,
+    cfg: &PromptConfig,
+    tokenizer: &TextTokenizer,
+    budget: usize,
+    limit: Option<usize>,
+) -> Result<InPrompt> {
+    let codebook = AnswerIds::new(cfg.ids, ds.codebook())?.codebook();
+    count_in_prompt(ds, split, limit, |inst| {
+        let ids = next_checkin_prompt(ds, cfg, tokenizer, inst, budget)?;
+        let (name, _) = poi_name(cfg, codebook, ds.pois(), inst.target.poi)?;
+        let named = names_poi(&tokenizer.decode(&ids, false)?, &name);
+        Ok((ids.len(), if named { vec![HISTORY] } else { Vec::new() }))
+    })
+}
+
+/// The section of a whole-history prompt.
+const HISTORY: &str = "history";
+
+/// Counts, over the instances of `split` (`limit`: eval's fixed sample), the sections that
+/// `prompt` says name each target, and its prompts' mean length.
+fn count_in_prompt(
+    ds: &Dataset,
+    split: Split,
+    limit: Option<usize>,
+    mut prompt: impl FnMut(&Instance) -> Result<(usize, Vec<&'static str>)>,
+) -> Result<InPrompt> {
+    let instances = sample(ds.instances(split), limit);
+    let mut counts: BTreeMap<String, (u64, u64, BTreeMap<String, u64>)> = BTreeMap::new();
+    let mut tokens = 0usize;
+    for inst in &instances {
+        let (len, sections) = prompt(inst)?;
+        tokens += len;
         let group = if inst.is_return { "return" } else { "discovery" };
         for g in ["all", group] {
             let c = counts.entry(g.to_string()).or_default();
@@ -116,7 +155,8 @@ pub fn format_in_prompt(r: &InPrompt) -> String {
         r.split, r.instances, r.mean_prompt_tokens
     );
     s.push_str(&format!("{:<10} {:>6} {:>9}", "group", "n", "anywhere"));
-    let columns: Vec<&str> = SECTIONS.iter().map(|(_, n)| *n).chain([CANDIDATES]).collect();
+    let history = r.groups.values().any(|g| g.by_section.contains_key(HISTORY));
+    let columns: Vec<&str> = SECTIONS.iter().map(|(_, n)| *n).chain([CANDIDATES]).chain(history.then_some(HISTORY)).collect();
     for name in &columns {
         s.push_str(&format!(" {name:>16}"));
     }

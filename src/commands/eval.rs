@@ -243,10 +243,7 @@ pub fn run(args: Args) -> Result<()> {
     // its prompt, on the same instances (no model run: seconds).
     let t_prompts = Instant::now();
     let in_prompt = match &llm {
-        Some(l) => {
-            let prompts = crate::prompt::PromptBuilder::new(l.prompt.clone(), &l.loaded.tokenizer)?;
-            Some(crate::prompt_stats::answer_in_prompt(&ds, split, &prompts, args.limit)?)
-        }
+        Some(l) => Some(l.answer_in_prompt(&ds, split, args.limit)?),
         None => None,
     };
     let in_prompt_s = t_prompts.elapsed().as_secs_f64();

@@ -369,6 +369,10 @@ fn time_tokens_write_each_checkin_as_two_tokens_and_its_code() {
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!((r["instances"].as_u64(), r["invalid"].as_u64()), (Some(3), Some(0)), "{r}");
     assert!(r["method"].as_str().unwrap().ends_with("+beam-next5"), "{r}");
+    // Answer-in-prompt counts the beam's own prompts: the check-ins shown.
+    let in_prompt = &r["answer_in_prompt"]["groups"]["all"];
+    assert_eq!(in_prompt["n"], 3, "{r}");
+    assert!(in_prompt["by_section"].as_object().unwrap().keys().all(|k| k == "history"), "{r}");
     for line in std::fs::read_to_string(&preds).unwrap().lines() {
         let p: serde_json::Value = serde_json::from_str(line).unwrap();
         let ranked: Vec<u64> = p["ranked"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
