@@ -163,6 +163,8 @@ pub fn run(args: Args) -> Result<()> {
     let query = |ctx: &PromptContext| Query { user, history: &history, target_utc: target, target_local: ctx.target_local };
     let (ids, k, answer) = match args.method {
         RecommendMethod::Llm => {
+            // The next-check-in prompt is built from a dataset instance's trajectories.
+            ensure!(args.llm.beam_next.is_none(), "recommend does not rank by --beam-next: use eval --beam-next on a split");
             let rec = args.llm.recommender(1)?;
             let stats = candidate_stats(&rec.prompt, &ds);
             let mut ctx = PromptContext::from_checkins(ds.pois(), label, &history, target, tz, gap_hours)?;

@@ -125,6 +125,7 @@ fn recommend_errors_are_clear() {
     let user = users.lines().nth(1).unwrap().split(',').nth(1).unwrap().to_string();
     let err = error_line(&run(&["recommend", "--user", &user]));
     assert!(err.contains("no valid POI id"), "{err}");
+    assert!(error_line(&run(&["recommend", "--user", &user, "--beam-next", "10"])).contains("--beam-next"));
 }
 
 #[test]
