@@ -2,9 +2,12 @@
 # Semantic POI ids on NYC, in the background (hours on a 2-core CPU): whole-history SFT on codes
 # (every train check-in of every user is a target), then a short list SFT on the semantic prompt
 # from it, then greedy constrained evaluation on the fixed val sample (choices are made on val; test is for
-# the final table). Everything lands under $OUT (default runs/nyc-semantic/).
+# the final table), and the history stage's adapter ranking by beam search over the next code
+# (`eval --beam-next`), each against counter-hour on the same instances. Everything lands under
+# $OUT (default runs/nyc-semantic/).
 #   HIST_STEPS  optimizer steps of the history stage, 4 windows each (0 = one epoch)
-#   LIST_STEPS  steps of the list SFT (4 prompts each), LIMIT  val instances evaluated
+#   LIST_STEPS  steps of the list SFT (4 prompts each), LIMIT  val instances evaluated,
+#   BEAMS       beams of the next-code ranking (at least prompt.k)
 #   TIME_TOKENS=1  check-in times as weekday and hour tokens (prompt.time_tokens): 2.3x fewer
 #               history tokens on NYC (528k against 1.22M an epoch)
 #   RESUME=1    continue both stages from their last checkpoints
@@ -31,3 +34,7 @@ $bin eval --data $out/data --split val --method counter-hour --limit "$limit" --
   --out $out/eval/counter-hour-val-$limit.json --predictions $out/eval/counter-hour-val-$limit.jsonl
 $bin eval --compare $out/list/sft/eval/val-$limit.jsonl $out/eval/counter-hour-val-$limit.jsonl \
   --out $out/eval/semantic-vs-counter-hour-val-$limit.json
+$bin eval --run $out/history/sft --split val --limit "$limit" --beam-next "${BEAMS:-20}" --quiet \
+  --out $out/history/sft/eval/val-$limit-beam.json --predictions $out/history/sft/eval/val-$limit-beam.jsonl
+$bin eval --compare $out/history/sft/eval/val-$limit-beam.jsonl $out/eval/counter-hour-val-$limit.jsonl \
+  --out $out/eval/beam-vs-counter-hour-val-$limit.json
