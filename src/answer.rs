@@ -31,10 +31,9 @@ use std::collections::HashSet;
 use std::borrow::Cow;
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::codebook::Codebook;
-use crate::prompt::PoiIds;
 
 pub const THINK_OPEN: &str = "<think>";
 pub const THINK_CLOSE: &str = "</think>";
@@ -75,6 +74,17 @@ impl ParsedAnswer {
     pub fn rank_of(&self, target: u32) -> Option<usize> {
         self.ids.iter().position(|&id| id == target).map(|i| i + 1)
     }
+}
+
+/// How prompts and answers name POIs (`[prompt] ids`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PoiIds {
+    /// Dense ids in digits.
+    #[default]
+    Raw,
+    /// Codes of new vocabulary tokens from the dataset's codebook.
+    Semantic,
 }
 
 /// How answers name POIs: dense ids, or a codebook's semantic codes, which are read back as

@@ -38,7 +38,9 @@ impl CodeTrie {
                 (0..size)
                     .map(|i| {
                         let name = Codebook::token(level, i);
-                        tokenizer.token_id(&name).with_context(|| format!("the tokenizer has no token {name}: load the adapter that adds the codebook's tokens"))
+                        tokenizer
+                            .token_id(&name)
+                            .with_context(|| format!("the tokenizer has no token {name}: load the adapter that adds the codebook's tokens"))
                     })
                     .collect::<Result<Vec<u32>>>()
             })

@@ -13,6 +13,7 @@ pub mod dist;
 pub mod eval;
 pub mod fsutil;
 pub mod generate;
+pub mod history_prompt;
 pub mod llm_rec;
 pub mod lock;
 pub mod metrics;

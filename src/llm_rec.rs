@@ -12,11 +12,11 @@ use crate::data::codebook::Codebook;
 use crate::data::{Dataset, Instance};
 use crate::eval::{Prediction, Recommender};
 use crate::generate::{SamplingConfig, generate_constrained};
+use crate::history_prompt::next_checkin_prompt;
 use crate::model::{LoadedModel, Mode};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::prompt_stats::{InPrompt, answer_in_history_prompt, answer_in_prompt};
 use crate::retrieval::TrainStats;
-use crate::train::sft::history::next_checkin_prompt;
 
 pub struct LlmRecommender {
     pub loaded: LoadedModel,
@@ -68,7 +68,7 @@ impl LlmRecommender {
     /// least k. Needs semantic ids; the list is always k distinct valid POIs.
     pub fn beam_next(mut self, beams: Option<usize>) -> Result<Self> {
         if let Some(b) = beams {
-            anyhow::ensure!(self.prompt.ids == crate::prompt::PoiIds::Semantic, "--beam-next ranks codes: it needs semantic ids");
+            anyhow::ensure!(self.prompt.ids == crate::answer::PoiIds::Semantic, "--beam-next ranks codes: it needs semantic ids");
             anyhow::ensure!(b >= self.prompt.k, "--beam-next {b} keeps fewer codes than the k = {} the list needs", self.prompt.k);
             anyhow::ensure!(!self.constrained, "--beam-next and --constrained are two ways of decoding: choose one");
         }
@@ -102,7 +102,10 @@ impl LlmRecommender {
         let trie = self.trie.get().expect("set above");
         anyhow::ensure!(trie.num_codes() == ds.num_pois(), "the code trie was built for another dataset");
         let budget = self.next_checkin_budget(codebook);
-        let prompts = batch.iter().map(|inst| next_checkin_prompt(ds, &self.prompt, &self.loaded.tokenizer, inst, budget)).collect::<Result<Vec<_>>>()?;
+        let prompts = batch
+            .iter()
+            .map(|inst| next_checkin_prompt(ds, &self.prompt, &self.loaded.tokenizer, inst, budget))
+            .collect::<Result<Vec<_>>>()?;
         let ranked = rank_next_codes(&self.loaded.model, trie, &prompts, beams)?;
         prompts
             .iter()

@@ -29,7 +29,7 @@ use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
 
 pub use crate::answer::format_answer;
-use crate::answer::{ANSWER_CLOSE, ANSWER_OPEN, AnswerIds, THINK_CLOSE, THINK_OPEN};
+use crate::answer::{ANSWER_CLOSE, ANSWER_OPEN, AnswerIds, PoiIds, THINK_CLOSE, THINK_OPEN};
 use crate::data::codebook::Codebook;
 use crate::data::{Checkin, Dataset, Instance, Poi};
 use crate::model::{ChatMessage, TextTokenizer};
@@ -83,17 +83,6 @@ pub struct PromptConfig {
     /// where the text form takes 14 (trajectory) or 24 (earlier). Dates and minutes are left
     /// out. Needs `ids = "semantic"` and `times`; the tokens train with the adapter.
     pub time_tokens: bool,
-}
-
-/// How prompts and answers name POIs (`[prompt] ids`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum PoiIds {
-    /// Dense ids in digits.
-    #[default]
-    Raw,
-    /// Codes of new vocabulary tokens from the dataset's codebook.
-    Semantic,
 }
 
 impl Default for PromptConfig {

@@ -10,11 +10,11 @@ use serde::Serialize;
 use crate::answer::AnswerIds;
 use crate::data::{Dataset, Instance, Split};
 use crate::eval::sample;
+use crate::history_prompt::next_checkin_prompt;
 use crate::model::TextTokenizer;
 use crate::prompt::{
     NEARBY_HEADER_START, PromptBuilder, PromptConfig, PromptContext, SIMILAR_HEADER, TRANSITIONS_HEADER, candidate_stats, poi_name,
 };
-use crate::train::sft::history::next_checkin_prompt;
 
 /// The sections of a prompt's user message, named by their headers (see `src/prompt.rs`).
 const SECTIONS: [(&str, &str); 7] = [

@@ -5,11 +5,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
+use crate::answer::PoiIds;
 use crate::baselines::Baseline;
 use crate::data::{Dataset, Split};
 use crate::eval::{EvalOptions, Recommender, evaluate, format_table, write_predictions};
 use crate::llm_rec::LlmRecommender;
-use crate::prompt::{PoiIds, PromptConfig};
+use crate::prompt::PromptConfig;
 
 /// A baseline or the language model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -154,7 +154,7 @@ impl RunConfig {
             !(self.grpo.constrained && self.prompt.reasoning),
             "grpo.constrained needs prompt.reasoning = false: the answer grammar has no <think> part"
         );
-        let semantic = self.prompt.ids == crate::prompt::PoiIds::Semantic;
+        let semantic = self.prompt.ids == crate::answer::PoiIds::Semantic;
         ensure!(
             !(semantic && self.grpo.reference == super::grpo::config::ReferencePolicy::Base),
             "grpo.reference = \"base\" has no rows for the semantic ids' tokens: use \"init\""

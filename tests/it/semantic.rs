@@ -6,13 +6,14 @@
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
+use refine_poi::beam::{CodeTrie, rank_next_codes};
 use refine_poi::data::Dataset;
 use refine_poi::data::codebook::Codebook;
+use refine_poi::history_prompt::next_checkin_prompt;
 use refine_poi::model::peft::{ADDED_TOKENS_FILE, TRAINABLE_TOKENS_KEY};
 use refine_poi::model::{self, Mode};
 use refine_poi::train::config::RunConfig;
-use refine_poi::beam::{CodeTrie, rank_next_codes};
-use refine_poi::train::sft::history::{history_examples, next_checkin_prompt};
+use refine_poi::train::sft::history::history_examples;
 use refine_poi::train::{RunOptions, ScoredSeq, grpo, scored_logprobs, sft};
 
 use crate::common::{Setup, adapter_f32, adapter_tensors, bin, error_line, quiet, text};
@@ -332,16 +333,16 @@ fn time_tokens_write_each_checkin_as_two_tokens_and_its_code() {
     assert!(e.contains("time_tokens"), "{e}");
 
     // A whole-history warm-up with time tokens: its adapter adds codes then times, and evaluates.
-    let run = s.cfg(&[&on[..], &["sft.examples=histories", "data.train_instances=0", "sft.history_tokens=160", "sft.max_steps=1"]].concat());
+    let run =
+        s.cfg(&[&on[..], &["sft.examples=histories", "data.train_instances=0", "sft.history_tokens=160", "sft.max_steps=1"]].concat());
     let done = sft::run(&run, &quiet()).unwrap();
     let fin = done.stage.dir.join("final");
-    let added: Vec<String> = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
-        &std::fs::read_to_string(fin.join(ADDED_TOKENS_FILE)).unwrap(),
-    )
-    .unwrap()
-    .keys()
-    .cloned()
-    .collect();
+    let added: Vec<String> =
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&std::fs::read_to_string(fin.join(ADDED_TOKENS_FILE)).unwrap())
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
     assert_eq!(added.len(), names.len());
     let report = s.tmp.path().join("eval.json");
     let out = bin()

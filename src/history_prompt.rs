@@ -1,0 +1,79 @@
+//! The whole-history form: a user's check-ins as lines, `- Mon 12:20: <a1><b0><c3>` (with
+//! ` (Bar)` when `prompt.categories` is on; `<Mon><12h><a1><b0><c3>` with `prompt.time_tokens`),
+//! a blank line between trajectories, after a header naming the user. Whole-history SFT
+//! ([`crate::train::sft::history`]) trains on windows of it; `eval --beam-next` prompts with it,
+//! cut before the target and ended with the target's line start, so that what the model writes
+//! next is the target's POI name ([`next_checkin_prompt`]).
+
+use std::ops::Range;
+
+use anyhow::{Result, ensure};
+
+use crate::answer::AnswerIds;
+use crate::data::codebook::Codebook;
+use crate::data::{Checkin, Dataset, Instance, Poi};
+use crate::model::TextTokenizer;
+use crate::prompt::{PromptConfig, checkin_line_start, poi_name};
+
+/// The prompt of ranking `inst`'s target by what the model writes next: its user's header, as
+/// many of the user's latest check-ins before the target as fit in `max_tokens` (their
+/// trajectories of every split, each line encoded alone, as whole-history windows encode
+/// them), then the target's line start (`<Sat><17h>`). Its continuation is the target's POI
+/// name.
+pub fn next_checkin_prompt(
+    ds: &Dataset,
+    cfg: &PromptConfig,
+    tokenizer: &TextTokenizer,
+    inst: &Instance,
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
+    let codebook = AnswerIds::new(cfg.ids, ds.codebook())?.codebook();
+    let header = tokenizer.encode(&header(inst.user), false)?;
+    let start = tokenizer.encode(&checkin_line_start(cfg, inst.target.local_time(), false), false)?;
+    ensure!(header.len() + start.len() < max_tokens, "a budget of {max_tokens} tokens cannot hold a header and the target's time");
+    let trajectories = ds.trajectories().iter().filter(|t| t.user == inst.user).map(|t| ds.trajectory_checkins(t)).collect();
+    let checkins = in_time_order(trajectories, inst.target.utc);
+    ensure!(!checkins.is_empty(), "user {} has no check-in before instance {}'s target", inst.user, inst.id);
+    let mut lines: Vec<Vec<u32>> = Vec::new();
+    let mut room = max_tokens - header.len() - start.len();
+    for &(c, opens) in checkins.iter().rev() {
+        let ids = tokenizer.encode(&checkin_line(cfg, codebook, ds.pois(), c, opens)?.0, false)?;
+        if ids.len() > room {
+            break;
+        }
+        room -= ids.len();
+        lines.push(ids);
+    }
+    Ok(header.into_iter().chain(lines.into_iter().rev().flatten()).chain(start).collect())
+}
+
+/// The first line of every whole-history window and next-check-in prompt.
+pub fn header(user: u32) -> String {
+    format!("Check-ins of user {user}, in local time.\n")
+}
+
+/// The check-ins of `trajectories` before `before` (UTC seconds), in time order, each with
+/// whether it opens a trajectory other than the first.
+pub fn in_time_order(mut trajectories: Vec<&[Checkin]>, before: i64) -> Vec<(&Checkin, bool)> {
+    trajectories.sort_by_key(|t| t.first().map_or(i64::MAX, |c| c.utc));
+    trajectories
+        .into_iter()
+        .enumerate()
+        .flat_map(|(n, t)| t.iter().take_while(move |c| c.utc < before).enumerate().map(move |(i, c)| (c, n > 0 && i == 0)))
+        .collect()
+}
+
+/// A check-in's line (after a blank line when it `opens` a trajectory) and the byte range of
+/// its POI's name in it.
+pub fn checkin_line(
+    cfg: &PromptConfig,
+    codebook: Option<&Codebook>,
+    pois: &[Poi],
+    c: &Checkin,
+    opens: bool,
+) -> Result<(String, Range<usize>)> {
+    let (name, suffix) = poi_name(cfg, codebook, pois, c.poi)?;
+    let before = format!("{}{}", if opens { "\n" } else { "" }, checkin_line_start(cfg, c.local_time(), false));
+    let named = before.len()..before.len() + name.len();
+    Ok((format!("{before}{name}{suffix}\n"), named))
+}
