@@ -1,6 +1,8 @@
 //! A language model as a recommender: prompt each instance, decode greedily until
-//! `</answer>`, parse the list. The eval harness ranks and scores its lists exactly like the
-//! baselines' scores; this module only turns instances into answers.
+//! `</answer>`, parse the list; or, with `--beam-next`, prompt with the user's check-ins in the
+//! whole-history form and rank the POIs whose codes the model would write next
+//! ([`crate::beam`]). The eval harness ranks and scores its lists exactly like the baselines'
+//! scores; this module only turns instances into answers.
 
 use anyhow::{Context, Result};
 use serde_json::json;
