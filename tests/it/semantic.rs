@@ -170,8 +170,7 @@ fn grpo_and_eval_read_answers_in_codes() {
         cmd.output().unwrap()
     };
     let out = eval(Some(&fin_s));
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r = report_of(&out, &report);
     assert_eq!(r["instances"], 3, "{r}");
     assert!(r["invalid"].as_u64().is_some(), "{r}");
     // Constrained to the codebook: every answer is k distinct codes of the dataset's POIs.
@@ -185,8 +184,7 @@ fn grpo_and_eval_read_answers_in_codes() {
         .arg(&preds)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r = report_of(&out, &report);
     assert_eq!(r["invalid"], 0, "{r}");
     for line in std::fs::read_to_string(&preds).unwrap().lines() {
         let p: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -352,8 +350,7 @@ fn time_tokens_write_each_checkin_as_two_tokens_and_its_code() {
         .arg(&report)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r = report_of(&out, &report);
     assert_eq!((r["instances"].as_u64(), r["invalid"].as_u64()), (Some(3), Some(0)), "{r}");
     // Ranked by beam search over the next code instead: k distinct POIs for every instance.
     let preds = s.tmp.path().join("beam.jsonl");
@@ -366,8 +363,7 @@ fn time_tokens_write_each_checkin_as_two_tokens_and_its_code() {
         .arg(&preds)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r = report_of(&out, &report);
     assert_eq!((r["instances"].as_u64(), r["invalid"].as_u64()), (Some(3), Some(0)), "{r}");
     assert!(r["method"].as_str().unwrap().ends_with("+beam-next5"), "{r}");
     // Answer-in-prompt counts the beam's own prompts: the check-ins shown.
@@ -528,4 +524,10 @@ fn beam_next_ranks_every_code_as_scoring_each_does() {
         assert_eq!(p, q);
         assert!((a - b).abs() < 1e-4);
     }
+}
+
+/// The JSON report of an `eval` run that had to succeed.
+fn report_of(out: &std::process::Output, report: &Path) -> serde_json::Value {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
 }
