@@ -490,6 +490,15 @@ pub(crate) mod kernels {
         if y > -126.0 { r } else { 0.0 }
     }
 
+    /// The logistic function 1 / (1 + e^-x) through [`exp`] of -|x| (which is at most 1, so
+    /// it never overflows), branch-free so it vectorises where `f32::exp` is a scalar libm call.
+    #[inline(always)]
+    pub fn sigmoid(x: f32) -> f32 {
+        let e = exp(-x.abs());
+        let r = 1.0 / (1.0 + e);
+        if x >= 0.0 { r } else { e * r }
+    }
+
     /// o = sum_j p[j] * v_j / norm, where row j of v starts at `base + j * stride`.
     pub fn weighted_sum(p: &[f32], norm: f32, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
