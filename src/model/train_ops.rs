@@ -273,42 +273,45 @@ struct SwiGlu;
 /// Elements per parallel task of the elementwise passes.
 const SWIGLU_CHUNK: usize = 1 << 14;
 
-/// An element type of the SwiGLU passes: the chunk loops, which f32 runs vectorised.
-trait SwiGluElem: Copy + Default + Send + Sync {
+/// An element type of the SwiGLU passes, with its sigmoid. Each chunk loop is written once
+/// ([`swiglu_chunk_fwd`], [`swiglu_chunk_bwd`]); f32 also builds them for AVX2 + FMA.
+trait SwiGluElem: num_traits::Float + Default + Send + Sync {
+    fn sigmoid(x: Self) -> Self;
+
     /// out = silu(g) · u over one chunk.
-    fn forward(g: &[Self], u: &[Self], out: &mut [Self]);
+    fn forward(g: &[Self], u: &[Self], out: &mut [Self]) {
+        swiglu_chunk_fwd(g, u, out)
+    }
+
     /// du = dy · silu(g), dg = dy · u · σ(g) · (1 + g (1 − σ(g))) over one chunk.
-    fn backward(g: &[Self], u: &[Self], dy: &[Self], dg: &mut [Self], du: &mut [Self]);
+    fn backward(g: &[Self], u: &[Self], dy: &[Self], dg: &mut [Self], du: &mut [Self]) {
+        swiglu_chunk_bwd(g, u, dy, dg, du)
+    }
 }
 
 impl SwiGluElem for f64 {
-    fn forward(g: &[f64], u: &[f64], out: &mut [f64]) {
-        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
-    }
-
-    fn backward(g: &[f64], u: &[f64], dy: &[f64], dg: &mut [f64], du: &mut [f64]) {
-        for i in 0..g.len() {
-            let s = 1.0 / (1.0 + (-g[i]).exp());
-            du[i] = dy[i] * g[i] * s;
-            dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-        }
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
     }
 }
 
-/// f32 runs one body per instruction set, picked at run time: the sigmoid is
-/// [`kernels::sigmoid`], so each loop compiles to vector code for the features it is built with.
+/// f32's sigmoid is [`kernels::sigmoid`] (`f32::exp` is a scalar libm call), so the chunk loops
+/// vectorise; the AVX2 + FMA build is picked at run time.
 impl SwiGluElem for f32 {
+    #[inline(always)]
+    fn sigmoid(x: f32) -> f32 {
+        kernels::sigmoid(x)
+    }
+
     fn forward(g: &[f32], u: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the features were just detected.
-                return unsafe { swiglu_f32::forward_avx2(g, u, out) };
+                return unsafe { swiglu_avx2::forward(g, u, out) };
             }
         }
-        swiglu_f32::forward(g, u, out)
+        swiglu_chunk_fwd(g, u, out)
     }
 
     fn backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
@@ -316,45 +319,44 @@ impl SwiGluElem for f32 {
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the features were just detected.
-                return unsafe { swiglu_f32::backward_avx2(g, u, dy, dg, du) };
+                return unsafe { swiglu_avx2::backward(g, u, dy, dg, du) };
             }
         }
-        swiglu_f32::backward(g, u, dy, dg, du)
+        swiglu_chunk_bwd(g, u, dy, dg, du)
     }
 }
 
-/// The f32 SwiGLU loops: the portable bodies, and the same bodies built for AVX2 + FMA.
-mod swiglu_f32 {
-    use super::kernels::sigmoid;
-
-    #[inline(always)]
-    pub fn forward(g: &[f32], u: &[f32], out: &mut [f32]) {
-        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            *o = g * sigmoid(g) * u;
-        }
+#[inline(always)]
+fn swiglu_chunk_fwd<T: SwiGluElem>(g: &[T], u: &[T], out: &mut [T]) {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = g * T::sigmoid(g) * u;
     }
+}
 
-    #[inline(always)]
-    pub fn backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
-        let n = g.len();
-        let (u, dy, dg, du) = (&u[..n], &dy[..n], &mut dg[..n], &mut du[..n]);
-        for i in 0..n {
-            let s = sigmoid(g[i]);
-            du[i] = dy[i] * g[i] * s;
-            dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-        }
+#[inline(always)]
+fn swiglu_chunk_bwd<T: SwiGluElem>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
+    let n = g.len();
+    let (u, dy, dg, du) = (&u[..n], &dy[..n], &mut dg[..n], &mut du[..n]);
+    for i in 0..n {
+        let s = T::sigmoid(g[i]);
+        du[i] = dy[i] * g[i] * s;
+        dg[i] = dy[i] * u[i] * s * (T::one() + g[i] * (T::one() - s));
     }
+}
 
-    #[cfg(target_arch = "x86_64")]
+/// The f32 chunk loops built for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+mod swiglu_avx2 {
+    use super::{swiglu_chunk_bwd, swiglu_chunk_fwd};
+
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn forward_avx2(g: &[f32], u: &[f32], out: &mut [f32]) {
-        forward(g, u, out)
+    pub unsafe fn forward(g: &[f32], u: &[f32], out: &mut [f32]) {
+        swiglu_chunk_fwd(g, u, out)
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn backward_avx2(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
-        backward(g, u, dy, dg, du)
+    pub unsafe fn backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        swiglu_chunk_bwd(g, u, dy, dg, du)
     }
 }
 
@@ -583,13 +585,13 @@ mod tests {
         let u: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 997) as f32 / 997.0 - 0.5).collect();
         let dy: Vec<f32> = (0..n).map(|i| ((i * 31) % 101) as f32 / 101.0 - 0.5).collect();
         let (mut out, mut dg, mut du) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        swiglu_f32::forward(&g, &u, &mut out);
-        swiglu_f32::backward(&g, &u, &dy, &mut dg, &mut du);
+        swiglu_chunk_fwd(&g, &u, &mut out);
+        swiglu_chunk_bwd(&g, &u, &dy, &mut dg, &mut du);
         let (g64, u64, dy64): (Vec<f64>, Vec<f64>, Vec<f64>) =
             (g.iter().map(|&x| x.into()).collect(), u.iter().map(|&x| x.into()).collect(), dy.iter().map(|&x| x.into()).collect());
         let (mut out64, mut dg64, mut du64) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
-        <f64 as SwiGluElem>::forward(&g64, &u64, &mut out64);
-        <f64 as SwiGluElem>::backward(&g64, &u64, &dy64, &mut dg64, &mut du64);
+        swiglu_chunk_fwd(&g64, &u64, &mut out64);
+        swiglu_chunk_bwd(&g64, &u64, &dy64, &mut dg64, &mut du64);
         for (got, want) in [(&out, &out64), (&dg, &dg64), (&du, &du64)] {
             for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
                 assert!((f64::from(a) - b).abs() <= 1e-6 * b.abs().max(1.0), "element {i} (g = {}): {a} against {b}", g[i]);
@@ -600,8 +602,8 @@ mod tests {
             let (mut out2, mut dg2, mut du2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
             // SAFETY: the features were just detected.
             unsafe {
-                swiglu_f32::forward_avx2(&g, &u, &mut out2);
-                swiglu_f32::backward_avx2(&g, &u, &dy, &mut dg2, &mut du2);
+                swiglu_avx2::forward(&g, &u, &mut out2);
+                swiglu_avx2::backward(&g, &u, &dy, &mut dg2, &mut du2);
             }
             assert_eq!((out, dg, du), (out2, dg2, du2), "the AVX2 build differs from the portable one");
         }
