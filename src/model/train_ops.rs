@@ -275,7 +275,7 @@ const SWIGLU_CHUNK: usize = 1 << 14;
 
 /// An element type of the SwiGLU passes, with its sigmoid. Each chunk loop is written once
 /// ([`swiglu_chunk_fwd`], [`swiglu_chunk_bwd`]); f32 also builds them for AVX2 + FMA.
-trait SwiGluElem: num_traits::Float + Default + Send + Sync {
+trait SwiGluElem: num_traits::Float + Send + Sync {
     fn sigmoid(x: Self) -> Self;
 
     /// out = silu(g) · u over one chunk.
@@ -362,7 +362,7 @@ mod swiglu_avx2 {
 
 fn swiglu_fwd<T: SwiGluElem>(g: &[T], u: &[T]) -> Vec<T> {
     use rayon::prelude::*;
-    let mut out = vec![T::default(); g.len()];
+    let mut out = vec![T::zero(); g.len()];
     out.par_chunks_mut(SWIGLU_CHUNK)
         .zip(g.par_chunks(SWIGLU_CHUNK))
         .zip(u.par_chunks(SWIGLU_CHUNK))
@@ -372,7 +372,7 @@ fn swiglu_fwd<T: SwiGluElem>(g: &[T], u: &[T]) -> Vec<T> {
 
 fn swiglu_bwd<T: SwiGluElem>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     use rayon::prelude::*;
-    let (mut dg, mut du) = (vec![T::default(); g.len()], vec![T::default(); g.len()]);
+    let (mut dg, mut du) = (vec![T::zero(); g.len()], vec![T::zero(); g.len()]);
     dg.par_chunks_mut(SWIGLU_CHUNK)
         .zip(du.par_chunks_mut(SWIGLU_CHUNK))
         .zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK)).zip(dy.par_chunks(SWIGLU_CHUNK)))
