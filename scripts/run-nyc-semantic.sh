@@ -13,7 +13,8 @@
 #   BEAMS       beams of the next-code ranking (at least prompt.k)
 #   TIME_TOKENS=1  check-in times as weekday and hour tokens (prompt.time_tokens): 2.3x fewer
 #               history tokens on NYC (528k against 1.22M an epoch)
-#   RESUME=1    continue the stages from their last checkpoints (a finished stage is skipped)
+#   RESUME=1    continue unfinished stages from their last checkpoints (a stage with a final/
+#               adapter is skipped, with or without it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/nyc-semantic}
