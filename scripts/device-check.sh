@@ -2,10 +2,11 @@
 # The prepared check for a bare GPU machine: no Rust toolchain, no network, files carried in
 # pieces of at most 64 MiB a call (the lent H200 machines). Two halves:
 #
-#   scripts/device-check.sh pack [--binary PATH] [--model PATH] [--piece-mib 40]
-#       Here, after scripts/build-cuda.sh: packs the CUDA binary (stripped) and the default
-#       model into .device/ (git-ignored) as parts of --piece-mib each, with their checksums,
-#       and prints the calls that carry them over, one part a call, the last one running the check.
+#   scripts/device-check.sh pack [--binary PATH] [--model PATH] [--codebook FILE] [--piece-mib 40]
+#       Here, after scripts/build-cuda.sh: packs the CUDA binary (stripped), the default model
+#       and, with --codebook, the codebook.json of NYC preprocessed here into .device/
+#       (git-ignored) as parts of --piece-mib each, with their checksums, and prints the calls
+#       that carry them over, one part a call, the last one running the check.
 #
 #   scripts/device-check.sh unpack DIR
 #       Joins and verifies the parts into DIR (refine-poi, models/): what `run` does first.
@@ -27,6 +28,18 @@
 #       summary.txt, selfcheck-f32.json, selfcheck-bf16.json, bench.json, bench-grpo-g8.json,
 #       bench-grpo-g16.json, train-metrics.jsonl (both stages, each line with its "stage").
 #       Exit status: 0 when every step passed.
+#
+#   scripts/device-check.sh run --semantic [--epochs 2] [--deadline 520] [--codebook FILE] ...
+#       Training on the GPU instead of steps 2-4: NYC preprocessed there, with the codebook
+#       packed by pack --codebook in place of the one made there (the adapter's codes must be
+#       those of the machine that evaluates it; the log says whether they differed), then the
+#       selfcheck in f32, then
+#       whole-history SFT epochs (scripts/nyc-semantic-flags.sh, time tokens on; epoch 2 from
+#       epoch 1's adapter), each adapter tarred into DIR as history1.tar, history2.tar, then
+#       while time is left bench, each finished epoch ranked on the val split (eval --beam-next
+#       20; eval.tar) and the bf16 selfcheck; the summary goes to log.txt only. The epochs take what is left of
+#       --deadline seconds (counted from the start), the first first; an epoch cut short leaves its
+#       newest checkpoint's adapter instead, and no later epoch runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -34,10 +47,11 @@ shift || true
 stash="$(realpath -m "${DEVICE_STASH:-.device}")"  # where the parts are (tests set another folder)
 
 pack() {
-    local binary=target/cuda-sm90-cuda13/release/refine-poi piece=40 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+    local binary=target/cuda-sm90-cuda13/release/refine-poi piece=40 model=models/SmolLM2-135M-Instruct.Q4_1.gguf codebook=""
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --binary) binary="$2"; shift 2 ;;
+            --codebook) codebook="$2"; shift 2 ;;
             --model) model="$2"; shift 2 ;;
             --piece-mib) piece="$2"; shift 2 ;;
             *) echo "device-check.sh pack: unknown argument $1" >&2; exit 2 ;;
@@ -48,7 +62,13 @@ pack() {
     rm -rf "$stash" && mkdir -p "$stash/bundle/models"
     strip -o "$stash/bundle/refine-poi" "$binary"
     cp "$model" "$stash/bundle/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    tar -C "$stash/bundle" -czf "$stash/bundle.tar.gz" refine-poi models
+    local members=(refine-poi models) check="run --device cuda"
+    if [[ -n "$codebook" ]]; then
+        [[ -f "$codebook" ]] || { echo "device-check.sh: no codebook at $codebook (refine-poi preprocess writes one)" >&2; exit 1; }
+        cp "$codebook" "$stash/bundle/codebook.json"
+        members+=(codebook.json) check="run --device cuda --semantic"
+    fi
+    tar -C "$stash/bundle" -czf "$stash/bundle.tar.gz" "${members[@]}"
     rm -rf "$stash/bundle"
     split -b "${piece}M" -d -a 2 "$stash/bundle.tar.gz" "$stash/part-"
     (cd "$stash" && sha256sum bundle.tar.gz part-* > SHA256SUMS && rm bundle.tar.gz)
@@ -62,7 +82,7 @@ pack() {
         if [[ $n -lt ${#parts[@]} ]]; then
             echo "  run  carry=[\"$p\"]  command: ls -l $rel"
         else
-            echo "  run  carry=[\"$p\", \"$rel/SHA256SUMS\"]  timeout_s=560  command: bash scripts/device-check.sh run --device cuda"
+            echo "  run  carry=[\"$p\", \"$rel/SHA256SUMS\"]  timeout_s=560  command: bash scripts/device-check.sh $check"
         fi
     done
 }
@@ -90,10 +110,15 @@ cuda_library_path() {
 
 run_check() {
     local device=cuda small=0 out="" binary="" model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+    local semantic=0 epochs=2 deadline=520 codebook=""
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --device) device="$2"; shift 2 ;;
             --small) small=1; shift ;;
+            --semantic) semantic=1; shift ;;
+            --epochs) epochs="$2"; shift 2 ;;
+            --deadline) deadline="$2"; shift 2 ;;
+            --codebook) codebook="$2"; shift 2 ;;
             --out) out="$2"; shift 2 ;;
             --binary) binary="$2"; shift 2 ;;
             --model) model="$2"; shift 2 ;;
@@ -111,6 +136,7 @@ run_check() {
     if [[ -f "$stash/SHA256SUMS" && -z "$binary" ]]; then
         unpack "$work" || { say "cannot unpack the carried parts"; exit 1; }
         binary="$work/refine-poi" model="$work/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        [[ -f "$work/codebook.json" && -z "$codebook" ]] && codebook="$work/codebook.json"
         say "unpacked the carried binary and model ($((SECONDS - started)) s)"
     fi
     binary="${binary:-target/release/refine-poi}"
@@ -147,10 +173,71 @@ run_check() {
             failed+=("$name")
         fi
     }
+    # The --semantic run: selfcheck f32, the history epochs under the deadline, then bench and
+    # selfcheck bf16 in what time is left.
+    train_semantic() {
+        [[ -f "$codebook" ]] || { say "no codebook: pack --codebook FILE, or run --codebook FILE"; exit 1; }
+        local data="$work/data"
+        step "preprocess NYC" 60 "" -- preprocess --config configs/nyc.toml --set "data.dir=$data" --quiet
+        if cmp -s "$codebook" "$data/codebook.json"; then
+            say "the codebook made here is the carried one"
+        else
+            say "the codebook made here differs from the carried one: training on the carried one"
+            cp "$codebook" "$data/codebook.json"
+        fi
+        local HIST_STEPS=0 TIME_TOKENS=1
+        [[ $small == 1 ]] && HIST_STEPS=2
+        source scripts/nyc-semantic-flags.sh
+        local common=("${semantic_common[@]}" --set "data.dir=$data" --set "model.path=$model")
+        step "selfcheck f32" 90 "$out/selfcheck-f32.json" -- selfcheck --model "$model" --dtype f32
+        local e prev="" limit left ckpt
+        for e in $(seq 1 "$epochs"); do
+            # A whole first epoch matters more than a second one, or than bench: each epoch may
+            # take all the time left.
+            limit=$((deadline - (SECONDS - started) - 20))
+            [[ $limit -lt 30 ]] && { say "history epoch $e: skipped, $limit s left"; break; }
+            local from=()
+            [[ -n "$prev" ]] && from=(--set "model.adapter=$prev" "${semantic_epoch2[@]}")
+            step "history epoch $e" "$limit" "" -- sft-warmup "${common[@]}" "${semantic_history[@]}" "${from[@]}" \
+                --set "run_dir=$work/history$e"
+            sed "s/^{/{\"stage\":\"history$e\",/" "$work/history$e/sft/metrics.jsonl" >> "$out/train-metrics.jsonl" 2>/dev/null
+            if [[ -d "$work/history$e/sft/final" ]]; then
+                tar -C "$work/history$e/sft" -cf "$out/history$e.tar" final config.toml
+                prev="$work/history$e/sft/final"
+            else
+                ckpt="$(cat "$work/history$e/sft/checkpoints/last" 2>/dev/null)"
+                if [[ -n "$ckpt" ]]; then
+                    tar -C "$work/history$e/sft" -cf "$out/history$e.tar" --exclude "optimizer*" "checkpoints/$ckpt" config.toml
+                    say "history epoch $e: cut short; $out/history$e.tar holds $ckpt's adapter"
+                fi
+                break
+            fi
+        done
+        left=$((deadline - (SECONDS - started)))
+        [[ $left -gt 40 ]] && step "bench" $((left > 90 ? 60 : left - 20)) "$out/bench.json" -- bench --model "$model" --samples "$batch" --repeats "$repeats" --new-tokens 64
+        # Each finished epoch ranked on the val split (next-code beam search, the settings
+        # chosen on the CPU), for choosing between them; into eval.tar.
+        mkdir -p "$work/eval"
+        local limit_val=()
+        [[ $small == 1 ]] && limit_val=(--limit 8)
+        for e in $(seq 1 "$epochs"); do
+            left=$((deadline - (SECONDS - started) - 15))
+            [[ -d "$work/history$e/sft/final" && $left -gt 30 ]] || continue
+            step "eval val, epoch $e" "$left" "" -- eval --run "$work/history$e/sft" --split val "${limit_val[@]}" --beam-next 20 \
+                --quiet --out "$work/eval/history$e-val.json" --predictions "$work/eval/history$e-val.jsonl"
+        done
+        [[ -n "$(ls "$work/eval")" ]] && tar -C "$work" -cf "$out/eval.tar" eval
+        left=$((deadline - (SECONDS - started)))
+        [[ $left -gt 40 ]] && step "selfcheck bf16" $((left - 20)) "$out/selfcheck-bf16.json" -- selfcheck --model "$model" --dtype bf16
+        true
+    }
     local batch=64 prompts=8 groups=(8 16) new=48 repeats=3 sft=32 steps=20 val=32 per_step=2 group=8
     if [[ $small == 1 ]]; then
         batch=8 prompts=1 groups=(4 4) new=16 repeats=1 sft=2 steps=2 val=8 per_step=1 group=4
     fi
+    if [[ $semantic == 1 ]]; then
+        train_semantic
+    else
     for dtype in f32 bf16; do
         step "selfcheck $dtype" 120 "$out/selfcheck-$dtype.json" -- selfcheck --model "$model" --dtype "$dtype"
     done
@@ -166,6 +253,7 @@ run_check() {
     for stage in sft grpo; do
         sed "s/^{/{\"stage\":\"$stage\",/" "$work/nyc/$stage/metrics.jsonl" >> "$out/train-metrics.jsonl" 2>/dev/null
     done
+    fi
     rm -rf "$work"
 
     python3 - "$out" > "$out/summary.txt" 2>> "$log" <<'EOF'
@@ -200,11 +288,13 @@ try:
     rows = [json.loads(l) for l in open(os.path.join(out, "train-metrics.jsonl"))]
 except OSError:
     rows = []
-for stage, key in (("sft", "loss"), ("grpo", "reward")):
+stages = sorted({r["stage"] for r in rows if r["stage"].startswith("history")})
+for stage, key in [("sft", "loss"), ("grpo", "reward")] + [(s, "loss") for s in stages]:
     steps = [r for r in rows if r["stage"] == stage and key in r]
     if steps:
         secs = sum(r.get("step_s", 0.0) for r in steps)
-        print(f"{stage}: {len(steps)} steps, {secs:.1f} s of steps, {key} first {steps[0][key]:.3f} last {steps[-1][key]:.3f}")
+        tokens = sum(r.get("tokens", 0) for r in steps)
+        print(f"{stage}: {len(steps)} steps, {secs:.1f} s of steps, {tokens} tokens, {key} first {steps[0][key]:.3f} last {steps[-1][key]:.3f}")
     for v in [r for r in rows if r["stage"] == stage and "val" in r][-1:]:
         a = v["val"]["all"]
         print(f"{stage} validation ({a['n']} val instances): MRR {a['mrr']:.3f}, Acc@10 {a['acc@10']:.3f}, invalid {v.get('val_invalid_rate')}")
@@ -212,6 +302,8 @@ if not rows:
     print("training: no metrics")
 EOF
     cat "$out/summary.txt" | tee -a "$log"
+    # Eight files come back from a device call: with eval.tar, the summary lives in the log only.
+    [[ $semantic == 1 ]] && rm "$out/summary.txt"
     say "done in $((SECONDS - started)) s; ${#failed[@]} step(s) failed${failed[*]:+: ${failed[*]}}; everything in $out"
     [[ ${#failed[@]} -eq 0 ]]
 }

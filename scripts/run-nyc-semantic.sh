@@ -20,19 +20,16 @@ cd "$(dirname "$0")/.."
 out=${OUT:-runs/nyc-semantic}
 bin=target/release/refine-poi
 resume=(); [[ "${RESUME:-0}" == 1 ]] && resume=(--resume)
-# Categories are left out: the codes' second level carries them, and lines stay short.
-common=(--config configs/nyc.toml --set data.dir=$out/data --set prompt.ids=semantic --set prompt.categories=false --quiet)
-[[ "${TIME_TOKENS:-0}" == 1 ]] && common+=(--set prompt.time_tokens=true)
-history=(--set sft.examples=histories --set data.train_instances=0 --set sft.history_tokens=1024 --set sft.batch_size=1
-  --set sft.grad_accum=4 --set sft.max_steps="${HIST_STEPS:-0}" --set sft.epochs=1 --set sft.warmup_steps=10
-  --set sft.eval_every=0 --set sft.save_every=10)
+source scripts/nyc-semantic-flags.sh
+common=("${semantic_common[@]}" --set data.dir=$out/data)
+history=("${semantic_history[@]}")
 
 [[ -f $out/data/codebook.json ]] || $bin preprocess --config configs/nyc.toml --set data.dir=$out/data --quiet
 [[ -d $out/history/sft/final ]] || $bin sft-warmup "${common[@]}" "${resume[@]}" "${history[@]}" --set run_dir=$out/history
 hist=$out/history list=$out/list
 if [[ "${HIST2:-0}" == 1 ]]; then
   [[ -d $out/history2/sft/final ]] || $bin sft-warmup "${common[@]}" "${resume[@]}" "${history[@]}" --set run_dir=$out/history2 \
-    --set model.adapter=$out/history/sft/final --set sft.seed=1 --set sft.lr=3e-4
+    --set model.adapter=$out/history/sft/final "${semantic_epoch2[@]}"
   hist=$out/history2 list=$out/list2
 fi
 [[ -d $list/sft/final ]] || $bin sft-warmup "${common[@]}" "${resume[@]}" --set run_dir=$list --set model.adapter=$hist/sft/final \

@@ -159,7 +159,10 @@ impl KvCache {
                 ks.push(Self::left_pad(&k, len - p.len())?);
                 vs.push(Self::left_pad(&v, len - p.len())?);
             }
-            layers.push((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
+            // Compact copies: a single prompt's keys would otherwise stay a view into its cache
+            // (keeping the whole capacity alive), and CUDA's index_select, which reads the
+            // prefix for each row, takes only contiguous tensors.
+            layers.push((Tensor::cat(&ks, 0)?.contiguous()?, Tensor::cat(&vs, 0)?.contiguous()?));
         }
         Ok(KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
@@ -200,5 +203,29 @@ impl KvCache {
         }
         let (rows, heads, _, dim) = t.dims4()?;
         Tensor::cat(&[&Tensor::zeros((rows, heads, shift, dim), t.dtype(), t.device())?, t], D::Minus2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// One prompt whose cache has room to spare: the shared prefix made of it is contiguous
+    /// (a view into the cache was not, and CUDA's index_select refused it), and holds its keys.
+    #[test]
+    fn a_prefix_shared_from_one_prompt_is_contiguous() {
+        let mut cache = KvCache::new(1, 8);
+        cache.start(vec![0]);
+        // Two heads: a view of 3 of 8 positions then skips positions between the heads.
+        let k = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((1, 2, 3, 2)).unwrap();
+        cache.append(0, &k, &(&k * 10.0).unwrap()).unwrap();
+        cache.advance(3);
+        let shared = KvCache::share(&[&cache], &[0, 0], 2).unwrap();
+        let (pk, pv) = &shared.shared.as_ref().unwrap().layers[0];
+        assert!(pk.is_contiguous() && pv.is_contiguous());
+        assert_eq!(pk.flatten_all().unwrap().to_vec1::<f32>().unwrap(), (0..12).map(|x| x as f32).collect::<Vec<_>>());
+        let idx = Tensor::new(&[0u32, 0], &Device::Cpu).unwrap();
+        assert_eq!(pv.index_select(&idx, 0).unwrap().dims(), &[2, 2, 3, 2]);
     }
 }

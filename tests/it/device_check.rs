@@ -40,6 +40,20 @@ fn packed_parts_unpack_to_the_same_binary_and_model_and_a_damaged_part_is_refuse
     let version = Command::new(into.join("refine-poi")).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("refine-poi "));
 
+    // With a codebook: it travels in the bundle, and the last call trains (run --semantic).
+    let codebook = tmp.path().join("codebook.json");
+    std::fs::write(&codebook, "{\"levels\": 3}").unwrap();
+    let with = tmp.path().join("stash-codebook");
+    let out = script(&with, &["pack", "--binary", bin, "--codebook", codebook.to_str().unwrap(), "--piece-mib", "60"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.lines().last().unwrap().contains("device-check.sh run --device cuda --semantic"), "{printed}");
+    let into_cb = tmp.path().join("unpacked-codebook");
+    assert!(script(&with, &["unpack", into_cb.to_str().unwrap()]).status.success());
+    assert_eq!(std::fs::read(into_cb.join("codebook.json")).unwrap(), std::fs::read(&codebook).unwrap());
+    let out = script(&with, &["pack", "--binary", bin, "--codebook", tmp.path().join("none.json").to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no codebook at"));
+
     // A part cut short in transit, or missing: refused with one message, nothing run.
     let first = std::fs::read(&parts[0]).unwrap();
     std::fs::write(&parts[0], &first[..first.len() - 1]).unwrap();
