@@ -531,3 +531,28 @@ fn report_of(out: &std::process::Output, report: &Path) -> serde_json::Value {
     assert!(out.status.success(), "{}", text(&out.stderr));
     serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
 }
+
+/// The shipped NYC adapter (`adapters/nyc`) names POIs by the codes of its `codebook.json`:
+/// `preprocess` of the shipped NYC data with configs/nyc.toml rebuilds that file bit for bit,
+/// and the adapter adds a token for every code level's entry.
+#[test]
+fn preprocess_rebuilds_the_shipped_adapters_codebook() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = bin()
+        .current_dir(root)
+        .args(["preprocess", "--config", "configs/nyc.toml", "--quiet", "--set"])
+        .arg(format!("data.dir={}", tmp.path().display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shipped = root.join("adapters/nyc");
+    assert_eq!(std::fs::read(tmp.path().join("codebook.json")).unwrap(), std::fs::read(shipped.join("codebook.json")).unwrap());
+    let num_pois = Dataset::load(tmp.path()).unwrap().num_pois();
+    let codebook = Codebook::load(&shipped, num_pois).unwrap();
+    let added: std::collections::HashMap<String, u32> =
+        serde_json::from_slice(&std::fs::read(shipped.join(ADDED_TOKENS_FILE)).unwrap()).unwrap();
+    for token in codebook.tokens() {
+        assert!(added.contains_key(&token), "the adapter adds no token {token}");
+    }
+}
