@@ -7,7 +7,8 @@
 
 use std::ops::Range;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
+use chrono::NaiveDateTime;
 
 use crate::answer::AnswerIds;
 use crate::data::codebook::Codebook;
@@ -27,13 +28,28 @@ pub fn next_checkin_prompt(
     inst: &Instance,
     max_tokens: usize,
 ) -> Result<Vec<u32>> {
+    user_next_checkin_prompt(ds, cfg, tokenizer, inst.user, inst.target.utc, inst.target.local_time(), max_tokens)
+        .with_context(|| format!("instance {}", inst.id))
+}
+
+/// [`next_checkin_prompt`] for dataset user `user` (dense id) at `before` (UTC seconds; the
+/// check-ins before it are shown), whose local time is `at`: what `recommend --beam-next` asks.
+pub fn user_next_checkin_prompt(
+    ds: &Dataset,
+    cfg: &PromptConfig,
+    tokenizer: &TextTokenizer,
+    user: u32,
+    before: i64,
+    at: NaiveDateTime,
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
     let codebook = AnswerIds::new(cfg.ids, ds.codebook())?.codebook();
-    let header = tokenizer.encode(&header(inst.user), false)?;
-    let start = tokenizer.encode(&checkin_line_start(cfg, inst.target.local_time(), false), false)?;
+    let header = tokenizer.encode(&header(user), false)?;
+    let start = tokenizer.encode(&checkin_line_start(cfg, at, false), false)?;
     ensure!(header.len() + start.len() < max_tokens, "a budget of {max_tokens} tokens cannot hold a header and the target's time");
-    let trajectories = ds.trajectories().iter().filter(|t| t.user == inst.user).map(|t| ds.trajectory_checkins(t)).collect();
-    let checkins = in_time_order(trajectories, inst.target.utc);
-    ensure!(!checkins.is_empty(), "user {} has no check-in before instance {}'s target", inst.user, inst.id);
+    let trajectories = ds.trajectories().iter().filter(|t| t.user == user).map(|t| ds.trajectory_checkins(t)).collect();
+    let checkins = in_time_order(trajectories, before);
+    ensure!(!checkins.is_empty(), "user {user} has no check-in before {}", crate::data::format_utc(before));
     let mut lines: Vec<Vec<u32>> = Vec::new();
     let mut room = max_tokens - header.len() - start.len();
     for &(c, opens) in checkins.iter().rev() {

@@ -5,6 +5,7 @@
 //! scores; this module only turns instances into answers.
 
 use anyhow::{Context, Result};
+use chrono::NaiveDateTime;
 use serde_json::json;
 
 use crate::answer::{ANSWER_CLOSE, AnswerIds};
@@ -14,7 +15,7 @@ use crate::data::codebook::Codebook;
 use crate::data::{Dataset, Instance};
 use crate::eval::{Prediction, Recommender};
 use crate::generate::{SamplingConfig, generate_constrained};
-use crate::history_prompt::next_checkin_prompt;
+use crate::history_prompt::{next_checkin_prompt, user_next_checkin_prompt};
 use crate::model::{LoadedModel, Mode};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::prompt_stats::{InPrompt, answer_in_history_prompt, answer_in_prompt};
@@ -96,19 +97,36 @@ impl LlmRecommender {
     /// [`LlmRecommender::beam_next`]'s ranking of `batch`: the k best POIs and every kept code's
     /// score, with the prompts.
     fn rank_next(&self, ds: &Dataset, batch: &[&Instance], beams: usize) -> Result<Vec<(Vec<u32>, serde_json::Value)>> {
-        let codebook = ds.codebook().context("--beam-next needs the dataset's codebook.json (preprocess writes it)")?;
+        let budget = self.next_checkin_budget(Self::codebook(ds)?);
+        let prompts = batch
+            .iter()
+            .map(|inst| next_checkin_prompt(ds, &self.prompt, &self.loaded.tokenizer, inst, budget))
+            .collect::<Result<Vec<_>>>()?;
+        self.rank_next_prompts(ds, &prompts, beams)
+    }
+
+    /// The same ranking for dataset user `user` (dense id) from the check-ins before `before`
+    /// (UTC seconds), whose local time is `at`: `recommend --beam-next`.
+    pub fn rank_next_for_user(&self, ds: &Dataset, user: u32, before: i64, at: NaiveDateTime) -> Result<(Vec<u32>, serde_json::Value)> {
+        let beams = self.beam_next.context("ranking by the next code needs --beam-next")?;
+        let budget = self.next_checkin_budget(Self::codebook(ds)?);
+        let prompt = user_next_checkin_prompt(ds, &self.prompt, &self.loaded.tokenizer, user, before, at, budget)?;
+        Ok(self.rank_next_prompts(ds, &[prompt], beams)?.remove(0))
+    }
+
+    fn codebook(ds: &Dataset) -> Result<&Codebook> {
+        ds.codebook().context("--beam-next needs the dataset's codebook.json (preprocess writes it)")
+    }
+
+    fn rank_next_prompts(&self, ds: &Dataset, prompts: &[Vec<u32>], beams: usize) -> Result<Vec<(Vec<u32>, serde_json::Value)>> {
+        let codebook = Self::codebook(ds)?;
         self.check_added_tokens(Some(codebook))?;
         if self.trie.get().is_none() {
             let _ = self.trie.set(CodeTrie::new(codebook, &self.loaded.tokenizer)?);
         }
         let trie = self.trie.get().expect("set above");
         anyhow::ensure!(trie.num_codes() == ds.num_pois(), "the code trie was built for another dataset");
-        let budget = self.next_checkin_budget(codebook);
-        let prompts = batch
-            .iter()
-            .map(|inst| next_checkin_prompt(ds, &self.prompt, &self.loaded.tokenizer, inst, budget))
-            .collect::<Result<Vec<_>>>()?;
-        let ranked = rank_next_codes(&self.loaded.model, trie, &prompts, beams)?;
+        let ranked = rank_next_codes(&self.loaded.model, trie, prompts, beams)?;
         prompts
             .iter()
             .zip(ranked)

@@ -162,9 +162,16 @@ pub fn run(args: Args) -> Result<()> {
     // as for the dataset's instances.
     let query = |ctx: &PromptContext| Query { user, history: &history, target_utc: target, target_local: ctx.target_local };
     let (ids, k, answer) = match args.method {
+        RecommendMethod::Llm if args.llm.beam_next.is_some() => {
+            // The whole-history prompt names the user by dense id and shows the dataset's
+            // trajectories, as whole-history training did.
+            let user = user.context("--beam-next ranks from a dataset user's check-ins: give --user, not --history")?;
+            let rec = args.llm.recommender(1)?;
+            let at = PromptContext::from_checkins(ds.pois(), label, &history, target, tz, gap_hours)?.target_local;
+            let (ids, _) = rec.rank_next_for_user(&ds, user, target, at)?;
+            (ids, rec.prompt.k, None)
+        }
         RecommendMethod::Llm => {
-            // The next-check-in prompt is built from a dataset instance's trajectories.
-            ensure!(args.llm.beam_next.is_none(), "recommend does not rank by --beam-next: use eval --beam-next on a split");
             let rec = args.llm.recommender(1)?;
             let stats = candidate_stats(&rec.prompt, &ds);
             let mut ctx = PromptContext::from_checkins(ds.pois(), label, &history, target, tz, gap_hours)?;

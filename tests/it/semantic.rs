@@ -376,6 +376,32 @@ fn time_tokens_write_each_checkin_as_two_tokens_and_its_code() {
         assert_eq!(ranked.len(), 3);
         assert_eq!(p["detail"]["beam"].as_array().unwrap().len(), 5, "{p}");
     }
+    // recommend --beam-next, for an instance's user at its target's time, ranks as eval did.
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&preds).unwrap().lines().next().unwrap()).unwrap();
+    let ds = Dataset::load(&run.data.dir).unwrap();
+    let inst = &ds.instances(refine_poi::data::Split::Val)[first["id"].as_u64().unwrap() as usize];
+    let recommend = |who: &[&str]| {
+        bin()
+            .arg("recommend")
+            .args(who)
+            .args(["--model", run.model.path.as_str(), "--beam-next", "5", "--json", "--data"])
+            .arg(&run.data.dir)
+            .arg("--adapter")
+            .arg(&fin)
+            .arg("--prompt-config")
+            .arg(done.stage.dir.join("config.toml"))
+            .output()
+            .unwrap()
+    };
+    let at = refine_poi::data::format_utc(inst.target.utc);
+    let out = recommend(&["--user", &ds.users()[inst.user as usize].source_id, "--at", &at]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pois: Vec<&serde_json::Value> = r["recommendations"].as_array().unwrap().iter().map(|x| &x["poi"]).collect();
+    assert_eq!(pois, first["ranked"].as_array().unwrap().iter().collect::<Vec<_>>(), "{r}");
+    let history = s.tmp.path().join("history.json");
+    std::fs::write(&history, format!(r#"[{{"poi": 0, "time": "{at}"}}]"#)).unwrap();
+    assert!(error_line(&recommend(&["--history", history.to_str().unwrap()])).contains("give --user"));
 
     // An adapter with the codes alone, asked for time tokens: one clear error.
     let plain = s.cfg(&["prompt.ids=semantic", "sft.max_steps=1"]);
