@@ -12,3 +12,11 @@ semantic_history=(--set sft.examples=histories --set data.train_instances=0 --se
   --set sft.batch_size=1 --set sft.grad_accum=4 --set sft.max_steps="${HIST_STEPS:-0}" --set sft.epochs=1
   --set sft.warmup_steps=10 --set sft.eval_every=0 --set sft.save_every=10)
 semantic_epoch2=(--set sft.seed=1 --set sft.lr=3e-4)
+#   semantic_grpo     GRPO in the next-code form from the shipped history adapter: 8 prompts a step,
+#                     8 codes each, reward = hit + 0.5 soft accuracy (the list-only terms off), no
+#                     KL term, lr 1e-4, exact gradients through the whole prompt (GRPO_STEPS steps, default 100)
+semantic_grpo=(--set grpo.form=next --set grpo.init_adapter=adapters/nyc --set grpo.temperature=1 --set grpo.group=8
+  --set grpo.prompts_per_step=8 --set grpo.beta=0 --set grpo.lr=1e-4 --set grpo.max_steps="${GRPO_STEPS:-100}"
+  --set grpo.eval_every=0 --set grpo.save_every=40 --set grpo.keep_checkpoints=4 --set data.train_instances=0
+  --set rewards.weights.format=0 --set rewards.weights.length=0 --set rewards.weights.diversity=0
+  --set rewards.weights.rank=0 --set rewards.weights.hit=1 --set rewards.weights.soft_accuracy=0.5)

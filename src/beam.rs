@@ -6,21 +6,32 @@
 //! logits. Each level keeps the `beam` best prefixes of each prompt; the last level's `beam`
 //! complete codes, best first, are the ranking. With at least as many beams as codes the search
 //! is exhaustive, which the tests compare against scoring every code.
+//!
+//! GRPO's next-code form samples from the same distribution ([`sample_next_codes`]) and
+//! takes its training log-probs under the same mask ([`CodeTrie::logit_mask`]).
 
 use std::collections::HashMap;
 
 use anyhow::{Context, Result, ensure};
 use candle_core::Tensor;
+use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::data::codebook::Codebook;
-use crate::generate::prefill_each;
+use crate::generate::{Completion, FinishReason, prefill_each};
 use crate::model::{CausalLm, KvCache, Mode, TextTokenizer};
 
+/// The beam width chosen on val for ranking by the next code: 40 beams gave the same 10 POIs
+/// in the same order as 20 on the fixed val sample of 200 (docs/results.md).
+pub const DEFAULT_BEAMS: usize = 20;
+
 /// The codebook as a trie over token ids.
+#[derive(Debug, PartialEq)]
 pub struct CodeTrie {
     levels: usize,
     /// The token id of index `i` at `level`: `tokens[level][i]`.
     tokens: Vec<Vec<u32>>,
+    /// The index within its level of each code token id.
+    index: HashMap<u32, u16>,
     /// The indices that continue each prefix of a code (the empty prefix included), ascending.
     children: HashMap<Vec<u16>, Vec<u16>>,
     /// The POI of each complete code.
@@ -56,12 +67,105 @@ impl CodeTrie {
             next.dedup();
         }
         let poi = codebook.codes.iter().enumerate().map(|(p, c)| (c.clone(), p as u32)).collect();
-        Ok(CodeTrie { levels: codebook.levels(), tokens, children, poi })
+        let index = tokens.iter().flat_map(|level| level.iter().enumerate().map(|(i, &t)| (t, i as u16))).collect();
+        Ok(CodeTrie { levels: codebook.levels(), tokens, index, children, poi })
     }
 
     pub fn num_codes(&self) -> usize {
         self.poi.len()
     }
+
+    /// Tokens per code.
+    pub fn levels(&self) -> usize {
+        self.levels
+    }
+
+    /// The POI whose code `tokens` write, if they write a whole code of the dataset.
+    pub fn poi_of_tokens(&self, tokens: &[u32]) -> Option<u32> {
+        let code = tokens.iter().map(|t| self.index.get(t).copied()).collect::<Option<Vec<u16>>>()?;
+        self.poi.get(&code).copied()
+    }
+
+    /// The token ids allowed after the code prefix `code`.
+    fn allowed(&self, code: &[u16]) -> impl Iterator<Item = u32> + '_ {
+        let level = code.len();
+        self.children.get(code).into_iter().flatten().map(move |&i| self.tokens[level][usize::from(i)])
+    }
+
+    /// The additive logit mask (rows, levels, vocab) of codes written as token rows: 0 where a
+    /// token continues the row's prefix to some code, −∞ elsewhere. Added to the logits before
+    /// the log-softmax, it gives the distribution [`sample_next_codes`] samples from.
+    pub fn logit_mask(&self, rows: &[Vec<u32>], vocab: usize) -> Result<Vec<f32>> {
+        let width = self.levels;
+        let mut mask = vec![f32::NEG_INFINITY; rows.len() * width * vocab];
+        for (r, tokens) in rows.iter().enumerate() {
+            ensure!(self.poi_of_tokens(tokens).is_some(), "row {r} ({tokens:?}) is not a code of the dataset");
+            let code: Vec<u16> = tokens.iter().map(|t| self.index[t]).collect();
+            for level in 0..width {
+                let row = &mut mask[(r * width + level) * vocab..(r * width + level + 1) * vocab];
+                for t in self.allowed(&code[..level]) {
+                    ensure!((t as usize) < vocab, "code token {t} is outside a vocabulary of {vocab}");
+                    row[t as usize] = 0.0;
+                }
+            }
+        }
+        Ok(mask)
+    }
+}
+
+/// `group` codes sampled for each prompt from the model's distribution over the codebook's
+/// codes (temperature 1: at each level a softmax over the tokens that continue some code, the
+/// distribution [`rank_next_codes`] ranks by). Each prompt is prefilled once; sample `s` of
+/// prompt `p` draws from a generator seeded by (`seeds[p]`, `s`). A completion's tokens are one
+/// code, its text the code (`<a1><b0><c3>`), its finish [`FinishReason::Stop`].
+pub fn sample_next_codes(model: &CausalLm, trie: &CodeTrie, prompts: &[Vec<u32>], seeds: &[u64], group: usize) -> Result<Vec<Vec<Completion>>> {
+    ensure!(group > 0 && seeds.len() == prompts.len(), "one seed per prompt and at least one sample each");
+    let (caches, first) = prefill_each(model, prompts, Mode::INFERENCE)?;
+    let of_row: Vec<usize> = (0..prompts.len()).flat_map(|p| std::iter::repeat_n(p, group)).collect();
+    let mut cache = KvCache::share(&caches.iter().collect::<Vec<_>>(), &of_row, trie.levels)?;
+    drop(caches);
+    let mut rngs: Vec<StdRng> =
+        of_row.iter().enumerate().map(|(r, &p)| StdRng::seed_from_u64(crate::seed::derive_seed(seeds[p], 0, (r % group) as u64))).collect();
+    let mut codes: Vec<Vec<u16>> = vec![Vec::new(); of_row.len()];
+    let mut logits: Vec<Vec<f32>> = Vec::new();
+    for level in 0..trie.levels {
+        for (r, code) in codes.iter_mut().enumerate() {
+            let row = if level == 0 { &first[of_row[r]] } else { &logits[r] };
+            let allowed = &trie.children[code.as_slice()];
+            let picked: Vec<f32> = allowed.iter().map(|&i| row[trie.tokens[level][usize::from(i)] as usize]).collect();
+            let max = picked.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f64> = picked.iter().map(|&l| f64::from(l - max).exp()).collect();
+            let mut u = rngs[r].random::<f64>() * weights.iter().sum::<f64>();
+            let mut chosen = allowed[allowed.len() - 1];
+            for (&i, &w) in allowed.iter().zip(&weights) {
+                if u < w {
+                    chosen = i;
+                    break;
+                }
+                u -= w;
+            }
+            code.push(chosen);
+        }
+        if level + 1 < trie.levels {
+            let next: Vec<u32> = codes.iter().map(|c| trie.tokens[level][usize::from(c[level])]).collect();
+            let ids = Tensor::new(next.as_slice(), model.device())?.unsqueeze(1)?;
+            logits = model.forward_last(&ids, None, Some(&mut cache), Mode::INFERENCE)?.to_vec2::<f32>()?;
+        }
+    }
+    let completions: Vec<Completion> = codes
+        .iter()
+        .map(|code| {
+            let tokens: Vec<u32> = code.iter().enumerate().map(|(level, &i)| trie.tokens[level][usize::from(i)]).collect();
+            let text = code.iter().enumerate().map(|(level, &i)| Codebook::token(level, usize::from(i))).collect();
+            Completion { tokens, text, finish: FinishReason::Stop }
+        })
+        .collect();
+    let mut out = Vec::with_capacity(prompts.len());
+    let mut rest = completions.into_iter();
+    for _ in prompts {
+        out.push(rest.by_ref().take(group).collect());
+    }
+    Ok(out)
 }
 
 /// A prefix being extended: the row of the cache whose last logits continue it.

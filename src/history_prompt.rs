@@ -63,6 +63,15 @@ pub fn user_next_checkin_prompt(
     Ok(header.into_iter().chain(lines.into_iter().rev().flatten()).chain(start).collect())
 }
 
+/// The token budget of a next-check-in prompt: `max_prompt_tokens`, or with none the model's
+/// positions less a code's.
+pub fn next_checkin_budget(cfg: &PromptConfig, model: &crate::model::CausalLm, codebook: &Codebook) -> usize {
+    match cfg.max_prompt_tokens {
+        0 => model.config.max_position_embeddings - codebook.levels(),
+        n => n,
+    }
+}
+
 /// The first line of every whole-history window and next-check-in prompt.
 pub fn header(user: u32) -> String {
     format!("Check-ins of user {user}, in local time.\n")

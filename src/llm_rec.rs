@@ -15,7 +15,7 @@ use crate::data::codebook::Codebook;
 use crate::data::{Dataset, Instance};
 use crate::eval::{Prediction, Recommender};
 use crate::generate::{SamplingConfig, generate_constrained};
-use crate::history_prompt::{next_checkin_prompt, user_next_checkin_prompt};
+use crate::history_prompt::{next_checkin_budget, next_checkin_prompt, user_next_checkin_prompt};
 use crate::model::{LoadedModel, Mode};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::prompt_stats::{InPrompt, answer_in_history_prompt, answer_in_prompt};
@@ -142,13 +142,8 @@ impl LlmRecommender {
             .collect()
     }
 
-    /// The token budget of a next-check-in prompt: max_prompt_tokens, or with none the model's
-    /// positions less a code's.
     fn next_checkin_budget(&self, codebook: &Codebook) -> usize {
-        match self.prompt.max_prompt_tokens {
-            0 => self.loaded.model.config.max_position_embeddings - codebook.levels(),
-            n => n,
-        }
+        next_checkin_budget(&self.prompt, &self.loaded.model, codebook)
     }
 
     /// Answer-in-prompt on the prompts this recommender writes: the list prompt's sections, or

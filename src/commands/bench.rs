@@ -162,7 +162,7 @@ fn decode(model: &CausalLm, mut cache: KvCache, first: u32, rows: usize, steps: 
 fn training_forward_seconds(model: &CausalLm, prompt: &[u32], tokens: &Tensor, shared: bool) -> anyhow::Result<f64> {
     let start = Instant::now();
     if shared {
-        let logp = crate::train::grpo::loss::group_logprobs(model, prompt, tokens, None, Mode::TRAIN)?;
+        let logp = crate::train::grpo::loss::group_logprobs(model, prompt, tokens, None, 0, Mode::TRAIN)?;
         let _grads = logp.sum_all()?.backward()?;
     } else {
         let (g, c) = tokens.dims2()?;
@@ -189,6 +189,8 @@ fn grpo_bench(args: &Args, mut loaded: crate::model::LoadedModel, prompt: Vec<u3
         loss: LossConfig { beta: 0.04, max_completion_tokens: args.new_tokens, ..Default::default() },
         sampling: crate::generate::SamplingConfig { max_new_tokens: args.new_tokens, temperature: 1.0, ..Default::default() },
         constraint: None,
+        next_code: None,
+        grad_prompt_tokens: 0,
         scale_rewards: true,
         skip_zero_signal: false,
         updates_per_batch: 1,

@@ -215,7 +215,8 @@ pub struct NewTokens {
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> candle_core::Result<Tensor> {
     if mode.grad && super::train_ops::supported(x.device(), x.dtype()) {
         super::train_ops::rms_norm(x, weight, eps)
-    } else if mode.grad {
+    } else if mode.grad || x.dtype() == DType::F64 {
+        // candle's fused kernel has no f64 path.
         candle_nn::ops::rms_norm_slow(x, weight, eps as f32)
     } else {
         candle_nn::ops::rms_norm(x, weight, eps as f32)
@@ -680,32 +681,59 @@ impl CausalLm {
     /// completion (right-padded to C tokens; padding only affects padded positions) attends to
     /// them and causally to itself.
     ///
+    /// The first `frozen` prompt tokens run without gradients: their keys and values are
+    /// constants of the backward pass, which then costs what the prompt's last tokens and the
+    /// completions cost, not the whole prompt (`grpo.grad_prompt_tokens`). The values are the
+    /// same for any `frozen`; only the gradient through those tokens is left out.
+    ///
     /// Returns logits (G, C, vocab): row g, position i predicts completion token i, so
     /// position 0 comes from the prompt's last hidden state.
-    pub fn forward_group(&self, prompt: &[u32], completions: &Tensor, mode: Mode) -> anyhow::Result<Tensor> {
+    pub fn forward_group(&self, prompt: &[u32], completions: &Tensor, frozen: usize, mode: Mode) -> anyhow::Result<Tensor> {
         let (g, c) = completions.dims2()?;
         let p = prompt.len();
         anyhow::ensure!(p > 0 && c > 0, "a group needs a prompt and completion tokens");
+        anyhow::ensure!(frozen < p, "at least the prompt's last token must carry gradients ({frozen} of {p} frozen)");
         anyhow::ensure!(p + c <= self.config.max_position_embeddings, "prompt + completion exceed the model's positions");
         let h = self.config.hidden_size;
-        let prompt_ids = Tensor::new(prompt, &self.device)?;
-        let mut xp = self.embed_ids(&prompt_ids, mode)?.unsqueeze(0)?;
+        let live = p - frozen;
+        let frozen_mode = Mode { grad: false, ..mode };
+        let embed = |ids: &[u32], mode: Mode| -> anyhow::Result<Tensor> { self.embed_ids(&Tensor::new(ids, &self.device)?, mode)?.unsqueeze(0).map_err(Into::into) };
+        let mut xf = if frozen > 0 { Some(embed(&prompt[..frozen], frozen_mode)?) } else { None };
+        let mut xp = embed(&prompt[frozen..], mode)?;
         let mut xc = self.embed_ids(&completions.flatten_all()?, mode)?.reshape((g, c, h))?;
-        let (rope_p, rope_c) = (self.rope_range(0, p)?, self.rope_range(p, c)?);
+        let rope_f = if frozen > 0 { Some(self.rope_range(0, frozen)?) } else { None };
+        let (rope_p, rope_c) = (self.rope_range(frozen, live)?, self.rope_range(p, c)?);
         let causal = |t: usize, past: usize| -> candle_core::Result<Tensor> {
             let mask: Vec<f32> = (0..t).flat_map(|i| (0..past + t).map(move |j| if j <= past + i { 0.0 } else { MASKED })).collect();
             Tensor::from_vec(mask, (1, 1, t, past + t), &self.device)?.to_dtype(self.dtype)
         };
-        let (mask_p, mask_c) = (causal(p, 0)?, causal(c, p)?);
+        let (mask_p, mask_c) = (causal(live, frozen)?, causal(c, p)?);
+        // The fused kernel masks by itself; the candle ops need the frozen head's causal mask.
+        let mask_f = if frozen > 0 && !fused_attention(frozen_mode, &self.device, self.dtype) { Some(causal(frozen, 0)?) } else { None };
         let pads_c = vec![0; g];
         let eps = self.config.rms_norm_eps;
         for block in &self.blocks {
             let a = &block.attn;
+            // The frozen head of the prompt: an inference pass, whose keys and values are constants.
+            let frozen_kv = match (xf.take(), &rope_f) {
+                (Some(x), Some(rope_f)) => {
+                    let (qf, kf, vf) = a.project(&rms_norm(&x, &block.attn_norm, eps, frozen_mode)?, rope_f, frozen_mode)?;
+                    let attn = a.attend_causal(&qf, &CachedKv { k: kf.clone(), v: vf.clone(), prefix: None }, &[0], mask_f.as_ref(), frozen_mode)?;
+                    let x = (x + attn)?;
+                    xf = Some((&x + block.mlp.forward(&rms_norm(&x, &block.mlp_norm, eps, frozen_mode)?, frozen_mode)?)?);
+                    Some((kf, vf))
+                }
+                _ => None,
+            };
             let (qp, kp, vp) = a.project(&rms_norm(&xp, &block.attn_norm, eps, mode)?, &rope_p, mode)?;
             let (qc, kc, vc) = a.project(&rms_norm(&xc, &block.attn_norm, eps, mode)?, &rope_c, mode)?;
-            let prompt_kv = CachedKv { k: kp.clone(), v: vp.clone(), prefix: None };
+            let prompt_kv = CachedKv { k: kp.clone(), v: vp.clone(), prefix: frozen_kv.clone().map(|(k, v)| (k, v, vec![0])) };
             let attn_p = a.attend_causal(&qp, &prompt_kv, &[0], Some(&mask_p), mode)?;
-            // Every completion reads the prompt's keys and values as a shared prefix.
+            // Every completion reads the whole prompt's keys and values as a shared prefix.
+            let (kp, vp) = match frozen_kv {
+                Some((kf, vf)) => (Tensor::cat(&[&kf, &kp], 2)?, Tensor::cat(&[&vf, &vp], 2)?),
+                None => (kp, vp),
+            };
             let completion_kv = CachedKv { k: kc, v: vc, prefix: Some((kp, vp, vec![0; g])) };
             let attn_c = a.attend_causal(&qc, &completion_kv, &pads_c, Some(&mask_c), mode)?;
             xp = (xp + attn_p)?;
@@ -713,7 +741,7 @@ impl CausalLm {
             xp = (&xp + block.mlp.forward(&rms_norm(&xp, &block.mlp_norm, eps, mode)?, mode)?)?;
             xc = (&xc + block.mlp.forward(&rms_norm(&xc, &block.mlp_norm, eps, mode)?, mode)?)?;
         }
-        let last_p = rms_norm(&xp.narrow(1, p - 1, 1)?.contiguous()?, &self.final_norm, eps, mode)?.broadcast_as((g, 1, h))?;
+        let last_p = rms_norm(&xp.narrow(1, live - 1, 1)?.contiguous()?, &self.final_norm, eps, mode)?.broadcast_as((g, 1, h))?;
         let hidden = if c > 1 {
             let hc = rms_norm(&xc.narrow(1, 0, c - 1)?.contiguous()?, &self.final_norm, eps, mode)?;
             Tensor::cat(&[&last_p, &hc], 1)?

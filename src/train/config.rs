@@ -159,6 +159,10 @@ impl RunConfig {
             !(semantic && self.grpo.reference == super::grpo::config::ReferencePolicy::Base),
             "grpo.reference = \"base\" has no rows for the semantic ids' tokens: use \"init\""
         );
+        ensure!(
+            semantic || self.grpo.form != super::grpo::config::GrpoForm::Next,
+            "grpo.form = \"next\" samples POI codes: it needs prompt.ids = \"semantic\""
+        );
         self.ranker.validate()?;
         self.rewards.validate()
     }

@@ -1,7 +1,8 @@
 //! Periodic validation during training: the model being trained answers a fixed val subset
-//! (the sample `eval --limit N` uses) greedily, through the same harness as `eval`
-//! ([`crate::eval::evaluate`]), so the numbers in `metrics.jsonl` are the numbers `eval --method
-//! llm --adapter DIR --limit N --split val` reports for that checkpoint. The only difference from
+//! (the sample `eval --limit N` uses) greedily, or ranks by the next code as `eval --beam-next`
+//! does, through the same harness as `eval` ([`crate::eval::evaluate`]), so the numbers in
+//! `metrics.jsonl` are the numbers `eval --method llm --adapter DIR --limit N --split val`
+//! reports for that checkpoint. The only difference from
 //! [`crate::llm_rec::LlmRecommender`] is that the model is borrowed, not owned.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,10 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Result, bail};
 
 use crate::answer::{ANSWER_CLOSE, AnswerIds};
+use crate::beam::{CodeTrie, rank_next_codes};
 use crate::constrain::AnswerConstraint;
 use crate::data::{Dataset, Instance, Split};
 use crate::eval::{EvalOptions, EvalReport, Prediction, Recommender, evaluate};
 use crate::generate::{SamplingConfig, generate_constrained};
+use crate::history_prompt::{next_checkin_budget, next_checkin_prompt};
 use crate::model::{CausalLm, Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::retrieval::TrainStats;
@@ -31,6 +34,8 @@ struct BorrowedLlm<'a> {
     stop: Option<&'a AtomicBool>,
     stats: Option<TrainStats>,
     grammar: Option<AnswerConstraint>,
+    /// Ranking by the next code: the codebook's trie and the beams.
+    beam_next: Option<(CodeTrie, usize)>,
 }
 
 impl Recommender for BorrowedLlm<'_> {
@@ -45,6 +50,15 @@ impl Recommender for BorrowedLlm<'_> {
     fn predict(&mut self, ds: &Dataset, batch: &[&Instance]) -> Result<Vec<Prediction>> {
         if self.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
             bail!(Interrupted);
+        }
+        if let Some((trie, beams)) = &self.beam_next {
+            let codebook = ds.codebook().ok_or_else(|| anyhow::anyhow!("ranking by the next code needs the dataset's codebook"))?;
+            let budget = next_checkin_budget(&self.prompt, self.model, codebook);
+            let prompts =
+                batch.iter().map(|inst| next_checkin_prompt(ds, &self.prompt, self.tokenizer, inst, budget)).collect::<Result<Vec<_>>>()?;
+            let ranked = rank_next_codes(self.model, trie, &prompts, *beams)?;
+            let k = self.prompt.k;
+            return Ok(ranked.into_iter().map(|codes| Prediction::List { ids: codes.iter().take(k).map(|&(p, _)| p).collect(), valid: true }).collect());
         }
         let builder = PromptBuilder::new(self.prompt.clone(), self.tokenizer)?;
         let ids = batch
@@ -68,13 +82,15 @@ impl Recommender for BorrowedLlm<'_> {
 }
 
 /// How validation runs: the size of the fixed val sample, prompts decoded together, tokens
-/// per answer, and whether the answers are held to the answer grammar.
+/// per answer, whether the answers are held to the answer grammar, and whether the model ranks
+/// by the next code instead (with this many beams).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ValSettings {
     pub instances: usize,
     pub batch_size: usize,
     pub max_new_tokens: usize,
     pub constrained: bool,
+    pub beam_next: Option<usize>,
 }
 
 impl ValSettings {
@@ -84,6 +100,7 @@ impl ValSettings {
             batch_size: t.eval_batch_size,
             max_new_tokens: t.eval_max_new_tokens,
             constrained: false,
+            beam_next: None,
         }
     }
 }
@@ -98,14 +115,19 @@ pub fn validate(
     settings: ValSettings,
     stop: Option<&AtomicBool>,
 ) -> Result<EvalReport> {
-    let ValSettings { instances, batch_size, max_new_tokens, constrained } = settings;
+    let ValSettings { instances, batch_size, max_new_tokens, constrained, beam_next } = settings;
     let stats = candidate_stats(prompt, ds);
     let grammar = if constrained {
         Some(AnswerConstraint::new(tokenizer, prompt.k, ds.num_pois(), AnswerIds::new(prompt.ids, ds.codebook())?.codebook())?)
     } else {
         None
     };
-    let mut rec = BorrowedLlm { model, tokenizer, prompt: prompt.clone(), max_new_tokens, batch_size, stop, stats, grammar };
+    let beam_next = match (beam_next, ds.codebook()) {
+        (Some(beams), Some(codebook)) => Some((CodeTrie::new(codebook, tokenizer)?, beams)),
+        (Some(_), None) => bail!("ranking by the next code needs the dataset's codebook.json (preprocess writes it)"),
+        (None, _) => None,
+    };
+    let mut rec = BorrowedLlm { model, tokenizer, prompt: prompt.clone(), max_new_tokens, batch_size, stop, stats, grammar, beam_next };
     let opts = EvalOptions { batch_size: Some(batch_size), limit: Some(instances), quiet: true, ..Default::default() };
     Ok(evaluate(ds, Split::Val, &mut rec, &opts)?.0)
 }

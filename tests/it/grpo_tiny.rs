@@ -40,6 +40,8 @@ fn a_tiny_model_learns_a_synthetic_reward() {
         loss: LossConfig { beta: 0.01, loss_norm: LossNorm::Sequence, max_completion_tokens: 2, ..Default::default() },
         sampling: SamplingConfig { max_new_tokens: 2, temperature: 1.0, ..Default::default() },
         constraint: None,
+        next_code: None,
+        grad_prompt_tokens: 0,
         scale_rewards: true,
         skip_zero_signal: true,
         updates_per_batch: 1,

@@ -336,7 +336,7 @@ fn prefix_shared_group_forward_equals_separate_sequences() {
         let completions = vec![ids(&m, "one"), ids(&m, "two"), ids(&m, "six")];
         let flat: Vec<u32> = completions.concat();
         let ct = Tensor::from_vec(flat, (3, 3), &Device::Cpu).unwrap();
-        let shared = m.model.forward_group(&prompt, &ct, mode).unwrap().to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap();
+        let shared = m.model.forward_group(&prompt, &ct, 0, mode).unwrap().to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap();
         let separate = unshared_group_logits(&m, &prompt, &completions, mode);
         for (a, b) in shared.iter().flatten().flatten().zip(separate.iter().flatten().flatten()) {
             assert!((a - b).abs() < tol * (1.0 + b.abs()), "{dtype:?}: {a} vs {b}");
@@ -363,7 +363,7 @@ fn grpo_loss_gradient_matches_finite_differences() {
     let reference = (&old - 0.3).unwrap();
     let loss_cfg = LossConfig { epsilon: 0.2, epsilon_high: Some(0.28), beta: 0.1, loss_norm: LossNorm::Token, max_completion_tokens: 3 };
     let loss = |m: &LoadedModel| {
-        let logits = m.model.forward_group(&prompt, &tokens, Mode::TRAIN).unwrap();
+        let logits = m.model.forward_group(&prompt, &tokens, 0, Mode::TRAIN).unwrap();
         let logp = token_logprobs(&logits, &tokens).unwrap().to_dtype(DType::F64).unwrap();
         grpo_loss(&logp, &old, Some(&reference), &adv, &mask, &loss_cfg).unwrap().0
     };
@@ -464,8 +464,8 @@ fn constrained_training_logprobs_are_the_masked_sampling_distribution() {
     let vocab = m.model.config.vocab_size;
     let rows: Vec<Vec<u32>> = group.iter().map(|x| x.tokens.clone()).collect();
     let mask = Tensor::from_vec(grammar.logit_mask(&rows, c, vocab, &eos).unwrap(), (g, c, vocab), &Device::Cpu).unwrap();
-    let trained = group_logprobs(&m.model, &prompt, &tokens, Some(&mask), Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
-    let free = group_logprobs(&m.model, &prompt, &tokens, None, Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
+    let trained = group_logprobs(&m.model, &prompt, &tokens, Some(&mask), 0, Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
+    let free = group_logprobs(&m.model, &prompt, &tokens, None, 0, Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
     let mut forced = 0;
     for (r, completion) in group.iter().enumerate() {
         let mut state = grammar.start();
@@ -513,4 +513,52 @@ fn dispatched_matmul_agrees_with_a_plain_loop() {
             }
         }
     }
+}
+
+/// A frozen head of the prompt (`grpo.grad_prompt_tokens`) changes no value, and of the
+/// gradient only what flows through the frozen tokens: in a one-layer model their queries feed
+/// only their own outputs, which nothing reads, so the q adapter's gradient is exact; their
+/// values are read by the completions, so the v adapter's gradient loses that part.
+#[test]
+fn a_frozen_prompt_head_keeps_the_values_and_drops_only_its_own_gradient() {
+    use refine_poi::train::token_logprobs;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config("llama");
+    config.num_hidden_layers = 1;
+    write_tiny_model(dir.path(), &config, 7).unwrap();
+    let mut m = load_on(&ModelSource::Folder(dir.path().to_path_buf()), &Device::Cpu, DType::F64).unwrap();
+    m.model.attach_lora(&LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q".into(), "v".into()] }, 21).unwrap();
+    randomize_lora_b(&m, 22, 0.3).unwrap();
+    let prompt = ids(&m, "a longer shared prompt");
+    let p = prompt.len();
+    let tokens = Tensor::from_vec(vec![10u32, 20, 30, 40, 50, 60], (2, 3), &Device::Cpu).unwrap();
+    let run = |frozen: usize| {
+        let logits = m.model.forward_group(&prompt, &tokens, frozen, Mode::TRAIN).unwrap();
+        let logp = token_logprobs(&logits, &tokens).unwrap();
+        let grads = logp.sum_all().unwrap().backward().unwrap();
+        let values = logp.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let grad_of = |target: &str| -> Vec<f64> {
+            m.model
+                .lora_vars()
+                .iter()
+                .filter(|(name, _)| name.contains(target))
+                .flat_map(|(_, v)| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+                .collect()
+        };
+        (values, grad_of("q_proj"), grad_of("v_proj"))
+    };
+    let (values, q, v) = run(0);
+    assert!(!q.is_empty() && !v.is_empty());
+    for frozen in [1, p - 1] {
+        let (values_f, q_f, v_f) = run(frozen);
+        for (a, b) in values.iter().zip(&values_f) {
+            assert!((a - b).abs() < 1e-10, "frozen {frozen}: log-prob {a} vs {b}");
+        }
+        for (a, b) in q.iter().zip(&q_f) {
+            assert!((a - b).abs() < 1e-9 * (1.0 + a.abs()), "frozen {frozen}: q gradient {a} vs {b}");
+        }
+        let dropped = v.iter().zip(&v_f).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(dropped > 1e-6, "frozen {frozen}: the values' gradient through the frozen tokens is left out");
+    }
+    assert!(m.model.forward_group(&prompt, &tokens, p, Mode::TRAIN).is_err(), "the last prompt token must stay live");
 }

@@ -552,6 +552,87 @@ fn beam_next_ranks_every_code_as_scoring_each_does() {
     }
 }
 
+/// GRPO's next-code form samples from the distribution the beam ranks by, only ever a code of
+/// the dataset, and trains on the log-probs of that same masked distribution (on-policy), with
+/// or without a frozen prompt head.
+#[test]
+fn sampled_codes_follow_the_beams_distribution_and_train_on_it() {
+    use refine_poi::beam::sample_next_codes;
+    use refine_poi::train::grpo::loss::{completion_tensors, group_logprobs};
+    let s = Setup::new();
+    let cfg = s.cfg(&["prompt.ids=semantic", "prompt.times=true", "prompt.time_tokens=true", "prompt.categories=false"]);
+    let ds = Dataset::load(&cfg.data.dir).unwrap();
+    let cb = ds.codebook().unwrap();
+    let mut loaded = model::load(cfg.model.path.as_str()).unwrap();
+    loaded.model.attach_lora(&cfg.lora, 1).unwrap();
+    loaded.add_tokens(refine_poi::prompt::added_tokens(&cfg.prompt, Some(cb)).unwrap().unwrap(), 2).unwrap();
+    refine_poi::selfcheck::randomize_lora_b(&loaded, 3, 0.05).unwrap();
+    let trie = CodeTrie::new(cb, &loaded.tokenizer).unwrap();
+    let prompt = next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, &ds.instances(refine_poi::data::Split::Val)[0], 120).unwrap();
+    let ranked = rank_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), ds.num_pois()).unwrap().remove(0);
+    let prob: std::collections::HashMap<u32, f64> = ranked.iter().map(|&(p, score)| (p, f64::from(score).exp())).collect();
+
+    let n = 3000;
+    let samples = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[5], n).unwrap().remove(0);
+    let again = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[5], 8).unwrap().remove(0);
+    assert_eq!(again.iter().map(|c| &c.tokens).collect::<Vec<_>>(), samples[..8].iter().map(|c| &c.tokens).collect::<Vec<_>>(), "seeded");
+    let mut counts = std::collections::HashMap::new();
+    for c in &samples {
+        assert_eq!(c.tokens.len(), cb.levels());
+        let poi = trie.poi_of_tokens(&c.tokens).expect("every sample is a code of the dataset");
+        *counts.entry(poi).or_insert(0usize) += 1;
+    }
+    for (poi, p) in &prob {
+        let freq = counts.get(poi).copied().unwrap_or(0) as f64 / n as f64;
+        assert!((freq - p).abs() < 0.03, "POI {poi}: sampled {freq}, probability {p}");
+    }
+
+    // The training forward under the trie's mask gives each sample its code's probability.
+    let group = &samples[..8];
+    let (tokens, mask) = completion_tensors(group, 0, 0, &candle_core::Device::Cpu, DType::F32).unwrap();
+    assert_eq!(mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize, 8 * cb.levels(), "no end token after a code");
+    let rows: Vec<Vec<u32>> = group.iter().map(|c| c.tokens.clone()).collect();
+    let vocab = loaded.model.vocab_size();
+    let grammar = Tensor::from_vec(trie.logit_mask(&rows, vocab).unwrap(), (8, cb.levels(), vocab), &candle_core::Device::Cpu).unwrap();
+    for frozen in [0, prompt.len() - 4] {
+        let logp = group_logprobs(&loaded.model, &prompt, &tokens, Some(&grammar), frozen, Mode::TRAIN).unwrap().to_vec2::<f32>().unwrap();
+        for (c, row) in group.iter().zip(&logp) {
+            let poi = trie.poi_of_tokens(&c.tokens).unwrap();
+            let trained: f64 = row.iter().map(|&l| f64::from(l)).sum();
+            assert!((trained.exp() - prob[&poi]).abs() < 1e-4, "frozen {frozen}, POI {poi}: {} trained, {} sampled", trained.exp(), prob[&poi]);
+        }
+    }
+    assert!(trie.logit_mask(&[vec![1, 2, 3]], vocab).is_err(), "a row that is not a code");
+}
+
+/// `grpo-train` in the next-code form: it runs from a semantic adapter, validates by ranking
+/// the next code, and refuses raw ids.
+#[test]
+fn grpo_trains_on_next_codes_and_validates_by_the_beam() {
+    let s = Setup::new();
+    let warm = sft::run(&s.cfg(&["prompt.ids=semantic", "sft.max_steps=1"]), &quiet()).unwrap();
+    let init = format!("grpo.init_adapter={}", warm.stage.dir.join("final").display());
+    let sets = ["prompt.ids=semantic", &init, "grpo.form=next", "grpo.temperature=1", "grpo.grad_prompt_tokens=8", "grpo.max_steps=2", "grpo.eval_every=2"];
+    let cfg = s.cfg(&sets);
+    let done = grpo::run(&cfg, &quiet()).unwrap();
+    assert!(done.stage.finished);
+    let metrics = std::fs::read_to_string(done.stage.dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("reward").is_some()).collect();
+    assert_eq!(steps.len(), 2);
+    for st in &steps {
+        assert_eq!(st["valid"], 1.0, "{st}");
+        assert_eq!(st["completion_tokens"].as_f64().unwrap(), codebook(&s).levels() as f64, "{st}");
+    }
+    let val = lines.iter().find(|l| l.get("val").is_some()).expect("a validation");
+    assert_eq!(val["val_invalid_rate"], 0.0, "the beam always ranks valid codes: {val}");
+
+    let raw = RunConfig::load(Some(&s.config), &[init.clone(), "grpo.form=next".into(), "grpo.temperature=1".into()]).unwrap_err();
+    assert!(format!("{raw:#}").contains("semantic"), "{raw:#}");
+    let hot = RunConfig::load(Some(&s.config), &["prompt.ids=semantic".into(), "grpo.form=next".into(), "grpo.temperature=0.7".into()]);
+    assert!(format!("{:#}", hot.unwrap_err()).contains("temperature"));
+}
+
 /// The JSON report of an `eval` run that had to succeed.
 fn report_of(out: &std::process::Output, report: &Path) -> serde_json::Value {
     assert!(out.status.success(), "{}", text(&out.stderr));

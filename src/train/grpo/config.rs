@@ -27,6 +27,19 @@ pub enum ReferencePolicy {
     Base,
 }
 
+/// What a GRPO completion is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrpoForm {
+    /// A top-k list answering the list prompt ([`crate::prompt`]), scored as a list.
+    List,
+    /// One POI code written after the user's check-ins in the whole-history form
+    /// ([`crate::history_prompt::next_checkin_prompt`]), sampled over the codebook's codes at
+    /// temperature 1 and scored as a one-POI list; the model ranks as `eval --beam-next` does.
+    /// Needs semantic ids.
+    Next,
+}
+
 /// `[grpo]`: group-relative policy optimisation on the recommendation rewards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +47,12 @@ pub struct GrpoConfig {
     /// The adapter the policy starts from: `"sft"` (`{run_dir}/sft/best`), `"none"` (a fresh
     /// adapter), or a PEFT adapter folder.
     pub init_adapter: String,
+    /// `"list"` (a top-k list per sample) or `"next"` (one next-check-in code per sample).
+    pub form: GrpoForm,
+    /// Gradients flow through the last this-many prompt tokens only (the earlier ones run as
+    /// inference, their keys and values constants): a long prompt then costs a prefill, not a
+    /// training pass. 0 = the whole prompt.
+    pub grad_prompt_tokens: usize,
     /// What the KL term is measured against: `"init"` (the starting policy) or `"base"`.
     pub reference: ReferencePolicy,
     /// Completions sampled per prompt (G).
@@ -81,6 +100,13 @@ impl GrpoConfig {
         ensure!(self.max_new_tokens >= 1, "grpo.max_new_tokens must be at least 1");
         ensure!(self.temperature > 0.0, "grpo.temperature must be positive");
         ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "grpo.top_p must be in (0, 1]");
+        if self.form == GrpoForm::Next {
+            ensure!(
+                self.temperature == 1.0 && self.top_p == 1.0 && self.top_k == 0,
+                "grpo.form = \"next\" samples codes from the model's own distribution: set temperature = 1, top_p = 1, top_k = 0"
+            );
+            ensure!(!self.constrained, "grpo.form = \"next\" always samples under the codebook: leave grpo.constrained false");
+        }
         self.train.validate("grpo")
     }
 }
@@ -89,6 +115,8 @@ impl Default for GrpoConfig {
     fn default() -> Self {
         GrpoConfig {
             init_adapter: "sft".to_string(),
+            form: GrpoForm::List,
+            grad_prompt_tokens: 0,
             reference: ReferencePolicy::Init,
             group: 8,
             prompts_per_step: 2,

@@ -6,15 +6,17 @@
 //!   loss_it = −min(ρ·A_i, clip(ρ, 1−ε_low, 1+ε_high)·A_i) + β·(exp(ref − logp) − (ref − logp) − 1)
 //! normalised over tokens as configured (see [`LossNorm`]).
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::config::LossNorm;
 
 use super::advantages::{DEFAULT_EPS, GroupStats, group_advantages};
+use crate::beam::{CodeTrie, sample_next_codes};
 use crate::constrain::AnswerConstraint;
 use crate::dist::Dist;
 use crate::generate::{Completion, FinishReason, SamplingConfig, generate_constrained};
@@ -108,6 +110,13 @@ pub struct StepConfig {
     /// Sample under the answer grammar; the log-probs are then those of the masked
     /// distribution, in the reference and old-policy forwards too.
     pub constraint: Option<AnswerConstraint>,
+    /// The next-code form (`grpo.form = "next"`): a completion is one code sampled under this
+    /// trie ([`sample_next_codes`]), and the log-probs are those of its mask. `sampling` and
+    /// `constraint` are then unused.
+    pub next_code: Option<Arc<CodeTrie>>,
+    /// Gradients flow through the last this-many prompt tokens only; 0 = the whole prompt
+    /// ([`CausalLm::forward_group`]).
+    pub grad_prompt_tokens: usize,
     /// Divide advantages by the group's reward std (GRPO) or not (Dr. GRPO).
     pub scale_rewards: bool,
     /// Leave groups whose rewards are all equal out of the update (they carry no signal).
@@ -175,11 +184,12 @@ pub fn completion_tensors(
     Ok((Tensor::from_vec(ids, (g, width), device)?, Tensor::from_vec(mask, (g, width), device)?.to_dtype(dtype)?))
 }
 
-/// Log-probs (G, C) of a group's completion tokens, the prompt run once (prefix sharing).
-/// `logit_mask` (G, C, vocab), added to the logits, restricts them to the answer grammar's
-/// tokens: the distribution constrained completions were sampled from.
-pub fn group_logprobs(model: &CausalLm, prompt: &[u32], tokens: &Tensor, logit_mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
-    let logits = model.forward_group(prompt, tokens, mode)?;
+/// Log-probs (G, C) of a group's completion tokens, the prompt run once (prefix sharing), its
+/// first `frozen` tokens without gradients ([`CausalLm::forward_group`]). `logit_mask` (G, C,
+/// vocab), added to the logits, restricts them to the answer grammar's tokens: the
+/// distribution constrained completions were sampled from.
+pub fn group_logprobs(model: &CausalLm, prompt: &[u32], tokens: &Tensor, logit_mask: Option<&Tensor>, frozen: usize, mode: Mode) -> Result<Tensor> {
+    let logits = model.forward_group(prompt, tokens, frozen, mode)?;
     let logits = match logit_mask {
         Some(m) => logits.broadcast_add(&m.to_dtype(logits.dtype())?)?,
         None => logits,
@@ -194,6 +204,24 @@ fn group_logit_mask(constraint: &AnswerConstraint, group: &[Completion], tokens:
     let rows: Vec<Vec<u32>> = group.iter().map(|x| x.tokens.clone()).collect();
     let mask = constraint.logit_mask(&rows, c, vocab, eos)?;
     Ok(Tensor::from_vec(mask, (g, c, vocab), tokens.device())?)
+}
+
+/// The additive logit mask of a group of sampled codes ([`CodeTrie::logit_mask`]).
+fn code_logit_mask(trie: &CodeTrie, group: &[Completion], tokens: &Tensor, vocab: usize) -> Result<Tensor> {
+    let (g, c) = tokens.dims2()?;
+    ensure!(c == trie.levels(), "codes of {} tokens in rows of {c}", trie.levels());
+    let rows: Vec<Vec<u32>> = group.iter().map(|x| x.tokens.clone()).collect();
+    Ok(Tensor::from_vec(trie.logit_mask(&rows, vocab)?, (g, c, vocab), tokens.device())?)
+}
+
+impl StepConfig {
+    /// How many leading tokens of a `prompt_len`-token prompt run without gradients.
+    pub fn frozen_prompt_tokens(&self, prompt_len: usize) -> usize {
+        match self.grad_prompt_tokens {
+            0 => 0,
+            n => prompt_len.saturating_sub(n),
+        }
+    }
 }
 
 /// One GRPO step: sample G completions per prompt (one shared prefill each), score them with
@@ -223,6 +251,8 @@ pub fn step(
     let my_seeds: Vec<u64> = mine.iter().map(|&p| seeds[p]).collect();
     let sampled = if mine.is_empty() {
         Vec::new()
+    } else if let Some(trie) = &cfg.next_code {
+        sample_next_codes(model, trie, &my_prompts, &my_seeds, cfg.group)?
     } else {
         generate_constrained(model, tokenizer, &my_prompts, &my_seeds, cfg.group, &cfg.sampling, Mode::INFERENCE, cfg.constraint.as_ref())?
     };
@@ -253,21 +283,23 @@ pub fn step(
             continue;
         }
         let (tokens, mask) = completion_tensors(group, eos, eos, &device, dtype)?;
-        let grammar = match &cfg.constraint {
-            Some(c) => Some(group_logit_mask(c, group, &tokens, model.vocab_size(), &tokenizer.eos_ids)?),
-            None => None,
+        let grammar = match (&cfg.next_code, &cfg.constraint) {
+            (Some(trie), _) => Some(code_logit_mask(trie, group, &tokens, model.vocab_size())?),
+            (None, Some(c)) => Some(group_logit_mask(c, group, &tokens, model.vocab_size(), &tokenizer.eos_ids)?),
+            (None, None) => None,
         };
+        let frozen = cfg.frozen_prompt_tokens(prompts[p].len());
         let adv = Tensor::from_vec(advantages[p * cfg.group..(p + 1) * cfg.group].to_vec(), cfg.group, &device)?.to_dtype(dtype)?;
         let reference =
-            if cfg.loss.beta > 0.0 { Some(group_logprobs(model, &prompts[p], &tokens, grammar.as_ref(), Mode::REFERENCE)?) } else { None };
+            if cfg.loss.beta > 0.0 { Some(group_logprobs(model, &prompts[p], &tokens, grammar.as_ref(), frozen, Mode::REFERENCE)?) } else { None };
         // With one update per batch the policy has not moved since sampling: old = current
         // (detached), as in TRL. Otherwise the sampling-time log-probs are computed once here.
         let old = if cfg.updates_per_batch > 1 {
-            Some(group_logprobs(model, &prompts[p], &tokens, grammar.as_ref(), Mode { adapter: true, grad: false, dropout: None })?)
+            Some(group_logprobs(model, &prompts[p], &tokens, grammar.as_ref(), frozen, Mode { adapter: true, grad: false, dropout: None })?)
         } else {
             None
         };
-        prepared.push((p, tokens, mask, grammar, adv, old, reference));
+        prepared.push((p, tokens, mask, grammar, frozen, adv, old, reference));
     }
     // The groups kept over all ranks: the batch loss is the mean over them.
     let kept = (0..prompts.len()).filter(|&p| !(cfg.skip_zero_signal && groups.zero_signal[p])).count();
@@ -286,12 +318,12 @@ pub fn step(
         let mut accum = GradAccum::new(params.len());
         // This update's loss, its statistics and the groups evaluated, summed over ranks below.
         let mut sums = [0.0f64; 6];
-        for (p, tokens, mask, grammar, adv, old, reference) in &prepared {
+        for (p, tokens, mask, grammar, frozen, adv, old, reference) in &prepared {
             let mode = match dropout_seed {
                 Some(seed) => Mode::TRAIN.with_dropout(crate::seed::derive_seed(seed, update as u64, *p as u64)),
                 None => Mode::TRAIN,
             };
-            let logp = group_logprobs(model, &prompts[*p], tokens, grammar.as_ref(), mode)?;
+            let logp = group_logprobs(model, &prompts[*p], tokens, grammar.as_ref(), *frozen, mode)?;
             let old = match old {
                 Some(o) => o.clone(),
                 None => logp.detach(),

@@ -9,6 +9,11 @@
 //! well-formed rate are logged. Validation, `best/`, checkpoints, resume and Ctrl-C work as in
 //! the SFT warm-up ([`crate::train`]).
 //!
+//! With `grpo.form = "next"` a prompt is instead the user's check-ins in the whole-history
+//! form and a completion is one POI code, sampled under the codebook's trie and scored as a
+//! one-POI list ([`score_code`]); validation then ranks by the next code, as `eval
+//! --beam-next` does.
+//!
 //! The policy starts from `grpo.init_adapter` (by default the SFT warm-up's `best/`), copied
 //! into the run directory as `init/` so a resumed run keeps the same start even if the SFT
 //! run changes. The KL reference is that starting policy, frozen (`grpo.reference = "init"`),
@@ -16,6 +21,7 @@
 //! surrogate must be exactly 1 for the policy that sampled.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub mod advantages;
@@ -26,18 +32,20 @@ pub mod rewards;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Map, Value, json};
 
-use crate::answer::{ANSWER_CLOSE, AnswerIds, parse_answer};
+use crate::answer::{ANSWER_CLOSE, AnswerIds, ParsedAnswer, parse_answer};
+use crate::beam::{CodeTrie, DEFAULT_BEAMS};
 use crate::constrain::AnswerConstraint;
 use crate::data::{Dataset, Instance};
 use crate::dist::Dist;
 use crate::generate::{Completion, SamplingConfig};
+use crate::history_prompt::{next_checkin_budget, next_checkin_prompt};
 use crate::prompt::{PromptBuilder, PromptContext, candidate_stats};
 use crate::seed::{SEED_SAMPLING, derive_seed};
 use crate::train::config::{RunConfig, Stage};
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::train::schedule::lr_at;
 use crate::train::{EpochOrder, RunOptions, StageLoop, StageStart, StageSummary, load_model, progress_bar, train_instances};
-use config::ReferencePolicy;
+use config::{GrpoForm, ReferencePolicy};
 use loss::{LossConfig, StepConfig, StepReport};
 use rewards::{RewardBreakdown, RewardInput, score};
 
@@ -110,6 +118,8 @@ pub fn step_config(cfg: &RunConfig, constraint: Option<AnswerConstraint>) -> Ste
             seed: 0,
         },
         constraint,
+        next_code: None,
+        grad_prompt_tokens: g.grad_prompt_tokens,
         scale_rewards: g.scale_rewards,
         skip_zero_signal: g.skip_zero_signal,
         updates_per_batch: g.updates_per_batch,
@@ -161,6 +171,26 @@ fn gather_scored(dist: &Dist, mine: Vec<(usize, Scored)>) -> Result<Vec<Scored>>
     let mut rows: Vec<&[f64]> = all.chunks_exact(width).collect();
     rows.sort_by_key(|r| r[0] as usize);
     Ok(rows.into_iter().map(Scored::decode).collect())
+}
+
+/// Scores a sampled code (the next-code form) for `inst` with every reward of the config, as
+/// a one-POI list: hit and rank are 1 on the target's code, soft accuracy credits a near miss.
+fn score_code(ds: &Dataset, cfg: &RunConfig, trie: &CodeTrie, inst: &Instance, c: &Completion) -> Result<Scored> {
+    let poi = trie.poi_of_tokens(&c.tokens).with_context(|| format!("sampled tokens {:?} are not a code", c.tokens))?;
+    let parsed = ParsedAnswer { ids: vec![poi], has_answer_tag: true, closed: true, items: 1, well_formed: true, ..Default::default() };
+    let input = RewardInput {
+        answer: &parsed,
+        completion: &c.text,
+        completion_tokens: c.tokens.len(),
+        target: inst.target.poi,
+        k: 1,
+        pois: ds.pois(),
+        history: ds.history(inst),
+        reasoning: false,
+        params: &cfg.rewards.params,
+    };
+    let breakdown = score(&input, &cfg.rewards.weights);
+    Ok(Scored { breakdown, rank: (poi == inst.target.poi).then_some(1), valid: true, well_formed: true })
 }
 
 /// Scores a completion for `inst` with every reward of the config; the rewards read it in dense
@@ -262,7 +292,15 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     } else {
         None
     };
-    let step_cfg = step_config(cfg, constraint);
+    let next_code = match cfg.grpo.form {
+        GrpoForm::Next => {
+            let codebook = ds.codebook().context("grpo.form = \"next\" needs the dataset's codebook.json (preprocess writes it)")?;
+            Some(Arc::new(CodeTrie::new(codebook, &loaded.tokenizer)?))
+        }
+        GrpoForm::List => None,
+    };
+    let next_budget = ds.codebook().map(|cb| next_checkin_budget(&cfg.prompt, &loaded.model, cb));
+    let step_cfg = StepConfig { next_code: next_code.clone(), ..step_config(cfg, constraint) };
     if !opts.quiet {
         let from = start.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
         let reference = match cfg.grpo.reference {
@@ -281,6 +319,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let bar = progress_bar(total, state.step, opts.quiet, "grpo");
     let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts);
     cadence.val.constrained = cfg.grpo.constrained;
+    cadence.val.beam_next = next_code.is_some().then_some(DEFAULT_BEAMS);
     let (mut first_reward, mut last_reward) = (None, None);
     let mut order = EpochOrder::new(t.seed, examples.len());
     let k = cfg.prompt.k;
@@ -296,12 +335,18 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         let insts: Vec<&Instance> = positions.iter().map(|&g| examples[order.example(g)]).collect();
         let prompt_ids = insts
             .iter()
-            .map(|inst| Ok(prompts.build(&PromptContext::from_instance_with(&ds, inst, stats.as_ref()))?.ids))
+            .map(|inst| match (&next_code, next_budget) {
+                (Some(_), Some(budget)) => next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, inst, budget),
+                _ => Ok(prompts.build(&PromptContext::from_instance_with(&ds, inst, stats.as_ref()))?.ids),
+            })
             .collect::<Result<Vec<_>>>()?;
         let seeds: Vec<u64> = positions.iter().map(|&g| derive_seed(t.seed, SEED_SAMPLING, g)).collect();
         let mut mine = Vec::with_capacity(insts.len() * cfg.grpo.group);
         let mut reward = |p: usize, c: &Completion| -> Result<f64> {
-            let s = score_completion(&ds, cfg, naming, insts[p], c);
+            let s = match &next_code {
+                Some(trie) => score_code(&ds, cfg, trie, insts[p], c)?,
+                None => score_completion(&ds, cfg, naming, insts[p], c),
+            };
             let total = s.breakdown.total;
             mine.push((p, s));
             Ok(total)
