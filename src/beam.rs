@@ -118,7 +118,13 @@ impl CodeTrie {
 /// distribution [`rank_next_codes`] ranks by). Each prompt is prefilled once; sample `s` of
 /// prompt `p` draws from a generator seeded by (`seeds[p]`, `s`). A completion's tokens are one
 /// code, its text the code (`<a1><b0><c3>`), its finish [`FinishReason::Stop`].
-pub fn sample_next_codes(model: &CausalLm, trie: &CodeTrie, prompts: &[Vec<u32>], seeds: &[u64], group: usize) -> Result<Vec<Vec<Completion>>> {
+pub fn sample_next_codes(
+    model: &CausalLm,
+    trie: &CodeTrie,
+    prompts: &[Vec<u32>],
+    seeds: &[u64],
+    group: usize,
+) -> Result<Vec<Vec<Completion>>> {
     ensure!(group > 0 && seeds.len() == prompts.len(), "one seed per prompt and at least one sample each");
     let (caches, first) = prefill_each(model, prompts, Mode::INFERENCE)?;
     let of_row: Vec<usize> = (0..prompts.len()).flat_map(|p| std::iter::repeat_n(p, group)).collect();

@@ -697,7 +697,9 @@ impl CausalLm {
         let h = self.config.hidden_size;
         let live = p - frozen;
         let frozen_mode = Mode { grad: false, ..mode };
-        let embed = |ids: &[u32], mode: Mode| -> anyhow::Result<Tensor> { self.embed_ids(&Tensor::new(ids, &self.device)?, mode)?.unsqueeze(0).map_err(Into::into) };
+        let embed = |ids: &[u32], mode: Mode| -> anyhow::Result<Tensor> {
+            self.embed_ids(&Tensor::new(ids, &self.device)?, mode)?.unsqueeze(0).map_err(Into::into)
+        };
         let mut xf = if frozen > 0 { Some(embed(&prompt[..frozen], frozen_mode)?) } else { None };
         let mut xp = embed(&prompt[frozen..], mode)?;
         let mut xc = self.embed_ids(&completions.flatten_all()?, mode)?.reshape((g, c, h))?;
@@ -718,7 +720,8 @@ impl CausalLm {
             let frozen_kv = match (xf.take(), &rope_f) {
                 (Some(x), Some(rope_f)) => {
                     let (qf, kf, vf) = a.project(&rms_norm(&x, &block.attn_norm, eps, frozen_mode)?, rope_f, frozen_mode)?;
-                    let attn = a.attend_causal(&qf, &CachedKv { k: kf.clone(), v: vf.clone(), prefix: None }, &[0], mask_f.as_ref(), frozen_mode)?;
+                    let attn =
+                        a.attend_causal(&qf, &CachedKv { k: kf.clone(), v: vf.clone(), prefix: None }, &[0], mask_f.as_ref(), frozen_mode)?;
                     let x = (x + attn)?;
                     xf = Some((&x + block.mlp.forward(&rms_norm(&x, &block.mlp_norm, eps, frozen_mode)?, frozen_mode)?)?);
                     Some((kf, vf))

@@ -58,7 +58,10 @@ impl Recommender for BorrowedLlm<'_> {
                 batch.iter().map(|inst| next_checkin_prompt(ds, &self.prompt, self.tokenizer, inst, budget)).collect::<Result<Vec<_>>>()?;
             let ranked = rank_next_codes(self.model, trie, &prompts, *beams)?;
             let k = self.prompt.k;
-            return Ok(ranked.into_iter().map(|codes| Prediction::List { ids: codes.iter().take(k).map(|&(p, _)| p).collect(), valid: true }).collect());
+            return Ok(ranked
+                .into_iter()
+                .map(|codes| Prediction::List { ids: codes.iter().take(k).map(|&(p, _)| p).collect(), valid: true })
+                .collect());
         }
         let builder = PromptBuilder::new(self.prompt.clone(), self.tokenizer)?;
         let ids = batch

@@ -599,7 +599,12 @@ fn sampled_codes_follow_the_beams_distribution_and_train_on_it() {
         for (c, row) in group.iter().zip(&logp) {
             let poi = trie.poi_of_tokens(&c.tokens).unwrap();
             let trained: f64 = row.iter().map(|&l| f64::from(l)).sum();
-            assert!((trained.exp() - prob[&poi]).abs() < 1e-4, "frozen {frozen}, POI {poi}: {} trained, {} sampled", trained.exp(), prob[&poi]);
+            assert!(
+                (trained.exp() - prob[&poi]).abs() < 1e-4,
+                "frozen {frozen}, POI {poi}: {} trained, {} sampled",
+                trained.exp(),
+                prob[&poi]
+            );
         }
     }
     assert!(trie.logit_mask(&[vec![1, 2, 3]], vocab).is_err(), "a row that is not a code");
@@ -612,7 +617,15 @@ fn grpo_trains_on_next_codes_and_validates_by_the_beam() {
     let s = Setup::new();
     let warm = sft::run(&s.cfg(&["prompt.ids=semantic", "sft.max_steps=1"]), &quiet()).unwrap();
     let init = format!("grpo.init_adapter={}", warm.stage.dir.join("final").display());
-    let sets = ["prompt.ids=semantic", &init, "grpo.form=next", "grpo.temperature=1", "grpo.grad_prompt_tokens=8", "grpo.max_steps=2", "grpo.eval_every=2"];
+    let sets = [
+        "prompt.ids=semantic",
+        &init,
+        "grpo.form=next",
+        "grpo.temperature=1",
+        "grpo.grad_prompt_tokens=8",
+        "grpo.max_steps=2",
+        "grpo.eval_every=2",
+    ];
     let cfg = s.cfg(&sets);
     let done = grpo::run(&cfg, &quiet()).unwrap();
     assert!(done.stage.finished);

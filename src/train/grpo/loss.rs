@@ -188,7 +188,14 @@ pub fn completion_tensors(
 /// first `frozen` tokens without gradients ([`CausalLm::forward_group`]). `logit_mask` (G, C,
 /// vocab), added to the logits, restricts them to the answer grammar's tokens: the
 /// distribution constrained completions were sampled from.
-pub fn group_logprobs(model: &CausalLm, prompt: &[u32], tokens: &Tensor, logit_mask: Option<&Tensor>, frozen: usize, mode: Mode) -> Result<Tensor> {
+pub fn group_logprobs(
+    model: &CausalLm,
+    prompt: &[u32],
+    tokens: &Tensor,
+    logit_mask: Option<&Tensor>,
+    frozen: usize,
+    mode: Mode,
+) -> Result<Tensor> {
     let logits = model.forward_group(prompt, tokens, frozen, mode)?;
     let logits = match logit_mask {
         Some(m) => logits.broadcast_add(&m.to_dtype(logits.dtype())?)?,
@@ -290,8 +297,11 @@ pub fn step(
         };
         let frozen = cfg.frozen_prompt_tokens(prompts[p].len());
         let adv = Tensor::from_vec(advantages[p * cfg.group..(p + 1) * cfg.group].to_vec(), cfg.group, &device)?.to_dtype(dtype)?;
-        let reference =
-            if cfg.loss.beta > 0.0 { Some(group_logprobs(model, &prompts[p], &tokens, grammar.as_ref(), frozen, Mode::REFERENCE)?) } else { None };
+        let reference = if cfg.loss.beta > 0.0 {
+            Some(group_logprobs(model, &prompts[p], &tokens, grammar.as_ref(), frozen, Mode::REFERENCE)?)
+        } else {
+            None
+        };
         // With one update per batch the policy has not moved since sampling: old = current
         // (detached), as in TRL. Otherwise the sampling-time log-probs are computed once here.
         let old = if cfg.updates_per_batch > 1 {
