@@ -80,10 +80,19 @@ impl CodeTrie {
         self.levels
     }
 
-    /// The POI whose code `tokens` write, if they write a whole code of the dataset.
+    /// The POI whose code `tokens` write, if they write a whole code of the dataset, each
+    /// token at its own level.
     pub fn poi_of_tokens(&self, tokens: &[u32]) -> Option<u32> {
-        let code = tokens.iter().map(|t| self.index.get(t).copied()).collect::<Option<Vec<u16>>>()?;
-        self.poi.get(&code).copied()
+        self.code_of_tokens(tokens).and_then(|code| self.poi.get(&code).copied())
+    }
+
+    /// The level indices of `tokens`, if each is a code token of its level.
+    fn code_of_tokens(&self, tokens: &[u32]) -> Option<Vec<u16>> {
+        if tokens.len() != self.levels {
+            return None;
+        }
+        let code: Vec<u16> = tokens.iter().map(|t| self.index.get(t).copied()).collect::<Option<_>>()?;
+        code.iter().zip(tokens).enumerate().all(|(level, (&i, &t))| self.tokens[level].get(usize::from(i)) == Some(&t)).then_some(code)
     }
 
     /// The token ids allowed after the code prefix `code`.
@@ -99,8 +108,10 @@ impl CodeTrie {
         let width = self.levels;
         let mut mask = vec![f32::NEG_INFINITY; rows.len() * width * vocab];
         for (r, tokens) in rows.iter().enumerate() {
-            ensure!(self.poi_of_tokens(tokens).is_some(), "row {r} ({tokens:?}) is not a code of the dataset");
-            let code: Vec<u16> = tokens.iter().map(|t| self.index[t]).collect();
+            let code = self
+                .code_of_tokens(tokens)
+                .filter(|c| self.poi.contains_key(c))
+                .with_context(|| format!("row {r} ({tokens:?}) is not a code of the dataset"))?;
             for level in 0..width {
                 let row = &mut mask[(r * width + level) * vocab..(r * width + level + 1) * vocab];
                 for t in self.allowed(&code[..level]) {
@@ -141,7 +152,9 @@ pub fn sample_next_codes(
             let picked: Vec<f32> = allowed.iter().map(|&i| row[trie.tokens[level][usize::from(i)] as usize]).collect();
             let max = picked.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let weights: Vec<f64> = picked.iter().map(|&l| f64::from(l - max).exp()).collect();
-            let mut u = rngs[r].random::<f64>() * weights.iter().sum::<f64>();
+            let total: f64 = weights.iter().sum();
+            ensure!(total.is_finite() && total > 0.0, "the model's logits over the codes are not finite");
+            let mut u = rngs[r].random::<f64>() * total;
             let mut chosen = allowed[allowed.len() - 1];
             for (&i, &w) in allowed.iter().zip(&weights) {
                 if u < w {

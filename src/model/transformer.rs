@@ -684,7 +684,8 @@ impl CausalLm {
     /// The first `frozen` prompt tokens run without gradients: their keys and values are
     /// constants of the backward pass, which then costs what the prompt's last tokens and the
     /// completions cost, not the whole prompt (`grpo.grad_prompt_tokens`). The values are the
-    /// same for any `frozen`; only the gradient through those tokens is left out.
+    /// same for any `frozen` (up to rounding: in f32 the frozen head runs the inference
+    /// kernels); only the gradient through those tokens is left out.
     ///
     /// Returns logits (G, C, vocab): row g, position i predicts completion token i, so
     /// position 0 comes from the prompt's last hidden state.

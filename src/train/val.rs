@@ -1,8 +1,8 @@
 //! Periodic validation during training: the model being trained answers a fixed val subset
-//! (the sample `eval --limit N` uses) greedily, or ranks by the next code as `eval --beam-next`
-//! does, through the same harness as `eval` ([`crate::eval::evaluate`]), so the numbers in
+//! (the sample `eval --limit N` uses) greedily, or ranks by the next code as `eval --beam-next
+//! B` does, through the same harness as `eval` ([`crate::eval::evaluate`]), so the numbers in
 //! `metrics.jsonl` are the numbers `eval --method llm --adapter DIR --limit N --split val`
-//! reports for that checkpoint. The only difference from
+//! (with `--beam-next B`) reports for that checkpoint. The only difference from
 //! [`crate::llm_rec::LlmRecommender`] is that the model is borrowed, not owned.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -126,7 +126,10 @@ pub fn validate(
         None
     };
     let beam_next = match (beam_next, ds.codebook()) {
-        (Some(beams), Some(codebook)) => Some((CodeTrie::new(codebook, tokenizer)?, beams)),
+        (Some(beams), Some(codebook)) => {
+            anyhow::ensure!(beams >= prompt.k, "ranking by the next code with {beams} beams keeps fewer codes than k = {}", prompt.k);
+            Some((CodeTrie::new(codebook, tokenizer)?, beams))
+        }
         (Some(_), None) => bail!("ranking by the next code needs the dataset's codebook.json (preprocess writes it)"),
         (None, _) => None,
     };

@@ -587,26 +587,40 @@ fn sampled_codes_follow_the_beams_distribution_and_train_on_it() {
         assert!((freq - p).abs() < 0.03, "POI {poi}: sampled {freq}, probability {p}");
     }
 
-    // The training forward under the trie's mask gives each sample its code's probability.
-    let group = &samples[..8];
-    let (tokens, mask) = completion_tensors(group, 0, 0, &candle_core::Device::Cpu, DType::F32).unwrap();
-    assert_eq!(mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize, 8 * cb.levels(), "no end token after a code");
-    let rows: Vec<Vec<u32>> = group.iter().map(|c| c.tokens.clone()).collect();
+    // The training forward under the trie's mask gives each sample its code's probability, in
+    // the training pass and in the inference passes of the old and reference policies, with
+    // or without a frozen prompt head; sampled beside a longer prompt (left-padded sharing) too.
+    let longer = next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, &ds.instances(refine_poi::data::Split::Val)[1], 160).unwrap();
+    assert_ne!(longer.len(), prompt.len());
+    let both = [prompt.clone(), longer];
+    let groups = sample_next_codes(&loaded.model, &trie, &both, &[5, 6], 8).unwrap();
+    assert_eq!(groups[0].iter().map(|c| &c.tokens).collect::<Vec<_>>(), samples[..8].iter().map(|c| &c.tokens).collect::<Vec<_>>());
     let vocab = loaded.model.vocab_size();
-    let grammar = Tensor::from_vec(trie.logit_mask(&rows, vocab).unwrap(), (8, cb.levels(), vocab), &candle_core::Device::Cpu).unwrap();
-    for frozen in [0, prompt.len() - 4] {
-        let logp = group_logprobs(&loaded.model, &prompt, &tokens, Some(&grammar), frozen, Mode::TRAIN).unwrap().to_vec2::<f32>().unwrap();
-        for (c, row) in group.iter().zip(&logp) {
-            let poi = trie.poi_of_tokens(&c.tokens).unwrap();
-            let trained: f64 = row.iter().map(|&l| f64::from(l)).sum();
-            assert!(
-                (trained.exp() - prob[&poi]).abs() < 1e-4,
-                "frozen {frozen}, POI {poi}: {} trained, {} sampled",
-                trained.exp(),
-                prob[&poi]
-            );
+    for (prompt, group) in both.iter().zip(&groups) {
+        let ranked = rank_next_codes(&loaded.model, &trie, std::slice::from_ref(prompt), ds.num_pois()).unwrap().remove(0);
+        let prob: std::collections::HashMap<u32, f64> = ranked.iter().map(|&(p, score)| (p, f64::from(score).exp())).collect();
+        let (tokens, mask) = completion_tensors(group, 0, 0, &candle_core::Device::Cpu, DType::F32).unwrap();
+        assert_eq!(mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize, 8 * cb.levels(), "no end token after a code");
+        let rows: Vec<Vec<u32>> = group.iter().map(|c| c.tokens.clone()).collect();
+        let grammar = Tensor::from_vec(trie.logit_mask(&rows, vocab).unwrap(), (8, cb.levels(), vocab), &candle_core::Device::Cpu).unwrap();
+        for mode in [Mode::TRAIN, Mode::INFERENCE] {
+            for frozen in [0, prompt.len() - 4] {
+                let logp = group_logprobs(&loaded.model, prompt, &tokens, Some(&grammar), frozen, mode).unwrap().to_vec2::<f32>().unwrap();
+                for (c, row) in group.iter().zip(&logp) {
+                    let poi = trie.poi_of_tokens(&c.tokens).unwrap();
+                    let trained: f64 = row.iter().map(|&l| f64::from(l)).sum::<f64>().exp();
+                    assert!(
+                        (trained - prob[&poi]).abs() < 1e-4,
+                        "{mode:?}, frozen {frozen}, POI {poi}: {trained} trained, {} sampled",
+                        prob[&poi]
+                    );
+                }
+            }
         }
     }
+    let mut swapped = samples[0].tokens.clone();
+    swapped.swap(0, 1);
+    assert_eq!(trie.poi_of_tokens(&swapped), None, "each token at its own level");
     assert!(trie.logit_mask(&[vec![1, 2, 3]], vocab).is_err(), "a row that is not a code");
 }
 

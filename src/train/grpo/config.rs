@@ -74,7 +74,8 @@ pub struct GrpoConfig {
     pub scale_rewards: bool,
     /// Leave groups whose rewards are all equal out of the update (counted either way).
     pub skip_zero_signal: bool,
-    /// Tokens each sampled completion may have (it also stops at `</answer>`).
+    /// Tokens each sampled completion may have (it also stops at `</answer>`); unused in the
+    /// next-code form, where a completion is one code.
     pub max_new_tokens: usize,
     pub temperature: f64,
     /// Nucleus sampling (1 = off).

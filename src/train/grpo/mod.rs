@@ -300,7 +300,11 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         GrpoForm::List => None,
     };
     let next_budget = ds.codebook().map(|cb| next_checkin_budget(&cfg.prompt, &loaded.model, cb));
-    let step_cfg = StepConfig { next_code: next_code.clone(), ..step_config(cfg, constraint) };
+    let mut step_cfg = StepConfig { next_code: next_code.clone(), ..step_config(cfg, constraint) };
+    if let Some(trie) = &next_code {
+        // A completion is one code: Dr. GRPO's constant is its length, not max_new_tokens.
+        step_cfg.loss.max_completion_tokens = trie.levels();
+    }
     if !opts.quiet {
         let from = start.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
         let reference = match cfg.grpo.reference {
@@ -319,7 +323,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let bar = progress_bar(total, state.step, opts.quiet, "grpo");
     let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts);
     cadence.val.constrained = cfg.grpo.constrained;
-    cadence.val.beam_next = next_code.is_some().then_some(DEFAULT_BEAMS);
+    cadence.val.beam_next = next_code.is_some().then_some(DEFAULT_BEAMS.max(cfg.prompt.k));
     let (mut first_reward, mut last_reward) = (None, None);
     let mut order = EpochOrder::new(t.seed, examples.len());
     let k = cfg.prompt.k;
