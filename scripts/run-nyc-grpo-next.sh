@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GRPO in the next-code form on NYC (about 50 minutes on a 2-core CPU), from the shipped history
+# GRPO in the next-code form on NYC (about 35 minutes on a 2-core CPU), from the shipped history
 # adapter (adapters/nyc): each step samples 8 codes for each of 8 train instances' history
 # prompts and rewards the target's code. Then every saved checkpoint and the starting adapter
 # rank the fixed val sample by the next code (`eval --beam-next 20`), each compared, paired,
 # with the start. Test is not run here: it waits for the choice made on val.
-#   GRPO_STEPS  optimizer steps (default 100), LIMIT  val instances (default 200)
+#   GRPO_STEPS, GRPO_LR, GRPO_SOFT  see scripts/nyc-semantic-flags.sh; LIMIT  val instances (default 200)
 #   RESUME=1    continue the run from its last checkpoint
 set -euo pipefail
 cd "$(dirname "$0")/.."
