@@ -481,13 +481,9 @@ fn next_checkin_prompt_ends_with_the_prefix_and_the_targets_time() {
     assert!(format!("{e:#}").contains("budget"), "{e:#}");
 }
 
-/// Beam search over the next code: with as many beams as codes it ranks every POI exactly as
-/// scoring each code after the prompt does (at each level a log-softmax over the tokens that
-/// continue some code); a narrow beam gives that many distinct POIs with the same scores; a
-/// batch ranks as each prompt alone.
-#[test]
-fn beam_next_ranks_every_code_as_scoring_each_does() {
-    let s = Setup::new();
+/// The tiny model with a random adapter that adds the codebook's and the time tokens, the
+/// dataset, and its code trie: what ranking and sampling next codes need.
+fn next_code_model(s: &Setup) -> (RunConfig, Dataset, model::LoadedModel, CodeTrie) {
     let cfg = s.cfg(&["prompt.ids=semantic", "prompt.times=true", "prompt.time_tokens=true", "prompt.categories=false"]);
     let ds = Dataset::load(&cfg.data.dir).unwrap();
     let cb = ds.codebook().unwrap();
@@ -496,6 +492,18 @@ fn beam_next_ranks_every_code_as_scoring_each_does() {
     loaded.add_tokens(refine_poi::prompt::added_tokens(&cfg.prompt, Some(cb)).unwrap().unwrap(), 2).unwrap();
     refine_poi::selfcheck::randomize_lora_b(&loaded, 3, 0.05).unwrap();
     let trie = CodeTrie::new(cb, &loaded.tokenizer).unwrap();
+    (cfg, ds, loaded, trie)
+}
+
+/// Beam search over the next code: with as many beams as codes it ranks every POI exactly as
+/// scoring each code after the prompt does (at each level a log-softmax over the tokens that
+/// continue some code); a narrow beam gives that many distinct POIs with the same scores; a
+/// batch ranks as each prompt alone.
+#[test]
+fn beam_next_ranks_every_code_as_scoring_each_does() {
+    let s = Setup::new();
+    let (cfg, ds, loaded, trie) = next_code_model(&s);
+    let cb = ds.codebook().unwrap();
     let prompts: Vec<Vec<u32>> = ds.instances(refine_poi::data::Split::Val)[..2]
         .iter()
         .map(|inst| next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, inst, 120).unwrap())
@@ -560,14 +568,8 @@ fn sampled_codes_follow_the_beams_distribution_and_train_on_it() {
     use refine_poi::beam::sample_next_codes;
     use refine_poi::train::grpo::loss::{completion_tensors, group_logprobs};
     let s = Setup::new();
-    let cfg = s.cfg(&["prompt.ids=semantic", "prompt.times=true", "prompt.time_tokens=true", "prompt.categories=false"]);
-    let ds = Dataset::load(&cfg.data.dir).unwrap();
+    let (cfg, ds, loaded, trie) = next_code_model(&s);
     let cb = ds.codebook().unwrap();
-    let mut loaded = model::load(cfg.model.path.as_str()).unwrap();
-    loaded.model.attach_lora(&cfg.lora, 1).unwrap();
-    loaded.add_tokens(refine_poi::prompt::added_tokens(&cfg.prompt, Some(cb)).unwrap().unwrap(), 2).unwrap();
-    refine_poi::selfcheck::randomize_lora_b(&loaded, 3, 0.05).unwrap();
-    let trie = CodeTrie::new(cb, &loaded.tokenizer).unwrap();
     let prompt = next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, &ds.instances(refine_poi::data::Split::Val)[0], 120).unwrap();
     let ranked = rank_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), ds.num_pois()).unwrap().remove(0);
     let prob: std::collections::HashMap<u32, f64> = ranked.iter().map(|&(p, score)| (p, f64::from(score).exp())).collect();
