@@ -7,8 +7,9 @@
 //! complete codes, best first, are the ranking. With at least as many beams as codes the search
 //! is exhaustive, which the tests compare against scoring every code.
 //!
-//! GRPO's next-code form samples from the same distribution ([`sample_next_codes`]) and
-//! takes its training log-probs under the same mask ([`CodeTrie::logit_mask`]).
+//! GRPO's next-code form samples from the same distribution ([`sample_next_codes`]: one code,
+//! or a list of distinct codes by stochastic beam search) and takes its training log-probs
+//! under the same mask ([`CodeTrie::logit_mask`]).
 
 use std::collections::HashMap;
 
@@ -101,6 +102,19 @@ impl CodeTrie {
         self.children.get(code).into_iter().flatten().map(move |&i| self.tokens[level][usize::from(i)])
     }
 
+    /// The children of the code prefix `code` and their log-probabilities after it: the
+    /// log-softmax of `logits` (the next-token logits after the prefix) over the tokens that
+    /// continue some code.
+    fn child_logprobs(&self, code: &[u16], logits: &[f32]) -> Result<Vec<(u16, f64)>> {
+        let level = code.len();
+        let children = &self.children[code];
+        let picked: Vec<f64> = children.iter().map(|&i| f64::from(logits[self.tokens[level][usize::from(i)] as usize])).collect();
+        let max = picked.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let log_sum = max + picked.iter().map(|&l| (l - max).exp()).sum::<f64>().ln();
+        ensure!(log_sum.is_finite(), "the model's logits over the codes are not finite");
+        Ok(children.iter().zip(picked).map(|(&i, l)| (i, l - log_sum)).collect())
+    }
+
     /// The additive logit mask (rows, levels, vocab) of codes written as token rows: 0 where a
     /// token continues the row's prefix to some code, −∞ elsewhere. Added to the logits before
     /// the log-softmax, it gives the distribution [`sample_next_codes`] samples from.
@@ -124,109 +138,64 @@ impl CodeTrie {
     }
 }
 
-/// `group` codes sampled for each prompt from the model's distribution over the codebook's
-/// codes (temperature 1: at each level a softmax over the tokens that continue some code, the
-/// distribution [`rank_next_codes`] ranks by). Each prompt is prefilled once; sample `s` of
-/// prompt `p` draws from a generator seeded by (`seeds[p]`, `s`). A completion's tokens are one
-/// code, its text the code (`<a1><b0><c3>`), its finish [`FinishReason::Stop`].
-pub fn sample_next_codes(
-    model: &CausalLm,
-    trie: &CodeTrie,
-    prompts: &[Vec<u32>],
-    seeds: &[u64],
-    group: usize,
-) -> Result<Vec<Vec<Completion>>> {
-    ensure!(group > 0 && seeds.len() == prompts.len(), "one seed per prompt and at least one sample each");
-    let (caches, first) = prefill_each(model, prompts, Mode::INFERENCE)?;
-    let of_row: Vec<usize> = (0..prompts.len()).flat_map(|p| std::iter::repeat_n(p, group)).collect();
-    let mut cache = KvCache::share(&caches.iter().collect::<Vec<_>>(), &of_row, trie.levels)?;
-    drop(caches);
-    let mut rngs: Vec<StdRng> =
-        of_row.iter().enumerate().map(|(r, &p)| StdRng::seed_from_u64(crate::seed::derive_seed(seeds[p], 0, (r % group) as u64))).collect();
-    let mut codes: Vec<Vec<u16>> = vec![Vec::new(); of_row.len()];
-    let mut logits: Vec<Vec<f32>> = Vec::new();
-    for level in 0..trie.levels {
-        for (r, code) in codes.iter_mut().enumerate() {
-            let row = if level == 0 { &first[of_row[r]] } else { &logits[r] };
-            let allowed = &trie.children[code.as_slice()];
-            let picked: Vec<f32> = allowed.iter().map(|&i| row[trie.tokens[level][usize::from(i)] as usize]).collect();
-            let max = picked.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let weights: Vec<f64> = picked.iter().map(|&l| f64::from(l - max).exp()).collect();
-            let total: f64 = weights.iter().sum();
-            ensure!(total.is_finite() && total > 0.0, "the model's logits over the codes are not finite");
-            let mut u = rngs[r].random::<f64>() * total;
-            let mut chosen = allowed[allowed.len() - 1];
-            for (&i, &w) in allowed.iter().zip(&weights) {
-                if u < w {
-                    chosen = i;
-                    break;
-                }
-                u -= w;
-            }
-            code.push(chosen);
-        }
-        if level + 1 < trie.levels {
-            let next: Vec<u32> = codes.iter().map(|c| trie.tokens[level][usize::from(c[level])]).collect();
-            let ids = Tensor::new(next.as_slice(), model.device())?.unsqueeze(1)?;
-            logits = model.forward_last(&ids, None, Some(&mut cache), Mode::INFERENCE)?.to_vec2::<f32>()?;
-        }
-    }
-    let completions: Vec<Completion> = codes
-        .iter()
-        .map(|code| {
-            let tokens: Vec<u32> = code.iter().enumerate().map(|(level, &i)| trie.tokens[level][usize::from(i)]).collect();
-            let text = code.iter().enumerate().map(|(level, &i)| Codebook::token(level, usize::from(i))).collect();
-            Completion { tokens, text, finish: FinishReason::Stop }
-        })
-        .collect();
-    let mut out = Vec::with_capacity(prompts.len());
-    let mut rest = completions.into_iter();
-    for _ in prompts {
-        out.push(rest.by_ref().take(group).collect());
-    }
-    Ok(out)
-}
-
-/// A prefix being extended: the row of the cache whose last logits continue it.
+/// A code prefix being extended in one search group: the row of the logits that continue it,
+/// its log-probability, and the key the group keeps its best prefixes by (the log-probability,
+/// or its Gumbel-perturbed value when sampling).
 struct Beam {
     row: usize,
     code: Vec<u16>,
-    score: f32,
+    logp: f64,
+    key: f64,
 }
 
-/// For each prompt, the POIs of the `beam` best codes that follow it, best first, with their
-/// scores (log-probabilities, see the module comment). Ties go to the smaller code.
-pub fn rank_next_codes(model: &CausalLm, trie: &CodeTrie, prompts: &[Vec<u32>], beam: usize) -> Result<Vec<Vec<(u32, f32)>>> {
-    ensure!(beam > 0, "beam search needs at least one beam");
+/// Beam search over the codes that follow each prompt, in `groups` independent groups per
+/// prompt of at most `width` beams each; the prompt is prefilled once for all its groups. At
+/// each level every beam's children get the constrained log-softmax ([`CodeTrie::child_logprobs`])
+/// and each group keeps its `width` best keys (ties to the smaller code). Without `noise` the
+/// key is the log-probability: plain beam search. With one generator per group it is Kool et
+/// al.'s (2019) stochastic beam search: the keys are Gumbel-perturbed log-probabilities, each
+/// conditioned on its parent's key, and the group's last beams, best key first, are `width`
+/// distinct codes sampled without replacement, in the order of the Plackett–Luce model of the
+/// code distribution. Returns each group's complete codes, best key first.
+fn search(
+    model: &CausalLm,
+    trie: &CodeTrie,
+    prompts: &[Vec<u32>],
+    groups: usize,
+    width: usize,
+    mut noise: Option<&mut [StdRng]>,
+) -> Result<Vec<Vec<Beam>>> {
+    ensure!(width > 0 && groups > 0, "a search needs at least one group of at least one beam");
     let (caches, mut logits) = prefill_each(model, prompts, Mode::INFERENCE)?;
     let mut cache = KvCache::share(&caches.iter().collect::<Vec<_>>(), &(0..prompts.len()).collect::<Vec<_>>(), trie.levels)?;
     drop(caches);
-    let mut beams: Vec<Vec<Beam>> = (0..prompts.len()).map(|p| vec![Beam { row: p, code: Vec::new(), score: 0.0 }]).collect();
+    let mut beams: Vec<Vec<Beam>> =
+        (0..prompts.len() * groups).map(|g| vec![Beam { row: g / groups, code: Vec::new(), logp: 0.0, key: 0.0 }]).collect();
     for level in 0..trie.levels {
-        let mut rows = Vec::new();
-        let mut next = Vec::new();
-        for prompt_beams in beams.iter_mut() {
+        let (mut rows, mut next) = (Vec::new(), Vec::new());
+        for (g, group) in beams.iter_mut().enumerate() {
             let mut extended = Vec::new();
-            for b in prompt_beams.iter() {
-                let allowed = &trie.children[&b.code];
-                let row = &logits[b.row];
-                let picked: Vec<f32> = allowed.iter().map(|&i| row[trie.tokens[level][usize::from(i)] as usize]).collect();
-                let max = picked.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let log_sum = max + picked.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-                for (&i, &l) in allowed.iter().zip(&picked) {
+            for b in group.iter() {
+                let children = trie.child_logprobs(&b.code, &logits[b.row])?;
+                let logps: Vec<f64> = children.iter().map(|&(_, lp)| b.logp + lp).collect();
+                let keys = match noise.as_deref_mut() {
+                    Some(rngs) => gumbel_keys(&mut rngs[g], b.key, &logps),
+                    None => logps.clone(),
+                };
+                for ((&(i, _), logp), key) in children.iter().zip(logps).zip(keys) {
                     let mut code = b.code.clone();
                     code.push(i);
-                    extended.push(Beam { row: b.row, code, score: b.score + l - log_sum });
+                    extended.push(Beam { row: b.row, code, logp, key });
                 }
             }
-            extended.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.code.cmp(&b.code)));
-            extended.truncate(beam);
+            extended.sort_by(|a, b| b.key.total_cmp(&a.key).then_with(|| a.code.cmp(&b.code)));
+            extended.truncate(width);
             for b in &mut extended {
                 rows.push(b.row);
                 next.push(trie.tokens[level][usize::from(b.code[level])]);
                 b.row = rows.len() - 1;
             }
-            *prompt_beams = extended;
+            *group = extended;
         }
         if level + 1 < trie.levels {
             cache = cache.select_rows(&rows)?;
@@ -234,5 +203,73 @@ pub fn rank_next_codes(model: &CausalLm, trie: &CodeTrie, prompts: &[Vec<u32>], 
             logits = model.forward_last(&ids, None, Some(&mut cache), Mode::INFERENCE)?.to_vec2::<f32>()?;
         }
     }
-    Ok(beams.into_iter().map(|bs| bs.into_iter().map(|b| (trie.poi[&b.code], b.score)).collect()).collect())
+    Ok(beams)
+}
+
+/// The keys of a node's children in stochastic beam search: each child's log-probability plus
+/// a Gumbel draw, shifted so that their maximum equals the parent's key (Kool et al. 2019,
+/// appendix B, in its numerically stable form).
+fn gumbel_keys(rng: &mut StdRng, parent: f64, logps: &[f64]) -> Vec<f64> {
+    let perturbed: Vec<f64> = logps
+        .iter()
+        .map(|&lp| {
+            let u = rng.random::<f64>().max(f64::MIN_POSITIVE);
+            lp - (-u.ln()).ln()
+        })
+        .collect();
+    let max = perturbed.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    perturbed
+        .iter()
+        .map(|&g| {
+            let v = parent - g + log1mexp(g - max);
+            parent - v.max(0.0) - (-v.abs()).exp().ln_1p()
+        })
+        .collect()
+}
+
+/// ln(1 − eˣ) for x ≤ 0, accurate at both ends (−∞ at 0).
+fn log1mexp(x: f64) -> f64 {
+    if x > -std::f64::consts::LN_2 { (-x.exp_m1()).ln() } else { (-x.exp()).ln_1p() }
+}
+
+/// For each prompt, the POIs of the `beam` best codes that follow it, best first, with their
+/// scores (log-probabilities, see the module comment). Ties go to the smaller code.
+pub fn rank_next_codes(model: &CausalLm, trie: &CodeTrie, prompts: &[Vec<u32>], beam: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    ensure!(beam > 0, "beam search needs at least one beam");
+    let ranked = search(model, trie, prompts, 1, beam, None)?;
+    Ok(ranked.into_iter().map(|bs| bs.into_iter().map(|b| (trie.poi[&b.code], b.logp as f32)).collect()).collect())
+}
+
+/// `group` samples for each prompt, each a list of `codes` distinct codes drawn without
+/// replacement from the model's distribution over the codebook's codes (temperature 1: at each
+/// level a softmax over the tokens that continue some code, the distribution
+/// [`rank_next_codes`] ranks by), in Plackett–Luce order: the first code is a draw from that
+/// distribution, each next one a draw from it renormalised without the codes before. One code
+/// per sample is a plain draw. Each prompt is prefilled once; sample `s` of prompt `p` draws
+/// from a generator seeded by (`seeds[p]`, `s`). A completion's tokens are its codes one after
+/// the other, its text theirs (`<a1><b0><c3><a4><b2><c0>`), its finish [`FinishReason::Stop`].
+pub fn sample_next_codes(
+    model: &CausalLm,
+    trie: &CodeTrie,
+    prompts: &[Vec<u32>],
+    seeds: &[u64],
+    group: usize,
+    codes: usize,
+) -> Result<Vec<Vec<Completion>>> {
+    ensure!(group > 0 && seeds.len() == prompts.len(), "one seed per prompt and at least one sample each");
+    ensure!(codes <= trie.num_codes(), "{codes} distinct codes per sample, but the codebook has {}", trie.num_codes());
+    let mut rngs: Vec<StdRng> = (0..prompts.len() * group)
+        .map(|r| StdRng::seed_from_u64(crate::seed::derive_seed(seeds[r / group], 0, (r % group) as u64)))
+        .collect();
+    let sampled = search(model, trie, prompts, group, codes, Some(&mut rngs))?;
+    let mut out: Vec<Vec<Completion>> = Vec::with_capacity(prompts.len());
+    for (g, beams) in sampled.into_iter().enumerate() {
+        if g % group == 0 {
+            out.push(Vec::with_capacity(group));
+        }
+        let tokens = beams.iter().flat_map(|b| b.code.iter().enumerate().map(|(level, &i)| trie.tokens[level][usize::from(i)])).collect();
+        let text = beams.iter().flat_map(|b| b.code.iter().enumerate().map(|(level, &i)| Codebook::token(level, usize::from(i)))).collect();
+        out.last_mut().expect("pushed above").push(Completion { tokens, text, finish: FinishReason::Stop });
+    }
+    Ok(out)
 }

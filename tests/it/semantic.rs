@@ -575,8 +575,8 @@ fn sampled_codes_follow_the_beams_distribution_and_train_on_it() {
     let prob: std::collections::HashMap<u32, f64> = ranked.iter().map(|&(p, score)| (p, f64::from(score).exp())).collect();
 
     let n = 3000;
-    let samples = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[5], n).unwrap().remove(0);
-    let again = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[5], 8).unwrap().remove(0);
+    let samples = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[5], n, 1).unwrap().remove(0);
+    let again = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[5], 8, 1).unwrap().remove(0);
     assert_eq!(again.iter().map(|c| &c.tokens).collect::<Vec<_>>(), samples[..8].iter().map(|c| &c.tokens).collect::<Vec<_>>(), "seeded");
     let mut counts = std::collections::HashMap::new();
     for c in &samples {
@@ -595,7 +595,7 @@ fn sampled_codes_follow_the_beams_distribution_and_train_on_it() {
     let longer = next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, &ds.instances(refine_poi::data::Split::Val)[1], 160).unwrap();
     assert_ne!(longer.len(), prompt.len());
     let both = [prompt.clone(), longer];
-    let groups = sample_next_codes(&loaded.model, &trie, &both, &[5, 6], 8).unwrap();
+    let groups = sample_next_codes(&loaded.model, &trie, &both, &[5, 6], 8, 1).unwrap();
     assert_eq!(groups[0].iter().map(|c| &c.tokens).collect::<Vec<_>>(), samples[..8].iter().map(|c| &c.tokens).collect::<Vec<_>>());
     let vocab = loaded.model.vocab_size();
     for (prompt, group) in both.iter().zip(&groups) {
@@ -624,6 +624,73 @@ fn sampled_codes_follow_the_beams_distribution_and_train_on_it() {
     swapped.swap(0, 1);
     assert_eq!(trie.poi_of_tokens(&swapped), None, "each token at its own level");
     assert!(trie.logit_mask(&[vec![1, 2, 3]], vocab).is_err(), "a row that is not a code");
+}
+
+/// With several codes per sample, GRPO's next-code form samples lists of distinct codes in
+/// Plackett–Luce order (stochastic beam search): over 12,000 seeded samples of two codes, each
+/// ordered pair's frequency matches p(a) · p(b) / (1 − p(a)) under the beam's probabilities
+/// within .012 (the two likeliest codes have .39 and .37 here, so the order matters).
+/// The training rows give each sampled list exactly that probability, with or without a frozen
+/// prompt head.
+#[test]
+fn sampled_code_lists_follow_plackett_luce_and_train_on_it() {
+    use refine_poi::beam::sample_next_codes;
+    use refine_poi::train::grpo::loss::CodeLists;
+    let s = Setup::new();
+    let (cfg, ds, loaded, trie) = next_code_model(&s);
+    let levels = ds.codebook().unwrap().levels();
+    let prompt = next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, &ds.instances(refine_poi::data::Split::Val)[0], 120).unwrap();
+    let ranked = rank_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), ds.num_pois()).unwrap().remove(0);
+    let prob: std::collections::HashMap<u32, f64> = ranked.iter().map(|&(p, score)| (p, f64::from(score).exp())).collect();
+    let pois = |c: &refine_poi::generate::Completion| -> Vec<u32> {
+        c.tokens.chunks(levels).map(|code| trie.poi_of_tokens(code).expect("every listed code is a code of the dataset")).collect()
+    };
+
+    let n = 12_000;
+    let samples = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[9], n, 2).unwrap().remove(0);
+    let mut counts = std::collections::HashMap::new();
+    for c in &samples {
+        let listed = pois(c);
+        assert_eq!(listed.len(), 2);
+        assert_ne!(listed[0], listed[1], "without replacement");
+        *counts.entry((listed[0], listed[1])).or_insert(0usize) += 1;
+    }
+    let mut checked = 0.0;
+    for (&a, &pa) in &prob {
+        for (&b, &pb) in &prob {
+            if a != b {
+                let expected = pa * pb / (1.0 - pa);
+                let freq = counts.get(&(a, b)).copied().unwrap_or(0) as f64 / n as f64;
+                assert!((freq - expected).abs() < 0.012, "({a}, {b}): sampled {freq}, Plackett–Luce {expected}");
+                checked += expected;
+            }
+        }
+    }
+    assert!((checked - 1.0).abs() < 1e-3, "the ordered pairs' probabilities sum to {checked}");
+
+    let lists = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[9], 6, 3).unwrap().remove(0);
+    let again = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[9], 6, 3).unwrap().remove(0);
+    assert_eq!(lists.iter().map(|c| &c.tokens).collect::<Vec<_>>(), again.iter().map(|c| &c.tokens).collect::<Vec<_>>(), "seeded");
+    let rows = CodeLists::new(&trie, &lists, 3, loaded.model.vocab_size(), &candle_core::Device::Cpu).unwrap();
+    for mode in [Mode::TRAIN, Mode::INFERENCE] {
+        for frozen in [0, prompt.len() - 4] {
+            let trained = rows.logprobs(&loaded.model, &prompt, frozen, mode).unwrap().squeeze(1).unwrap().to_vec1::<f32>().unwrap();
+            for (c, got) in lists.iter().zip(trained) {
+                let listed = pois(c);
+                let mut expected = 0.0f64;
+                let mut taken = 0.0f64;
+                for poi in &listed {
+                    expected += (prob[poi] / (1.0 - taken)).ln();
+                    taken += prob[poi];
+                }
+                assert!(
+                    (f64::from(got) - expected).abs() < 1e-3,
+                    "{mode:?}, frozen {frozen}, {listed:?}: {got} trained, {expected} sampled"
+                );
+            }
+        }
+    }
+    assert!(sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[9], 1, ds.num_pois() + 1).is_err());
 }
 
 /// `grpo-train` in the next-code form: it runs from a semantic adapter, validates by ranking
@@ -655,6 +722,21 @@ fn grpo_trains_on_next_codes_and_validates_by_the_beam() {
     }
     let val = lines.iter().find(|l| l.get("val").is_some()).expect("a validation");
     assert_eq!(val["val_invalid_rate"], 0.0, "the beam always ranks valid codes: {val}");
+
+    // Lists of three codes per sample: scored as lists, trained on their probability.
+    let run_dir = format!("run_dir={}", s.tmp.path().join("lists").display());
+    let lists = grpo::run(&s.cfg(&[&sets[..], &["grpo.codes_per_sample=3", &run_dir]].concat()), &quiet()).unwrap();
+    let metrics = std::fs::read_to_string(lists.stage.dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> =
+        metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|l| l.get("reward").is_some()).collect();
+    assert_eq!(steps.len(), 2);
+    for st in &steps {
+        assert_eq!(st["valid"], 1.0, "{st}");
+        assert_eq!(st["completion_tokens"].as_f64().unwrap(), 3.0 * codebook(&s).levels() as f64, "{st}");
+        assert!(st["loss"].as_f64().unwrap().is_finite() && !st["skipped_nonfinite"].as_bool().unwrap(), "{st}");
+    }
+    let listed = RunConfig::load(Some(&s.config), &["grpo.codes_per_sample=3".into()]).unwrap_err();
+    assert!(format!("{listed:#}").contains("grpo.form"), "{listed:#}");
 
     let raw = RunConfig::load(Some(&s.config), &[init.clone(), "grpo.form=next".into(), "grpo.temperature=1".into()]).unwrap_err();
     assert!(format!("{raw:#}").contains("semantic"), "{raw:#}");

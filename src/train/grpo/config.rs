@@ -49,6 +49,10 @@ pub struct GrpoConfig {
     pub init_adapter: String,
     /// `"list"` (a top-k list per sample) or `"next"` (one next-check-in code per sample).
     pub form: GrpoForm,
+    /// In the next-code form, the distinct codes each sample lists: 1 = one code; more = a
+    /// ranked list of codes drawn without replacement (Plackett–Luce), scored as a list of
+    /// that length and trained on the list's probability.
+    pub codes_per_sample: usize,
     /// Gradients flow through the last this-many prompt tokens only (the earlier ones run as
     /// inference, their keys and values constants): a long prompt then costs a prefill, not a
     /// training pass. 0 = the whole prompt.
@@ -108,6 +112,11 @@ impl GrpoConfig {
             );
             ensure!(!self.constrained, "grpo.form = \"next\" always samples under the codebook: leave grpo.constrained false");
         }
+        ensure!(self.codes_per_sample >= 1, "grpo.codes_per_sample must be at least 1");
+        ensure!(
+            self.codes_per_sample == 1 || self.form == GrpoForm::Next,
+            "grpo.codes_per_sample > 1 samples lists of codes: it needs grpo.form = \"next\""
+        );
         self.train.validate("grpo")
     }
 }
@@ -117,6 +126,7 @@ impl Default for GrpoConfig {
         GrpoConfig {
             init_adapter: "sft".to_string(),
             form: GrpoForm::List,
+            codes_per_sample: 1,
             grad_prompt_tokens: 0,
             reference: ReferencePolicy::Init,
             group: 8,

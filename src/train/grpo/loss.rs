@@ -5,6 +5,11 @@
 //! Per completion token t of sample i, with ratio ρ = exp(logp − logp_old):
 //!   loss_it = −min(ρ·A_i, clip(ρ, 1−ε_low, 1+ε_high)·A_i) + β·(exp(ref − logp) − (ref − logp) − 1)
 //! normalised over tokens as configured (see [`LossNorm`]).
+//!
+//! In the next-code form with several codes per sample, a sample is a ranked list of codes and
+//! its log-probability is that of the list under the Plackett–Luce model of the policy's code
+//! distribution ([`plackett_luce`]), which does not split into tokens: the ratio, its clipping
+//! and the KL estimate are then per list (as GSPO takes them per sequence), one term per list.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -110,10 +115,10 @@ pub struct StepConfig {
     /// Sample under the answer grammar; the log-probs are then those of the masked
     /// distribution, in the reference and old-policy forwards too.
     pub constraint: Option<AnswerConstraint>,
-    /// The next-code form (`grpo.form = "next"`): a completion is one code sampled under this
-    /// trie ([`sample_next_codes`]), and the log-probs are those of its mask. `sampling` and
-    /// `constraint` are then unused.
-    pub next_code: Option<Arc<CodeTrie>>,
+    /// The next-code form (`grpo.form = "next"`): a completion is one code, or a list of
+    /// distinct codes, sampled under the codebook's trie ([`sample_next_codes`]), and the
+    /// log-probs are those of its mask. `sampling` and `constraint` are then unused.
+    pub next_code: Option<NextCodes>,
     /// Gradients flow through the last this-many prompt tokens only; 0 = the whole prompt
     /// ([`CausalLm::forward_group`]).
     pub grad_prompt_tokens: usize,
@@ -124,6 +129,13 @@ pub struct StepConfig {
     /// Optimisation passes (μ) over each sampled batch; the log-probs at sampling time are kept.
     pub updates_per_batch: usize,
     pub max_grad_norm: f64,
+}
+
+/// The next-code form's samples: the codebook's trie and the codes each sample lists.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextCodes {
+    pub trie: Arc<CodeTrie>,
+    pub per_sample: usize,
 }
 
 /// Where one step's time went, in seconds.
@@ -221,6 +233,81 @@ fn code_logit_mask(trie: &CodeTrie, group: &[Completion], tokens: &Tensor, vocab
     Ok(Tensor::from_vec(trie.logit_mask(&rows, vocab)?, (g, c, vocab), tokens.device())?)
 }
 
+/// A group of sampled code lists as training rows: each distinct code of the group once, and
+/// where each list's codes are among them.
+pub struct CodeLists {
+    /// The distinct codes' tokens (U, levels) and the trie's logit mask (U, levels, vocab).
+    codes: Tensor,
+    grammar: Tensor,
+    /// Per list, the row in `codes` of each of its codes, in list order: (G · per_list).
+    index: Tensor,
+    per_list: usize,
+}
+
+impl CodeLists {
+    /// The rows of `group`, each completion `per_list` codes of `trie` one after the other.
+    pub fn new(trie: &CodeTrie, group: &[Completion], per_list: usize, vocab: usize, device: &candle_core::Device) -> Result<CodeLists> {
+        let levels = trie.levels();
+        let mut distinct: Vec<Vec<u32>> = Vec::new();
+        let mut row_of = std::collections::HashMap::new();
+        let mut index = Vec::with_capacity(group.len() * per_list);
+        for c in group {
+            ensure!(c.tokens.len() == per_list * levels, "a sample of {} tokens is not {per_list} codes of {levels}", c.tokens.len());
+            for code in c.tokens.chunks_exact(levels) {
+                let row = *row_of.entry(code.to_vec()).or_insert_with(|| {
+                    distinct.push(code.to_vec());
+                    distinct.len() - 1
+                });
+                index.push(row as u32);
+            }
+        }
+        let u = distinct.len();
+        let grammar = Tensor::from_vec(trie.logit_mask(&distinct, vocab)?, (u, levels, vocab), device)?;
+        let codes = Tensor::from_vec(distinct.concat(), (u, levels), device)?;
+        let index = Tensor::from_vec(index, group.len() * per_list, device)?;
+        Ok(CodeLists { codes, grammar, index, per_list })
+    }
+
+    /// Each list's log-probability (G, 1) under the policy ([`plackett_luce`] of its codes'
+    /// log-probs, which one forward over the distinct codes gives).
+    pub fn logprobs(&self, model: &CausalLm, prompt: &[u32], frozen: usize, mode: Mode) -> Result<Tensor> {
+        let per_code = group_logprobs(model, prompt, &self.codes, Some(&self.grammar), frozen, mode)?.sum(1)?;
+        plackett_luce(&per_code, &self.index, self.per_list)
+    }
+}
+
+/// The Plackett–Luce log-probability (G, 1) of lists of distinct codes drawn without
+/// replacement: with pᵢ the probability of a list's i-th code,
+/// log P = Σᵢ [log pᵢ − log(1 − Σ_{j<i} pⱼ)]. `code_logp` (U) are the codes' log-probs, `index`
+/// (G · per_list) each list's rows in it, in list order.
+pub fn plackett_luce(code_logp: &Tensor, index: &Tensor, per_list: usize) -> Result<Tensor> {
+    let lists = index.dims1()? / per_list.max(1);
+    let logp = code_logp.index_select(index, 0)?.reshape((lists, per_list))?;
+    // before[j][i] = 1 where j < i: the probability mass listed before each position.
+    let before: Vec<f32> = (0..per_list * per_list).map(|x| f32::from(u8::from(x / per_list < x % per_list))).collect();
+    let before = Tensor::from_vec(before, (per_list, per_list), code_logp.device())?.to_dtype(code_logp.dtype())?;
+    let taken = logp.exp()?.matmul(&before)?;
+    // The codes are distinct, so the rest is positive; the floor only guards rounding.
+    let rest = taken.affine(-1.0, 1.0)?.clamp(1e-12, 1.0)?.log()?;
+    Ok((logp - rest)?.sum_keepdim(1)?)
+}
+
+/// How a kept group's log-probs are taken: per completion token (under the answer grammar or
+/// the trie, if any), or per sampled list of codes.
+enum GroupRows {
+    Tokens { tokens: Tensor, grammar: Option<Tensor> },
+    Lists(CodeLists),
+}
+
+impl GroupRows {
+    fn logprobs(&self, model: &CausalLm, prompt: &[u32], frozen: usize, mode: Mode) -> Result<Tensor> {
+        match self {
+            GroupRows::Tokens { tokens, grammar } => group_logprobs(model, prompt, tokens, grammar.as_ref(), frozen, mode),
+            GroupRows::Lists(lists) => lists.logprobs(model, prompt, frozen, mode),
+        }
+    }
+}
+
 impl StepConfig {
     /// How many leading tokens of a `prompt_len`-token prompt run without gradients.
     pub fn frozen_prompt_tokens(&self, prompt_len: usize) -> usize {
@@ -258,8 +345,8 @@ pub fn step(
     let my_seeds: Vec<u64> = mine.iter().map(|&p| seeds[p]).collect();
     let sampled = if mine.is_empty() {
         Vec::new()
-    } else if let Some(trie) = &cfg.next_code {
-        sample_next_codes(model, trie, &my_prompts, &my_seeds, cfg.group)?
+    } else if let Some(next) = &cfg.next_code {
+        sample_next_codes(model, &next.trie, &my_prompts, &my_seeds, cfg.group, next.per_sample)?
     } else {
         generate_constrained(model, tokenizer, &my_prompts, &my_seeds, cfg.group, &cfg.sampling, Mode::INFERENCE, cfg.constraint.as_ref())?
     };
@@ -289,27 +376,32 @@ pub fn step(
         if cfg.skip_zero_signal && groups.zero_signal[p] {
             continue;
         }
-        let (tokens, mask) = completion_tensors(group, eos, eos, &device, dtype)?;
-        let grammar = match (&cfg.next_code, &cfg.constraint) {
-            (Some(trie), _) => Some(code_logit_mask(trie, group, &tokens, model.vocab_size())?),
-            (None, Some(c)) => Some(group_logit_mask(c, group, &tokens, model.vocab_size(), &tokenizer.eos_ids)?),
-            (None, None) => None,
+        let (rows, mask) = match &cfg.next_code {
+            Some(next) if next.per_sample > 1 => {
+                let lists = CodeLists::new(&next.trie, group, next.per_sample, model.vocab_size(), &device)?;
+                (GroupRows::Lists(lists), Tensor::ones((group.len(), 1), dtype, &device)?)
+            }
+            _ => {
+                let (tokens, mask) = completion_tensors(group, eos, eos, &device, dtype)?;
+                let grammar = match (&cfg.next_code, &cfg.constraint) {
+                    (Some(next), _) => Some(code_logit_mask(&next.trie, group, &tokens, model.vocab_size())?),
+                    (None, Some(c)) => Some(group_logit_mask(c, group, &tokens, model.vocab_size(), &tokenizer.eos_ids)?),
+                    (None, None) => None,
+                };
+                (GroupRows::Tokens { tokens, grammar }, mask)
+            }
         };
         let frozen = cfg.frozen_prompt_tokens(prompts[p].len());
         let adv = Tensor::from_vec(advantages[p * cfg.group..(p + 1) * cfg.group].to_vec(), cfg.group, &device)?.to_dtype(dtype)?;
-        let reference = if cfg.loss.beta > 0.0 {
-            Some(group_logprobs(model, &prompts[p], &tokens, grammar.as_ref(), frozen, Mode::REFERENCE)?)
-        } else {
-            None
-        };
+        let reference = if cfg.loss.beta > 0.0 { Some(rows.logprobs(model, &prompts[p], frozen, Mode::REFERENCE)?) } else { None };
         // With one update per batch the policy has not moved since sampling: old = current
         // (detached), as in TRL. Otherwise the sampling-time log-probs are computed once here.
         let old = if cfg.updates_per_batch > 1 {
-            Some(group_logprobs(model, &prompts[p], &tokens, grammar.as_ref(), frozen, Mode { adapter: true, grad: false, dropout: None })?)
+            Some(rows.logprobs(model, &prompts[p], frozen, Mode { adapter: true, grad: false, dropout: None })?)
         } else {
             None
         };
-        prepared.push((p, tokens, mask, grammar, frozen, adv, old, reference));
+        prepared.push((p, rows, mask, frozen, adv, old, reference));
     }
     // The groups kept over all ranks: the batch loss is the mean over them.
     let kept = (0..prompts.len()).filter(|&p| !(cfg.skip_zero_signal && groups.zero_signal[p])).count();
@@ -328,12 +420,12 @@ pub fn step(
         let mut accum = GradAccum::new(params.len());
         // This update's loss, its statistics and the groups evaluated, summed over ranks below.
         let mut sums = [0.0f64; 6];
-        for (p, tokens, mask, grammar, frozen, adv, old, reference) in &prepared {
+        for (p, rows, mask, frozen, adv, old, reference) in &prepared {
             let mode = match dropout_seed {
                 Some(seed) => Mode::TRAIN.with_dropout(crate::seed::derive_seed(seed, update as u64, *p as u64)),
                 None => Mode::TRAIN,
             };
-            let logp = group_logprobs(model, &prompts[*p], tokens, grammar.as_ref(), *frozen, mode)?;
+            let logp = rows.logprobs(model, &prompts[*p], *frozen, mode)?;
             let old = match old {
                 Some(o) => o.clone(),
                 None => logp.detach(),
@@ -441,5 +533,41 @@ mod tests {
         assert!((loss(LossNorm::Sequence) - (-(1.0 + 4.0) / 2.0)).abs() < 1e-6);
         assert!((loss(LossNorm::Token) - (-6.0 / 3.0)).abs() < 1e-6);
         assert!((loss(LossNorm::Constant) - (-6.0 / 8.0)).abs() < 1e-6);
+    }
+
+    /// Plackett–Luce by hand: codes of probability .5, .3, .2; the list (0, 1) has
+    /// .5 · .3/(1 − .5) = .3, the list (2, 0) .2 · .5/(1 − .2) = .125, and the three codes
+    /// in any order together have probability 1 over the 6 orders. The gradient with respect
+    /// to the codes' log-probs matches central finite differences (f64).
+    #[test]
+    fn plackett_luce_by_hand_and_by_finite_differences() {
+        let probs = [0.5f64, 0.3, 0.2];
+        let logp = Tensor::new(&probs.map(f64::ln), &Device::Cpu).unwrap();
+        let index = Tensor::new(&[0u32, 1, 2, 0], &Device::Cpu).unwrap();
+        let got = plackett_luce(&logp, &index, 2).unwrap().squeeze(1).unwrap().exp().unwrap().to_vec1::<f64>().unwrap();
+        assert!((got[0] - 0.3).abs() < 1e-12 && (got[1] - 0.125).abs() < 1e-12, "{got:?}");
+        let orders: [[u32; 3]; 6] = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+        let index = Tensor::new(orders.concat().as_slice(), &Device::Cpu).unwrap();
+        let all = plackett_luce(&logp, &index, 3).unwrap().exp().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!((all - 1.0).abs() < 1e-12, "{all}");
+
+        // Log-probs of an unnormalised model (as a code's masked log-prob is only under its
+        // own prompt): the function is defined for any inputs with Σ p < 1 before each position.
+        let x = [-1.2f64, -2.0, -0.9];
+        let index = Tensor::new(&[2u32, 0, 1, 1, 2, 0], &Device::Cpu).unwrap();
+        let weights = Tensor::new(&[[0.7f64], [-1.3]], &Device::Cpu).unwrap();
+        let objective = |v: &Tensor| plackett_luce(v, &index, 3).unwrap().mul(&weights).unwrap().sum_all().unwrap();
+        let var = candle_core::Var::new(&x, &Device::Cpu).unwrap();
+        let grads = objective(var.as_tensor()).backward().unwrap();
+        let analytic = grads.get(var.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        for i in 0..3 {
+            let at = |h: f64| {
+                let mut y = x;
+                y[i] += h;
+                objective(&Tensor::new(&y, &Device::Cpu).unwrap()).to_scalar::<f64>().unwrap()
+            };
+            let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+            assert!((numeric - analytic[i]).abs() < 1e-6, "d/dx{i}: {numeric} numeric, {} analytic", analytic[i]);
+        }
     }
 }

@@ -10,9 +10,9 @@
 //! the SFT warm-up ([`crate::train`]).
 //!
 //! With `grpo.form = "next"` a prompt is instead the user's check-ins in the whole-history
-//! form and a completion is one POI code, sampled under the codebook's trie and scored as a
-//! one-POI list ([`score_code`]); validation then ranks by the next code, as `eval
-//! --beam-next` does.
+//! form and a completion is one POI code, or with `grpo.codes_per_sample > 1` a ranked list of
+//! distinct codes, sampled under the codebook's trie and scored as a list ([`score_codes`]);
+//! validation then ranks by the next code, as `eval --beam-next` does.
 //!
 //! The policy starts from `grpo.init_adapter` (by default the SFT warm-up's `best/`), copied
 //! into the run directory as `init/` so a resumed run keeps the same start even if the SFT
@@ -46,7 +46,7 @@ use crate::train::optim::{AdamW, AdamWParams};
 use crate::train::schedule::lr_at;
 use crate::train::{EpochOrder, RunOptions, StageLoop, StageStart, StageSummary, load_model, progress_bar, train_instances};
 use config::{GrpoForm, ReferencePolicy};
-use loss::{LossConfig, StepConfig, StepReport};
+use loss::{LossConfig, NextCodes, StepConfig, StepReport};
 use rewards::{RewardBreakdown, RewardInput, score};
 
 const STAGE: Stage = Stage::Grpo;
@@ -173,24 +173,30 @@ fn gather_scored(dist: &Dist, mine: Vec<(usize, Scored)>) -> Result<Vec<Scored>>
     Ok(rows.into_iter().map(Scored::decode).collect())
 }
 
-/// Scores a sampled code (the next-code form) for `inst` with every reward of the config, as
-/// a one-POI list: hit and rank are 1 on the target's code, soft accuracy credits a near miss.
-fn score_code(ds: &Dataset, cfg: &RunConfig, trie: &CodeTrie, inst: &Instance, c: &Completion) -> Result<Scored> {
-    let poi = trie.poi_of_tokens(&c.tokens).with_context(|| format!("sampled tokens {:?} are not a code", c.tokens))?;
-    let parsed = ParsedAnswer { ids: vec![poi], has_answer_tag: true, closed: true, items: 1, well_formed: true, ..Default::default() };
+/// Scores a sample of the next-code form (one code, or a ranked list of distinct codes) for
+/// `inst` with every reward of the config, as a list of its POIs with k its length: hit and
+/// rank read the target's position, soft accuracy credits a near miss.
+fn score_codes(ds: &Dataset, cfg: &RunConfig, trie: &CodeTrie, inst: &Instance, c: &Completion) -> Result<Scored> {
+    let ids = c
+        .tokens
+        .chunks(trie.levels())
+        .map(|code| trie.poi_of_tokens(code).with_context(|| format!("sampled tokens {:?} are not codes", c.tokens)))
+        .collect::<Result<Vec<u32>>>()?;
+    let items = ids.len();
+    let parsed = ParsedAnswer { ids, has_answer_tag: true, closed: true, items, well_formed: true, ..Default::default() };
     let input = RewardInput {
         answer: &parsed,
         completion: &c.text,
         completion_tokens: c.tokens.len(),
         target: inst.target.poi,
-        k: 1,
+        k: items,
         pois: ds.pois(),
         history: ds.history(inst),
         reasoning: false,
         params: &cfg.rewards.params,
     };
     let breakdown = score(&input, &cfg.rewards.weights);
-    Ok(Scored { breakdown, rank: (poi == inst.target.poi).then_some(1), valid: true, well_formed: true })
+    Ok(Scored { breakdown, rank: parsed.rank_of(inst.target.poi), valid: true, well_formed: true })
 }
 
 /// Scores a completion for `inst` with every reward of the config; the rewards read it in dense
@@ -292,18 +298,20 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     } else {
         None
     };
-    let next_code = match cfg.grpo.form {
+    // The next-code form: what a sample is, and the token budget of its history prompts.
+    let next = match cfg.grpo.form {
         GrpoForm::Next => {
             let codebook = ds.codebook().context("grpo.form = \"next\" needs the dataset's codebook.json (preprocess writes it)")?;
-            Some(Arc::new(CodeTrie::new(codebook, &loaded.tokenizer)?))
+            let trie = Arc::new(CodeTrie::new(codebook, &loaded.tokenizer)?);
+            Some((NextCodes { trie, per_sample: cfg.grpo.codes_per_sample }, next_checkin_budget(&cfg.prompt, &loaded.model, codebook)))
         }
         GrpoForm::List => None,
     };
-    let next_budget = ds.codebook().map(|cb| next_checkin_budget(&cfg.prompt, &loaded.model, cb));
-    let mut step_cfg = StepConfig { next_code: next_code.clone(), ..step_config(cfg, constraint) };
-    if let Some(trie) = &next_code {
-        // A completion is one code: Dr. GRPO's constant is its length, not max_new_tokens.
-        step_cfg.loss.max_completion_tokens = trie.levels();
+    let mut step_cfg = StepConfig { next_code: next.as_ref().map(|(n, _)| n.clone()), ..step_config(cfg, constraint) };
+    if let Some((n, _)) = &next {
+        // Dr. GRPO's constant: a one-code completion's length, not max_new_tokens; a list of
+        // codes is one term.
+        step_cfg.loss.max_completion_tokens = if n.per_sample == 1 { n.trie.levels() } else { 1 };
     }
     if !opts.quiet {
         let from = start.as_ref().map_or("a fresh adapter".to_string(), |d| d.display().to_string());
@@ -323,7 +331,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let bar = progress_bar(total, state.step, opts.quiet, "grpo");
     let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts);
     cadence.val.constrained = cfg.grpo.constrained;
-    cadence.val.beam_next = next_code.is_some().then_some(DEFAULT_BEAMS.max(cfg.prompt.k));
+    cadence.val.beam_next = next.is_some().then_some(DEFAULT_BEAMS.max(cfg.prompt.k));
     let (mut first_reward, mut last_reward) = (None, None);
     let mut order = EpochOrder::new(t.seed, examples.len());
     let k = cfg.prompt.k;
@@ -339,16 +347,16 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
         let insts: Vec<&Instance> = positions.iter().map(|&g| examples[order.example(g)]).collect();
         let prompt_ids = insts
             .iter()
-            .map(|inst| match (&next_code, next_budget) {
-                (Some(_), Some(budget)) => next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, inst, budget),
-                _ => Ok(prompts.build(&PromptContext::from_instance_with(&ds, inst, stats.as_ref()))?.ids),
+            .map(|inst| match &next {
+                Some((_, budget)) => next_checkin_prompt(&ds, &cfg.prompt, &loaded.tokenizer, inst, *budget),
+                None => Ok(prompts.build(&PromptContext::from_instance_with(&ds, inst, stats.as_ref()))?.ids),
             })
             .collect::<Result<Vec<_>>>()?;
         let seeds: Vec<u64> = positions.iter().map(|&g| derive_seed(t.seed, SEED_SAMPLING, g)).collect();
         let mut mine = Vec::with_capacity(insts.len() * cfg.grpo.group);
         let mut reward = |p: usize, c: &Completion| -> Result<f64> {
-            let s = match &next_code {
-                Some(trie) => score_code(&ds, cfg, trie, insts[p], c)?,
+            let s = match &next {
+                Some((n, _)) => score_codes(&ds, cfg, &n.trie, insts[p], c)?,
                 None => score_completion(&ds, cfg, naming, insts[p], c),
             };
             let total = s.breakdown.total;
