@@ -4,7 +4,8 @@
 # prompts and rewards the target's code. Then every saved checkpoint and the starting adapter
 # rank the fixed val sample by the next code (`eval --beam-next 20`), each compared, paired,
 # with the start. Test is not run here: it waits for the choice made on val.
-#   GRPO_STEPS, GRPO_LR, GRPO_SOFT  see scripts/nyc-semantic-flags.sh; LIMIT  val instances (default 200)
+#   GRPO_STEPS, GRPO_LR, GRPO_CODES, GRPO_HIT, GRPO_RANK, GRPO_SOFT  see scripts/nyc-semantic-flags.sh
+#   LIMIT  val instances (default 200)
 #   RESUME=1    continue the run from its last checkpoint
 set -euo pipefail
 cd "$(dirname "$0")/.."

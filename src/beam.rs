@@ -18,8 +18,11 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::data::codebook::Codebook;
+use crate::data::{Dataset, Instance};
 use crate::generate::{Completion, FinishReason, prefill_each};
+use crate::history_prompt::{next_checkin_budget, next_checkin_prompt};
 use crate::model::{CausalLm, KvCache, Mode, TextTokenizer};
+use crate::prompt::PromptConfig;
 
 /// The beam width chosen on val for ranking by the next code: 40 beams gave the same 10 POIs
 /// in the same order as 20 on the fixed val sample of 200 (docs/results.md).
@@ -238,6 +241,27 @@ pub fn rank_next_codes(model: &CausalLm, trie: &CodeTrie, prompts: &[Vec<u32>], 
     ensure!(beam > 0, "beam search needs at least one beam");
     let ranked = search(model, trie, prompts, 1, beam, None)?;
     Ok(ranked.into_iter().map(|bs| bs.into_iter().map(|b| (trie.poi[&b.code], b.logp as f32)).collect()).collect())
+}
+
+/// Ranks `batch` by the next code, as `eval --beam-next` and validation during training do:
+/// each instance's whole-history prompt within `prompt`'s budget ([`next_checkin_prompt`]) and
+/// the POIs of its `beams` best codes ([`rank_next_codes`]). Returns the prompts and the
+/// rankings.
+pub fn rank_next_checkins(
+    model: &CausalLm,
+    tokenizer: &TextTokenizer,
+    trie: &CodeTrie,
+    ds: &Dataset,
+    prompt: &PromptConfig,
+    batch: &[&Instance],
+    beams: usize,
+) -> Result<(Vec<Vec<u32>>, Vec<Vec<(u32, f32)>>)> {
+    let codebook = ds.codebook().context("ranking by the next code needs the dataset's codebook.json (preprocess writes it)")?;
+    ensure!(trie.num_codes() == ds.num_pois(), "the code trie was built for another dataset");
+    let budget = next_checkin_budget(prompt, model, codebook);
+    let prompts = batch.iter().map(|inst| next_checkin_prompt(ds, prompt, tokenizer, inst, budget)).collect::<Result<Vec<_>>>()?;
+    let ranked = rank_next_codes(model, trie, &prompts, beams)?;
+    Ok((prompts, ranked))
 }
 
 /// `group` samples for each prompt, each a list of `codes` distinct codes drawn without

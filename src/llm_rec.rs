@@ -9,13 +9,13 @@ use chrono::NaiveDateTime;
 use serde_json::json;
 
 use crate::answer::{ANSWER_CLOSE, AnswerIds};
-use crate::beam::{CodeTrie, rank_next_codes};
+use crate::beam::{CodeTrie, rank_next_checkins, rank_next_codes};
 use crate::constrain::AnswerConstraint;
 use crate::data::codebook::Codebook;
 use crate::data::{Dataset, Instance};
 use crate::eval::{Prediction, Recommender};
 use crate::generate::{SamplingConfig, generate_constrained};
-use crate::history_prompt::{next_checkin_budget, next_checkin_prompt, user_next_checkin_prompt};
+use crate::history_prompt::{next_checkin_budget, user_next_checkin_prompt};
 use crate::model::{LoadedModel, Mode};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::prompt_stats::{InPrompt, answer_in_history_prompt, answer_in_prompt};
@@ -67,7 +67,7 @@ impl LlmRecommender {
     }
 
     /// Ranks by what the model writes next after the user's check-ins in the whole-history form
-    /// ([`next_checkin_prompt`]): the POIs of the `beams` best codes ([`rank_next_codes`]), at
+    /// ([`crate::history_prompt::next_checkin_prompt`]): the POIs of the `beams` best codes ([`rank_next_codes`]), at
     /// least k. Needs semantic ids; the list is always k distinct valid POIs.
     pub fn beam_next(mut self, beams: Option<usize>) -> Result<Self> {
         if let Some(b) = beams {
@@ -97,12 +97,9 @@ impl LlmRecommender {
     /// [`LlmRecommender::beam_next`]'s ranking of `batch`: the k best POIs and every kept code's
     /// score, with the prompts.
     fn rank_next(&self, ds: &Dataset, batch: &[&Instance], beams: usize) -> Result<Vec<(Vec<u32>, serde_json::Value)>> {
-        let budget = self.next_checkin_budget(Self::codebook(ds)?);
-        let prompts = batch
-            .iter()
-            .map(|inst| next_checkin_prompt(ds, &self.prompt, &self.loaded.tokenizer, inst, budget))
-            .collect::<Result<Vec<_>>>()?;
-        self.rank_next_prompts(ds, &prompts, beams)
+        let (prompts, ranked) =
+            rank_next_checkins(&self.loaded.model, &self.loaded.tokenizer, self.trie(ds)?, ds, &self.prompt, batch, beams)?;
+        self.with_details(&prompts, ranked)
     }
 
     /// The same ranking for dataset user `user` (dense id) from the check-ins before `before`
@@ -111,14 +108,16 @@ impl LlmRecommender {
         let beams = self.beam_next.context("ranking by the next code needs --beam-next")?;
         let budget = self.next_checkin_budget(Self::codebook(ds)?);
         let prompt = user_next_checkin_prompt(ds, &self.prompt, &self.loaded.tokenizer, user, before, at, budget)?;
-        Ok(self.rank_next_prompts(ds, &[prompt], beams)?.remove(0))
+        let ranked = rank_next_codes(&self.loaded.model, self.trie(ds)?, std::slice::from_ref(&prompt), beams)?;
+        Ok(self.with_details(&[prompt], ranked)?.remove(0))
     }
 
     fn codebook(ds: &Dataset) -> Result<&Codebook> {
         ds.codebook().context("--beam-next needs the dataset's codebook.json (preprocess writes it)")
     }
 
-    fn rank_next_prompts(&self, ds: &Dataset, prompts: &[Vec<u32>], beams: usize) -> Result<Vec<(Vec<u32>, serde_json::Value)>> {
+    /// The codebook's trie over this model's tokens, built at the first use.
+    fn trie(&self, ds: &Dataset) -> Result<&CodeTrie> {
         let codebook = Self::codebook(ds)?;
         self.check_added_tokens(Some(codebook))?;
         if self.trie.get().is_none() {
@@ -126,7 +125,11 @@ impl LlmRecommender {
         }
         let trie = self.trie.get().expect("set above");
         anyhow::ensure!(trie.num_codes() == ds.num_pois(), "the code trie was built for another dataset");
-        let ranked = rank_next_codes(&self.loaded.model, trie, prompts, beams)?;
+        Ok(trie)
+    }
+
+    /// The k best POIs of each ranking, with its prompt and every kept code's score.
+    fn with_details(&self, prompts: &[Vec<u32>], ranked: Vec<Vec<(u32, f32)>>) -> Result<Vec<(Vec<u32>, serde_json::Value)>> {
         prompts
             .iter()
             .zip(ranked)

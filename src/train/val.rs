@@ -10,12 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Result, bail};
 
 use crate::answer::{ANSWER_CLOSE, AnswerIds};
-use crate::beam::{CodeTrie, rank_next_codes};
+use crate::beam::{CodeTrie, rank_next_checkins};
 use crate::constrain::AnswerConstraint;
 use crate::data::{Dataset, Instance, Split};
 use crate::eval::{EvalOptions, EvalReport, Prediction, Recommender, evaluate};
 use crate::generate::{SamplingConfig, generate_constrained};
-use crate::history_prompt::{next_checkin_budget, next_checkin_prompt};
 use crate::model::{CausalLm, Mode, TextTokenizer};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
 use crate::retrieval::TrainStats;
@@ -52,11 +51,7 @@ impl Recommender for BorrowedLlm<'_> {
             bail!(Interrupted);
         }
         if let Some((trie, beams)) = &self.beam_next {
-            let codebook = ds.codebook().ok_or_else(|| anyhow::anyhow!("ranking by the next code needs the dataset's codebook"))?;
-            let budget = next_checkin_budget(&self.prompt, self.model, codebook);
-            let prompts =
-                batch.iter().map(|inst| next_checkin_prompt(ds, &self.prompt, self.tokenizer, inst, budget)).collect::<Result<Vec<_>>>()?;
-            let ranked = rank_next_codes(self.model, trie, &prompts, *beams)?;
+            let (_, ranked) = rank_next_checkins(self.model, self.tokenizer, trie, ds, &self.prompt, batch, *beams)?;
             let k = self.prompt.k;
             return Ok(ranked
                 .into_iter()
