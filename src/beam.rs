@@ -28,6 +28,9 @@ use crate::prompt::PromptConfig;
 /// in the same order as 20 on the fixed val sample of 200 (docs/results.md).
 pub const DEFAULT_BEAMS: usize = 20;
 
+/// The POIs of a prompt's best next codes, best first, with their log-probabilities.
+pub type Ranking = Vec<(u32, f32)>;
+
 /// The codebook as a trie over token ids.
 #[derive(Debug, PartialEq)]
 pub struct CodeTrie {
@@ -237,7 +240,7 @@ fn log1mexp(x: f64) -> f64 {
 
 /// For each prompt, the POIs of the `beam` best codes that follow it, best first, with their
 /// scores (log-probabilities, see the module comment). Ties go to the smaller code.
-pub fn rank_next_codes(model: &CausalLm, trie: &CodeTrie, prompts: &[Vec<u32>], beam: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+pub fn rank_next_codes(model: &CausalLm, trie: &CodeTrie, prompts: &[Vec<u32>], beam: usize) -> Result<Vec<Ranking>> {
     ensure!(beam > 0, "beam search needs at least one beam");
     let ranked = search(model, trie, prompts, 1, beam, None)?;
     Ok(ranked.into_iter().map(|bs| bs.into_iter().map(|b| (trie.poi[&b.code], b.logp as f32)).collect()).collect())
@@ -255,7 +258,7 @@ pub fn rank_next_checkins(
     prompt: &PromptConfig,
     batch: &[&Instance],
     beams: usize,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<(u32, f32)>>)> {
+) -> Result<(Vec<Vec<u32>>, Vec<Ranking>)> {
     let codebook = ds.codebook().context("ranking by the next code needs the dataset's codebook.json (preprocess writes it)")?;
     ensure!(trie.num_codes() == ds.num_pois(), "the code trie was built for another dataset");
     let budget = next_checkin_budget(prompt, model, codebook);

@@ -9,7 +9,7 @@ use chrono::NaiveDateTime;
 use serde_json::json;
 
 use crate::answer::{ANSWER_CLOSE, AnswerIds};
-use crate::beam::{CodeTrie, rank_next_checkins, rank_next_codes};
+use crate::beam::{CodeTrie, Ranking, rank_next_checkins, rank_next_codes};
 use crate::constrain::AnswerConstraint;
 use crate::data::codebook::Codebook;
 use crate::data::{Dataset, Instance};
@@ -129,7 +129,7 @@ impl LlmRecommender {
     }
 
     /// The k best POIs of each ranking, with its prompt and every kept code's score.
-    fn with_details(&self, prompts: &[Vec<u32>], ranked: Vec<Vec<(u32, f32)>>) -> Result<Vec<(Vec<u32>, serde_json::Value)>> {
+    fn with_details(&self, prompts: &[Vec<u32>], ranked: Vec<Ranking>) -> Result<Vec<(Vec<u32>, serde_json::Value)>> {
         prompts
             .iter()
             .zip(ranked)
