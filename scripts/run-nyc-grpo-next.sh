@@ -25,7 +25,11 @@ rank() {  # rank ADAPTER NAME: val sample, beam over the next code
 }
 mkdir -p $out/eval
 rank adapters/nyc start
-for ckpt in $out/grpo/checkpoints/step-* $out/grpo/final; do
+# final/ is ranked only when no checkpoint holds the same step.
+final_step=$(sed -n 's/.*"step": *\([0-9]*\).*/\1/p' $out/grpo/final/final.json)
+ckpts=($out/grpo/checkpoints/step-*)
+[[ -d $out/grpo/checkpoints/step-$final_step ]] || ckpts+=($out/grpo/final)
+for ckpt in "${ckpts[@]}"; do
   name=grpo-$(basename $ckpt)
   rank $ckpt $name
   $bin eval --compare $out/eval/$name-val-$limit.jsonl $out/eval/start-val-$limit.jsonl --out $out/eval/$name-vs-start-val-$limit.json
