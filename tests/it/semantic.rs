@@ -750,14 +750,14 @@ fn report_of(out: &std::process::Output, report: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
 }
 
-/// The shipped NYC adapter (`adapters/nyc`) names POIs by the codes of its `codebook.json`:
-/// `preprocess` of the shipped NYC data with configs/nyc.toml rebuilds that file bit for bit,
-/// and the adapter adds a token for every code. With the default model, it ranks the fixed test
-/// sample of 4 as recorded (the same 10 POIs in the same order, log-probabilities within 1e-3;
-/// neighbours in those lists are at least 4e-3 apart): the README's headline row stays
-/// reproducible.
+/// The shipped NYC adapters (`adapters/nyc`, the SFT model, and `adapters/nyc-grpo`, GRPO on
+/// ranked lists from it) name POIs by the codes of their `codebook.json`: `preprocess` of the
+/// shipped NYC data with configs/nyc.toml rebuilds that file bit for bit, and each adapter adds a
+/// token for every code. With the default model, each ranks the fixed test sample of 4 as
+/// recorded (the same 10 POIs in the same order, log-probabilities within 1e-3; neighbours in
+/// those lists are at least 4e-3 apart): the README's headline rows stay reproducible.
 #[test]
-fn the_shipped_adapter_ranks_as_recorded() {
+fn the_shipped_adapters_rank_as_recorded() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let out = bin()
@@ -767,46 +767,51 @@ fn the_shipped_adapter_ranks_as_recorded() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let shipped = root.join("adapters/nyc");
-    assert_eq!(std::fs::read(tmp.path().join("codebook.json")).unwrap(), std::fs::read(shipped.join("codebook.json")).unwrap());
     let num_pois = Dataset::load(tmp.path()).unwrap().num_pois();
-    let codebook = Codebook::load(&shipped, num_pois).unwrap();
-    let added: std::collections::HashMap<String, u32> =
-        serde_json::from_slice(&std::fs::read(shipped.join(ADDED_TOKENS_FILE)).unwrap()).unwrap();
-    for token in codebook.tokens() {
-        assert!(added.contains_key(&token), "the adapter adds no token {token}");
-    }
-
     let model = root.join(model::DEFAULT_MODEL);
-    if !model.exists() {
-        assert!(std::env::var("CI").is_err(), "CI must fetch the default model (scripts/fetch-model.sh)");
-        return;
-    }
-    let preds = tmp.path().join("test4.jsonl");
-    let out = bin()
-        .current_dir(root)
-        .args(["--device", "cpu", "--dtype", "f32", "eval", "--split", "test", "--method", "llm", "--limit", "4", "--beam-next", "20"])
-        .args(["--adapter", "adapters/nyc", "--prompt-config", "adapters/nyc/prompt.toml", "--quiet", "--data"])
-        .arg(tmp.path())
-        .arg("--out")
-        .arg(tmp.path().join("test4.json"))
-        .arg("--predictions")
-        .arg(&preds)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let recorded: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(root.join("tests/fixtures/adapters-nyc-test4.json")).unwrap()).unwrap();
-    let recorded = recorded["instances"].as_object().unwrap();
-    let lines = std::fs::read_to_string(&preds).unwrap();
-    assert_eq!(lines.lines().count(), recorded.len());
-    for line in lines.lines() {
-        let p: serde_json::Value = serde_json::from_str(line).unwrap();
-        let want = recorded[&p["id"].to_string()].as_array().unwrap();
-        let got = &p["detail"]["beam"].as_array().unwrap()[..want.len()];
-        for (g, w) in got.iter().zip(want) {
-            assert_eq!(g[0], w[0], "instance {}: {got:?} against {want:?}", p["id"]);
-            assert!((g[1].as_f64().unwrap() - w[1].as_f64().unwrap()).abs() < 1e-3, "instance {}: {g} against {w}", p["id"]);
+    for (adapter, fixture) in [("adapters/nyc", "adapters-nyc-test4.json"), ("adapters/nyc-grpo", "adapters-nyc-grpo-test4.json")] {
+        let shipped = root.join(adapter);
+        assert_eq!(
+            std::fs::read(tmp.path().join("codebook.json")).unwrap(),
+            std::fs::read(shipped.join("codebook.json")).unwrap(),
+            "{adapter}"
+        );
+        let codebook = Codebook::load(&shipped, num_pois).unwrap();
+        let added: std::collections::HashMap<String, u32> =
+            serde_json::from_slice(&std::fs::read(shipped.join(ADDED_TOKENS_FILE)).unwrap()).unwrap();
+        for token in codebook.tokens() {
+            assert!(added.contains_key(&token), "{adapter} adds no token {token}");
+        }
+        if !model.exists() {
+            assert!(std::env::var("CI").is_err(), "CI must fetch the default model (scripts/fetch-model.sh)");
+            continue;
+        }
+        let preds = tmp.path().join("test4.jsonl");
+        let out = bin()
+            .current_dir(root)
+            .args(["--device", "cpu", "--dtype", "f32", "eval", "--split", "test", "--method", "llm", "--limit", "4", "--beam-next", "20"])
+            .args(["--adapter", adapter, "--prompt-config", &format!("{adapter}/prompt.toml"), "--quiet", "--data"])
+            .arg(tmp.path())
+            .arg("--out")
+            .arg(tmp.path().join("test4.json"))
+            .arg("--predictions")
+            .arg(&preds)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{adapter}: {}", text(&out.stderr));
+        let recorded: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(root.join("tests/fixtures").join(fixture)).unwrap()).unwrap();
+        let recorded = recorded["instances"].as_object().unwrap();
+        let lines = std::fs::read_to_string(&preds).unwrap();
+        assert_eq!(lines.lines().count(), recorded.len());
+        for line in lines.lines() {
+            let p: serde_json::Value = serde_json::from_str(line).unwrap();
+            let want = recorded[&p["id"].to_string()].as_array().unwrap();
+            let got = &p["detail"]["beam"].as_array().unwrap()[..want.len()];
+            for (g, w) in got.iter().zip(want) {
+                assert_eq!(g[0], w[0], "{adapter}, instance {}: {got:?} against {want:?}", p["id"]);
+                assert!((g[1].as_f64().unwrap() - w[1].as_f64().unwrap()).abs() < 1e-3, "{adapter}, instance {}: {g} against {w}", p["id"]);
+            }
         }
     }
 }
