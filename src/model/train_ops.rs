@@ -202,18 +202,76 @@ impl CustomOp1 for Rope {
     }
 }
 
-/// A LoRA linear layer `x Wᵀ (+ bias) + scale · (x Aᵀ) Bᵀ` for x (rows, in), with W and the
-/// bias frozen, as one node: the base output, the rank-r intermediate, the update and their sum
-/// are not kept for the backward pass, which computes `dx = dy W + scale · (dy B) A`,
-/// `dA = scale · (dy B)ᵀ x` and `dB = scale · dyᵀ (x Aᵀ)`, never W's gradient.
-pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op3(a, b, LoraLinear { w: w.clone(), bias: bias.cloned(), scale })
+/// A LoRA linear layer `x Wᵀ (+ bias) + scale · ((x ∘ m) Aᵀ) Bᵀ` for x (rows, in), with W and
+/// the bias frozen and m the optional dropout mask of the adapter's input, as one node: the
+/// base output, the dropped input, the rank-r intermediate, the update and their sum are not
+/// kept for the backward pass, which computes `dx = dy W + scale · ((dy B) A) ∘ m`,
+/// `dA = scale · (dy B)ᵀ (x ∘ m)` and `dB = scale · dyᵀ ((x ∘ m) Aᵀ)`, never W's gradient.
+/// The mask is redrawn from its seed in the backward pass rather than stored, and, unlike a
+/// product with a constant tensor in candle's graph, gets no gradient of its own.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<Dropout>,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3(a, b, LoraLinear { w: w.clone(), bias: bias.cloned(), scale, dropout })
+}
+
+/// LoRA dropout: each input element is zeroed with probability `p`, the mask drawn from `seed`
+/// by [`dropout_mask`].
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// `x ∘ m` for x (rows, cols).
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (rows, cols) = x.dims2()?;
+        x * dropout_mask(rows, cols, self.p, self.seed, x.device(), x.dtype())?
+    }
+}
+
+/// The dropout mask of an (rows, cols) input: each element is 0 with probability `p`, else
+/// 1 / (1 - p); element i's draw is a hash of (seed, i).
+pub fn dropout_mask(rows: usize, cols: usize, p: f64, seed: u64, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
+    use crate::seed::splitmix64;
+    use rayon::prelude::*;
+    let keep = (1.0 / (1.0 - p)) as f32;
+    // Compare the hash's top 53 bits against p: exact for any p in [0, 1).
+    let threshold = (p * (1u64 << 53) as f64) as u64;
+    let n = rows * cols;
+    let mut data = vec![0f32; n];
+    data.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
+        let base = (c << 14) as u64;
+        for (j, v) in chunk.iter_mut().enumerate() {
+            let h = splitmix64(seed ^ splitmix64(base + j as u64)) >> 11;
+            *v = if h >= threshold { keep } else { 0.0 };
+        }
+    });
+    Tensor::from_vec(data, (rows, cols), device)?.to_dtype(dtype)
 }
 
 struct LoraLinear {
     w: Tensor,
     bias: Option<Tensor>,
     scale: f64,
+    dropout: Option<Dropout>,
+}
+
+impl LoraLinear {
+    /// The adapter's input: x, or x with its dropout mask applied.
+    fn adapter_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.dropout {
+            Some(d) => d.apply(x),
+            None => Ok(x.clone()),
+        }
+    }
 }
 
 impl CustomOp3 for LoraLinear {
@@ -235,7 +293,7 @@ impl CustomOp3 for LoraLinear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        let y = (y + (x.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?)?;
+        let y = (y + (self.adapter_input(&x)?.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?)?;
         tensor_storage(&y)
     }
 
@@ -248,10 +306,16 @@ impl CustomOp3 for LoraLinear {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let xm = self.adapter_input(&x)?;
         let dyb = (dy.matmul(&b)? * self.scale)?;
-        let dx = (dy.matmul(&self.w)? + dyb.matmul(&a)?)?;
-        let da = dyb.t()?.matmul(&x)?;
-        let db = dy.t()?.matmul(&(x.matmul(&a.t()?)? * self.scale)?)?;
+        let dxm = dyb.matmul(&a)?;
+        let dxm = match &self.dropout {
+            Some(d) => d.apply(&dxm)?,
+            None => dxm,
+        };
+        let dx = (dy.matmul(&self.w)? + dxm)?;
+        let da = dyb.t()?.matmul(&xm)?;
+        let db = dy.t()?.matmul(&(xm.matmul(&a.t()?)? * self.scale)?)?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
@@ -644,7 +708,32 @@ mod tests {
                 let base = x[0].matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
                 (base + (x[0].matmul(&x[1].t().unwrap()).unwrap().matmul(&x[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap()
             };
-            same_values_and_grads(&inputs, |x| lora_linear(&x[0], &w, Some(&bias), &x[1], &x[2], 2.0).unwrap(), composite, tol);
+            same_values_and_grads(&inputs, |x| lora_linear(&x[0], &w, Some(&bias), &x[1], &x[2], 2.0, None).unwrap(), composite, tol);
+        }
+    }
+
+    /// With dropout, the fused op equals the composite with the same mask, and the mask gets
+    /// no gradient: x's gradient is zero through the adapter exactly where the mask is.
+    #[test]
+    fn lora_linear_with_dropout_matches_candle_ops() {
+        let dropout = Dropout { p: 0.3, seed: 99 };
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            let (w, bias) = (rand(&[5, 6], 11, dtype), rand(&[5], 12, dtype));
+            let inputs = [rand(&[40, 6], 13, dtype), rand(&[3, 6], 14, dtype), rand(&[5, 3], 15, dtype)];
+            let mask = dropout_mask(40, 6, dropout.p, dropout.seed, &Device::Cpu, dtype).unwrap();
+            let dropped = mask.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            assert!(dropped.iter().any(|&m| m == 0.0) && dropped.iter().any(|&m| m > 1.0), "{dropped:?}");
+            let composite = |x: &[Tensor]| {
+                let base = x[0].matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+                let xm = (&x[0] * &mask).unwrap();
+                (base + (xm.matmul(&x[1].t().unwrap()).unwrap().matmul(&x[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap()
+            };
+            same_values_and_grads(
+                &inputs,
+                |x| lora_linear(&x[0], &w, Some(&bias), &x[1], &x[2], 2.0, Some(dropout)).unwrap(),
+                composite,
+                tol,
+            );
         }
     }
 

@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use super::config::ModelConfig;
 use super::kv_cache::{CachedKv, KvCache};
 use super::lora::{Lora, LoraConfig};
-use crate::seed::{fnv1a, splitmix64};
+use crate::seed::fnv1a;
 
 /// How a forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,25 +46,6 @@ impl Mode {
     }
 }
 
-/// The dropout mask of an (rows, cols) input: each element is 0 with probability `p`, else
-/// 1 / (1 - p); element i's draw is a hash of (seed, i).
-fn dropout_mask(rows: usize, cols: usize, p: f64, seed: u64, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
-    use rayon::prelude::*;
-    let keep = (1.0 / (1.0 - p)) as f32;
-    // Compare the hash's top 53 bits against p: exact for any p in [0, 1).
-    let threshold = (p * (1u64 << 53) as f64) as u64;
-    let n = rows * cols;
-    let mut data = vec![0f32; n];
-    data.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
-        let base = (c << 14) as u64;
-        for (j, v) in chunk.iter_mut().enumerate() {
-            let h = splitmix64(seed ^ splitmix64(base + j as u64)) >> 11;
-            *v = if h >= threshold { keep } else { 0.0 };
-        }
-    });
-    Tensor::from_vec(data, (rows, cols), device)?.to_dtype(dtype)
-}
-
 /// A linear layer `y = x W^T (+ bias)`, optionally with a LoRA adapter.
 pub struct Linear {
     /// The Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj` (PEFT keys build on it).
@@ -89,21 +70,29 @@ impl Linear {
         self.weight.dims()[0]
     }
 
+    /// The rate and seed of this layer's LoRA dropout in `mode`, if it drops anything.
+    fn dropout(&self, lora: &Lora, mode: Mode) -> Option<(f64, u64)> {
+        match mode.dropout {
+            Some(seed) if lora.dropout > 0.0 => Some((lora.dropout, seed ^ fnv1a(self.path.as_bytes()))),
+            _ => None,
+        }
+    }
+
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_dim()))?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_dim();
-        // Training without dropout: base + adapter as one node (see train_ops::lora_linear).
+        // Training: base + adapter (and its dropout) as one node (see train_ops::lora_linear).
         if let Some(lora) = &self.lora
             && mode.grad
             && mode.adapter
-            && (mode.dropout.is_none() || lora.dropout == 0.0)
             && super::train_ops::supported(x.device(), x.dtype())
         {
-            let y =
-                super::train_ops::lora_linear(&x2, &self.weight, self.bias.as_ref(), lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)?;
+            let dropout = self.dropout(lora, mode).map(|(p, seed)| super::train_ops::Dropout { p, seed });
+            let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+            let y = super::train_ops::lora_linear(&x2, &self.weight, self.bias.as_ref(), a, b, lora.scale, dropout)?;
             return y.reshape(out_dims);
         }
         let factors = match (&self.lora, mode.adapter) {
@@ -132,11 +121,9 @@ impl Linear {
         }
         if let (Some((a, b, scale)), Some(lora)) = (factors, &self.lora) {
             let dropped;
-            let input = match mode.dropout {
-                Some(seed) if mode.adapter && lora.dropout > 0.0 => {
-                    let mask =
-                        dropout_mask(rows, self.in_dim(), lora.dropout, seed ^ fnv1a(self.path.as_bytes()), x2.device(), x2.dtype())?;
-                    dropped = (&x2 * mask)?;
+            let input = match self.dropout(lora, mode) {
+                Some((p, seed)) if mode.adapter => {
+                    dropped = (&x2 * super::train_ops::dropout_mask(rows, self.in_dim(), p, seed, x2.device(), x2.dtype())?)?;
                     &dropped
                 }
                 _ => &x2,
