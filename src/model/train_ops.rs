@@ -582,6 +582,124 @@ impl candle_core::CustomOp2 for TargetLogprobs {
     }
 }
 
+/// Rows of the output projection computed at once by [`head_target_logprobs`]: 64 rows of a
+/// 49k vocabulary are 12.6 MB of f32 logits.
+const HEAD_CHUNK_ROWS: usize = 64;
+
+/// `log softmax([h Wᵀ, h Eᵀ])[target]` for each row of `hidden` (N, D): the output projection
+/// and the target's log-probability as one node, with W (V₀, D) frozen and E (A, D) the added
+/// tokens' output rows, trainable (`None`: no added tokens). The (N, V₀ + A) logits never exist
+/// whole: both passes run over chunks of rows, and the backward recomputes each chunk's
+/// logits, computing `dh = dz [W; E]` and `dE = dz[:, V₀..]ᵀ h` with `dz = dy (onehot − softmax)`.
+pub fn head_target_logprobs(hidden: &Tensor, head: &Tensor, added: Option<&Tensor>, targets: &[u32]) -> candle_core::Result<Tensor> {
+    let n = hidden.dim(0)?;
+    if hidden.rank() != 2 || targets.len() != n {
+        candle_core::bail!("head_target_logprobs: hidden {:?} for {} targets", hidden.dims(), targets.len());
+    }
+    let op = HeadLogprobs { head: head.clone(), targets: targets.to_vec() };
+    match added {
+        Some(e) => hidden.contiguous()?.apply_op2(&e.contiguous()?, op),
+        None => hidden.contiguous()?.apply_op1(op),
+    }
+}
+
+struct HeadLogprobs {
+    head: Tensor,
+    targets: Vec<u32>,
+}
+
+impl HeadLogprobs {
+    /// The logits of rows `start..start + len` of h, added tokens last.
+    fn chunk_logits(&self, h: &Tensor, added: Option<&Tensor>, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        let rows = h.narrow(0, start, len)?;
+        let base = rows.matmul(&self.head.t()?)?;
+        match added {
+            Some(e) => Tensor::cat(&[&base, &rows.matmul(&e.t()?)?], 1),
+            None => Ok(base),
+        }
+    }
+
+    fn forward(&self, h: &Tensor, added: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let n = h.dim(0)?;
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
+            let len = HEAD_CHUNK_ROWS.min(n - start);
+            let logits = self.chunk_logits(h, added, start, len)?;
+            let v = logits.dim(1)?;
+            let t = &self.targets[start..start + len];
+            out.extend(match logits.dtype() {
+                DType::F64 => target_logprobs_fwd(&logits.flatten_all()?.to_vec1::<f64>()?, t, v)?,
+                _ => target_logprobs_fwd(&logits.flatten_all()?.to_vec1::<f32>()?, t, v)?.into_iter().map(f64::from).collect(),
+            });
+        }
+        Tensor::new(out, h.device())?.to_dtype(h.dtype())
+    }
+
+    /// (dh, dE) from dy (N,).
+    fn backward(&self, h: &Tensor, added: Option<&Tensor>, dy: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let (h, added) = (h.detach(), added.map(Tensor::detach));
+        let n = h.dim(0)?;
+        let v0 = self.head.dim(0)?;
+        let dy = dy.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let (mut dh, mut de) = (Vec::new(), None::<Tensor>);
+        for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
+            let len = HEAD_CHUNK_ROWS.min(n - start);
+            let logits = self.chunk_logits(&h, added.as_ref(), start, len)?;
+            let v = logits.dim(1)?;
+            let (t, g) = (&self.targets[start..start + len], &dy[start..start + len]);
+            let dz = match logits.dtype() {
+                DType::F64 => Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f64>()?, t, g, v), (len, v), h.device())?,
+                _ => {
+                    let g: Vec<f32> = g.iter().map(|&x| x as f32).collect();
+                    Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f32>()?, t, &g, v), (len, v), h.device())?
+                }
+            };
+            let mut dh_chunk = dz.narrow(1, 0, v0)?.matmul(&self.head)?;
+            if let Some(e) = &added {
+                let dz_added = dz.narrow(1, v0, v - v0)?;
+                dh_chunk = (dh_chunk + dz_added.matmul(e)?)?;
+                let rows = h.narrow(0, start, len)?;
+                let part = dz_added.t()?.matmul(&rows)?;
+                de = Some(match de {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+            }
+            dh.push(dh_chunk);
+        }
+        Ok((Tensor::cat(&dh, 0)?, de))
+    }
+}
+
+impl CustomOp1 for HeadLogprobs {
+    fn name(&self) -> &'static str {
+        "head-target-logprobs"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        tensor_storage(&self.forward(&storage_tensor(s, l)?, None)?)
+    }
+
+    fn bwd(&self, h: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.backward(h, None, dy)?.0))
+    }
+}
+
+impl candle_core::CustomOp2 for HeadLogprobs {
+    fn name(&self) -> &'static str {
+        "head-target-logprobs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        tensor_storage(&self.forward(&storage_tensor(s1, l1)?, Some(&storage_tensor(s2, l2)?))?)
+    }
+
+    fn bwd(&self, h: &Tensor, e: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dh, de) = self.backward(h, Some(e), dy)?;
+        Ok((Some(dh), de))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Each fused op against the same function written with candle's differentiable ops: equal
@@ -732,6 +850,36 @@ mod tests {
                 &inputs,
                 |x| lora_linear(&x[0], &w, Some(&bias), &x[1], &x[2], 2.0, Some(dropout)).unwrap(),
                 composite,
+                tol,
+            );
+        }
+    }
+
+    /// The fused output projection and log-softmax equals logits then `target_logprobs`, in
+    /// values and in the gradients of the hidden rows and the added rows, with and without
+    /// added rows, over more rows than one chunk.
+    #[test]
+    fn head_target_logprobs_matches_candle_ops() {
+        let n = HEAD_CHUNK_ROWS + 9;
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let head = rand(&[11, 6], 21, dtype);
+            let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7) % 14).collect();
+            let t = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+            same_values_and_grads(
+                &[rand(&[n, 6], 22, dtype), rand(&[3, 6], 23, dtype)],
+                |x| head_target_logprobs(&x[0], &head, Some(&x[1]), &targets).unwrap(),
+                |x| {
+                    let logits = Tensor::cat(&[x[0].matmul(&head.t().unwrap()).unwrap(), x[0].matmul(&x[1].t().unwrap()).unwrap()], 1).unwrap();
+                    target_logprobs(&logits, &t).unwrap()
+                },
+                tol,
+            );
+            let base_only: Vec<u32> = targets.iter().map(|&i| i % 11).collect();
+            let t = Tensor::new(base_only.as_slice(), &Device::Cpu).unwrap();
+            same_values_and_grads(
+                &[rand(&[n, 6], 24, dtype)],
+                |x| head_target_logprobs(&x[0], &head, None, &base_only).unwrap(),
+                |x| target_logprobs(&x[0].matmul(&head.t().unwrap()).unwrap(), &t).unwrap(),
                 tol,
             );
         }

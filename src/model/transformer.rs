@@ -645,6 +645,21 @@ impl CausalLm {
         })
     }
 
+    /// log p(target) (N,) at each row of `hidden` (N, hidden) of a pass in `mode`. Where the
+    /// fused training ops run, the output projection and the log-softmax are one node
+    /// ([`super::train_ops::head_target_logprobs`]) and the (N, vocab) logits never exist;
+    /// elsewhere they go through [`Self::logits`].
+    pub fn target_logprobs(&self, hidden: &Tensor, targets: &[u32], mode: Mode) -> anyhow::Result<Tensor> {
+        if !super::train_ops::supported(hidden.device(), hidden.dtype()) {
+            let logits = self.logits(hidden, mode)?;
+            let targets = Tensor::new(targets, hidden.device())?;
+            return Ok(super::train_ops::target_logprobs(&logits, &targets)?);
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let added = self.new_rows(mode)?;
+        Ok(super::train_ops::head_target_logprobs(hidden, head, added.as_ref(), targets)?)
+    }
+
     /// Logits at every position, (B, T, vocab).
     pub fn forward(&self, ids: &Tensor, pads: Option<&[usize]>, cache: Option<&mut KvCache>, mode: Mode) -> anyhow::Result<Tensor> {
         let hidden = self.forward_hidden(ids, pads, cache, mode)?;

@@ -503,9 +503,7 @@ pub fn scored_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Resu
     let hidden = model.forward_hidden(&input, Some(&pads), None, mode)?;
     let h = hidden.dim(D::Minus1)?;
     let picked = hidden.reshape((rows.len() * t, h))?.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
-    let logits = model.logits(&picked, mode)?;
-    let n = targets.len();
-    Ok(token_logprobs(&logits, &Tensor::from_vec(targets, n, device)?)?)
+    model.target_logprobs(&picked, &targets, mode)
 }
 
 /// A stop request: Ctrl-C (SIGINT), SIGTERM (`kill`, `scancel`, Slurm's preemption) or SIGUSR1
