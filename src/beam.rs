@@ -173,8 +173,7 @@ fn search(
 ) -> Result<Vec<Vec<Beam>>> {
     ensure!(width > 0 && groups > 0, "a search needs at least one group of at least one beam");
     let (caches, mut logits) = prefill_each(model, prompts, Mode::INFERENCE)?;
-    let mut cache = KvCache::share(&caches.iter().collect::<Vec<_>>(), &(0..prompts.len()).collect::<Vec<_>>(), trie.levels)?;
-    drop(caches);
+    let mut cache = KvCache::share_consumed(caches, &(0..prompts.len()).collect::<Vec<_>>(), trie.levels)?;
     let mut beams: Vec<Vec<Beam>> =
         (0..prompts.len() * groups).map(|g| vec![Beam { row: g / groups, code: Vec::new(), logp: 0.0, key: 0.0 }]).collect();
     for level in 0..trie.levels {

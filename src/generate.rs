@@ -151,8 +151,7 @@ pub fn generate_constrained(
     }
     // One cache row per sample, reading its prompt's prefill as a shared prefix.
     let row_of: Vec<usize> = (0..rows.len()).map(|r| rows[r].prompt).collect();
-    let mut cache = KvCache::share(&caches.iter().collect::<Vec<_>>(), &row_of, cfg.max_new_tokens)?;
-    drop(caches);
+    let mut cache = KvCache::share_consumed(caches, &row_of, cfg.max_new_tokens)?;
     let mut active: Vec<usize> = (0..rows.len()).collect();
     let mut logits = first_logits;
     loop {

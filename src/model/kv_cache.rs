@@ -141,6 +141,29 @@ impl KvCache {
     /// prefix included) become one shared prefix, left-padded to a common length and stored
     /// once however many rows read them; the rows get room for `extra` positions of their own.
     pub fn share(prompts: &[&KvCache], of_row: &[usize], extra: usize) -> candle_core::Result<KvCache> {
+        let len = Self::check_share(prompts, of_row)?;
+        let layers: candle_core::Result<Vec<_>> =
+            (0..prompts.first().map_or(0, |p| p.layers.len())).map(|l| Self::shared_layer(prompts, l, len)).collect();
+        Ok(Self::shared_cache(prompts, of_row, extra, len, layers?))
+    }
+
+    /// [`Self::share`] of prompts that are not needed afterwards: each prompt's own keys and
+    /// values are released layer by layer as the shared prefix is built, so that the two do
+    /// not both exist whole (the peak of a ranking batch).
+    pub fn share_consumed(mut prompts: Vec<KvCache>, of_row: &[usize], extra: usize) -> candle_core::Result<KvCache> {
+        let len = Self::check_share(&prompts.iter().collect::<Vec<_>>(), of_row)?;
+        let mut layers = Vec::new();
+        for layer in 0..prompts.first().map_or(0, |p| p.layers.len()) {
+            layers.push(Self::shared_layer(&prompts.iter().collect::<Vec<_>>(), layer, len)?);
+            for p in &mut prompts {
+                p.layers[layer] = None;
+            }
+        }
+        Ok(Self::shared_cache(&prompts.iter().collect::<Vec<_>>(), of_row, extra, len, layers))
+    }
+
+    /// The common length of the prompts a shared prefix is made of.
+    fn check_share(prompts: &[&KvCache], of_row: &[usize]) -> candle_core::Result<usize> {
         let err = |m: &str| candle_core::Error::Msg(m.into());
         if prompts.iter().any(|p| p.rows() != 1) {
             return Err(err("a shared prefix is made of one-row caches"));
@@ -148,29 +171,32 @@ impl KvCache {
         if of_row.iter().any(|&p| p >= prompts.len()) {
             return Err(err("a row continues a prompt that is not there"));
         }
-        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        let num_layers = prompts.first().map_or(0, |p| p.layers.len());
-        let pads: Vec<usize> = prompts.iter().map(|p| p.pads[0] + len - p.len()).collect();
-        let mut layers = Vec::with_capacity(num_layers);
-        for layer in 0..num_layers {
-            let (mut ks, mut vs) = (Vec::new(), Vec::new());
-            for p in prompts {
-                let (k, v) = p.whole_row(layer)?;
-                ks.push(Self::left_pad(&k, len - p.len())?);
-                vs.push(Self::left_pad(&v, len - p.len())?);
-            }
-            // Compact copies: a single prompt's keys would otherwise stay a view into its cache
-            // (keeping the whole capacity alive), and CUDA's index_select, which reads the
-            // prefix for each row, takes only contiguous tensors.
-            layers.push((Tensor::cat(&ks, 0)?.contiguous()?, Tensor::cat(&vs, 0)?.contiguous()?));
+        Ok(prompts.iter().map(|p| p.len()).max().unwrap_or(0))
+    }
+
+    /// One layer of the shared prefix: the prompts' keys and values, left-padded to `len`.
+    fn shared_layer(prompts: &[&KvCache], layer: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        for p in prompts {
+            let (k, v) = p.whole_row(layer)?;
+            ks.push(Self::left_pad(&k, len - p.len())?);
+            vs.push(Self::left_pad(&v, len - p.len())?);
         }
-        Ok(KvCache {
-            layers: (0..num_layers).map(|_| None).collect(),
+        // Compact copies: a single prompt's keys would otherwise stay a view into its cache
+        // (keeping the whole capacity alive), and CUDA's index_select, which reads the
+        // prefix for each row, takes only contiguous tensors.
+        Ok((Tensor::cat(&ks, 0)?.contiguous()?, Tensor::cat(&vs, 0)?.contiguous()?))
+    }
+
+    fn shared_cache(prompts: &[&KvCache], of_row: &[usize], extra: usize, len: usize, layers: Vec<(Tensor, Tensor)>) -> KvCache {
+        let pads: Vec<usize> = prompts.iter().map(|p| p.pads[0] + len - p.len()).collect();
+        KvCache {
+            layers: (0..layers.len()).map(|_| None).collect(),
             len: 0,
             capacity: extra.max(1),
             pads: of_row.iter().map(|&p| pads[p]).collect(),
             shared: Some(SharedPrefix { layers, len, of_row: of_row.to_vec() }),
-        })
+        }
     }
 
     /// One layer's keys and values of this one-row cache, its shared prefix first:

@@ -254,7 +254,8 @@ fn common_prompt_beginning_prefilled_once_equals_full_forward() {
         caches.push(c);
     }
     let of_row = [1usize, 0, 1];
-    let mut cache = KvCache::share(&caches.iter().collect::<Vec<_>>(), &of_row, 3).unwrap();
+    // Consumed: the prompts' own layers are released as the prefix is built.
+    let mut cache = KvCache::share_consumed(caches, &of_row, 3).unwrap();
     let mut seqs: Vec<Vec<u32>> = of_row.iter().map(|&p| prompts[p].clone()).collect();
     for step in 0..3u32 {
         let next: Vec<u32> = (0..3).map(|r| 5 + step + r).collect();
