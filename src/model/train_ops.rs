@@ -648,7 +648,9 @@ impl HeadLogprobs {
             let v = logits.dim(1)?;
             let (t, g) = (&self.targets[start..start + len], &dy[start..start + len]);
             let dz = match logits.dtype() {
-                DType::F64 => Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f64>()?, t, g, v), (len, v), h.device())?,
+                DType::F64 => {
+                    Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f64>()?, t, g, v), (len, v), h.device())?
+                }
                 _ => {
                     let g: Vec<f32> = g.iter().map(|&x| x as f32).collect();
                     Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f32>()?, t, &g, v), (len, v), h.device())?
@@ -840,7 +842,7 @@ mod tests {
             let inputs = [rand(&[40, 6], 13, dtype), rand(&[3, 6], 14, dtype), rand(&[5, 3], 15, dtype)];
             let mask = dropout_mask(40, 6, dropout.p, dropout.seed, &Device::Cpu, dtype).unwrap();
             let dropped = mask.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-            assert!(dropped.iter().any(|&m| m == 0.0) && dropped.iter().any(|&m| m > 1.0), "{dropped:?}");
+            assert!(dropped.contains(&0.0) && dropped.iter().any(|&m| m > 1.0), "{dropped:?}");
             let composite = |x: &[Tensor]| {
                 let base = x[0].matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
                 let xm = (&x[0] * &mask).unwrap();
@@ -869,7 +871,8 @@ mod tests {
                 &[rand(&[n, 6], 22, dtype), rand(&[3, 6], 23, dtype)],
                 |x| head_target_logprobs(&x[0], &head, Some(&x[1]), &targets).unwrap(),
                 |x| {
-                    let logits = Tensor::cat(&[x[0].matmul(&head.t().unwrap()).unwrap(), x[0].matmul(&x[1].t().unwrap()).unwrap()], 1).unwrap();
+                    let logits =
+                        Tensor::cat(&[x[0].matmul(&head.t().unwrap()).unwrap(), x[0].matmul(&x[1].t().unwrap()).unwrap()], 1).unwrap();
                     target_logprobs(&logits, &t).unwrap()
                 },
                 tol,
