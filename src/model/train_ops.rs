@@ -230,31 +230,51 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    /// `x ∘ m` for x (rows, cols).
+    /// Elements whose hash (its top 53 bits) is below this are dropped: exact for any p in [0, 1).
+    fn threshold(&self) -> u64 {
+        (self.p * (1u64 << 53) as f64) as u64
+    }
+
+    /// `x ∘ m` for x (rows, cols), in one pass with no mask in memory. Element i survives when
+    /// position i of the SplitMix64 stream `seed` clears [`Self::threshold`], and is then
+    /// scaled by 1 / (1 − p).
     fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (rows, cols) = x.dims2()?;
-        x * dropout_mask(rows, cols, self.p, self.seed, x.device(), x.dtype())?
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("dropout needs a contiguous input") };
+        let out = match &*storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => CpuStorage::F32(self.masked(&v[start..end])),
+            candle_core::Storage::Cpu(CpuStorage::F64(v)) => CpuStorage::F64(self.masked(&v[start..end])),
+            _ => candle_core::bail!("dropout runs on f32 or f64 CPU tensors"),
+        };
+        storage_tensor(&out, &Layout::contiguous(x.shape()))
+    }
+
+    fn masked<T: candle_core::WithDType + num_traits::Float>(&self, x: &[T]) -> Vec<T> {
+        use crate::seed::splitmix64;
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 14;
+        let (threshold, keep) = (self.threshold(), T::from_f64(1.0 / (1.0 - self.p)));
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (out, x))| {
+            let base = (c * CHUNK) as u64;
+            for (j, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+                let i = base + j as u64;
+                if splitmix64(self.seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 11 >= threshold {
+                    *o = v * keep;
+                }
+            }
+        });
+        out
     }
 }
 
-/// The dropout mask of an (rows, cols) input: each element is 0 with probability `p`, else
-/// 1 / (1 - p); element i's draw is a hash of (seed, i).
+/// The dropout mask of an (rows, cols) input, [`Dropout::apply`]'s: each element is 0 with
+/// probability `p`, else 1 / (1 − p).
 pub fn dropout_mask(rows: usize, cols: usize, p: f64, seed: u64, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
-    use crate::seed::splitmix64;
-    use rayon::prelude::*;
-    let keep = (1.0 / (1.0 - p)) as f32;
-    // Compare the hash's top 53 bits against p: exact for any p in [0, 1).
-    let threshold = (p * (1u64 << 53) as f64) as u64;
-    let n = rows * cols;
-    let mut data = vec![0f32; n];
-    data.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
-        let base = (c << 14) as u64;
-        for (j, v) in chunk.iter_mut().enumerate() {
-            let h = splitmix64(seed ^ splitmix64(base + j as u64)) >> 11;
-            *v = if h >= threshold { keep } else { 0.0 };
-        }
-    });
-    Tensor::from_vec(data, (rows, cols), device)?.to_dtype(dtype)
+    let exact = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let ones = Tensor::ones((rows, cols), exact, &Device::Cpu)?;
+    Dropout { p, seed }.apply(&ones)?.to_device(device)?.to_dtype(dtype)
 }
 
 struct LoraLinear {
@@ -843,6 +863,12 @@ mod tests {
             let mask = dropout_mask(40, 6, dropout.p, dropout.seed, &Device::Cpu, dtype).unwrap();
             let dropped = mask.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
             assert!(dropped.contains(&0.0) && dropped.iter().any(|&m| m > 1.0), "{dropped:?}");
+            // Over many elements: about p of them dropped, the rest scaled by 1 / (1 - p).
+            let big = dropout_mask(1000, 200, dropout.p, dropout.seed, &Device::Cpu, dtype).unwrap();
+            let big = big.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            let zeros = big.iter().filter(|&&m| m == 0.0).count() as f64 / big.len() as f64;
+            assert!((zeros - dropout.p).abs() < 0.005, "{zeros} dropped");
+            assert!(big.iter().all(|&m| m == 0.0 || (m - 1.0 / (1.0 - dropout.p)).abs() < 1e-6));
             let composite = |x: &[Tensor]| {
                 let base = x[0].matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
                 let xm = (&x[0] * &mask).unwrap();
