@@ -122,20 +122,120 @@ impl CustomOp3 for Attention {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let (b, h, t, d) = q.dims4()?;
-        let kv = k.dim(1)?;
-        let gt = (h / kv) * t;
-        let scale = 1.0 / (d as f64).sqrt();
-        let p = attention_probs(&q, &k, &self.pads)?;
-        // dy (B, T, H·D) → (B, KV, G·T, D), the layout of the stacked query heads.
-        let dout = dy.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?.reshape((b, kv, gt, d))?;
-        let dv = p.t()?.matmul(&dout)?;
-        let dp = dout.matmul(&v.t()?)?;
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        let dq = (ds.matmul(&k)? * scale)?.reshape((b, h, t, d))?;
-        let dk = (ds.t()?.matmul(&q.reshape((b, kv, gt, d))?)? * scale)?;
+        let (dq, dk, dv) = attention_grads(&q.detach(), &k.detach(), &v.detach(), &self.pads, dy)?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The gradients (dq, dk, dv) of [`attention`] for the output gradient dy (B, T, H·D), its
+/// probabilities recomputed.
+fn attention_grads(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], dy: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let gt = (h / kv) * t;
+    let scale = 1.0 / (d as f64).sqrt();
+    let p = attention_probs(q, k, pads)?;
+    // dy (B, T, H·D) → (B, KV, G·T, D), the layout of the stacked query heads.
+    let dout = dy.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?.reshape((b, kv, gt, d))?;
+    let dv = p.t()?.matmul(&dout)?;
+    let dp = dout.matmul(&v.t()?)?;
+    let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+    let dq = (ds.matmul(k)? * scale)?.reshape((b, h, t, d))?;
+    let dk = (ds.t()?.matmul(&q.reshape((b, kv, gt, d))?)? * scale)?;
+    Ok((dq, dk, dv))
+}
+
+/// [`attention`] over a shared prefix and then each row's own keys: row b reads row
+/// `of_row[b]` of the prefix's pk, pv (P_rows, KV, P, D), then its own k, v (B, KV, L, D); query
+/// i of row b sits at position `P + L − T + i`. One node: the forward reads the prefix in place
+/// (the inference kernel, for f32), and the backward sums the prefix's gradients over the rows
+/// that read it. The per-row copies of the prefix, which candle's ops would keep for every
+/// layer until the backward pass, exist only inside one layer's backward.
+pub fn attention_with_prefix(
+    q: &Tensor,
+    pk: &Tensor,
+    pv: &Tensor,
+    of_row: &[usize],
+    k: &Tensor,
+    v: &Tensor,
+    pads: &[usize],
+) -> candle_core::Result<Tensor> {
+    let (b, h, _, _) = q.dims4()?;
+    let (prompts, kv, _, _) = pk.dims4()?;
+    if pads.len() != b || of_row.len() != b || of_row.iter().any(|&r| r >= prompts) || h % kv != 0 {
+        candle_core::bail!(
+            "attention_with_prefix: {} pads and {} prefix rows for {b} rows of {prompts} prefixes",
+            pads.len(),
+            of_row.len()
+        );
+    }
+    // Keys and values travel stacked, (2, ...): a custom op takes at most three inputs.
+    let own = Tensor::stack(&[k, v], 0)?;
+    let prefix = Tensor::stack(&[pk, pv], 0)?;
+    let op = PrefixAttention { pads: pads.to_vec(), of_row: of_row.to_vec() };
+    q.contiguous()?.apply_op3(&own.contiguous()?, &prefix.contiguous()?, op)
+}
+
+struct PrefixAttention {
+    pads: Vec<usize>,
+    of_row: Vec<usize>,
+}
+
+impl PrefixAttention {
+    /// Each row's keys or values with its prefix copied in front: (B, KV, P + L, D).
+    fn materialize(&self, prefix: &Tensor, own: &Tensor) -> candle_core::Result<Tensor> {
+        let idx = Tensor::from_vec(self.of_row.iter().map(|&r| r as u32).collect::<Vec<_>>(), self.of_row.len(), prefix.device())?;
+        Tensor::cat(&[&prefix.index_select(&idx, 0)?, own], 2)
+    }
+}
+
+impl CustomOp3 for PrefixAttention {
+    fn name(&self) -> &'static str {
+        "train-prefix-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, own, prefix) = (storage_tensor(s1, l1)?, storage_tensor(s2, l2)?, storage_tensor(s3, l3)?);
+        let (k, v, pk, pv) = (own.get(0)?, own.get(1)?, prefix.get(0)?, prefix.get(1)?);
+        let y = if super::attention_cpu::supported(q.device(), q.dtype()) {
+            let shared = super::attention_cpu::SharedKv { k: &pk, v: &pv, of_row: &self.of_row };
+            super::attention_cpu::causal_attention_with_prefix(&q, Some(shared), &k, &v, &self.pads)?
+        } else {
+            let (b, h, t, d) = q.dims4()?;
+            let (k, v) = (self.materialize(&pk, &k)?, self.materialize(&pv, &v)?);
+            let y = attention_probs(&q, &k, &self.pads)?.matmul(&v)?.reshape((b, h, t, d))?;
+            y.transpose(1, 2)?.reshape((b, t, h * d))?
+        };
+        tensor_storage(&y)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        own: &Tensor,
+        prefix: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, own, prefix) = (q.detach(), own.detach(), prefix.detach());
+        let (k, v, pk, pv) = (own.get(0)?, own.get(1)?, prefix.get(0)?, prefix.get(1)?);
+        let plen = pk.dim(2)?;
+        let (k_all, v_all) = (self.materialize(&pk, &k)?, self.materialize(&pv, &v)?);
+        let (dq, dk, dv) = attention_grads(&q, &k_all, &v_all, &self.pads, dy)?;
+        let idx = Tensor::from_vec(self.of_row.iter().map(|&r| r as u32).collect::<Vec<_>>(), self.of_row.len(), q.device())?;
+        // Each prefix row's gradient: the sum over the rows that read it.
+        let summed = |d: &Tensor, p: &Tensor| p.zeros_like()?.index_add(&idx, &d.narrow(2, 0, plen)?.contiguous()?, 0);
+        let d_own = Tensor::stack(&[dk.narrow(2, plen, k.dim(2)?)?, dv.narrow(2, plen, v.dim(2)?)?], 0)?;
+        let d_prefix = Tensor::stack(&[summed(&dk, &pk)?, summed(&dv, &pv)?], 0)?;
+        Ok((Some(dq), Some(d_own), Some(d_prefix)))
     }
 }
 
@@ -834,6 +934,34 @@ mod tests {
                 &inputs,
                 |x| attention(&x[0], &x[1], &x[2], &pads).unwrap(),
                 |x| composite_attention(&x[0], &x[1], &x[2], &pads),
+                tol,
+            );
+        }
+    }
+
+    /// Attention over a shared prefix equals [`attention`] over each row's prefix copied in
+    /// front of its own keys, in values and in the gradients of q, the rows' keys and values,
+    /// and the prefix (summed over the rows that read it), with padding, GQA and two prefixes.
+    #[test]
+    fn attention_with_prefix_matches_the_copied_prefix() {
+        let (pads, of_row) = ([0usize, 2, 0], [1usize, 0, 1]);
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            let inputs = [
+                rand(&[3, 4, 2, 5], 31, dtype),
+                rand(&[2, 2, 6, 5], 32, dtype),
+                rand(&[2, 2, 6, 5], 33, dtype),
+                rand(&[3, 2, 3, 5], 34, dtype),
+                rand(&[3, 2, 3, 5], 35, dtype),
+            ];
+            let idx = Tensor::new(&[1u32, 0, 1], &Device::Cpu).unwrap();
+            same_values_and_grads(
+                &inputs,
+                |x| attention_with_prefix(&x[0], &x[1], &x[2], &of_row, &x[3], &x[4], &pads).unwrap(),
+                |x| {
+                    let k = Tensor::cat(&[&x[1].index_select(&idx, 0).unwrap(), &x[3]], 2).unwrap();
+                    let v = Tensor::cat(&[&x[2].index_select(&idx, 0).unwrap(), &x[4]], 2).unwrap();
+                    composite_attention(&x[0], &k, &v, &pads)
+                },
                 tol,
             );
         }

@@ -300,13 +300,14 @@ impl Attention {
         let y = if fused_attention(mode, q.device(), q.dtype()) {
             let prefix = kv.prefix.as_ref().map(|(k, v, of_row)| super::attention_cpu::SharedKv { k, v, of_row });
             super::attention_cpu::causal_attention_with_prefix(q, prefix, &kv.k, &kv.v, pads)?
+        } else if mode.grad && super::train_ops::supported(q.device(), q.dtype()) {
+            match &kv.prefix {
+                Some((pk, pv, of_row)) => super::train_ops::attention_with_prefix(q, pk, pv, of_row, &kv.k, &kv.v, pads)?,
+                None => super::train_ops::attention(q, &kv.k, &kv.v, pads)?,
+            }
         } else {
             let (k, v) = kv.materialize()?;
-            if mode.grad && super::train_ops::supported(q.device(), q.dtype()) {
-                super::train_ops::attention(q, &k, &v, pads)?
-            } else {
-                return self.attend(q, &k, &v, mask, mode);
-            }
+            return self.attend(q, &k, &v, mask, mode);
         };
         self.o.forward(&y, mode)
     }
