@@ -107,9 +107,7 @@ impl CustomOp3 for Attention {
         let y = if super::attention_cpu::supported(q.device(), q.dtype()) {
             super::attention_cpu::causal_attention(&q, &k, &v, &self.pads)?
         } else {
-            let (b, h, t, d) = q.dims4()?;
-            let y = attention_probs(&q, &k, &self.pads)?.matmul(&v)?.reshape((b, h, t, d))?;
-            y.transpose(1, 2)?.reshape((b, t, h * d))?
+            attention_with_ops(&q, &k, &v, &self.pads)?
         };
         tensor_storage(&y)
     }
@@ -125,6 +123,13 @@ impl CustomOp3 for Attention {
         let (dq, dk, dv) = attention_grads(&q.detach(), &k.detach(), &v.detach(), &self.pads, dy)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
+}
+
+/// [`attention`]'s forward with candle's ops (f64, the finite-difference tests): (B, T, H·D).
+fn attention_with_ops(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> candle_core::Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let y = attention_probs(q, k, pads)?.matmul(v)?.reshape((b, h, t, d))?;
+    y.transpose(1, 2)?.reshape((b, t, h * d))
 }
 
 /// The gradients (dq, dk, dv) of [`attention`] for the output gradient dy (B, T, H·D), its
@@ -209,10 +214,7 @@ impl CustomOp3 for PrefixAttention {
             let shared = super::attention_cpu::SharedKv { k: &pk, v: &pv, of_row: &self.of_row };
             super::attention_cpu::causal_attention_with_prefix(&q, Some(shared), &k, &v, &self.pads)?
         } else {
-            let (b, h, t, d) = q.dims4()?;
-            let (k, v) = (self.materialize(&pk, &k)?, self.materialize(&pv, &v)?);
-            let y = attention_probs(&q, &k, &self.pads)?.matmul(&v)?.reshape((b, h, t, d))?;
-            y.transpose(1, 2)?.reshape((b, t, h * d))?
+            attention_with_ops(&q, &self.materialize(&pk, &k)?, &self.materialize(&pv, &v)?, &self.pads)?
         };
         tensor_storage(&y)
     }
