@@ -187,10 +187,10 @@ struct PrefixAttention {
 }
 
 impl PrefixAttention {
-    /// Each row's keys or values with its prefix copied in front: (B, KV, P + L, D).
-    fn materialize(&self, prefix: &Tensor, own: &Tensor) -> candle_core::Result<Tensor> {
-        let idx = Tensor::from_vec(self.of_row.iter().map(|&r| r as u32).collect::<Vec<_>>(), self.of_row.len(), prefix.device())?;
-        Tensor::cat(&[&prefix.index_select(&idx, 0)?, own], 2)
+    /// Each row's keys and values with its prefix copied in front: (B, KV, P + L, D) each.
+    fn materialize(&self, pk: &Tensor, pv: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let prefix = Some((pk.clone(), pv.clone(), self.of_row.clone()));
+        super::kv_cache::CachedKv { k: k.clone(), v: v.clone(), prefix }.materialize()
     }
 }
 
@@ -214,7 +214,8 @@ impl CustomOp3 for PrefixAttention {
             let shared = super::attention_cpu::SharedKv { k: &pk, v: &pv, of_row: &self.of_row };
             super::attention_cpu::causal_attention_with_prefix(&q, Some(shared), &k, &v, &self.pads)?
         } else {
-            attention_with_ops(&q, &self.materialize(&pk, &k)?, &self.materialize(&pv, &v)?, &self.pads)?
+            let (k, v) = self.materialize(&pk, &pv, &k, &v)?;
+            attention_with_ops(&q, &k, &v, &self.pads)?
         };
         tensor_storage(&y)
     }
@@ -230,7 +231,7 @@ impl CustomOp3 for PrefixAttention {
         let (q, own, prefix) = (q.detach(), own.detach(), prefix.detach());
         let (k, v, pk, pv) = (own.get(0)?, own.get(1)?, prefix.get(0)?, prefix.get(1)?);
         let plen = pk.dim(2)?;
-        let (k_all, v_all) = (self.materialize(&pk, &k)?, self.materialize(&pv, &v)?);
+        let (k_all, v_all) = self.materialize(&pk, &pv, &k, &v)?;
         let (dq, dk, dv) = attention_grads(&q, &k_all, &v_all, &self.pads, dy)?;
         let idx = Tensor::from_vec(self.of_row.iter().map(|&r| r as u32).collect::<Vec<_>>(), self.of_row.len(), q.device())?;
         // Each prefix row's gradient: the sum over the rows that read it.
