@@ -9,7 +9,7 @@
 //!
 //! GRPO's next-code form samples from the same distribution ([`sample_next_codes`]: one code,
 //! or a list of distinct codes by stochastic beam search) and takes its training log-probs
-//! under the same mask ([`CodeTrie::logit_mask`]).
+//! over the same tokens ([`CodeTrie::supports`]).
 
 use std::collections::HashMap;
 
@@ -121,26 +121,19 @@ impl CodeTrie {
         Ok(children.iter().zip(picked).map(|(&i, l)| (i, l - log_sum)).collect())
     }
 
-    /// The additive logit mask (rows, levels, vocab) of codes written as token rows: 0 where a
-    /// token continues the row's prefix to some code, −∞ elsewhere. Added to the logits before
-    /// the log-softmax, it gives the distribution [`sample_next_codes`] samples from.
-    pub fn logit_mask(&self, rows: &[Vec<u32>], vocab: usize) -> Result<Vec<f32>> {
-        let width = self.levels;
-        let mut mask = vec![f32::NEG_INFINITY; rows.len() * width * vocab];
+    /// The tokens the trie allows at each position of codes written as token rows,
+    /// (rows · levels) lists in row order: each position's log-softmax over its own list is the
+    /// distribution [`sample_next_codes`] samples from.
+    pub fn supports(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<u32>>> {
+        let mut out = Vec::with_capacity(rows.len() * self.levels);
         for (r, tokens) in rows.iter().enumerate() {
             let code = self
                 .code_of_tokens(tokens)
                 .filter(|c| self.poi.contains_key(c))
                 .with_context(|| format!("row {r} ({tokens:?}) is not a code of the dataset"))?;
-            for level in 0..width {
-                let row = &mut mask[(r * width + level) * vocab..(r * width + level + 1) * vocab];
-                for t in self.allowed(&code[..level]) {
-                    ensure!((t as usize) < vocab, "code token {t} is outside a vocabulary of {vocab}");
-                    row[t as usize] = 0.0;
-                }
-            }
+            out.extend((0..self.levels).map(|level| self.allowed(&code[..level]).collect()));
         }
-        Ok(mask)
+        Ok(out)
     }
 }
 

@@ -252,30 +252,28 @@ impl AnswerConstraint {
         Some(s)
     }
 
-    /// The additive logit mask (rows, width, vocab) of completions sampled under the grammar:
-    /// 0 where a token was allowed at that position, −∞ where it was not, and 0 everywhere past
-    /// a completion's end (padding, masked out of the loss anyway). Adding it to the logits
-    /// before the log-softmax gives the log-probabilities of the masked distribution the
-    /// completions were sampled from, so GRPO's ratios and KL stay on-policy.
-    pub fn logit_mask(&self, completions: &[Vec<u32>], width: usize, vocab: usize, eos: &[u32]) -> anyhow::Result<Vec<f32>> {
-        let mut mask = vec![0f32; completions.len() * width * vocab];
+    /// The tokens the grammar allowed at each position of completions sampled under it, as
+    /// (rows · width) lists in row order, for rows right-padded with `pad` to `width`. A
+    /// log-softmax over each position's list gives the log-probabilities of the masked
+    /// distribution the completions were sampled from, so GRPO's ratios and KL stay on-policy.
+    /// Past a finished answer only an end-of-sequence token was allowed; padding positions,
+    /// which the loss masks out, get their own token alone.
+    pub fn supports(&self, completions: &[Vec<u32>], width: usize, eos: &[u32], pad: u32) -> anyhow::Result<Vec<Vec<u32>>> {
+        let mut out = Vec::with_capacity(completions.len() * width);
         for (r, tokens) in completions.iter().enumerate() {
             anyhow::ensure!(tokens.len() <= width, "a completion of {} tokens in rows of {width}", tokens.len());
             let mut state = self.start();
             for (i, &t) in tokens.iter().enumerate() {
-                let row = &mut mask[(r * width + i) * vocab..(r * width + i + 1) * vocab];
-                row.fill(f32::NEG_INFINITY);
-                for a in self.allowed(&state, eos) {
-                    if let Some(m) = row.get_mut(a as usize) {
-                        *m = 0.0;
-                    }
-                }
+                out.push(self.allowed(&state, eos));
                 state = self
                     .after_token(&state, t)
                     .with_context(|| format!("completion {r}: token {t} at position {i} is outside the answer grammar"))?;
             }
+            for i in tokens.len()..width {
+                out.push(if i == tokens.len() && state.done() { self.allowed(&state, eos) } else { vec![pad] });
+            }
         }
-        Ok(mask)
+        Ok(out)
     }
 
     /// The state after token `id` (an end-of-sequence token leaves a done state as it is).

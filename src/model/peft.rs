@@ -106,15 +106,18 @@ impl CausalLm {
     /// Freezes a copy of the adapter's current factors as the reference policy: from now on,
     /// adapter-off passes ([`Mode::REFERENCE`](super::Mode::REFERENCE)) compute base + this
     /// copy instead of the base model. The copy is the adapter only (a few MB), not the base.
+    /// It is detached: candle's `copy` of a trainable tensor stays in its graph, and every
+    /// reference pass would record one.
     pub fn pin_reference_adapter(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.lora_config.is_some(), "no adapter attached to pin as the reference");
+        let frozen = |v: &candle_core::Var| v.as_tensor().detach().copy();
         for lin in self.linears_mut() {
             if let Some(l) = lin.lora.as_mut() {
-                l.reference = Some((l.a.as_tensor().copy()?, l.b.as_tensor().copy()?, l.scale));
+                l.reference = Some((frozen(&l.a)?, frozen(&l.b)?, l.scale));
             }
         }
         if let Some(t) = self.new_tokens.as_mut() {
-            t.reference = Some(t.rows.as_tensor().copy()?);
+            t.reference = Some(frozen(&t.rows)?);
         }
         Ok(())
     }

@@ -705,21 +705,44 @@ impl candle_core::CustomOp2 for TargetLogprobs {
     }
 }
 
-/// Rows of the output projection computed at once by [`head_target_logprobs`]: 64 rows of a
-/// 49k vocabulary are 12.6 MB of f32 logits.
-const HEAD_CHUNK_ROWS: usize = 64;
+/// Rows of the output projection computed at once by [`head_target_logprobs`]: 256 rows of a
+/// 49k vocabulary are 50 MB of f32 logits; fewer rows pay for packing the 113 MB head once per chunk.
+const HEAD_CHUNK_ROWS: usize = 256;
 
 /// `log softmax([h Wᵀ, h Eᵀ])[target]` for each row of `hidden` (N, D): the output projection
 /// and the target's log-probability as one node, with W (V₀, D) frozen and E (A, D) the added
 /// tokens' output rows, trainable (`None`: no added tokens). The (N, V₀ + A) logits never exist
-/// whole: both passes run over chunks of rows, and the backward recomputes each chunk's
-/// logits, computing `dh = dz [W; E]` and `dE = dz[:, V₀..]ᵀ h` with `dz = dy (onehot − softmax)`.
-pub fn head_target_logprobs(hidden: &Tensor, head: &Tensor, added: Option<&Tensor>, targets: &[u32]) -> candle_core::Result<Tensor> {
+/// whole: the forward runs over chunks of rows. With `dz = dy (onehot − softmax)`, the
+/// backward needs `dh = dz [W; E]` and `dE = dz[:, V₀..]ᵀ h`; as dy is one number per row, a
+/// forward that will be differentiated keeps `(onehot − softmax) [W; E]` (N, D) and the added
+/// columns of `onehot − softmax` (N, A), so the backward recomputes nothing.
+///
+/// With `support`, row i's log-softmax runs over the tokens `support[i]` only (which must hold
+/// its target): the distribution a grammar or a code trie masks the logits to. Only those
+/// columns of `[W; E]` are computed, so a grammar's dozen tokens cost a dozen dot products, not
+/// the vocabulary.
+pub fn head_target_logprobs(
+    hidden: &Tensor,
+    head: &Tensor,
+    added: Option<&Tensor>,
+    targets: &[u32],
+    support: Option<&[Vec<u32>]>,
+) -> candle_core::Result<Tensor> {
     let n = hidden.dim(0)?;
-    if hidden.rank() != 2 || targets.len() != n {
+    if hidden.rank() != 2 || targets.len() != n || support.is_some_and(|s| s.len() != n) {
         candle_core::bail!("head_target_logprobs: hidden {:?} for {} targets", hidden.dims(), targets.len());
     }
-    let op = HeadLogprobs { head: head.clone(), targets: targets.to_vec() };
+    let vocab = head.dim(0)? + added.map_or(Ok(0), |e| e.dim(0))?;
+    if let Some(i) = (0..n).find(|&i| targets[i] as usize >= vocab || support.is_some_and(|s| !s[i].contains(&targets[i]))) {
+        candle_core::bail!("head_target_logprobs: row {i}'s target {} is outside its vocabulary or support", targets[i]);
+    }
+    let differentiated = hidden.track_op() || added.is_some_and(Tensor::track_op);
+    let op = HeadLogprobs {
+        head: head.clone(),
+        targets: targets.to_vec(),
+        support: support.map(<[_]>::to_vec),
+        saved: differentiated.then(Default::default),
+    };
     match added {
         Some(e) => hidden.contiguous()?.apply_op2(&e.contiguous()?, op),
         None => hidden.contiguous()?.apply_op1(op),
@@ -729,68 +752,159 @@ pub fn head_target_logprobs(hidden: &Tensor, head: &Tensor, added: Option<&Tenso
 struct HeadLogprobs {
     head: Tensor,
     targets: Vec<u32>,
+    /// Per row, the tokens its log-softmax runs over (`None`: the whole vocabulary).
+    support: Option<Vec<Vec<u32>>>,
+    /// What the forward keeps for the backward, when there will be one.
+    saved: Option<std::sync::Mutex<Vec<SavedChunk>>>,
+}
+
+/// One chunk's share of the backward: with D = onehot(target) − softmax over its columns,
+/// `D [W; E]` (rows, D) and, with added rows, D's added columns (rows, A') and which rows of
+/// E they are (`None`: all of E).
+struct SavedChunk {
+    direction: Tensor,
+    added: Option<(Tensor, Option<Tensor>)>,
+}
+
+/// One chunk's logits (rows, columns) and each row's target column. `columns` are the
+/// vocabulary ids of the columns when only a support was computed (ascending), else `None`.
+struct ChunkLogits {
+    logits: Tensor,
+    targets: Vec<u32>,
+    columns: Option<Vec<u32>>,
 }
 
 impl HeadLogprobs {
-    /// The logits of rows `start..start + len` of h, added tokens last.
-    fn chunk_logits(&self, h: &Tensor, added: Option<&Tensor>, start: usize, len: usize) -> candle_core::Result<Tensor> {
-        let rows = h.narrow(0, start, len)?;
-        let base = rows.matmul(&self.head.t()?)?;
+    /// The rows of `[W; E]` for vocabulary ids `columns` (ascending), (columns, D).
+    fn column_weights(&self, columns: &[u32], added: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let v0 = self.head.dim(0)?;
+        let split = columns.partition_point(|&c| (c as usize) < v0);
+        let device = self.head.device();
+        let base = self.head.index_select(&Tensor::new(&columns[..split], device)?, 0)?;
         match added {
-            Some(e) => Tensor::cat(&[&base, &rows.matmul(&e.t()?)?], 1),
-            None => Ok(base),
+            Some(e) if split < columns.len() => {
+                let ids: Vec<u32> = columns[split..].iter().map(|&c| c - v0 as u32).collect();
+                Tensor::cat(&[&base, &e.index_select(&Tensor::new(ids.as_slice(), device)?, 0)?], 0)
+            }
+            _ => Ok(base),
         }
+    }
+
+    /// The logits of rows `start..start + len` of h, added tokens last; with a support, only
+    /// the union of the rows' supports, each row's others at −∞.
+    fn chunk_logits(&self, h: &Tensor, added: Option<&Tensor>, start: usize, len: usize) -> candle_core::Result<ChunkLogits> {
+        let rows = h.narrow(0, start, len)?;
+        let targets = self.targets[start..start + len].to_vec();
+        let Some(support) = &self.support else {
+            let base = rows.matmul(&self.head.t()?)?;
+            let logits = match added {
+                Some(e) => Tensor::cat(&[&base, &rows.matmul(&e.t()?)?], 1)?,
+                None => base,
+            };
+            return Ok(ChunkLogits { logits, targets, columns: None });
+        };
+        let support = &support[start..start + len];
+        let mut columns: Vec<u32> = support.iter().flatten().copied().collect();
+        columns.sort_unstable();
+        columns.dedup();
+        let width = columns.len();
+        let column = |id: u32| columns.binary_search(&id).map_or(0, |c| c as u32);
+        let mut mask = vec![f32::NEG_INFINITY; len * width];
+        for (r, allowed) in support.iter().enumerate() {
+            for &id in allowed {
+                mask[r * width + column(id) as usize] = 0.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (len, width), h.device())?.to_dtype(h.dtype())?;
+        let logits = (rows.matmul(&self.column_weights(&columns, added)?.t()?)? + mask)?;
+        let targets = targets.iter().map(|&t| column(t)).collect();
+        Ok(ChunkLogits { logits, targets, columns: Some(columns) })
     }
 
     fn forward(&self, h: &Tensor, added: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let n = h.dim(0)?;
         let mut out = Vec::with_capacity(n);
+        let mut saved = Vec::new();
         for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
             let len = HEAD_CHUNK_ROWS.min(n - start);
-            let logits = self.chunk_logits(h, added, start, len)?;
-            let v = logits.dim(1)?;
-            let t = &self.targets[start..start + len];
-            out.extend(match logits.dtype() {
-                DType::F64 => target_logprobs_fwd(&logits.flatten_all()?.to_vec1::<f64>()?, t, v)?,
-                _ => target_logprobs_fwd(&logits.flatten_all()?.to_vec1::<f32>()?, t, v)?.into_iter().map(f64::from).collect(),
+            let chunk = self.chunk_logits(h, added, start, len)?;
+            let v = chunk.logits.dim(1)?;
+            out.extend(match chunk.logits.dtype() {
+                DType::F64 => target_logprobs_fwd(&chunk.logits.flatten_all()?.to_vec1::<f64>()?, &chunk.targets, v)?,
+                _ => target_logprobs_fwd(&chunk.logits.flatten_all()?.to_vec1::<f32>()?, &chunk.targets, v)?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
             });
+            if self.saved.is_some() {
+                saved.push(self.save_chunk(chunk, added, len)?);
+            }
+        }
+        if let Some(slot) = &self.saved {
+            *slot.lock().map_err(|_| candle_core::Error::Msg("head_target_logprobs: a poisoned lock".into()))? = saved;
         }
         Tensor::new(out, h.device())?.to_dtype(h.dtype())
     }
 
-    /// (dh, dE) from dy (N,).
-    fn backward(&self, h: &Tensor, added: Option<&Tensor>, dy: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let (h, added) = (h.detach(), added.map(Tensor::detach));
-        let n = h.dim(0)?;
-        let v0 = self.head.dim(0)?;
-        let dy = dy.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        let (mut dh, mut de) = (Vec::new(), None::<Tensor>);
-        for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
-            let len = HEAD_CHUNK_ROWS.min(n - start);
-            let logits = self.chunk_logits(&h, added.as_ref(), start, len)?;
-            let v = logits.dim(1)?;
-            let (t, g) = (&self.targets[start..start + len], &dy[start..start + len]);
-            let dz = match logits.dtype() {
-                DType::F64 => {
-                    Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f64>()?, t, g, v), (len, v), h.device())?
-                }
-                _ => {
-                    let g: Vec<f32> = g.iter().map(|&x| x as f32).collect();
-                    Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f32>()?, t, &g, v), (len, v), h.device())?
-                }
-            };
-            let mut dh_chunk = dz.narrow(1, 0, v0)?.matmul(&self.head)?;
-            if let Some(e) = &added {
-                let dz_added = dz.narrow(1, v0, v - v0)?;
-                dh_chunk = (dh_chunk + dz_added.matmul(e)?)?;
-                let rows = h.narrow(0, start, len)?;
-                let part = dz_added.t()?.matmul(&rows)?;
-                de = Some(match de {
-                    Some(acc) => (acc + part)?,
-                    None => part,
-                });
+    /// D = onehot − softmax of a chunk's logits (the row gradient at dy = 1), and what the
+    /// backward needs of it.
+    fn save_chunk(&self, chunk: ChunkLogits, added: Option<&Tensor>, len: usize) -> candle_core::Result<SavedChunk> {
+        let ChunkLogits { logits, targets: t, columns } = chunk;
+        let (v, device) = (logits.dim(1)?, logits.device().clone());
+        let d = match logits.dtype() {
+            DType::F64 => {
+                Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f64>()?, &t, &vec![1.0; len], v), (len, v), &device)?
             }
-            dh.push(dh_chunk);
+            _ => {
+                Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f32>()?, &t, &vec![1.0; len], v), (len, v), &device)?
+            }
+        };
+        drop(logits);
+        let v0 = self.head.dim(0)?;
+        Ok(match &columns {
+            None => match added {
+                Some(e) => {
+                    let d_added = d.narrow(1, v0, v - v0)?;
+                    let direction = (d.narrow(1, 0, v0)?.matmul(&self.head)? + d_added.matmul(&e.detach())?)?;
+                    SavedChunk { direction, added: Some((d_added.contiguous()?, None)) }
+                }
+                None => SavedChunk { direction: d.matmul(&self.head)?, added: None },
+            },
+            Some(c) => {
+                let direction = d.matmul(&self.column_weights(c, added.map(Tensor::detach).as_ref())?)?;
+                let split = c.partition_point(|&id| (id as usize) < v0);
+                let added = if added.is_some() && split < c.len() {
+                    let ids: Vec<u32> = c[split..].iter().map(|&id| id - v0 as u32).collect();
+                    Some((d.narrow(1, split, v - split)?.contiguous()?, Some(Tensor::new(ids.as_slice(), &device)?)))
+                } else {
+                    None
+                };
+                SavedChunk { direction, added }
+            }
+        })
+    }
+
+    /// (dh, dE) from dy (N,): `dh = dy ⊙ D [W; E]` and `dE = Σ_chunks D_addedᵀ (dy ⊙ h)`.
+    fn backward(&self, h: &Tensor, added: Option<&Tensor>, dy: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let Some(slot) = &self.saved else { candle_core::bail!("head_target_logprobs: a backward pass of a forward that kept nothing") };
+        let saved = slot.lock().map_err(|_| candle_core::Error::Msg("head_target_logprobs: a poisoned lock".into()))?;
+        let h = h.detach();
+        let dy = dy.to_dtype(h.dtype())?;
+        let mut dh = Vec::with_capacity(saved.len());
+        let mut de = added.map(Tensor::zeros_like).transpose()?;
+        let mut start = 0;
+        for chunk in saved.iter() {
+            let len = chunk.direction.dim(0)?;
+            let g = dy.narrow(0, start, len)?.unsqueeze(1)?;
+            dh.push(chunk.direction.broadcast_mul(&g)?);
+            if let (Some((d_added, ids)), Some(acc)) = (&chunk.added, de.as_mut()) {
+                let part = d_added.t()?.matmul(&h.narrow(0, start, len)?.broadcast_mul(&g)?)?;
+                *acc = match ids {
+                    None => (&*acc + part)?,
+                    Some(ids) => acc.index_add(ids, &part, 0)?,
+                };
+            }
+            start += len;
         }
         Ok((Tensor::cat(&dh, 0)?, de))
     }
@@ -1016,7 +1130,7 @@ mod tests {
 
     /// The fused output projection and log-softmax equals logits then `target_logprobs`, in
     /// values and in the gradients of the hidden rows and the added rows, with and without
-    /// added rows, over more rows than one chunk.
+    /// added rows, with per-row supports, over more rows than one chunk.
     #[test]
     fn head_target_logprobs_matches_candle_ops() {
         let n = HEAD_CHUNK_ROWS + 9;
@@ -1026,7 +1140,7 @@ mod tests {
             let t = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
             same_values_and_grads(
                 &[rand(&[n, 6], 22, dtype), rand(&[3, 6], 23, dtype)],
-                |x| head_target_logprobs(&x[0], &head, Some(&x[1]), &targets).unwrap(),
+                |x| head_target_logprobs(&x[0], &head, Some(&x[1]), &targets, None).unwrap(),
                 |x| {
                     let logits =
                         Tensor::cat(&[x[0].matmul(&head.t().unwrap()).unwrap(), x[0].matmul(&x[1].t().unwrap()).unwrap()], 1).unwrap();
@@ -1034,11 +1148,44 @@ mod tests {
                 },
                 tol,
             );
+            // Each row's own support (its target, a base token, and for some rows added
+            // tokens) equals −∞ on the other logits, then the full log-softmax.
+            let support: Vec<Vec<u32>> = targets
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| {
+                    let mut s = vec![t, (t + 3) % 11];
+                    if i % 3 == 0 {
+                        s.extend([11, 13]);
+                    }
+                    s.sort_unstable();
+                    s.dedup();
+                    s
+                })
+                .collect();
+            let mask: Vec<f32> =
+                support.iter().flat_map(|s| (0..14u32).map(move |j| if s.contains(&j) { 0.0 } else { f32::NEG_INFINITY })).collect();
+            let mask = Tensor::from_vec(mask, (n, 14), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            same_values_and_grads(
+                &[rand(&[n, 6], 25, dtype), rand(&[3, 6], 26, dtype)],
+                |x| head_target_logprobs(&x[0], &head, Some(&x[1]), &targets, Some(&support)).unwrap(),
+                |x| {
+                    let logits =
+                        Tensor::cat(&[x[0].matmul(&head.t().unwrap()).unwrap(), x[0].matmul(&x[1].t().unwrap()).unwrap()], 1).unwrap();
+                    target_logprobs(&(logits + &mask).unwrap(), &t).unwrap()
+                },
+                tol,
+            );
+            let outside = vec![vec![0u32]; n];
+            assert!(
+                head_target_logprobs(&rand(&[n, 6], 27, dtype), &head, None, &targets, Some(&outside)).is_err(),
+                "a target outside its support"
+            );
             let base_only: Vec<u32> = targets.iter().map(|&i| i % 11).collect();
             let t = Tensor::new(base_only.as_slice(), &Device::Cpu).unwrap();
             same_values_and_grads(
                 &[rand(&[n, 6], 24, dtype)],
-                |x| head_target_logprobs(&x[0], &head, None, &base_only).unwrap(),
+                |x| head_target_logprobs(&x[0], &head, None, &base_only, None).unwrap(),
                 |x| target_logprobs(&x[0].matmul(&head.t().unwrap()).unwrap(), &t).unwrap(),
                 tol,
             );

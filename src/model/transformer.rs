@@ -646,19 +646,31 @@ impl CausalLm {
         })
     }
 
-    /// log p(target) (N,) at each row of `hidden` (N, hidden) of a pass in `mode`. Where the
-    /// fused training ops run, the output projection and the log-softmax are one node
-    /// ([`super::train_ops::head_target_logprobs`]) and the (N, vocab) logits never exist;
-    /// elsewhere they go through [`Self::logits`].
-    pub fn target_logprobs(&self, hidden: &Tensor, targets: &[u32], mode: Mode) -> anyhow::Result<Tensor> {
+    /// log p(target) (N,) at each row of `hidden` (N, hidden) of a pass in `mode`; with
+    /// `support`, row i's distribution is renormalised over the tokens `support[i]` (a
+    /// grammar's mask). Where the fused training ops run, the output projection and the
+    /// log-softmax are one node ([`super::train_ops::head_target_logprobs`]) and the (N, vocab)
+    /// logits never exist; elsewhere they go through [`Self::logits`].
+    pub fn target_logprobs(&self, hidden: &Tensor, targets: &[u32], support: Option<&[Vec<u32>]>, mode: Mode) -> anyhow::Result<Tensor> {
         if !super::train_ops::supported(hidden.device(), hidden.dtype()) {
-            let logits = self.logits(hidden, mode)?;
+            let mut logits = self.logits(hidden, mode)?;
+            if let Some(support) = support {
+                let vocab = self.vocab_size();
+                let mut mask = vec![f32::NEG_INFINITY; support.len() * vocab];
+                for (row, allowed) in mask.chunks_exact_mut(vocab).zip(support) {
+                    for &t in allowed {
+                        anyhow::ensure!((t as usize) < vocab, "token {t} is outside a vocabulary of {vocab}");
+                        row[t as usize] = 0.0;
+                    }
+                }
+                logits = (logits + Tensor::from_vec(mask, (support.len(), vocab), &self.device)?)?;
+            }
             let targets = Tensor::new(targets, hidden.device())?;
             return Ok(super::train_ops::target_logprobs(&logits, &targets)?);
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let added = self.new_rows(mode)?;
-        Ok(super::train_ops::head_target_logprobs(hidden, head, added.as_ref(), targets)?)
+        Ok(super::train_ops::head_target_logprobs(hidden, head, added.as_ref(), targets, support)?)
     }
 
     /// Logits at every position, (B, T, vocab).
@@ -690,8 +702,9 @@ impl CausalLm {
     /// same for any `frozen` (up to rounding: in f32 the frozen head runs the inference
     /// kernels); only the gradient through those tokens is left out.
     ///
-    /// Returns logits (G, C, vocab): row g, position i predicts completion token i, so
-    /// position 0 comes from the prompt's last hidden state.
+    /// Returns final hidden states (G, C, hidden) for [`Self::logits`] or
+    /// [`Self::target_logprobs`]: row g, position i predicts completion token i, so position 0
+    /// comes from the prompt's last hidden state.
     pub fn forward_group(&self, prompt: &[u32], completions: &Tensor, frozen: usize, mode: Mode) -> anyhow::Result<Tensor> {
         let (g, c) = completions.dims2()?;
         let p = prompt.len();
@@ -749,13 +762,12 @@ impl CausalLm {
             xc = (&xc + block.mlp.forward(&rms_norm(&xc, &block.mlp_norm, eps, mode)?, mode)?)?;
         }
         let last_p = rms_norm(&xp.narrow(1, live - 1, 1)?.contiguous()?, &self.final_norm, eps, mode)?.broadcast_as((g, 1, h))?;
-        let hidden = if c > 1 {
+        Ok(if c > 1 {
             let hc = rms_norm(&xc.narrow(1, 0, c - 1)?.contiguous()?, &self.final_norm, eps, mode)?;
             Tensor::cat(&[&last_p, &hc], 1)?
         } else {
             last_p.contiguous()?
-        };
-        self.logits(&hidden, mode)
+        })
     }
 
     /// A new, empty cache sized for `capacity` positions.

@@ -503,7 +503,7 @@ pub fn scored_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Resu
     let hidden = model.forward_hidden(&input, Some(&pads), None, mode)?;
     let h = hidden.dim(D::Minus1)?;
     let picked = hidden.reshape((rows.len() * t, h))?.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
-    model.target_logprobs(&picked, &targets, mode)
+    model.target_logprobs(&picked, &targets, None, mode)
 }
 
 /// A stop request: Ctrl-C (SIGINT), SIGTERM (`kill`, `scancel`, Slurm's preemption) or SIGUSR1

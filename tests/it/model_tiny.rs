@@ -73,6 +73,11 @@ fn inference_with_an_adapter_records_no_graph() {
         let out = m.model.forward(&input, None, None, mode).unwrap();
         assert_eq!(out.track_op(), graph, "{mode:?}");
     }
+    // A pinned reference adapter (GRPO's KL to its start) is a constant: GRPO keeps the
+    // reference log-probs for the whole step, and with a graph they held every layer's
+    // activations (2 GB of a 2.7 GB step of configs/nyc.toml).
+    m.model.pin_reference_adapter().unwrap();
+    assert!(!m.model.forward(&input, None, None, Mode::REFERENCE).unwrap().track_op(), "pinned reference");
 }
 
 /// Sum of next-token log-likelihoods of the sequence: the shape of every training loss here.
@@ -338,7 +343,8 @@ fn prefix_shared_group_forward_equals_separate_sequences() {
         let completions = vec![ids(&m, "one"), ids(&m, "two"), ids(&m, "six")];
         let flat: Vec<u32> = completions.concat();
         let ct = Tensor::from_vec(flat, (3, 3), &Device::Cpu).unwrap();
-        let shared = m.model.forward_group(&prompt, &ct, 0, mode).unwrap().to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap();
+        let hidden = m.model.forward_group(&prompt, &ct, 0, mode).unwrap();
+        let shared = m.model.logits(&hidden, mode).unwrap().to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap();
         let separate = unshared_group_logits(&m, &prompt, &completions, mode);
         for (a, b) in shared.iter().flatten().flatten().zip(separate.iter().flatten().flatten()) {
             assert!((a - b).abs() < tol * (1.0 + b.abs()), "{dtype:?}: {a} vs {b}");
@@ -349,8 +355,7 @@ fn prefix_shared_group_forward_equals_separate_sequences() {
 #[test]
 fn grpo_loss_gradient_matches_finite_differences() {
     use refine_poi::train::grpo::config::LossNorm;
-    use refine_poi::train::grpo::loss::{LossConfig, grpo_loss};
-    use refine_poi::train::token_logprobs;
+    use refine_poi::train::grpo::loss::{LossConfig, group_logprobs, grpo_loss};
     let (_d, mut m) = tiny("llama", DType::F64);
     let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q".into(), "up".into()] };
     m.model.attach_lora(&cfg, 13).unwrap();
@@ -365,8 +370,7 @@ fn grpo_loss_gradient_matches_finite_differences() {
     let reference = (&old - 0.3).unwrap();
     let loss_cfg = LossConfig { epsilon: 0.2, epsilon_high: Some(0.28), beta: 0.1, loss_norm: LossNorm::Token, max_completion_tokens: 3 };
     let loss = |m: &LoadedModel| {
-        let logits = m.model.forward_group(&prompt, &tokens, 0, Mode::TRAIN).unwrap();
-        let logp = token_logprobs(&logits, &tokens).unwrap().to_dtype(DType::F64).unwrap();
+        let logp = group_logprobs(&m.model, &prompt, &tokens, None, 0, Mode::TRAIN).unwrap();
         grpo_loss(&logp, &old, Some(&reference), &adv, &mask, &loss_cfg).unwrap().0
     };
     let grads = loss(&m).backward().unwrap();
@@ -463,10 +467,10 @@ fn constrained_training_logprobs_are_the_masked_sampling_distribution() {
     let eos = m.tokenizer.eos_ids.clone();
     let (tokens, _) = completion_tensors(&group, eos[0], eos[0], &Device::Cpu, DType::F32).unwrap();
     let (g, c) = tokens.dims2().unwrap();
-    let vocab = m.model.config.vocab_size;
     let rows: Vec<Vec<u32>> = group.iter().map(|x| x.tokens.clone()).collect();
-    let mask = Tensor::from_vec(grammar.logit_mask(&rows, c, vocab, &eos).unwrap(), (g, c, vocab), &Device::Cpu).unwrap();
-    let trained = group_logprobs(&m.model, &prompt, &tokens, Some(&mask), 0, Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
+    let support = grammar.supports(&rows, c, &eos, eos[0]).unwrap();
+    assert_eq!(support.len(), g * c);
+    let trained = group_logprobs(&m.model, &prompt, &tokens, Some(&support), 0, Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
     let free = group_logprobs(&m.model, &prompt, &tokens, None, 0, Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
     let mut forced = 0;
     for (r, completion) in group.iter().enumerate() {
@@ -523,7 +527,7 @@ fn dispatched_matmul_agrees_with_a_plain_loop() {
 /// values are read by the completions, so the v adapter's gradient loses that part.
 #[test]
 fn a_frozen_prompt_head_keeps_the_values_and_drops_only_its_own_gradient() {
-    use refine_poi::train::token_logprobs;
+    use refine_poi::train::grpo::loss::group_logprobs;
     let dir = tempfile::tempdir().unwrap();
     let mut config = tiny_config("llama");
     config.num_hidden_layers = 1;
@@ -535,8 +539,7 @@ fn a_frozen_prompt_head_keeps_the_values_and_drops_only_its_own_gradient() {
     let p = prompt.len();
     let tokens = Tensor::from_vec(vec![10u32, 20, 30, 40, 50, 60], (2, 3), &Device::Cpu).unwrap();
     let run = |frozen: usize| {
-        let logits = m.model.forward_group(&prompt, &tokens, frozen, Mode::TRAIN).unwrap();
-        let logp = token_logprobs(&logits, &tokens).unwrap();
+        let logp = group_logprobs(&m.model, &prompt, &tokens, None, frozen, Mode::TRAIN).unwrap();
         let grads = logp.sum_all().unwrap().backward().unwrap();
         let values = logp.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let grad_of = |target: &str| -> Vec<f64> {

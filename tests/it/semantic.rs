@@ -597,14 +597,13 @@ fn sampled_codes_follow_the_beams_distribution_and_train_on_it() {
     let both = [prompt.clone(), longer];
     let groups = sample_next_codes(&loaded.model, &trie, &both, &[5, 6], 8, 1).unwrap();
     assert_eq!(groups[0].iter().map(|c| &c.tokens).collect::<Vec<_>>(), samples[..8].iter().map(|c| &c.tokens).collect::<Vec<_>>());
-    let vocab = loaded.model.vocab_size();
     for (prompt, group) in both.iter().zip(&groups) {
         let ranked = rank_next_codes(&loaded.model, &trie, std::slice::from_ref(prompt), ds.num_pois()).unwrap().remove(0);
         let prob: std::collections::HashMap<u32, f64> = ranked.iter().map(|&(p, score)| (p, f64::from(score).exp())).collect();
         let (tokens, mask) = completion_tensors(group, 0, 0, &candle_core::Device::Cpu, DType::F32).unwrap();
         assert_eq!(mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize, 8 * cb.levels(), "no end token after a code");
         let rows: Vec<Vec<u32>> = group.iter().map(|c| c.tokens.clone()).collect();
-        let grammar = Tensor::from_vec(trie.logit_mask(&rows, vocab).unwrap(), (8, cb.levels(), vocab), &candle_core::Device::Cpu).unwrap();
+        let grammar = trie.supports(&rows).unwrap();
         for mode in [Mode::TRAIN, Mode::INFERENCE] {
             for frozen in [0, prompt.len() - 4] {
                 let logp = group_logprobs(&loaded.model, prompt, &tokens, Some(&grammar), frozen, mode).unwrap().to_vec2::<f32>().unwrap();
@@ -623,7 +622,7 @@ fn sampled_codes_follow_the_beams_distribution_and_train_on_it() {
     let mut swapped = samples[0].tokens.clone();
     swapped.swap(0, 1);
     assert_eq!(trie.poi_of_tokens(&swapped), None, "each token at its own level");
-    assert!(trie.logit_mask(&[vec![1, 2, 3]], vocab).is_err(), "a row that is not a code");
+    assert!(trie.supports(&[vec![1, 2, 3]]).is_err(), "a row that is not a code");
 }
 
 /// With several codes per sample, GRPO's next-code form samples lists of distinct codes in
@@ -671,7 +670,7 @@ fn sampled_code_lists_follow_plackett_luce_and_train_on_it() {
     let lists = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[9], 6, 3).unwrap().remove(0);
     let again = sample_next_codes(&loaded.model, &trie, std::slice::from_ref(&prompt), &[9], 6, 3).unwrap().remove(0);
     assert_eq!(lists.iter().map(|c| &c.tokens).collect::<Vec<_>>(), again.iter().map(|c| &c.tokens).collect::<Vec<_>>(), "seeded");
-    let rows = CodeLists::new(&trie, &lists, 3, loaded.model.vocab_size(), &candle_core::Device::Cpu).unwrap();
+    let rows = CodeLists::new(&trie, &lists, 3, &candle_core::Device::Cpu).unwrap();
     for mode in [Mode::TRAIN, Mode::INFERENCE] {
         for frozen in [0, prompt.len() - 4] {
             let trained = rows.logprobs(&loaded.model, &prompt, frozen, mode).unwrap().squeeze(1).unwrap().to_vec1::<f32>().unwrap();

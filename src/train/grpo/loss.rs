@@ -27,7 +27,6 @@ use crate::dist::Dist;
 use crate::generate::{Completion, FinishReason, SamplingConfig, generate_constrained};
 use crate::model::{CausalLm, Mode, TextTokenizer};
 use crate::train::optim::{AdamW, GradAccum, clip_grad_norm};
-use crate::train::token_logprobs;
 
 /// The objective's hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,48 +196,31 @@ pub fn completion_tensors(
 }
 
 /// Log-probs (G, C) of a group's completion tokens, the prompt run once (prefix sharing), its
-/// first `frozen` tokens without gradients ([`CausalLm::forward_group`]). `logit_mask` (G, C,
-/// vocab), added to the logits, restricts them to the answer grammar's tokens: the
-/// distribution constrained completions were sampled from.
+/// first `frozen` tokens without gradients ([`CausalLm::forward_group`]). `support` (G · C
+/// lists, row order) restricts each position's distribution to the answer grammar's tokens:
+/// the distribution constrained completions were sampled from.
 pub fn group_logprobs(
     model: &CausalLm,
     prompt: &[u32],
     tokens: &Tensor,
-    logit_mask: Option<&Tensor>,
+    support: Option<&[Vec<u32>]>,
     frozen: usize,
     mode: Mode,
 ) -> Result<Tensor> {
-    let logits = model.forward_group(prompt, tokens, frozen, mode)?;
-    let logits = match logit_mask {
-        Some(m) => logits.broadcast_add(&m.to_dtype(logits.dtype())?)?,
-        None => logits,
-    };
-    Ok(token_logprobs(&logits, tokens)?)
-}
-
-/// The additive logit mask of a group sampled under `constraint` (see
-/// [`AnswerConstraint::logit_mask`]), shaped like its completion tensor's logits.
-fn group_logit_mask(constraint: &AnswerConstraint, group: &[Completion], tokens: &Tensor, vocab: usize, eos: &[u32]) -> Result<Tensor> {
     let (g, c) = tokens.dims2()?;
-    let rows: Vec<Vec<u32>> = group.iter().map(|x| x.tokens.clone()).collect();
-    let mask = constraint.logit_mask(&rows, c, vocab, eos)?;
-    Ok(Tensor::from_vec(mask, (g, c, vocab), tokens.device())?)
-}
-
-/// The additive logit mask of a group of sampled codes ([`CodeTrie::logit_mask`]).
-fn code_logit_mask(trie: &CodeTrie, group: &[Completion], tokens: &Tensor, vocab: usize) -> Result<Tensor> {
-    let (g, c) = tokens.dims2()?;
-    ensure!(c == trie.levels(), "codes of {} tokens in rows of {c}", trie.levels());
-    let rows: Vec<Vec<u32>> = group.iter().map(|x| x.tokens.clone()).collect();
-    Ok(Tensor::from_vec(trie.logit_mask(&rows, vocab)?, (g, c, vocab), tokens.device())?)
+    let hidden = model.forward_group(prompt, tokens, frozen, mode)?;
+    let hidden = hidden.reshape((g * c, hidden.dim(2)?))?;
+    let targets = tokens.flatten_all()?.to_vec1::<u32>()?;
+    Ok(model.target_logprobs(&hidden, &targets, support, mode)?.reshape((g, c))?)
 }
 
 /// A group of sampled code lists as training rows: each distinct code of the group once, and
 /// where each list's codes are among them.
 pub struct CodeLists {
-    /// The distinct codes' tokens (U, levels) and the trie's logit mask (U, levels, vocab).
+    /// The distinct codes' tokens (U, levels) and the tokens the trie allows at each of
+    /// their positions (U · levels lists).
     codes: Tensor,
-    grammar: Tensor,
+    grammar: Vec<Vec<u32>>,
     /// Per list, the row in `codes` of each of its codes, in list order: (G · per_list).
     index: Tensor,
     per_list: usize,
@@ -246,7 +228,7 @@ pub struct CodeLists {
 
 impl CodeLists {
     /// The rows of `group`, each completion `per_list` codes of `trie` one after the other.
-    pub fn new(trie: &CodeTrie, group: &[Completion], per_list: usize, vocab: usize, device: &candle_core::Device) -> Result<CodeLists> {
+    pub fn new(trie: &CodeTrie, group: &[Completion], per_list: usize, device: &candle_core::Device) -> Result<CodeLists> {
         let levels = trie.levels();
         let mut distinct: Vec<Vec<u32>> = Vec::new();
         let mut row_of = std::collections::HashMap::new();
@@ -262,7 +244,7 @@ impl CodeLists {
             }
         }
         let u = distinct.len();
-        let grammar = Tensor::from_vec(trie.logit_mask(&distinct, vocab)?, (u, levels, vocab), device)?;
+        let grammar = trie.supports(&distinct)?;
         let codes = Tensor::from_vec(distinct.concat(), (u, levels), device)?;
         let index = Tensor::from_vec(index, group.len() * per_list, device)?;
         Ok(CodeLists { codes, grammar, index, per_list })
@@ -295,14 +277,14 @@ pub fn plackett_luce(code_logp: &Tensor, index: &Tensor, per_list: usize) -> Res
 /// How a kept group's log-probs are taken: per completion token (under the answer grammar or
 /// the trie, if any), or per sampled list of codes.
 enum GroupRows {
-    Tokens { tokens: Tensor, grammar: Option<Tensor> },
+    Tokens { tokens: Tensor, grammar: Option<Vec<Vec<u32>>> },
     Lists(CodeLists),
 }
 
 impl GroupRows {
     fn logprobs(&self, model: &CausalLm, prompt: &[u32], frozen: usize, mode: Mode) -> Result<Tensor> {
         match self {
-            GroupRows::Tokens { tokens, grammar } => group_logprobs(model, prompt, tokens, grammar.as_ref(), frozen, mode),
+            GroupRows::Tokens { tokens, grammar } => group_logprobs(model, prompt, tokens, grammar.as_deref(), frozen, mode),
             GroupRows::Lists(lists) => lists.logprobs(model, prompt, frozen, mode),
         }
     }
@@ -378,14 +360,23 @@ pub fn step(
         }
         let (rows, mask) = match &cfg.next_code {
             Some(next) if next.per_sample > 1 => {
-                let lists = CodeLists::new(&next.trie, group, next.per_sample, model.vocab_size(), &device)?;
+                let lists = CodeLists::new(&next.trie, group, next.per_sample, &device)?;
                 (GroupRows::Lists(lists), Tensor::ones((group.len(), 1), dtype, &device)?)
             }
             _ => {
                 let (tokens, mask) = completion_tensors(group, eos, eos, &device, dtype)?;
+                let rows: Vec<Vec<u32>> = group.iter().map(|x| x.tokens.clone()).collect();
                 let grammar = match (&cfg.next_code, &cfg.constraint) {
-                    (Some(next), _) => Some(code_logit_mask(&next.trie, group, &tokens, model.vocab_size())?),
-                    (None, Some(c)) => Some(group_logit_mask(c, group, &tokens, model.vocab_size(), &tokenizer.eos_ids)?),
+                    (Some(next), _) => {
+                        ensure!(
+                            tokens.dim(1)? == next.trie.levels(),
+                            "codes of {} tokens in rows of {}",
+                            next.trie.levels(),
+                            tokens.dim(1)?
+                        );
+                        Some(next.trie.supports(&rows)?)
+                    }
+                    (None, Some(c)) => Some(c.supports(&rows, tokens.dim(1)?, &tokenizer.eos_ids, eos)?),
                     (None, None) => None,
                 };
                 (GroupRows::Tokens { tokens, grammar }, mask)
