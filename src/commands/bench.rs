@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub prompts: usize,
     /// Time `eval` instead: the model (with --adapter) greedily answering the fixed sample of
-    /// --limit instances of --data's val split, as `eval --limit` picks it, at batch 8. Prints
+    /// --limit instances of --data's val split, as `eval --limit` picks it, at eval's batch. Prints
     /// instances/s and the projected minutes for the dataset's full test split.
     #[arg(long, requires = "data", conflicts_with = "grpo")]
     pub eval: bool,
@@ -91,7 +91,8 @@ fn eval_bench(args: &Args) -> anyhow::Result<()> {
         beam_next: e.beam_next,
         ids: None,
     };
-    let mut rec = llm.recommender(8)?;
+    let batch = llm.default_batch_size();
+    let mut rec = llm.recommender(batch)?;
     let opts = EvalOptions { batch_size: None, top_n: 0, keep_results: true, quiet: true, limit: Some(e.limit) };
     let (report, results) = evaluate(&ds, Split::Val, &mut rec, &opts)?;
     let mean = |key: &str| -> f64 {
@@ -107,7 +108,7 @@ fn eval_bench(args: &Args) -> anyhow::Result<()> {
         "cpu": cpu_features(),
         "split": "val",
         "instances": report.instances,
-        "batch_size": 8,
+        "batch_size": batch,
         "max_new_tokens": e.max_new_tokens,
         "constrained": e.constrained,
         "mean_prompt_tokens": mean("prompt_tokens"),

@@ -73,6 +73,13 @@ impl LlmArgs {
         Ok(cfg)
     }
 
+    /// Prompts decoded or ranked together unless `--batch-size` says otherwise. Next-code
+    /// ranking takes 4: each prompt's beams already fill the matrix products, and 4 prompts'
+    /// keys and values instead of 8 keep an evaluation under 1 GB (docs/performance.md).
+    pub fn default_batch_size(&self) -> usize {
+        if self.beam_next.is_some() { 4 } else { 8 }
+    }
+
     /// Loads the model (and adapter) as a recommender.
     pub fn recommender(&self, batch_size: usize) -> Result<LlmRecommender> {
         self.recommender_with(batch_size, self.prompt_config()?)
@@ -234,7 +241,7 @@ pub fn run(args: Args) -> Result<()> {
     let ds = Dataset::load_splits(&data, splits)?;
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let batch = args.batch_size.unwrap_or(8);
+    let batch = args.batch_size.unwrap_or_else(|| target.as_ref().map_or(&args.llm, |t| &t.llm).default_batch_size());
     let llm = match (&target, args.method) {
         (Some(t), _) => Some(t.llm.recommender_with(batch, t.prompt.clone())?),
         (None, Some(Method::Llm)) => Some(args.llm.recommender(batch)?),
