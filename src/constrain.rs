@@ -256,8 +256,9 @@ impl AnswerConstraint {
     /// (rows · width) lists in row order, for rows right-padded with `pad` to `width`. A
     /// log-softmax over each position's list gives the log-probabilities of the masked
     /// distribution the completions were sampled from, so GRPO's ratios and KL stay on-policy.
-    /// Past a finished answer only an end-of-sequence token was allowed; padding positions,
-    /// which the loss masks out, get their own token alone.
+    /// The position after a finished answer gets the end-of-sequence tokens, all the sampler
+    /// allowed there (`pad` must be one of them, as GRPO's rows pad with EOS): a forced end has
+    /// log-prob 0. Later padding positions, which the loss masks out, get `pad` alone.
     pub fn supports(&self, completions: &[Vec<u32>], width: usize, eos: &[u32], pad: u32) -> anyhow::Result<Vec<Vec<u32>>> {
         let mut out = Vec::with_capacity(completions.len() * width);
         for (r, tokens) in completions.iter().enumerate() {
@@ -367,6 +368,36 @@ mod tests {
         )
         .unwrap();
         assert!(AnswerConstraint::new(&m.tokenizer, 6, 5, None).is_err(), "6 distinct ids of 5");
+    }
+
+    /// Each position's support is what the sampler allowed there: the grammar's tokens inside
+    /// the answer, the end-of-sequence tokens right after a finished one, `pad` after that and
+    /// after an unfinished one.
+    #[test]
+    fn supports_replay_what_the_sampler_allowed() {
+        let (d, c) = constraint(1, 5);
+        let m = crate::model::load_on(
+            &crate::model::ModelSource::Folder(d.path().to_path_buf()),
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        let (eos, pad) = ([2u32, 3], 2u32);
+        let done = m.tokenizer.encode("<answer>4</answer>", false).unwrap();
+        let cut = m.tokenizer.encode("<answer>4", false).unwrap();
+        let width = done.len() + 2;
+        let support = c.supports(&[done.clone(), cut.clone()], width, &eos, pad).unwrap();
+        assert_eq!(support.len(), 2 * width);
+        let mut state = c.start();
+        for (i, &t) in done.iter().enumerate() {
+            assert_eq!(support[i], c.allowed(&state, &eos), "position {i}");
+            state = c.after_token(&state, t).unwrap();
+        }
+        assert_eq!(support[done.len()], eos.to_vec(), "the forced end");
+        assert_eq!(support[done.len() + 1], vec![pad], "padding");
+        assert_eq!(support[width + cut.len()], vec![pad], "after an unfinished answer: padding");
+        assert!(c.supports(&[done], 3, &eos, pad).is_err(), "a completion wider than its rows");
+        assert!(c.supports(&[m.tokenizer.encode("answer", false).unwrap()], width, &eos, pad).is_err(), "outside the grammar");
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! keeps alive until the backward pass: for attention the (heads, T, keys) scores, their
 //! masked, shifted, exponentiated and normalised copies, per layer. Measured on the default
 //! model (`examples` of the GRPO issue), that was most of a training forward's memory and a
-//! large share of its time. As one node each, the forward keeps only its output, and the
-//! backward recomputes what it needs (attention recomputes its probabilities, as
-//! FlashAttention does) in temporaries freed layer by layer.
+//! large share of its time. As one node each, the forward keeps only its output (the output
+//! projection also a (rows, hidden) direction per row), and the backward recomputes what it
+//! needs (attention recomputes its probabilities, as FlashAttention does) in temporaries
+//! freed layer by layer.
 //!
 //! Forward passes reuse the inference kernels for f32 (the fused attention of
 //! [`super::attention_cpu`], candle's fused RMS norm and rope); f64 (the finite-difference
@@ -730,11 +731,24 @@ pub fn head_target_logprobs(
 ) -> candle_core::Result<Tensor> {
     let n = hidden.dim(0)?;
     if hidden.rank() != 2 || targets.len() != n || support.is_some_and(|s| s.len() != n) {
-        candle_core::bail!("head_target_logprobs: hidden {:?} for {} targets", hidden.dims(), targets.len());
+        candle_core::bail!(
+            "head_target_logprobs: hidden {:?} for {} targets and {:?} supports",
+            hidden.dims(),
+            targets.len(),
+            support.map(<[_]>::len)
+        );
     }
     let vocab = head.dim(0)? + added.map_or(Ok(0), |e| e.dim(0))?;
-    if let Some(i) = (0..n).find(|&i| targets[i] as usize >= vocab || support.is_some_and(|s| !s[i].contains(&targets[i]))) {
-        candle_core::bail!("head_target_logprobs: row {i}'s target {} is outside its vocabulary or support", targets[i]);
+    if let Some(i) = (0..n).find(|&i| targets[i] as usize >= vocab) {
+        candle_core::bail!("head_target_logprobs: row {i}'s target {} is outside the vocabulary of {vocab}", targets[i]);
+    }
+    if let Some(s) = support {
+        if let Some(i) = (0..n).find(|&i| s[i].iter().any(|&t| t as usize >= vocab)) {
+            candle_core::bail!("head_target_logprobs: row {i}'s support {:?} leaves the vocabulary of {vocab}", s[i]);
+        }
+        if let Some(i) = (0..n).find(|&i| !s[i].contains(&targets[i])) {
+            candle_core::bail!("head_target_logprobs: row {i}'s target {} is not in its support {:?}", targets[i], s[i]);
+        }
     }
     let differentiated = hidden.track_op() || added.is_some_and(Tensor::track_op);
     let op = HeadLogprobs {

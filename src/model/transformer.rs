@@ -663,7 +663,7 @@ impl CausalLm {
                         row[t as usize] = 0.0;
                     }
                 }
-                logits = (logits + Tensor::from_vec(mask, (support.len(), vocab), &self.device)?)?;
+                logits = (&logits + Tensor::from_vec(mask, (support.len(), vocab), &self.device)?.to_dtype(logits.dtype())?)?;
             }
             let targets = Tensor::new(targets, hidden.device())?;
             return Ok(super::train_ops::target_logprobs(&logits, &targets)?);

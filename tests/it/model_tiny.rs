@@ -441,7 +441,7 @@ proptest::proptest! {
 }
 
 /// GRPO under the answer grammar stays on-policy: the log-probs its training forward computes
-/// (prefix-shared, with the grammar's logit mask) are those of the masked distribution the
+/// (prefix-shared, over the tokens the grammar allowed) are those of the masked distribution the
 /// completions were sampled from, position by position; a forced token has log-prob 0.
 #[test]
 fn constrained_training_logprobs_are_the_masked_sampling_distribution() {

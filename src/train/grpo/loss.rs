@@ -166,7 +166,8 @@ pub struct StepReport {
 }
 
 /// A group's completions as training rows: tokens (+ the EOS token when the completion ended
-/// with it, so stopping is learned), right-padded with `pad`, and the mask of real tokens.
+/// with it, so stopping is learned; under a grammar that forced the end it has log-prob 0),
+/// right-padded with `pad`, and the mask of real tokens.
 pub fn completion_tensors(
     completions: &[Completion],
     eos: u32,
