@@ -113,8 +113,9 @@ fn dot_block(xs: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Four rows of x against one weight row, two vectors per step: 8 independent FMA chains,
-    /// each weight vector loaded once for four rows.
+    /// Four rows of x against two weight rows, one vector per step: 8 independent FMA chains
+    /// for 6 loads (each weight vector loaded once for four rows, each x vector once for two
+    /// weight rows).
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA, and the slices are as [`super::dot_block`] asserts: `k > 0`,
@@ -122,16 +123,20 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_block(xs: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
         // SAFETY: each `xp[q]` starts a row of `xs` that holds k elements (xs.len() >= rows * k)
-        // and each `wp` a k-element row of `w`; the vector loads read [c, c + 16) with
-        // c + 16 <= body <= k, the scalar tail reads [body, k). The prefetch address is
+        // and each `wp[p]` a k-element row of `w`; the vector loads read [c, c + 8) with
+        // c + 8 <= body <= k, the scalar tail reads [body, k). The prefetch address is
         // computed with wrapping arithmetic, only issued below the end of `w`, and never read.
         unsafe {
-            let body = k - k % 16;
+            let body = k - k % 8;
+            let n = w.len() / k;
             let end = w.as_ptr_range().end;
-            for (wrow, res) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
-                let wp = wrow.as_ptr();
-                // The weights stream from memory once per step: ask for the row after next early.
-                let ahead = wp.wrapping_add(2 * k);
+            let mut j = 0;
+            while j < n {
+                // Two weight rows, or the last one alone (then read twice, its copy discarded).
+                let pair = (n - j).min(2);
+                let wp = [w[j * k..].as_ptr(), w[(j + pair - 1) * k..].as_ptr()];
+                // The weights stream from memory once per step: ask for the next pair early.
+                let ahead = wp[0].wrapping_add(2 * k);
                 let mut i = 0;
                 while i < rows {
                     let r = (rows - i).min(4);
@@ -140,29 +145,37 @@ mod avx2 {
                     let mut acc = [_mm256_setzero_ps(); 8];
                     let mut c = 0;
                     while c < body {
-                        if i == 0 && ahead.wrapping_add(c) < end {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c) as *const i8);
+                        if i == 0 && c % 16 == 0 {
+                            for p in 0..2 {
+                                let at = ahead.wrapping_add(p * k + c);
+                                if at < end {
+                                    _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+                                }
+                            }
                         }
-                        let w0 = _mm256_loadu_ps(wp.add(c));
-                        let w1 = _mm256_loadu_ps(wp.add(c + 8));
+                        let w0 = _mm256_loadu_ps(wp[0].add(c));
+                        let w1 = _mm256_loadu_ps(wp[1].add(c));
                         for q in 0..4 {
-                            acc[2 * q] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[q].add(c)), w0, acc[2 * q]);
-                            acc[2 * q + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[q].add(c + 8)), w1, acc[2 * q + 1]);
+                            let x = _mm256_loadu_ps(xp[q].add(c));
+                            acc[2 * q] = _mm256_fmadd_ps(x, w0, acc[2 * q]);
+                            acc[2 * q + 1] = _mm256_fmadd_ps(x, w1, acc[2 * q + 1]);
                         }
-                        c += 16;
+                        c += 8;
                     }
                     for q in 0..r {
-                        let v = _mm256_add_ps(acc[2 * q], acc[2 * q + 1]);
-                        let mut lanes = [0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-                        let mut sum: f32 = lanes.iter().sum();
-                        for (t, wv) in wrow.iter().enumerate().skip(body) {
-                            sum += *xp[q].add(t) * wv;
+                        for p in 0..pair {
+                            let mut lanes = [0f32; 8];
+                            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[2 * q + p]);
+                            let mut sum: f32 = lanes.iter().sum();
+                            for t in body..k {
+                                sum += *xp[q].add(t) * *wp[p].add(t);
+                            }
+                            out[(j + p) * rows + i + q] = sum;
                         }
-                        res[i + q] = sum;
                     }
                     i += r;
                 }
+                j += pair;
             }
         }
     }
@@ -175,7 +188,7 @@ mod tests {
     #[test]
     fn matches_general_matmul() {
         let dev = Device::Cpu;
-        for (rows, k, n) in [(1, 37, 5), (3, 64, 130), (8, 576, 193), (16, 17, 1)] {
+        for (rows, k, n) in [(1, 37, 5), (3, 64, 130), (8, 576, 193), (16, 17, 1), (5, 7, 2), (13, 1536, 77)] {
             let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
