@@ -841,17 +841,15 @@ impl HeadLogprobs {
         let mut saved = Vec::new();
         for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
             let len = HEAD_CHUNK_ROWS.min(n - start);
-            let chunk = self.chunk_logits(h, added, start, len)?;
-            let v = chunk.logits.dim(1)?;
-            out.extend(match chunk.logits.dtype() {
-                DType::F64 => target_logprobs_fwd(&chunk.logits.flatten_all()?.to_vec1::<f64>()?, &chunk.targets, v)?,
-                _ => target_logprobs_fwd(&chunk.logits.flatten_all()?.to_vec1::<f32>()?, &chunk.targets, v)?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect(),
-            });
-            if self.saved.is_some() {
-                saved.push(self.save_chunk(chunk, added, len)?);
+            let ChunkLogits { logits, targets, columns } = self.chunk_logits(h, added, start, len)?;
+            let keep = self.saved.is_some();
+            let (logp, d) = match logits.dtype() {
+                DType::F64 => logp_and_direction::<f64>(&logits, &targets, keep)?,
+                _ => logp_and_direction::<f32>(&logits, &targets, keep)?,
+            };
+            out.extend(logp);
+            if let Some(d) = d {
+                saved.push(self.save_chunk(&d, columns.as_deref(), added)?);
             }
         }
         if let Some(slot) = &self.saved {
@@ -860,22 +858,12 @@ impl HeadLogprobs {
         Tensor::new(out, h.device())?.to_dtype(h.dtype())
     }
 
-    /// D = onehot − softmax of a chunk's logits (the row gradient at dy = 1), and what the
-    /// backward needs of it.
-    fn save_chunk(&self, chunk: ChunkLogits, added: Option<&Tensor>, len: usize) -> candle_core::Result<SavedChunk> {
-        let ChunkLogits { logits, targets: t, columns } = chunk;
-        let (v, device) = (logits.dim(1)?, logits.device().clone());
-        let d = match logits.dtype() {
-            DType::F64 => {
-                Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f64>()?, &t, &vec![1.0; len], v), (len, v), &device)?
-            }
-            _ => {
-                Tensor::from_vec(target_logprobs_bwd(&logits.flatten_all()?.to_vec1::<f32>()?, &t, &vec![1.0; len], v), (len, v), &device)?
-            }
-        };
-        drop(logits);
+    /// What the backward needs of a chunk's D = onehot − softmax (its logits' `columns`, or
+    /// the whole vocabulary).
+    fn save_chunk(&self, d: &Tensor, columns: Option<&[u32]>, added: Option<&Tensor>) -> candle_core::Result<SavedChunk> {
+        let v = d.dim(1)?;
         let v0 = self.head.dim(0)?;
-        Ok(match &columns {
+        Ok(match columns {
             None => match added {
                 Some(e) => {
                     let d_added = d.narrow(1, v0, v - v0)?;
@@ -889,7 +877,7 @@ impl HeadLogprobs {
                 let split = c.partition_point(|&id| (id as usize) < v0);
                 let added = if added.is_some() && split < c.len() {
                     let ids: Vec<u32> = c[split..].iter().map(|&id| id - v0 as u32).collect();
-                    Some((d.narrow(1, split, v - split)?.contiguous()?, Some(Tensor::new(ids.as_slice(), &device)?)))
+                    Some((d.narrow(1, split, v - split)?.contiguous()?, Some(Tensor::new(ids.as_slice(), d.device())?)))
                 } else {
                     None
                 };
@@ -922,6 +910,20 @@ impl HeadLogprobs {
         }
         Ok((Tensor::cat(&dh, 0)?, de))
     }
+}
+
+/// The targets' log-probs of a chunk's logits (rows, V), and with `keep` also
+/// D = onehot(target) − softmax (the row gradient at dy = 1), from one copy of the logits.
+fn logp_and_direction<T: SoftmaxRow>(logits: &Tensor, targets: &[u32], keep: bool) -> candle_core::Result<(Vec<f64>, Option<Tensor>)> {
+    let (rows, v) = logits.dims2()?;
+    let x = logits.flatten_all()?.to_vec1::<T>()?;
+    let logp = target_logprobs_fwd(&x, targets, v)?.into_iter().map(|l| l.to_f64()).collect();
+    let d = if keep {
+        Some(Tensor::from_vec(target_logprobs_bwd(&x, targets, &vec![T::one(); rows], v), (rows, v), logits.device())?)
+    } else {
+        None
+    };
+    Ok((logp, d))
 }
 
 impl CustomOp1 for HeadLogprobs {
