@@ -31,6 +31,11 @@ pub struct Cli {
     /// adapter and the optimizer state stay f32).
     #[arg(long, global = true, value_name = "f32|bf16|f16")]
     pub dtype: Option<String>,
+    /// Decoding and sampling read the GGUF's own quantised weight blocks (Q4_1, Q8_0) instead of
+    /// their f32 copies: the same values, bit for bit, at a fraction of the memory traffic.
+    /// Prompts (prefill) and training stay on the f32 weights. CPU, f32 and GGUF models only.
+    #[arg(long, global = true)]
+    pub quantized_base: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -60,7 +65,8 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    model::Placement::parse(cli.device.as_deref(), cli.dtype.as_deref())?.install();
+    let placement = model::Placement { quantized_base: cli.quantized_base, ..model::Placement::parse(cli.device.as_deref(), cli.dtype.as_deref())? };
+    placement.install();
     match cli.command {
         Command::Preprocess(args) => preprocess::run(args),
         Command::Bench(args) => bench::run(args),

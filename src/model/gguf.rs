@@ -21,6 +21,7 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::config::{ModelConfig, TokenIds};
+use super::quant::QuantRows;
 use super::tokenizer::TextTokenizer;
 
 pub struct GgufParts {
@@ -28,6 +29,9 @@ pub struct GgufParts {
     /// The Hugging Face repo the file was converted from, when its metadata names it.
     pub repo: Option<String>,
     pub tensors: HashMap<String, Tensor>,
+    /// The 2-D weights' quantised blocks by Hugging Face name, when asked for and in a format
+    /// the few-row kernel reads ([`QuantRows`]).
+    pub blocks: HashMap<String, QuantRows>,
     pub tokenizer: TextTokenizer,
 }
 
@@ -62,7 +66,9 @@ fn source_repo(meta: &Meta) -> Option<String> {
     meta.string("general.source.huggingface.repository").ok().filter(|s| s.split('/').count() == 2)
 }
 
-pub fn load(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<GgufParts> {
+/// The model in `path`, its weights dequantised to `dtype` on `device`; with `keep_blocks`,
+/// also the quantised blocks of its matrices (in the same row order as the dequantised ones).
+pub fn load(path: &Path, device: &Device, dtype: DType, keep_blocks: bool) -> anyhow::Result<GgufParts> {
     let mut file = File::open(path).with_context(|| format!("cannot open model file {}", path.display()))?;
     let content = Content::read(&mut file).with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
     let meta = Meta { md: &content.metadata, path };
@@ -97,23 +103,41 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<GgufPa
     config.validate()?;
 
     let mut tensors = HashMap::new();
+    let mut blocks = HashMap::new();
     for (gguf_name, info) in &content.tensor_infos {
         let Some(hf_name) = hf_name(gguf_name) else { continue };
         let q = content
             .tensor(&mut file, gguf_name, &Device::Cpu)
             .with_context(|| format!("{}: cannot read tensor {gguf_name}", path.display()))?;
         let mut t = q.dequantize(&Device::Cpu)?;
-        if model_type == "llama" && info.shape.dims().len() == 2 {
-            if gguf_name.ends_with("attn_q.weight") {
-                t = unpermute_rope_rows(&t, config.num_attention_heads)?;
-            } else if gguf_name.ends_with("attn_k.weight") {
-                t = unpermute_rope_rows(&t, config.num_kv_heads())?;
+        let rope_heads = match gguf_name {
+            _ if model_type != "llama" || info.shape.dims().len() != 2 => None,
+            n if n.ends_with("attn_q.weight") => Some(config.num_attention_heads),
+            n if n.ends_with("attn_k.weight") => Some(config.num_kv_heads()),
+            _ => None,
+        };
+        if let Some(heads) = rope_heads {
+            t = unpermute_rope_rows(&t, heads)?;
+        }
+        if keep_blocks && info.shape.dims().len() == 2 {
+            // The blocks' rows in the order of `t`: the unpermutation applied to row numbers.
+            let order = match rope_heads {
+                Some(heads) => {
+                    let rows = info.shape.dims()[0];
+                    let ids = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((rows, 1))?;
+                    let order = unpermute_rope_rows(&ids, heads)?.flatten_all()?.to_vec1::<f32>()?;
+                    Some(order.into_iter().map(|r| r as usize).collect::<Vec<_>>())
+                }
+                None => None,
+            };
+            if let Some(rows) = QuantRows::from_qtensor(&q, order.as_deref()).with_context(|| format!("{}: {gguf_name}", path.display()))? {
+                blocks.insert(hf_name.clone(), rows);
             }
         }
         tensors.insert(hf_name, t.to_device(device)?.to_dtype(dtype)?);
     }
     let tokenizer = tokenizer_from_metadata(&meta, tokens)?;
-    Ok(GgufParts { config, repo: source_repo(&meta), tensors, tokenizer })
+    Ok(GgufParts { config, repo: source_repo(&meta), tensors, blocks, tokenizer })
 }
 
 /// llama.cpp's tensor names to Hugging Face's.

@@ -8,6 +8,7 @@ pub mod kv_cache;
 pub mod lora;
 pub mod peft;
 pub mod peft_config;
+pub mod quant;
 pub mod skinny;
 pub mod tiny;
 pub mod tokenizer;
@@ -128,6 +129,8 @@ pub struct Placement {
     pub cuda: Option<Option<usize>>,
     pub cpu: bool,
     pub dtype: Option<DType>,
+    /// `--quantized-base`: decoding reads a GGUF's quantised blocks (see [`quant`]).
+    pub quantized_base: bool,
 }
 
 impl Placement {
@@ -193,16 +196,32 @@ pub fn default_dtype(device: &Device) -> DType {
 pub fn load(spec: &str) -> anyhow::Result<LoadedModel> {
     let device = default_device()?;
     let dtype = default_dtype(&device);
-    load_on(&ModelSource::parse(spec)?, &device, dtype)
+    let quantized_base = PLACEMENT.get().is_some_and(|p| p.quantized_base);
+    let source = ModelSource::parse(spec)?;
+    if quantized_base && !matches!(source, ModelSource::Gguf(_)) {
+        bail!("--quantized-base reads a GGUF file's blocks, and the model '{spec}' is not a GGUF file");
+    }
+    load_with(&source, &device, dtype, quantized_base)
 }
 
+/// Loads `source` on `device` in `dtype`, dense.
 pub fn load_on(source: &ModelSource, device: &Device, dtype: DType) -> anyhow::Result<LoadedModel> {
+    load_with(source, device, dtype, false)
+}
+
+/// [`load_on`]; with `quantized_base` (a GGUF on the CPU in f32), the few-row products read the
+/// file's quantised blocks ([`CausalLm::attach_quantized_base`]).
+pub fn load_with(source: &ModelSource, device: &Device, dtype: DType, quantized_base: bool) -> anyhow::Result<LoadedModel> {
     match source {
         ModelSource::Gguf(path) => {
-            let parts = gguf::load(path, device, dtype)?;
+            let parts = gguf::load(path, device, dtype, quantized_base)?;
             let vb = VarBuilder::from_tensors(parts.tensors, dtype, device);
-            let model =
+            let mut model =
                 CausalLm::load(parts.config, vb).with_context(|| format!("{}: weights do not fit the architecture", path.display()))?;
+            if quantized_base {
+                let n = model.attach_quantized_base(parts.blocks).with_context(|| format!("--quantized-base with {}", path.display()))?;
+                anyhow::ensure!(n > 0, "--quantized-base: {} has no weights in a format it reads (Q4_1, Q8_0)", path.display());
+            }
             let repo = parts.repo.or_else(|| known_gguf_repo(path));
             Ok(LoadedModel { model, tokenizer: parts.tokenizer, source: path.display().to_string(), repo })
         }

@@ -3,10 +3,13 @@
 //! gemm is tuned for large blocks: with 1–16 rows it spends its time repacking the weight and
 //! synchronising threads, and reaches a fraction of either the memory or the FMA bound
 //! (measured with `refine-poi bench`). Here each weight row is streamed from memory once and
-//! dotted with every row of x while it sits in cache; threads split the weight rows.
+//! dotted with every row of x while it sits in cache; threads split the weight rows. Quantised
+//! weights ([`QuantRows`]) stream as blocks, each pair of rows expanded to f32 in L1 first.
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
+
+use super::quant::QuantRows;
 
 /// Rows of x up to which the kernel beats gemm.
 pub const MAX_ROWS: usize = 16;
@@ -18,22 +21,42 @@ pub struct LowRank<'t> {
     pub scale: f64,
 }
 
+/// The weight (out, in) of a few-row product.
+#[derive(Clone, Copy)]
+pub enum Weight<'t> {
+    /// Contiguous f32 rows on the CPU (anything else declines).
+    Dense(&'t Tensor),
+    /// A GGUF's quantised blocks.
+    Blocks(&'t QuantRows),
+}
+
+impl Weight<'_> {
+    /// (out, in), or `None` for a weight the kernel does not read.
+    fn dims(&self) -> candle_core::Result<Option<(usize, usize)>> {
+        Ok(match self {
+            Weight::Dense(w) if w.dtype() == DType::F32 && w.is_contiguous() => Some(w.dims2()?),
+            Weight::Dense(_) => None,
+            Weight::Blocks(q) => Some((q.rows, q.cols)),
+        })
+    }
+}
+
 /// `x` (rows, in) times `w` (out, in) transposed, if both are contiguous f32 CPU tensors and
 /// rows <= MAX_ROWS; `None` means "use the general matmul".
-pub fn matmul_wt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+pub fn matmul_wt(x: &Tensor, w: Weight) -> candle_core::Result<Option<Tensor>> {
     matmul_wt_lora(x, w, None)
 }
 
 /// `x W^T + scale (x A^T) B^T` in one pass: the adapter's two rank-r products are folded into
 /// the transpose of the result instead of four candle ops per projection (decoding with an
 /// adapter spent as long on those small ops as on the weights; `bench --grpo`, sampling).
-pub fn matmul_wt_lora(x: &Tensor, w: &Tensor, lora: Option<LowRank>) -> candle_core::Result<Option<Tensor>> {
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+pub fn matmul_wt_lora(x: &Tensor, w: Weight, lora: Option<LowRank>) -> candle_core::Result<Option<Tensor>> {
+    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
         return Ok(None);
     }
     let (rows, k) = x.dims2()?;
-    let (n, k2) = w.dims2()?;
-    if rows > MAX_ROWS || k != k2 || !w.is_contiguous() {
+    let Some((n, k2)) = w.dims()? else { return Ok(None) };
+    if rows > MAX_ROWS || k != k2 {
         return Ok(None);
     }
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -54,10 +77,14 @@ pub fn matmul_wt_lora(x: &Tensor, w: &Tensor, lora: Option<LowRank>) -> candle_c
         }
         None => None,
     };
-    let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else { return Ok(None) };
-    let ws = &data[layout.start_offset()..layout.start_offset() + n * k];
-    let out_t = dot_rows(&xs, rows, ws, n, k);
+    let out_t = match w {
+        Weight::Dense(w) => {
+            let (storage, layout) = w.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else { return Ok(None) };
+            dot_rows(&xs, rows, &data[layout.start_offset()..layout.start_offset() + n * k], n, k)
+        }
+        Weight::Blocks(q) => dot_rows_blocks(&xs, rows, q),
+    };
     // out_t is (n, rows); the result is (rows, n).
     let mut out = vec![0f32; rows * n];
     for (j, col) in out_t.chunks_exact(rows).enumerate() {
@@ -86,6 +113,31 @@ fn dot_rows(xs: &[f32], rows: usize, ws: &[f32], n: usize, k: usize) -> Vec<f32>
         dot_block(xs, rows, w, k, chunk);
     });
     out
+}
+
+/// [`dot_rows`] over quantised weights, the same sums bit for bit as over the dequantised
+/// ones: straight from the blocks where the CPU can ([`QuantRows::dot_rows`]), else each pair
+/// of weight rows expanded into a buffer that stays in L1 and dotted by [`dot_block`].
+fn dot_rows_blocks(xs: &[f32], rows: usize, q: &QuantRows) -> Vec<f32> {
+    let mut out = vec![0f32; q.rows * rows];
+    let per_task = q.rows.div_ceil(rayon::current_num_threads() * 8).max(16);
+    out.par_chunks_mut(per_task * rows).enumerate().for_each(|(task, chunk)| {
+        if !q.dot_rows(task * per_task, xs, rows, chunk) {
+            dot_rows_expanded(xs, rows, q, task * per_task, chunk);
+        }
+    });
+    out
+}
+
+/// The portable half of [`dot_rows_blocks`] for the weight rows from `first` that `out` covers.
+fn dot_rows_expanded(xs: &[f32], rows: usize, q: &QuantRows, first: usize, out: &mut [f32]) {
+    let k = q.cols;
+    let mut buf = vec![0f32; 2 * k];
+    for (pair, res) in out.chunks_mut(2 * rows).enumerate() {
+        let w = &mut buf[..res.len() / rows * k];
+        q.dequantize_rows(first + 2 * pair, w);
+        dot_block(xs, rows, w, k, res);
+    }
 }
 
 /// For every weight row j of `w` (n rows of `k`) and x row i of `xs` (`rows` rows of `k`):
@@ -192,7 +244,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
-            let got = matmul_wt(&x, &w).unwrap().unwrap().to_vec2::<f32>().unwrap();
+            let got = matmul_wt(&x, Weight::Dense(&w)).unwrap().unwrap().to_vec2::<f32>().unwrap();
             for (a, b) in want.iter().flatten().zip(got.iter().flatten()) {
                 assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "{rows}x{k}x{n}: {a} vs {b}");
             }
@@ -210,7 +262,7 @@ mod tests {
             let scale = 0.75;
             let low = (x.matmul(&a.t().unwrap()).unwrap() * scale).unwrap().matmul(&b.t().unwrap()).unwrap();
             let want = (x.matmul(&w.t().unwrap()).unwrap() + low).unwrap().to_vec2::<f32>().unwrap();
-            let got = matmul_wt_lora(&x, &w, Some(LowRank { a: &a, b: &b, scale })).unwrap().unwrap().to_vec2::<f32>().unwrap();
+            let got = matmul_wt_lora(&x, Weight::Dense(&w), Some(LowRank { a: &a, b: &b, scale })).unwrap().unwrap().to_vec2::<f32>().unwrap();
             for (p, q) in want.iter().flatten().zip(got.iter().flatten()) {
                 assert!((p - q).abs() < 1e-3 * (1.0 + p.abs()), "{rows}x{k}x{n} r{r}: {p} vs {q}");
             }
@@ -221,8 +273,37 @@ mod tests {
     fn declines_what_it_does_not_handle() {
         let dev = Device::Cpu;
         let w = Tensor::zeros((4, 8), DType::F32, &dev).unwrap();
-        assert!(matmul_wt(&Tensor::zeros((17, 8), DType::F32, &dev).unwrap(), &w).unwrap().is_none());
-        assert!(matmul_wt(&Tensor::zeros((2, 8), DType::F64, &dev).unwrap(), &w).unwrap().is_none());
-        assert!(matmul_wt(&Tensor::zeros((2, 4), DType::F32, &dev).unwrap(), &w.t().unwrap()).unwrap().is_none());
+        assert!(matmul_wt(&Tensor::zeros((17, 8), DType::F32, &dev).unwrap(), Weight::Dense(&w)).unwrap().is_none());
+        assert!(matmul_wt(&Tensor::zeros((2, 8), DType::F64, &dev).unwrap(), Weight::Dense(&w)).unwrap().is_none());
+        assert!(matmul_wt(&Tensor::zeros((2, 4), DType::F32, &dev).unwrap(), Weight::Dense(&w.t().unwrap())).unwrap().is_none());
+    }
+
+    #[test]
+    fn quantised_blocks_give_the_dense_products_bit_for_bit() {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        for (dtype, n, k) in [(GgmlDType::Q4_1, 193, 576), (GgmlDType::Q8_0, 37, 64), (GgmlDType::Q4_1, 1, 32)] {
+            let (q, dense) = crate::model::quant::tests::random_blocks(n, k, dtype, n as u64);
+            let a = Tensor::randn(0f32, 1.0, (4, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, (n, 4), &dev).unwrap();
+            for rows in [1, 3, 8, 16] {
+                let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+                let plain = |w| matmul_wt(&x, w).unwrap().unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(plain(Weight::Blocks(&q)), plain(Weight::Dense(&dense)), "{dtype:?} {rows}x{k}x{n}");
+                let folded = |w| {
+                    let lora = LowRank { a: &a, b: &b, scale: 0.5 };
+                    matmul_wt_lora(&x, w, Some(lora)).unwrap().unwrap().to_vec2::<f32>().unwrap()
+                };
+                assert_eq!(folded(Weight::Blocks(&q)), folded(Weight::Dense(&dense)), "{dtype:?} {rows}x{k}x{n}, adapter");
+                // The portable expansion, which CPUs without AVX2, FMA or F16C take.
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut expanded = vec![0f32; n * rows];
+                dot_rows_expanded(&xs, rows, &q, 0, &mut expanded);
+                let mut direct = vec![0f32; n * rows];
+                if q.dot_rows(0, &xs, rows, &mut direct) {
+                    assert_eq!(direct, expanded, "{dtype:?} {rows}x{k}x{n}, the two paths");
+                }
+            }
+        }
     }
 }

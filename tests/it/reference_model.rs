@@ -2,21 +2,25 @@
 //! (transformers loading the same GGUF in f32), copied into tests/fixtures/reference.
 //! Runs when `scripts/fetch-model.sh` has fetched the model; in CI its absence is a failure.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use refine_poi::generate::{SamplingConfig, generate};
-use refine_poi::model::{self, ChatMessage, LoadedModel, Mode};
+use refine_poi::model::{self, ChatMessage, LoadedModel, LoraConfig, Mode, ModelSource};
 use refine_poi::selfcheck::golden_logits;
 use serde_json::Value;
 
-fn default_model() -> Option<LoadedModel> {
+fn default_model_path() -> Option<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(model::DEFAULT_MODEL);
     if !path.exists() {
         assert!(std::env::var("CI").is_err(), "CI must fetch the default model (scripts/fetch-model.sh)");
         eprintln!("skipping: {} not fetched (run scripts/fetch-model.sh)", path.display());
         return None;
     }
-    Some(model::load(path.to_str().unwrap()).expect("default model loads"))
+    Some(path)
+}
+
+fn default_model() -> Option<LoadedModel> {
+    Some(model::load(default_model_path()?.to_str().unwrap()).expect("default model loads"))
 }
 
 fn fixture(name: &str) -> Value {
@@ -142,5 +146,52 @@ fn raw_history_windows_tokenize_like_prompt_text() {
             let id = name.strip_prefix(" POI ").unwrap_or_else(|| panic!("{name:?}"));
             assert!(id.parse::<u32>().is_ok(), "{name:?}");
         }
+    }
+}
+
+/// `--quantized-base`: decoding reads the GGUF's Q4_1 and Q8_0 blocks, and computes what the
+/// f32 weights give, bit for bit: the same decode-step logits and the same sampled tokens, with
+/// an adapter folded in (the tolerance is zero).
+#[test]
+fn the_quantised_base_decodes_exactly_as_the_f32_weights() {
+    let Some(path) = default_model_path() else { return };
+    let load = |quantized| {
+        let mut m = model::load_with(&ModelSource::Gguf(path.clone()), &candle_core::Device::Cpu, candle_core::DType::F32, quantized).unwrap();
+        m.model.attach_lora(&LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, ..Default::default() }, 5).unwrap();
+        // A non-zero B (PEFT starts it at zero), so that the adapter changes the products.
+        for (i, lin) in m.model.linears_mut().enumerate() {
+            let b = &lin.lora.as_ref().unwrap().b;
+            let n = b.elem_count();
+            let wave = candle_core::Tensor::arange(0f32, n as f32, b.device()).unwrap().affine(0.37, i as f64).unwrap().sin().unwrap();
+            b.set(&(wave * 0.02).unwrap().reshape(b.shape()).unwrap()).unwrap();
+        }
+        m
+    };
+    let (dense, quant) = (load(false), load(true));
+    // Every linear layer (Q4_1) and the tied output projection (Q8_0): about a sixth of f32.
+    let blocks = quant.model.quantized_base_bytes();
+    assert_eq!(dense.model.quantized_base_bytes(), 0);
+    assert!((80_000_000..110_000_000).contains(&blocks), "{blocks} bytes of blocks");
+
+    let prompt = ids(&fixture("smollm2_135m_tokenizer_and_logits.json")["long_prompt"]["ids"]);
+    let cfg = SamplingConfig { max_new_tokens: 16, seed: 11, ..Default::default() };
+    let sample = |m: &LoadedModel, rows| generate(&m.model, &m.tokenizer, std::slice::from_ref(&prompt), rows, &cfg, Mode::INFERENCE).unwrap();
+    for rows in [1, 8] {
+        let (a, b) = (sample(&dense, rows), sample(&quant, rows));
+        let tokens = |c: &Vec<Vec<refine_poi::generate::Completion>>| c[0].iter().map(|x| x.tokens.clone()).collect::<Vec<_>>();
+        assert_eq!(tokens(&a), tokens(&b), "{rows} samples");
+    }
+    // One decoding step's logits after the prompt, for one row and for two.
+    for rows in [1usize, 2] {
+        let step = |m: &LoadedModel| {
+            let mut cache = m.model.new_cache(prompt.len() + 1);
+            let batch: Vec<u32> = prompt.iter().copied().cycle().take(prompt.len() * rows).collect();
+            let dev = m.model.device();
+            let ids = candle_core::Tensor::from_vec(batch, (rows, prompt.len()), dev).unwrap();
+            m.model.forward_last(&ids, None, Some(&mut cache), Mode::INFERENCE).unwrap();
+            let next = candle_core::Tensor::from_vec(vec![1u32; rows], (rows, 1), dev).unwrap();
+            m.model.forward_last(&next, None, Some(&mut cache), Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap()
+        };
+        assert_eq!(step(&dense), step(&quant), "{rows} rows");
     }
 }

@@ -1,0 +1,383 @@
+//! A GGUF's quantised weight blocks, kept beside the f32 weights for the few-row products of
+//! decoding (`--quantized-base`).
+//!
+//! Decoding one row reads every weight once per token, so its speed is the memory traffic of
+//! the weights: Q4_1 is 0.625 bytes a weight against f32's 4. The few-row kernel
+//! ([`super::skinny`]) expands each pair of weight rows into f32 in L1 and dots it with the
+//! rows of x as it does the dense weights. The expansion is the same arithmetic as candle's
+//! dequantisation (`q · d + m` for Q4_1, `q · d` for Q8_0, rounded the same way), and the f32
+//! weights are that dequantisation: the two paths compute bit-identical products (tested).
+
+use anyhow::{Context, bail, ensure};
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+
+const BLOCK: usize = 32;
+
+/// The block formats the kernel reads: those of the default model (Q4_1 layers, a Q8_0
+/// embedding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// 32 weights: f16 scale d, f16 minimum m, 16 bytes of 4-bit q (low nibbles first);
+    /// a weight is q · d + m.
+    Q4_1,
+    /// 32 weights: f16 scale d, 32 signed bytes q; a weight is q · d.
+    Q8_0,
+}
+
+impl BlockFormat {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
+            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+            _ => None,
+        }
+    }
+
+    fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_1 => 20,
+            BlockFormat::Q8_0 => 34,
+        }
+    }
+}
+
+/// A (rows, cols) weight matrix as quantised blocks, row-major: each row is cols / 32 blocks.
+#[derive(Debug, Clone)]
+pub struct QuantRows {
+    pub format: BlockFormat,
+    pub rows: usize,
+    pub cols: usize,
+    data: Vec<u8>,
+}
+
+impl QuantRows {
+    /// The blocks of a 2-D GGUF tensor, its rows taken in `row_order` (source row of each
+    /// output row) when given. `None` when its format is not one the kernel reads.
+    pub fn from_qtensor(q: &QTensor, row_order: Option<&[usize]>) -> anyhow::Result<Option<Self>> {
+        let Some(format) = BlockFormat::of(q.dtype()) else { return Ok(None) };
+        let (rows, cols) = q.shape().dims2().context("quantised weights must be a matrix")?;
+        let data = q.data()?;
+        let me = Self::from_bytes(format, rows, cols, data.to_vec())?;
+        Ok(Some(match row_order {
+            Some(order) => me.reordered(order)?,
+            None => me,
+        }))
+    }
+
+    fn from_bytes(format: BlockFormat, rows: usize, cols: usize, data: Vec<u8>) -> anyhow::Result<Self> {
+        ensure!(cols > 0 && cols.is_multiple_of(BLOCK), "quantised rows of {cols} weights are not whole blocks of {BLOCK}");
+        let me = QuantRows { format, rows, cols, data };
+        ensure!(me.data.len() == rows * me.row_bytes(), "{} bytes of blocks for a {rows}x{cols} {format:?} matrix", me.data.len());
+        Ok(me)
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.format.block_bytes()
+    }
+
+    fn reordered(&self, order: &[usize]) -> anyhow::Result<Self> {
+        if order.len() != self.rows || order.iter().any(|&r| r >= self.rows) {
+            bail!("a row order of {} entries for {} rows", order.len(), self.rows);
+        }
+        let rb = self.row_bytes();
+        let data = order.iter().flat_map(|&r| &self.data[r * rb..(r + 1) * rb]).copied().collect();
+        Ok(QuantRows { data, ..*self })
+    }
+
+    /// The bytes of the weights (what one full read of them costs).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Rows `first..first + out.len() / cols` as f32, bit for bit candle's dequantisation.
+    pub fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
+        let n = out.len() / self.cols;
+        assert!(out.len() == n * self.cols && first + n <= self.rows, "dequantize_rows: {n} rows from {first} of {}", self.rows);
+        let rb = self.row_bytes();
+        let src = &self.data[first * rb..(first + n) * rb];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+                // SAFETY: AVX2 and F16C were just detected; `src` holds exactly the blocks of `out`.
+                unsafe { avx2::dequantize(self.format, src, out) };
+                return;
+            }
+        }
+        dequantize_portable(self.format, src, out);
+    }
+}
+
+impl QuantRows {
+    /// `out[j * rows + i] = dot(x_i, w_{first + j})` for the weight rows `out` covers, straight
+    /// from the blocks, for one or two rows of x where the CPU has AVX2, FMA and F16C; `false`
+    /// (nothing written) otherwise. With more rows, expanding each weight row once into L1 and
+    /// reusing it is faster than expanding it in registers per pair of rows (measured).
+    /// The sums are those of the few-row kernel over the dequantised rows, bit for bit: the
+    /// same weights, multiplied and added in the same order.
+    pub fn dot_rows(&self, first: usize, xs: &[f32], rows: usize, out: &mut [f32]) -> bool {
+        let n = out.len() / rows;
+        assert!(
+            out.len() == n * rows && first + n <= self.rows && xs.len() >= rows * self.cols,
+            "dot_rows: {n} weight rows from {first} of {}, {rows} rows of x",
+            self.rows
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            let cpu = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
+            if rows <= 2 && cpu {
+                let rb = self.row_bytes();
+                // SAFETY: the features were just detected; the bounds it relies on were asserted.
+                unsafe { avx2::dot_rows(self.format, &self.data[first * rb..(first + n) * rb], self.cols, xs, rows, out) };
+                return true;
+            }
+        }
+        false
+    }
+}
+
+fn scale(bytes: &[u8]) -> f32 {
+    f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
+}
+
+/// The reference expansion: candle's `to_float` of each block.
+fn dequantize_portable(format: BlockFormat, src: &[u8], out: &mut [f32]) {
+    for (block, ys) in src.chunks_exact(format.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
+        let d = scale(block);
+        match format {
+            BlockFormat::Q4_1 => {
+                let m = scale(&block[2..]);
+                for (j, q) in block[4..20].iter().enumerate() {
+                    ys[j] = (q & 0x0F) as f32 * d + m;
+                    ys[j + BLOCK / 2] = (q >> 4) as f32 * d + m;
+                }
+            }
+            BlockFormat::Q8_0 => {
+                for (y, q) in ys.iter_mut().zip(&block[2..34]) {
+                    *y = *q as i8 as f32 * d;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, BlockFormat};
+
+    /// The f16 at the start of `bytes`, widened by the F16C instruction (exact, as every f16
+    /// is an f32) and broadcast.
+    #[target_feature(enable = "avx2,f16c")]
+    fn scale(bytes: &[u8]) -> __m256 {
+        let bits = u16::from_le_bytes([bytes[0], bytes[1]]);
+        _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))))
+    }
+
+    /// [`super::dequantize_portable`] eight weights per instruction: a multiply then an add
+    /// (not an FMA), so that each weight rounds as the portable code does.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `src` is whole blocks of `format` and `out` holds 32 floats per block.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn dequantize(format: BlockFormat, src: &[u8], out: &mut [f32]) {
+        let bb = format.block_bytes();
+        assert!(src.len().is_multiple_of(bb) && out.len() == src.len() / bb * BLOCK);
+        for (block, ys) in src.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
+            let d = scale(block);
+            let y = ys.as_mut_ptr();
+            // SAFETY: a block holds `bb` bytes (the loads read 16 from offset 4 of a 20-byte
+            // Q4_1 block, 32 from offset 2 of a 34-byte Q8_0 block) and `ys` 32 floats.
+            unsafe {
+                let ints: [__m256i; 4] = match format {
+                    BlockFormat::Q4_1 => {
+                        let qs = _mm_loadu_si128(block.as_ptr().add(4) as *const __m128i);
+                        let low = _mm_and_si128(qs, _mm_set1_epi8(0x0F));
+                        let high = _mm_and_si128(_mm_srli_epi16(qs, 4), _mm_set1_epi8(0x0F));
+                        [
+                            _mm256_cvtepu8_epi32(low),
+                            _mm256_cvtepu8_epi32(_mm_srli_si128(low, 8)),
+                            _mm256_cvtepu8_epi32(high),
+                            _mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)),
+                        ]
+                    }
+                    BlockFormat::Q8_0 => {
+                        let lo = _mm_loadu_si128(block.as_ptr().add(2) as *const __m128i);
+                        let hi = _mm_loadu_si128(block.as_ptr().add(18) as *const __m128i);
+                        [
+                            _mm256_cvtepi8_epi32(lo),
+                            _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)),
+                            _mm256_cvtepi8_epi32(hi),
+                            _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)),
+                        ]
+                    }
+                };
+                let m = match format {
+                    BlockFormat::Q4_1 => Some(scale(&block[2..])),
+                    BlockFormat::Q8_0 => None,
+                };
+                for (i, q) in ints.into_iter().enumerate() {
+                    let mut w = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                    if let Some(m) = m {
+                        w = _mm256_add_ps(w, m);
+                    }
+                    _mm256_storeu_ps(y.add(8 * i), w);
+                }
+            }
+        }
+    }
+
+    /// One block's weights as four vectors of 8, expanded in registers: the arithmetic of
+    /// [`dequantize`].
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn expand(format: BlockFormat, block: *const u8) -> [__m256; 4] {
+        // SAFETY: `block` starts a whole block of `format` (see `dequantize`).
+        unsafe {
+            let bytes = std::slice::from_raw_parts(block, format.block_bytes());
+            let d = scale(bytes);
+            match format {
+                BlockFormat::Q4_1 => {
+                    let m = scale(&bytes[2..]);
+                    let qs = _mm_loadu_si128(block.add(4) as *const __m128i);
+                    let low = _mm_and_si128(qs, _mm_set1_epi8(0x0F));
+                    let high = _mm_and_si128(_mm_srli_epi16(qs, 4), _mm_set1_epi8(0x0F));
+                    [low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)]
+                        .map(|q| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), d), m))
+                }
+                BlockFormat::Q8_0 => {
+                    let lo = _mm_loadu_si128(block.add(2) as *const __m128i);
+                    let hi = _mm_loadu_si128(block.add(18) as *const __m128i);
+                    [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d))
+                }
+            }
+        }
+    }
+
+    /// The dot products of R rows of x (`xp`) with two weight rows (`wp`: block rows, the same
+    /// one twice for an odd last row), one accumulator per pair as in the dense kernel.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dot_group<const R: usize>(format: BlockFormat, wp: [*const u8; 2], xp: [*const f32; R], blocks: usize, end: *const u8) -> [[f32; 2]; R] {
+        let bb = format.block_bytes();
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // The next pair of rows, asked for while this one is summed (two blocks a step cover it).
+        let ahead = wp[0].wrapping_add(2 * blocks * bb);
+        // SAFETY: the caller's rows hold `blocks` blocks of weights and 32 · blocks floats of x;
+        // the prefetch address is computed with wrapping arithmetic, only issued below `end`
+        // (the end of the weights), and never read.
+        unsafe {
+            for b in 0..blocks {
+                let at = ahead.wrapping_add(2 * b * bb);
+                if at < end {
+                    _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+                }
+                let w = [expand(format, wp[0].add(b * bb)), expand(format, wp[1].add(b * bb))];
+                for s in 0..4 {
+                    for q in 0..R {
+                        let x = _mm256_loadu_ps(xp[q].add(b * BLOCK + 8 * s));
+                        acc[q][0] = _mm256_fmadd_ps(x, w[0][s], acc[q][0]);
+                        acc[q][1] = _mm256_fmadd_ps(x, w[1][s], acc[q][1]);
+                    }
+                }
+            }
+        }
+        acc.map(|pair| {
+            pair.map(|v| {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` holds 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+                lanes.iter().sum()
+            })
+        })
+    }
+
+    /// [`super::QuantRows::dot_rows`] over the block rows `src` of `k` weights each.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `rows` is 1 or 2; `src` is whole rows of blocks, `xs`
+    /// holds `rows` rows of `k` floats and `out` `rows` floats per weight row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows(format: BlockFormat, src: &[u8], k: usize, xs: &[f32], rows: usize, out: &mut [f32]) {
+        let rb = k / BLOCK * format.block_bytes();
+        let n = src.len() / rb;
+        let end = src.as_ptr_range().end;
+        let mut j = 0;
+        while j < n {
+            let pair = (n - j).min(2);
+            let wp = [src[j * rb..].as_ptr(), src[(j + pair - 1) * rb..].as_ptr()];
+            let x = |q: usize| xs[q * k..].as_ptr();
+            // SAFETY: as the function's contract states.
+            let sums = unsafe {
+                match rows {
+                    1 => dot_group::<1>(format, wp, [x(0)], k / BLOCK, end).to_vec(),
+                    _ => dot_group::<2>(format, wp, [x(0), x(1)], k / BLOCK, end).to_vec(),
+                }
+            };
+            for (q, s) in sums.iter().enumerate() {
+                for p in 0..pair {
+                    out[(j + p) * rows + q] = s[p];
+                }
+            }
+            j += pair;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// A (rows, cols) matrix of random weights quantised to `dtype` by candle.
+    pub(crate) fn random_blocks(rows: usize, cols: usize, dtype: GgmlDType, seed: u64) -> (QuantRows, Tensor) {
+        use rand::{Rng, SeedableRng};
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let values: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let w = Tensor::from_vec(values, (rows, cols), &dev).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let dense = q.dequantize(&dev).unwrap();
+        (QuantRows::from_qtensor(&q, None).unwrap().unwrap(), dense)
+    }
+
+    fn all_rows(q: &QuantRows) -> Vec<f32> {
+        let mut out = vec![0f32; q.rows * q.cols];
+        q.dequantize_rows(0, &mut out);
+        out
+    }
+
+    #[test]
+    fn every_path_expands_blocks_bit_for_bit_as_candle() {
+        for (dtype, seed) in [(GgmlDType::Q4_1, 1), (GgmlDType::Q8_0, 2)] {
+            let (q, dense) = random_blocks(7, 96, dtype, seed);
+            let want: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
+            // The dispatched path (AVX2 where present) and the portable one.
+            assert_eq!(all_rows(&q), want, "{dtype:?}, dispatched");
+            let mut portable = vec![0f32; want.len()];
+            dequantize_portable(q.format, &q.data, &mut portable);
+            assert_eq!(portable, want, "{dtype:?}, portable");
+            // A slice of rows from the middle.
+            let mut two = vec![0f32; 2 * 96];
+            q.dequantize_rows(3, &mut two);
+            assert_eq!(two, want[3 * 96..5 * 96]);
+        }
+    }
+
+    #[test]
+    fn rows_can_be_reordered_and_bad_shapes_are_refused() {
+        let (q, dense) = random_blocks(4, 64, GgmlDType::Q4_1, 3);
+        let r = q.reordered(&[2, 0, 3, 1]).unwrap();
+        let want = dense.to_vec2::<f32>().unwrap();
+        let got = all_rows(&r);
+        for (i, src) in [2, 0, 3, 1].into_iter().enumerate() {
+            assert_eq!(got[i * 64..(i + 1) * 64], want[src]);
+        }
+        assert!(q.reordered(&[0, 1, 2]).is_err());
+        assert!(q.reordered(&[0, 1, 2, 4]).is_err());
+        assert!(QuantRows::from_bytes(BlockFormat::Q8_0, 2, 48, vec![0; 68]).is_err());
+        assert!(QuantRows::from_bytes(BlockFormat::Q8_0, 2, 32, vec![0; 67]).is_err());
+    }
+}
