@@ -65,7 +65,8 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let placement = model::Placement { quantized_base: cli.quantized_base, ..model::Placement::parse(cli.device.as_deref(), cli.dtype.as_deref())? };
+    let placement =
+        model::Placement { quantized_base: cli.quantized_base, ..model::Placement::parse(cli.device.as_deref(), cli.dtype.as_deref())? };
     placement.install();
     match cli.command {
         Command::Preprocess(args) => preprocess::run(args),

@@ -124,7 +124,8 @@ impl QuantRows {
         );
         #[cfg(target_arch = "x86_64")]
         {
-            let cpu = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
+            let cpu =
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
             if rows <= 2 && cpu {
                 let rb = self.row_bytes();
                 // SAFETY: the features were just detected; the bounds it relies on were asserted.
@@ -249,7 +250,8 @@ mod avx2 {
                 BlockFormat::Q8_0 => {
                     let lo = _mm_loadu_si128(block.add(2) as *const __m128i);
                     let hi = _mm_loadu_si128(block.add(18) as *const __m128i);
-                    [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d))
+                    [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+                        .map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d))
                 }
             }
         }
@@ -259,7 +261,13 @@ mod avx2 {
     /// one twice for an odd last row), one accumulator per pair as in the dense kernel.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn dot_group<const R: usize>(format: BlockFormat, wp: [*const u8; 2], xp: [*const f32; R], blocks: usize, end: *const u8) -> [[f32; 2]; R] {
+    unsafe fn dot_group<const R: usize>(
+        format: BlockFormat,
+        wp: [*const u8; 2],
+        xp: [*const f32; R],
+        blocks: usize,
+        end: *const u8,
+    ) -> [[f32; 2]; R] {
         let bb = format.block_bytes();
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         // The next pair of rows, asked for while this one is summed (two blocks a step cover it).
@@ -274,11 +282,11 @@ mod avx2 {
                     _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
                 }
                 let w = [expand(format, wp[0].add(b * bb)), expand(format, wp[1].add(b * bb))];
-                for s in 0..4 {
-                    for q in 0..R {
-                        let x = _mm256_loadu_ps(xp[q].add(b * BLOCK + 8 * s));
-                        acc[q][0] = _mm256_fmadd_ps(x, w[0][s], acc[q][0]);
-                        acc[q][1] = _mm256_fmadd_ps(x, w[1][s], acc[q][1]);
+                for (s, (w0, w1)) in w[0].iter().zip(&w[1]).enumerate() {
+                    for (x, acc) in xp.iter().zip(acc.iter_mut()) {
+                        let x = _mm256_loadu_ps(x.add(b * BLOCK + 8 * s));
+                        acc[0] = _mm256_fmadd_ps(x, *w0, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(x, *w1, acc[1]);
                     }
                 }
             }

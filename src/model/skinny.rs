@@ -262,7 +262,8 @@ mod tests {
             let scale = 0.75;
             let low = (x.matmul(&a.t().unwrap()).unwrap() * scale).unwrap().matmul(&b.t().unwrap()).unwrap();
             let want = (x.matmul(&w.t().unwrap()).unwrap() + low).unwrap().to_vec2::<f32>().unwrap();
-            let got = matmul_wt_lora(&x, Weight::Dense(&w), Some(LowRank { a: &a, b: &b, scale })).unwrap().unwrap().to_vec2::<f32>().unwrap();
+            let got =
+                matmul_wt_lora(&x, Weight::Dense(&w), Some(LowRank { a: &a, b: &b, scale })).unwrap().unwrap().to_vec2::<f32>().unwrap();
             for (p, q) in want.iter().flatten().zip(got.iter().flatten()) {
                 assert!((p - q).abs() < 1e-3 * (1.0 + p.abs()), "{rows}x{k}x{n} r{r}: {p} vs {q}");
             }

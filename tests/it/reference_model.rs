@@ -156,7 +156,8 @@ fn raw_history_windows_tokenize_like_prompt_text() {
 fn the_quantised_base_decodes_exactly_as_the_f32_weights() {
     let Some(path) = default_model_path() else { return };
     let load = |quantized| {
-        let mut m = model::load_with(&ModelSource::Gguf(path.clone()), &candle_core::Device::Cpu, candle_core::DType::F32, quantized).unwrap();
+        let mut m =
+            model::load_with(&ModelSource::Gguf(path.clone()), &candle_core::Device::Cpu, candle_core::DType::F32, quantized).unwrap();
         m.model.attach_lora(&LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, ..Default::default() }, 5).unwrap();
         // A non-zero B (PEFT starts it at zero), so that the adapter changes the products.
         for (i, lin) in m.model.linears_mut().enumerate() {
@@ -175,7 +176,8 @@ fn the_quantised_base_decodes_exactly_as_the_f32_weights() {
 
     let prompt = ids(&fixture("smollm2_135m_tokenizer_and_logits.json")["long_prompt"]["ids"]);
     let cfg = SamplingConfig { max_new_tokens: 16, seed: 11, ..Default::default() };
-    let sample = |m: &LoadedModel, rows| generate(&m.model, &m.tokenizer, std::slice::from_ref(&prompt), rows, &cfg, Mode::INFERENCE).unwrap();
+    let sample =
+        |m: &LoadedModel, rows| generate(&m.model, &m.tokenizer, std::slice::from_ref(&prompt), rows, &cfg, Mode::INFERENCE).unwrap();
     for rows in [1, 8] {
         let (a, b) = (sample(&dense, rows), sample(&quant, rows));
         let tokens = |c: &Vec<Vec<refine_poi::generate::Completion>>| c[0].iter().map(|x| x.tokens.clone()).collect::<Vec<_>>();
