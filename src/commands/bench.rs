@@ -223,7 +223,7 @@ fn grpo_bench(args: &Args, mut loaded: crate::model::LoadedModel, prompt: Vec<u3
         "model": loaded.source,
         "device": format!("{:?}", model.device()),
         "dtype": format!("{:?}", model.dtype()),
-        // `--quantized-base`: decoding read the GGUF's blocks (their bytes), prefill the f32 weights.
+        // `--quantized-base`: decoding (up to 16 rows) read the GGUF's blocks, prefill the f32 weights.
         "quantized_base_bytes": model.quantized_base_bytes(),
         "threads": rayon::current_num_threads(),
         "prompts": args.prompts,
@@ -302,15 +302,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let decode_flops = 2.0 * decode_weights(cfg);
     let decode_g_gflops = decode_g * decode_flops / 1e9;
     let limit = |g: &serde_json::Value| g["gflops_layer"].as_f64().unwrap_or(f64::NAN);
-    let decoded_weight_bytes = match model.quantized_base_bytes() {
-        0 => decode_weights(cfg) * model.dtype().size_in_bytes() as f64,
-        blocks => blocks as f64,
-    };
     let report = json!({
         "model": loaded.source,
         "device": format!("{:?}", model.device()),
         "dtype": format!("{:?}", model.dtype()),
-        // `--quantized-base`: decoding read the GGUF's blocks (their bytes), prefill the f32 weights.
+        // `--quantized-base`: decoding (up to 16 rows) read the GGUF's blocks, prefill the f32 weights.
         "quantized_base_bytes": model.quantized_base_bytes(),
         "threads": rayon::current_num_threads(),
         "load_seconds": load_s,
@@ -332,7 +328,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "decode_batch_gflops": decode_g_gflops,
         "decode_batch_share_of_gemm": decode_g_gflops / limit(&gemm_decode),
         // Batch 1 is bound by reading the weights: their bytes read per second.
-        "decode_batch1_weight_gb_per_s": decode1 * decoded_weight_bytes / 1e9,
+        "decode_batch1_weight_gb_per_s": decode1 * model.decode_weight_bytes() as f64 / 1e9,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

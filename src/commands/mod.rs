@@ -31,9 +31,10 @@ pub struct Cli {
     /// adapter and the optimizer state stay f32).
     #[arg(long, global = true, value_name = "f32|bf16|f16")]
     pub dtype: Option<String>,
-    /// Decoding and sampling read the GGUF's own quantised weight blocks (Q4_1, Q8_0) instead of
-    /// their f32 copies: the same values, bit for bit, at a fraction of the memory traffic.
-    /// Prompts (prefill) and training stay on the f32 weights. CPU, f32 and GGUF models only.
+    /// Decoding and sampling (up to 16 rows a step) read the GGUF's own quantised weight blocks
+    /// (Q4_1, Q8_0) instead of their f32 copies: the same values, bit for bit, at a fraction of
+    /// the memory traffic. Prompts (prefill), wider steps and training stay on the f32 weights.
+    /// CPU, f32 and GGUF models only.
     #[arg(long, global = true)]
     pub quantized_base: bool,
 }

@@ -45,9 +45,9 @@ impl BlockFormat {
 /// A (rows, cols) weight matrix as quantised blocks, row-major: each row is cols / 32 blocks.
 #[derive(Debug, Clone)]
 pub struct QuantRows {
-    pub format: BlockFormat,
-    pub rows: usize,
-    pub cols: usize,
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
     data: Vec<u8>,
 }
 
@@ -83,6 +83,11 @@ impl QuantRows {
         let rb = self.row_bytes();
         let data = order.iter().flat_map(|&r| &self.data[r * rb..(r + 1) * rb]).copied().collect();
         Ok(QuantRows { data, ..*self })
+    }
+
+    /// (rows, cols) of the matrix.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
     /// The bytes of the weights (what one full read of them costs).
@@ -316,16 +321,20 @@ mod avx2 {
             let pair = (n - j).min(2);
             let wp = [src[j * rb..].as_ptr(), src[(j + pair - 1) * rb..].as_ptr()];
             let x = |q: usize| xs[q * k..].as_ptr();
-            // SAFETY: as the function's contract states.
-            let sums = unsafe {
-                match rows {
-                    1 => dot_group::<1>(format, wp, [x(0)], k / BLOCK, end).to_vec(),
-                    _ => dot_group::<2>(format, wp, [x(0), x(1)], k / BLOCK, end).to_vec(),
+            let mut put = |q: usize, s: [f32; 2]| {
+                for (p, v) in s.into_iter().enumerate().take(pair) {
+                    out[(j + p) * rows + q] = v;
                 }
             };
-            for (q, s) in sums.iter().enumerate() {
-                for p in 0..pair {
-                    out[(j + p) * rows + q] = s[p];
+            // SAFETY: as the function's contract states.
+            unsafe {
+                match rows {
+                    1 => put(0, dot_group::<1>(format, wp, [x(0)], k / BLOCK, end)[0]),
+                    _ => {
+                        let [s0, s1] = dot_group::<2>(format, wp, [x(0), x(1)], k / BLOCK, end);
+                        put(0, s0);
+                        put(1, s1);
+                    }
                 }
             }
             j += pair;

@@ -36,7 +36,7 @@ impl Weight<'_> {
         Ok(match self {
             Weight::Dense(w) if w.dtype() == DType::F32 && w.is_contiguous() => Some(w.dims2()?),
             Weight::Dense(_) => None,
-            Weight::Blocks(q) => Some((q.rows, q.cols)),
+            Weight::Blocks(q) => Some(q.dims()),
         })
     }
 }
@@ -119,8 +119,9 @@ fn dot_rows(xs: &[f32], rows: usize, ws: &[f32], n: usize, k: usize) -> Vec<f32>
 /// ones: straight from the blocks where the CPU can ([`QuantRows::dot_rows`]), else each pair
 /// of weight rows expanded into a buffer that stays in L1 and dotted by [`dot_block`].
 fn dot_rows_blocks(xs: &[f32], rows: usize, q: &QuantRows) -> Vec<f32> {
-    let mut out = vec![0f32; q.rows * rows];
-    let per_task = q.rows.div_ceil(rayon::current_num_threads() * 8).max(16);
+    let n = q.dims().0;
+    let mut out = vec![0f32; n * rows];
+    let per_task = n.div_ceil(rayon::current_num_threads() * 8).max(16);
     out.par_chunks_mut(per_task * rows).enumerate().for_each(|(task, chunk)| {
         if !q.dot_rows(task * per_task, xs, rows, chunk) {
             dot_rows_expanded(xs, rows, q, task * per_task, chunk);
@@ -131,7 +132,7 @@ fn dot_rows_blocks(xs: &[f32], rows: usize, q: &QuantRows) -> Vec<f32> {
 
 /// The portable half of [`dot_rows_blocks`] for the weight rows from `first` that `out` covers.
 fn dot_rows_expanded(xs: &[f32], rows: usize, q: &QuantRows, first: usize, out: &mut [f32]) {
-    let k = q.cols;
+    let k = q.dims().1;
     let mut buf = vec![0f32; 2 * k];
     for (pair, res) in out.chunks_mut(2 * rows).enumerate() {
         let w = &mut buf[..res.len() / rows * k];
@@ -287,7 +288,7 @@ mod tests {
             let (q, dense) = crate::model::quant::tests::random_blocks(n, k, dtype, n as u64);
             let a = Tensor::randn(0f32, 1.0, (4, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, (n, 4), &dev).unwrap();
-            for rows in [1, 3, 8, 16] {
+            for rows in [1, 2, 3, 8, 16] {
                 let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
                 let plain = |w| matmul_wt(&x, w).unwrap().unwrap().to_vec2::<f32>().unwrap();
                 assert_eq!(plain(Weight::Blocks(&q)), plain(Weight::Dense(&dense)), "{dtype:?} {rows}x{k}x{n}");

@@ -569,7 +569,7 @@ impl CausalLm {
             self.dtype
         );
         let fits = |q: &QuantRows, w: &Tensor, name: &str| -> anyhow::Result<()> {
-            anyhow::ensure!(w.dims2()? == (q.rows, q.cols), "{name}: blocks of {}x{} for a weight of {:?}", q.rows, q.cols, w.dims());
+            anyhow::ensure!(w.dims2()? == q.dims(), "{name}: blocks of {:?} for a weight of {:?}", q.dims(), w.dims());
             Ok(())
         };
         let mut attached = 0;
@@ -593,6 +593,14 @@ impl CausalLm {
     /// The bytes of quantised blocks attached (0 without `--quantized-base`).
     pub fn quantized_base_bytes(&self) -> usize {
         self.linears().filter_map(|l| l.blocks.as_ref()).chain(&self.head_blocks).map(QuantRows::bytes).sum()
+    }
+
+    /// The bytes of base weights a decoding step reads: each linear layer and the output
+    /// projection, as blocks where they have them, else in the model's dtype.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let bytes = |w: &Tensor, blocks: Option<&QuantRows>| blocks.map_or(w.elem_count() * w.dtype().size_in_bytes(), QuantRows::bytes);
+        let head = bytes(self.lm_head.as_ref().unwrap_or(&self.embed), self.head_blocks.as_ref());
+        self.linears().map(|l| bytes(&l.weight, l.blocks.as_ref())).sum::<usize>() + head
     }
 
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
