@@ -172,6 +172,8 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, BlockFormat};
+    use crate::model::skinny::avx2::lane_sum;
+    use crate::model::skinny::weight_pairs;
 
     /// The f16 at the start of `bytes`, widened by the F16C instruction (exact, as every f16
     /// is an f32) and broadcast.
@@ -296,14 +298,7 @@ mod avx2 {
                 }
             }
         }
-        acc.map(|pair| {
-            pair.map(|v| {
-                let mut lanes = [0f32; 8];
-                // SAFETY: `lanes` holds 8 floats.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-                lanes.iter().sum()
-            })
-        })
+        acc.map(|pair| pair.map(|v| lane_sum(v)))
     }
 
     /// [`super::QuantRows::dot_rows`] over the block rows `src` of `k` weights each.
@@ -316,9 +311,7 @@ mod avx2 {
         let rb = k / BLOCK * format.block_bytes();
         let n = src.len() / rb;
         let end = src.as_ptr_range().end;
-        let mut j = 0;
-        while j < n {
-            let pair = (n - j).min(2);
+        for (j, pair) in weight_pairs(n) {
             let wp = [src[j * rb..].as_ptr(), src[(j + pair - 1) * rb..].as_ptr()];
             let x = |q: usize| xs[q * k..].as_ptr();
             let mut put = |q: usize, s: [f32; 2]| {
@@ -337,7 +330,6 @@ mod avx2 {
                     }
                 }
             }
-            j += pair;
         }
     }
 }

@@ -162,8 +162,14 @@ fn dot_block(xs: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
     }
 }
 
+/// The weight rows of a few-row kernel in pairs, `(first row, 1 or 2)`: two at a time, the last
+/// one alone when `n` is odd (the kernels then read it twice and discard the copy).
+pub(super) fn weight_pairs(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(2).map(move |j| (j, (n - j).min(2)))
+}
+
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     /// Four rows of x against two weight rows, one vector per step: 8 independent FMA chains
@@ -183,10 +189,7 @@ mod avx2 {
             let body = k - k % 8;
             let n = w.len() / k;
             let end = w.as_ptr_range().end;
-            let mut j = 0;
-            while j < n {
-                // Two weight rows, or the last one alone (then read twice, its copy discarded).
-                let pair = (n - j).min(2);
+            for (j, pair) in super::weight_pairs(n) {
                 let wp = [w[j * k..].as_ptr(), w[(j + pair - 1) * k..].as_ptr()];
                 // The weights stream from memory once per step: ask for the next pair early.
                 let ahead = wp[0].wrapping_add(2 * k);
@@ -217,9 +220,7 @@ mod avx2 {
                     }
                     for q in 0..r {
                         for p in 0..pair {
-                            let mut lanes = [0f32; 8];
-                            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[2 * q + p]);
-                            let mut sum: f32 = lanes.iter().sum();
+                            let mut sum = lane_sum(acc[2 * q + p]);
                             for t in body..k {
                                 sum += *xp[q].add(t) * *wp[p].add(t);
                             }
@@ -228,9 +229,18 @@ mod avx2 {
                     }
                     i += r;
                 }
-                j += pair;
             }
         }
+    }
+
+    /// The sum of a vector's lanes, first to last: the one reduction of every few-row kernel,
+    /// so that the quantised path's sums equal the dense path's bit for bit.
+    #[target_feature(enable = "avx2")]
+    pub fn lane_sum(v: __m256) -> f32 {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+        lanes.iter().sum()
     }
 }
 
