@@ -115,10 +115,8 @@ impl QuantRows {
 
 impl QuantRows {
     /// `out[j * rows + i] = dot(x_i, w_{first + j})` for the weight rows `out` covers, straight
-    /// from the blocks, for one or two rows of x where the CPU has AVX2, FMA and F16C; `false`
-    /// (nothing written) otherwise. With more rows, expanding each weight row once into L1 and
-    /// reusing it is faster than expanding it in registers per pair of rows (measured).
-    /// The sums are those of the few-row kernel over the dequantised rows, bit for bit: the
+    /// from the blocks, where the CPU has AVX2, FMA and F16C; `false` (nothing written)
+    /// otherwise. The sums are those of the few-row kernel over the dequantised rows, bit for bit: the
     /// same weights, multiplied and added in the same order.
     pub fn dot_rows(&self, first: usize, xs: &[f32], rows: usize, out: &mut [f32]) -> bool {
         let n = out.len() / rows;
@@ -131,7 +129,7 @@ impl QuantRows {
         {
             let cpu =
                 std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
-            if rows <= 2 && cpu {
+            if cpu {
                 let rb = self.row_bytes();
                 // SAFETY: the features were just detected; the bounds it relies on were asserted.
                 unsafe { avx2::dot_rows(self.format, &self.data[first * rb..(first + n) * rb], self.cols, xs, rows, out) };
@@ -264,71 +262,100 @@ mod avx2 {
         }
     }
 
-    /// The dot products of R rows of x (`xp`) with two weight rows (`wp`: block rows, the same
-    /// one twice for an odd last row), one accumulator per pair as in the dense kernel.
+    /// The dot products of R rows of x (`xp`) with P weight rows (`wp`: block rows, a row
+    /// repeated where there are fewer), one accumulator per pair as in the dense kernel, each
+    /// block expanded once in registers for all R rows.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn dot_group<const R: usize>(
+    unsafe fn dot_group<const R: usize, const P: usize>(
         format: BlockFormat,
-        wp: [*const u8; 2],
+        wp: [*const u8; P],
         xp: [*const f32; R],
         blocks: usize,
         end: *const u8,
-    ) -> [[f32; 2]; R] {
+    ) -> [[f32; P]; R] {
         let bb = format.block_bytes();
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        // The next pair of rows, asked for while this one is summed (two blocks a step cover it).
-        let ahead = wp[0].wrapping_add(2 * blocks * bb);
+        let mut acc = [[_mm256_setzero_ps(); P]; R];
+        // The next P rows, asked for while these are summed (P blocks a step cover them).
+        let ahead = wp[0].wrapping_add(P * blocks * bb);
         // SAFETY: the caller's rows hold `blocks` blocks of weights and 32 · blocks floats of x;
         // the prefetch address is computed with wrapping arithmetic, only issued below `end`
         // (the end of the weights), and never read.
         unsafe {
             for b in 0..blocks {
-                let at = ahead.wrapping_add(2 * b * bb);
+                let at = ahead.wrapping_add(P * b * bb);
                 if at < end {
                     _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
                 }
-                let w = [expand(format, wp[0].add(b * bb)), expand(format, wp[1].add(b * bb))];
-                for (s, (w0, w1)) in w[0].iter().zip(&w[1]).enumerate() {
+                let w: [[__m256; 4]; P] = std::array::from_fn(|p| expand(format, wp[p].add(b * bb)));
+                for s in 0..4 {
                     for (x, acc) in xp.iter().zip(acc.iter_mut()) {
                         let x = _mm256_loadu_ps(x.add(b * BLOCK + 8 * s));
-                        acc[0] = _mm256_fmadd_ps(x, *w0, acc[0]);
-                        acc[1] = _mm256_fmadd_ps(x, *w1, acc[1]);
+                        for (acc, w) in acc.iter_mut().zip(&w) {
+                            *acc = _mm256_fmadd_ps(x, w[s], *acc);
+                        }
                     }
                 }
             }
         }
-        acc.map(|pair| pair.map(|v| lane_sum(v)))
+        acc.map(|row| row.map(|v| lane_sum(v)))
     }
 
-    /// [`super::QuantRows::dot_rows`] over the block rows `src` of `k` weights each.
+    /// [`super::QuantRows::dot_rows`] over the block rows `src` of `k` weights each: one or two
+    /// rows of x against two weight rows at a time; more rows against one weight row at a time,
+    /// in groups of 8 or 4 rows of x (the last row repeated to fill a group, its sums dropped),
+    /// so that each block is expanded once per group and the accumulators stay in registers.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `rows` is 1 or 2; `src` is whole rows of blocks, `xs`
-    /// holds `rows` rows of `k` floats and `out` `rows` floats per weight row.
+    /// The CPU has AVX2, FMA and F16C; `src` is whole rows of blocks, `xs` holds `rows` rows
+    /// of `k` floats and `out` `rows` floats per weight row.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows(format: BlockFormat, src: &[u8], k: usize, xs: &[f32], rows: usize, out: &mut [f32]) {
         let rb = k / BLOCK * format.block_bytes();
         let n = src.len() / rb;
         let end = src.as_ptr_range().end;
-        for (j, pair) in weight_pairs(n) {
-            let wp = [src[j * rb..].as_ptr(), src[(j + pair - 1) * rb..].as_ptr()];
-            let x = |q: usize| xs[q * k..].as_ptr();
-            let mut put = |q: usize, s: [f32; 2]| {
-                for (p, v) in s.into_iter().enumerate().take(pair) {
-                    out[(j + p) * rows + q] = v;
-                }
-            };
-            // SAFETY: as the function's contract states.
-            unsafe {
-                match rows {
-                    1 => put(0, dot_group::<1>(format, wp, [x(0)], k / BLOCK, end)[0]),
-                    _ => {
-                        let [s0, s1] = dot_group::<2>(format, wp, [x(0), x(1)], k / BLOCK, end);
+        let blocks = k / BLOCK;
+        let x = |q: usize| xs[q.min(rows - 1) * k..].as_ptr();
+        if rows <= 2 {
+            for (j, pair) in weight_pairs(n) {
+                let wp = [src[j * rb..].as_ptr(), src[(j + pair - 1) * rb..].as_ptr()];
+                let mut put = |q: usize, s: [f32; 2]| {
+                    for (p, v) in s.into_iter().enumerate().take(pair) {
+                        out[(j + p) * rows + q] = v;
+                    }
+                };
+                // SAFETY: as the function's contract states.
+                unsafe {
+                    if rows == 1 {
+                        put(0, dot_group::<1, 2>(format, wp, [x(0)], blocks, end)[0]);
+                    } else {
+                        let [s0, s1] = dot_group::<2, 2>(format, wp, [x(0), x(1)], blocks, end);
                         put(0, s0);
                         put(1, s1);
                     }
                 }
+            }
+            return;
+        }
+        for j in 0..n {
+            let wp = [src[j * rb..].as_ptr()];
+            let res = &mut out[j * rows..(j + 1) * rows];
+            let mut i = 0;
+            while i < rows {
+                let r = rows - i;
+                // SAFETY: as the function's contract states; `x` clamps to the last row.
+                let sums: &[[f32; 1]] = unsafe {
+                    if r > 4 {
+                        &dot_group::<8, 1>(format, wp, std::array::from_fn(|q| x(i + q)), blocks, end)
+                    } else {
+                        &dot_group::<4, 1>(format, wp, std::array::from_fn(|q| x(i + q)), blocks, end)
+                    }
+                };
+                let take = r.min(sums.len());
+                for (q, s) in sums[..take].iter().enumerate() {
+                    res[i + q] = s[0];
+                }
+                i += take;
             }
         }
     }

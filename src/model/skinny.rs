@@ -4,7 +4,8 @@
 //! synchronising threads, and reaches a fraction of either the memory or the FMA bound
 //! (measured with `refine-poi bench`). Here each weight row is streamed from memory once and
 //! dotted with every row of x while it sits in cache; threads split the weight rows. Quantised
-//! weights ([`QuantRows`]) stream as blocks, each pair of rows expanded to f32 in L1 first.
+//! weights ([`QuantRows`]) stream as blocks, expanded to f32 in registers (or, on CPUs without
+//! AVX2, FMA and F16C, a pair of rows at a time in L1).
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
@@ -298,7 +299,7 @@ mod tests {
             let (q, dense) = crate::model::quant::tests::random_blocks(n, k, dtype, n as u64);
             let a = Tensor::randn(0f32, 1.0, (4, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, (n, 4), &dev).unwrap();
-            for rows in [1, 2, 3, 8, 16] {
+            for rows in [1, 2, 3, 4, 5, 8, 13, 16] {
                 let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
                 let plain = |w| matmul_wt(&x, w).unwrap().unwrap().to_vec2::<f32>().unwrap();
                 assert_eq!(plain(Weight::Blocks(&q)), plain(Weight::Dense(&dense)), "{dtype:?} {rows}x{k}x{n}");
