@@ -3,8 +3,9 @@
 //!
 //! Decoding one row reads every weight once per token, so its speed is the memory traffic of
 //! the weights: Q4_1 is 0.625 bytes a weight against f32's 4. The few-row kernel
-//! ([`super::skinny`]) expands each pair of weight rows into f32 in L1 and dots it with the
-//! rows of x as it does the dense weights. The expansion is the same arithmetic as candle's
+//! ([`super::skinny`]) expands each block into f32 in registers (on CPUs without AVX2, FMA and
+//! F16C, each pair of weight rows into a buffer in L1) and dots it with the rows of x as it
+//! does the dense weights. The expansion is the same arithmetic as candle's
 //! dequantisation (`q · d + m` for Q4_1, `q · d` for Q8_0, rounded the same way), and the f32
 //! weights are that dequantisation: the two paths compute bit-identical products (tested).
 
@@ -276,15 +277,17 @@ mod avx2 {
     ) -> [[f32; P]; R] {
         let bb = format.block_bytes();
         let mut acc = [[_mm256_setzero_ps(); P]; R];
-        // The next P rows, asked for while these are summed (P blocks a step cover them).
-        let ahead = wp[0].wrapping_add(P * blocks * bb);
+        // The next P rows, asked for while these are summed (P blocks a step cover them), once
+        // per cache line.
+        let step = P * bb;
+        let ahead = wp[0].wrapping_add(blocks * step);
         // SAFETY: the caller's rows hold `blocks` blocks of weights and 32 · blocks floats of x;
         // the prefetch address is computed with wrapping arithmetic, only issued below `end`
-        // (the end of the weights), and never read.
+        // (the end of the weights, or null for none), and never read.
         unsafe {
             for b in 0..blocks {
-                let at = ahead.wrapping_add(P * b * bb);
-                if at < end {
+                let at = ahead.wrapping_add(b * step);
+                if at < end && (at as usize) % 64 < step {
                     _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
                 }
                 let w: [[__m256; 4]; P] = std::array::from_fn(|p| expand(format, wp[p].add(b * bb)));
@@ -343,6 +346,8 @@ mod avx2 {
             let mut i = 0;
             while i < rows {
                 let r = rows - i;
+                // The first group of rows has asked for the next weight row already.
+                let end = if i == 0 { end } else { std::ptr::null() };
                 // SAFETY: as the function's contract states; `x` clamps to the last row.
                 let sums: &[[f32; 1]] = unsafe {
                     if r > 4 {
