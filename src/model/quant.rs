@@ -117,8 +117,8 @@ impl QuantRows {
 impl QuantRows {
     /// `out[j * rows + i] = dot(x_i, w_{first + j})` for the weight rows `out` covers, straight
     /// from the blocks, where the CPU has AVX2, FMA and F16C; `false` (nothing written)
-    /// otherwise. The sums are those of the few-row kernel over the dequantised rows, bit for bit: the
-    /// same weights, multiplied and added in the same order.
+    /// otherwise. The sums are those of the few-row kernel over the dequantised rows, bit for
+    /// bit: the same weights, multiplied and added in the same order.
     pub fn dot_rows(&self, first: usize, xs: &[f32], rows: usize, out: &mut [f32]) -> bool {
         let n = out.len() / rows;
         assert!(
