@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Data-parallel scaling on this machine: a few steps of `grpo-train` and `sft-warmup` on the
-# default model and NYC (configs/nyc.toml; GRPO with 4 prompts x 8 samples a step, SFT with
+# default model and NYC (configs/nyc-raw.toml; GRPO with 4 prompts x 8 samples a step, SFT with
 # 4 examples a step) with 1, 2 and 4 ranks under mpirun, oversubscribed if need be; prints the
 # median seconds per step and the share of it spent summing gradients across ranks.
 # Needs the binary built with `--features mpi` (built here if missing) and OpenMPI's mpirun.
@@ -24,7 +24,7 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 if [[ -z "$data" ]]; then
     data="$tmp/data"
-    "$bin" preprocess --config configs/nyc.toml --set data.dir="$data" --quiet
+    "$bin" preprocess --config configs/nyc-raw.toml --set data.dir="$data" --quiet
 fi
 cores="$(nproc)"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $cores cores; $(date -u +%FT%TZ)"
@@ -35,7 +35,7 @@ for stage in grpo sft; do
     for n in $ranks; do
         threads=$(( cores / n > 0 ? cores / n : 1 ))
         run="$tmp/$stage-$n"
-        sets=(--config configs/nyc.toml --set run_dir="$run" --set data.dir="$data" --quiet)
+        sets=(--config configs/nyc-raw.toml --set run_dir="$run" --set data.dir="$data" --quiet)
         if [[ $stage == grpo ]]; then
             # From a fresh adapter, with every group in the update (as if each carried signal).
             cmd=(grpo-train "${sets[@]}" --set grpo.init_adapter=none --set grpo.prompts_per_step=4 --set grpo.skip_zero_signal=false

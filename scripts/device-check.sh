@@ -244,7 +244,7 @@ run_check() {
     step "bench" 120 "$out/bench.json" -- bench --model "$model" --samples "$batch" --repeats "$repeats" --new-tokens 64
     step "bench --grpo G=${groups[0]}" 120 "$out/bench-grpo-g8.json" -- bench --model "$model" --grpo --prompts "$prompts" --samples "${groups[0]}" --prompt-tokens 420 --new-tokens "$new" --repeats 2
     step "bench --grpo G=${groups[1]}" 150 "$out/bench-grpo-g16.json" -- bench --model "$model" --grpo --prompts "$prompts" --samples "${groups[1]}" --prompt-tokens 420 --new-tokens "$new" --repeats 2
-    local run=(--config configs/nyc.toml --set "run_dir=$work/nyc" --set "data.dir=$work/nyc/data" --set "model.path=$model")
+    local run=(--config configs/nyc-raw.toml --set "run_dir=$work/nyc" --set "data.dir=$work/nyc/data" --set "model.path=$model")
     step "preprocess NYC" 120 "" -- preprocess "${run[@]}" --quiet
     step "sft-warmup, $sft steps" 120 "" -- sft-warmup "${run[@]}" --quiet --set "sft.max_steps=$sft" --set sft.eval_every=0
     step "grpo-train, $steps steps" 240 "" -- grpo-train "${run[@]}" --quiet --set "grpo.max_steps=$steps" \

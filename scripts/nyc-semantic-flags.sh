@@ -6,8 +6,9 @@
 #                     target, windows of 1,024 tokens, 4 windows a step, one epoch (or HIST_STEPS)
 #   semantic_epoch2   what a second history epoch changes: a new data order and peak lr 3e-4
 #                     (the first epoch's schedule ends at 1e-4); add model.adapter=<first>/sft/final
-semantic_common=(--config configs/nyc.toml --set prompt.ids=semantic --set prompt.categories=false --quiet)
-[[ "${TIME_TOKENS:-0}" == 1 ]] && semantic_common+=(--set prompt.time_tokens=true)
+time_tokens=false; [[ "${TIME_TOKENS:-0}" == 1 ]] && time_tokens=true
+semantic_common=(--config configs/nyc.toml --set prompt.ids=semantic --set prompt.categories=false
+  --set prompt.time_tokens=$time_tokens --quiet)
 semantic_history=(--set sft.examples=histories --set data.train_instances=0 --set sft.history_tokens=1024
   --set sft.batch_size=1 --set sft.grad_accum=4 --set sft.max_steps="${HIST_STEPS:-0}" --set sft.epochs=1
   --set sft.warmup_steps=10 --set sft.eval_every=0 --set sft.save_every=10)

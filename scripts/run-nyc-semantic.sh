@@ -33,7 +33,7 @@ if [[ "${HIST2:-0}" == 1 ]]; then
   hist=$out/history2 list=$out/list2
 fi
 [[ -d $list/sft/final ]] || $bin sft-warmup "${common[@]}" "${resume[@]}" --set run_dir=$list --set model.adapter=$hist/sft/final \
-  --set sft.max_steps="${LIST_STEPS:-48}" --set sft.eval_every=0
+  --set sft.examples=prompts --set sft.warmup_steps=4 --set sft.save_every=8 --set sft.max_steps="${LIST_STEPS:-48}" --set sft.eval_every=0
 limit=${LIMIT:-200}
 $bin eval --run $list/sft --split val --limit "$limit" --max-new-tokens 40 --constrained --quiet \
   --predictions $list/sft/eval/val-$limit.jsonl

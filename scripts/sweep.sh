@@ -2,7 +2,7 @@
 # Runs a list of variants of one config, each into its own run directory, then evaluates each
 # and writes a report comparing them.
 #
-#   scripts/sweep.sh --config configs/nyc.toml --variants configs/ablations/nyc.txt \
+#   scripts/sweep.sh --config configs/nyc-raw.toml --variants configs/ablations/nyc.txt \
 #       --out runs/ablations [--stages grpo] [--split val] [--limit 200] \
 #       [--slurm [sbatch options]] [-- --set key=value ...]
 #

@@ -20,13 +20,13 @@ mkdir -p "$out/bin"
 cp target/release/refine-poi "$out/bin/"
 bin="$out/bin/refine-poi"
 data="$out/data"
-"$bin" preprocess --config configs/nyc.toml --set data.dir="$data" --quiet
+"$bin" preprocess --config configs/nyc-raw.toml --set data.dir="$data" --quiet
 printf 'a   --set sft.lr=1e-3\nb   --set sft.lr=2e-3\n' > "$out/variants.txt"
 # 10 steps of one example each, a checkpoint every 2, evaluation on 8 val instances.
 common=(--set data.dir="$data" --set sft.max_steps=10 --set sft.grad_accum=1 --set sft.warmup_steps=2
     --set sft.eval_every=0 --set sft.save_every=2)
 log="$out/submit.log"
-REFINE_POI="$bin" bash scripts/sweep.sh --config configs/nyc.toml --variants "$out/variants.txt" --out "$out/sweep" \
+REFINE_POI="$bin" bash scripts/sweep.sh --config configs/nyc-raw.toml --variants "$out/variants.txt" --out "$out/sweep" \
     --stages sft --split val --limit 8 --slurm --cpus-per-task=1 --mem=4G -- "${common[@]}" | tee "$log"
 job_a="$(sed -n 's/^== a: submitted job \([0-9]*\).*/\1/p' "$log")"
 job_b="$(sed -n 's/^== b: submitted job \([0-9]*\).*/\1/p' "$log")"

@@ -48,7 +48,9 @@ pub struct LlmArgs {
     /// Rank instead of generating a list: write the user's check-ins as whole-history training
     /// does (`sft.examples = "histories"`), then the target's time, and rank the POIs whose codes
     /// the model would write next, by beam search with this many beams (at least k). Semantic
-    /// ids only; the prompt's budget is max_prompt_tokens.
+    /// ids only; the prompt's budget is max_prompt_tokens. With `--run`, a run that trained the
+    /// next code (whole-history SFT, next-form GRPO) ranks this way with 20 beams by default, as
+    /// its validation did.
     #[arg(long, conflicts_with = "constrained")]
     pub beam_next: Option<usize>,
     /// How POIs are named (overrides the prompt config): raw dense ids, or the dataset's
@@ -189,7 +191,8 @@ fn run_target(dir: &std::path::Path, args: &Args) -> Result<RunTarget> {
     let stage = crate::train::checkpoint::find_stage_dir(dir)?;
     let path = stage.join(crate::train::checkpoint::CONFIG_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let cfg = crate::train::config::RunConfig::from_toml(&text).with_context(|| format!("bad run config {}", path.display()))?;
+    let (cfg, trained) =
+        crate::train::config::RunConfig::from_stage_toml(&text).with_context(|| format!("bad run config {}", path.display()))?;
     let adapter = ["best", "final"]
         .iter()
         .map(|d| stage.join(d))
@@ -207,7 +210,9 @@ fn run_target(dir: &std::path::Path, args: &Args) -> Result<RunTarget> {
         Some(n) => format!("{split}-{n}.json"),
         None => format!("{split}.json"),
     };
-    let llm = LlmArgs { model: super::ModelArgs { model: cfg.model.path.clone(), adapter: Some(adapter) }, ..args.llm.clone() };
+    // The run's model ranks as its validation did, unless told otherwise (`--beam-next`).
+    let beam_next = if args.llm.constrained { args.llm.beam_next } else { args.llm.beam_next.or(cfg.next_code_beams(trained)) };
+    let llm = LlmArgs { model: super::ModelArgs { model: cfg.model.path.clone(), adapter: Some(adapter) }, beam_next, ..args.llm.clone() };
     Ok(RunTarget {
         data: args.data.clone().unwrap_or(cfg.data.dir),
         llm,

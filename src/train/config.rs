@@ -167,6 +167,26 @@ impl RunConfig {
         self.rewards.validate()
     }
 
+    /// Parses a stage directory's `config.toml` and names the stage that wrote it: the one
+    /// whose section [`RunConfig::stage_toml`] kept.
+    pub fn from_stage_toml(text: &str) -> Result<(RunConfig, Stage)> {
+        let table: toml::Table = toml::from_str(text)?;
+        let stage = if table.contains_key(Stage::Grpo.name()) { Stage::Grpo } else { Stage::Sft };
+        Ok((Self::from_toml(text)?, stage))
+    }
+
+    /// How `stage`'s model ranks: by beam search over the next code with this many beams
+    /// (`eval --beam-next`), or `None` for writing a list. A whole-history SFT stage and a
+    /// next-form GRPO stage trained the next code, so they rank by it; a list stage writes lists.
+    /// Validation during training and `eval --run` both ask this.
+    pub fn next_code_beams(&self, stage: Stage) -> Option<usize> {
+        let next = match stage {
+            Stage::Sft => self.sft.examples == super::sft::config::Examples::Histories,
+            Stage::Grpo => self.grpo.form == super::grpo::config::GrpoForm::Next,
+        };
+        (next && self.prompt.ids == crate::answer::PoiIds::Semantic).then_some(crate::beam::DEFAULT_BEAMS.max(self.prompt.k))
+    }
+
     /// Every key spelled out, as written to the run directory.
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)

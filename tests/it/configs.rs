@@ -16,7 +16,8 @@ fn shipped_configs_load() {
         let path = entry.path();
         if path.extension().is_some_and(|e| e == "toml") {
             let cfg = RunConfig::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-            assert!(cfg.grpo.train.max_steps > 0 && cfg.sft.train.max_steps > 0, "{}: steps set", path.display());
+            let steps = |t: &refine_poi::train::schedule::TrainConfig| t.max_steps > 0 || t.epochs > 0;
+            assert!(steps(&cfg.grpo.train) && steps(&cfg.sft.train), "{}: steps set", path.display());
             n += 1;
         }
     }
@@ -25,7 +26,8 @@ fn shipped_configs_load() {
 
 #[test]
 fn ablation_variants_are_valid_overrides() {
-    let base = configs_dir().join("nyc.toml");
+    // The ablations vary the raw-id list recipe: its reward terms, k, G, the prompt's lists.
+    let base = configs_dir().join("nyc-raw.toml");
     let mut names = std::collections::HashSet::new();
     for entry in std::fs::read_dir(configs_dir().join("ablations")).unwrap().flatten() {
         let text = std::fs::read_to_string(entry.path()).unwrap();
@@ -43,4 +45,43 @@ fn ablation_variants_are_valid_overrides() {
         }
     }
     assert!(names.len() >= 15);
+}
+
+/// configs/nyc.toml is the recipe of the shipped NYC adapters: its SFT stage resolves to what
+/// adapters/nyc recorded, its GRPO stage to what adapters/nyc-grpo recorded, and both stages
+/// rank by the next code. Only paths and the validation cadence differ: the shipped runs were
+/// validated by separate `eval --beam-next 20` runs on the val sample of 200.
+#[test]
+fn the_nyc_config_is_the_shipped_adapters_recipe() {
+    use refine_poi::train::config::Stage;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = RunConfig::load(Some(&configs_dir().join("nyc.toml")), &[]).unwrap();
+    let cadence = ["eval_every", "eval_instances", "eval_batch_size", "init_adapter"];
+    let section = |t: &toml::Table, name: &str| {
+        let mut s = t[name].as_table().unwrap_or_else(|| panic!("no [{name}]")).clone();
+        for k in cadence {
+            s.remove(k);
+        }
+        s
+    };
+    for (stage, adapter, sections) in [
+        (Stage::Sft, "adapters/nyc", &["preprocess", "prompt", "lora", "sft"][..]),
+        (Stage::Grpo, "adapters/nyc-grpo", &["preprocess", "prompt", "lora", "grpo", "rewards"][..]),
+    ] {
+        let ours: toml::Table = toml::from_str(&cfg.stage_toml(stage).unwrap()).unwrap();
+        let shipped: toml::Table =
+            toml::from_str(&std::fs::read_to_string(root.join(adapter).join("training-config.toml")).unwrap()).unwrap();
+        for name in sections {
+            assert_eq!(section(&ours, name), section(&shipped, name), "[{name}] of {adapter}");
+        }
+        assert_eq!(ours["data"]["train_instances"], shipped["data"]["train_instances"], "{adapter}");
+        assert_eq!(cfg.next_code_beams(stage), Some(20), "{adapter} ranks by the next code");
+    }
+    let prompt: toml::Table = toml::from_str(&std::fs::read_to_string(root.join("adapters/nyc/prompt.toml")).unwrap()).unwrap();
+    let ours = toml::Table::try_from(&cfg.prompt).unwrap();
+    for (key, value) in prompt["prompt"].as_table().unwrap() {
+        assert_eq!(ours.get(key), Some(value), "prompt.{key}");
+    }
+    let raw = RunConfig::load(Some(&configs_dir().join("nyc-raw.toml")), &[]).unwrap();
+    assert_eq!((raw.next_code_beams(Stage::Sft), raw.next_code_beams(Stage::Grpo)), (None, None), "raw ids write lists");
 }

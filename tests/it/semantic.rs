@@ -331,9 +331,17 @@ fn time_tokens_write_each_checkin_as_two_tokens_and_its_code() {
     assert!(e.contains("time_tokens"), "{e}");
 
     // A whole-history warm-up with time tokens: its adapter adds codes then times, and evaluates.
-    let run =
-        s.cfg(&[&on[..], &["sft.examples=histories", "data.train_instances=0", "sft.history_tokens=160", "sft.max_steps=1"]].concat());
+    // Its validation ranks by the next code, as the model trained: every answer is valid.
+    let history = ["sft.examples=histories", "data.train_instances=0", "sft.history_tokens=160", "sft.max_steps=1"];
+    let run = s.cfg(&[&on[..], &history, &["sft.eval_every=1", "sft.eval_instances=2"]].concat());
     let done = sft::run(&run, &quiet()).unwrap();
+    let metrics = std::fs::read_to_string(done.stage.dir.join("metrics.jsonl")).unwrap();
+    let val: serde_json::Value = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .find(|l: &serde_json::Value| l.get("val").is_some())
+        .expect("a validation");
+    assert_eq!(val["val_invalid_rate"], 0.0, "{val}");
     let fin = done.stage.dir.join("final");
     let added: Vec<String> =
         serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&std::fs::read_to_string(fin.join(ADDED_TOKENS_FILE)).unwrap())
@@ -376,6 +384,16 @@ fn time_tokens_write_each_checkin_as_two_tokens_and_its_code() {
         assert_eq!(ranked.len(), 3);
         assert_eq!(p["detail"]["beam"].as_array().unwrap().len(), 5, "{p}");
     }
+    // Told nothing, `eval --run` ranks this run as its validation did: by the next code, 20 beams.
+    let out = bin()
+        .args(["eval", "--run"])
+        .arg(&done.stage.dir)
+        .args(["--split", "val", "--limit", "2", "--quiet", "--out"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    let r = report_of(&out, &report);
+    assert!(r["method"].as_str().unwrap().ends_with("+beam-next20"), "{r}");
     // recommend --beam-next, for an instance's user at its target's time, ranks as eval did.
     let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&preds).unwrap().lines().next().unwrap()).unwrap();
     let ds = Dataset::load(&run.data.dir).unwrap();

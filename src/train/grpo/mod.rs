@@ -33,7 +33,7 @@ use anyhow::{Context, Result, ensure};
 use serde_json::{Map, Value, json};
 
 use crate::answer::{ANSWER_CLOSE, AnswerIds, ParsedAnswer, parse_answer};
-use crate::beam::{CodeTrie, DEFAULT_BEAMS};
+use crate::beam::CodeTrie;
 use crate::constrain::AnswerConstraint;
 use crate::data::{Dataset, Instance};
 use crate::dist::Dist;
@@ -331,7 +331,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<GrpoSummary> {
     let bar = progress_bar(total, state.step, opts.quiet, "grpo");
     let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts);
     cadence.val.constrained = cfg.grpo.constrained;
-    cadence.val.beam_next = next.is_some().then_some(DEFAULT_BEAMS.max(cfg.prompt.k));
+    cadence.val.beam_next = cfg.next_code_beams(STAGE);
     let (mut first_reward, mut last_reward) = (None, None);
     let mut order = EpochOrder::new(t.seed, examples.len());
     let k = cfg.prompt.k;

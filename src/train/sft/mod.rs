@@ -202,6 +202,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     let base = loaded.adapter_base();
     let bar = progress_bar(total, state.step, opts.quiet, "sft");
     let mut cadence = StageLoop::new(&run, t, base, total, state.step, latest.clone(), opts);
+    cadence.val.beam_next = cfg.next_code_beams(STAGE);
     let (mut first_loss, mut last_loss) = (None, None);
     let mut order = EpochOrder::new(t.seed, examples.len());
     let n = examples.len() as u64;
