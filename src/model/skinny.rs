@@ -16,6 +16,7 @@ use super::quant::QuantRows;
 pub const MAX_ROWS: usize = 16;
 
 /// A LoRA adapter on the weight: `a` (r, in), `b` (out, r), and the scale alpha / r.
+#[derive(Clone, Copy)]
 pub struct LowRank<'t> {
     pub a: &'t Tensor,
     pub b: &'t Tensor,
@@ -42,6 +43,13 @@ impl Weight<'_> {
     }
 }
 
+/// One product of a few-row pass: a weight and, if any, the adapter on it.
+#[derive(Clone, Copy)]
+pub struct Projection<'t> {
+    pub weight: Weight<'t>,
+    pub lora: Option<LowRank<'t>>,
+}
+
 /// `x` (rows, in) times `w` (out, in) transposed, if both are contiguous f32 CPU tensors and
 /// rows <= MAX_ROWS; `None` means "use the general matmul".
 pub fn matmul_wt(x: &Tensor, w: Weight) -> candle_core::Result<Option<Tensor>> {
@@ -49,89 +57,122 @@ pub fn matmul_wt(x: &Tensor, w: Weight) -> candle_core::Result<Option<Tensor>> {
 }
 
 /// `x W^T + scale (x A^T) B^T` in one pass: the adapter's two rank-r products are folded into
-/// the transpose of the result instead of four candle ops per projection (decoding with an
-/// adapter spent as long on those small ops as on the weights; `bench --grpo`, sampling).
+/// the result instead of four candle ops per projection (decoding with an adapter spent as
+/// long on those small ops as on the weights; `bench --grpo`, sampling).
 pub fn matmul_wt_lora(x: &Tensor, w: Weight, lora: Option<LowRank>) -> candle_core::Result<Option<Tensor>> {
+    Ok(matmul_wt_many(x, &[Projection { weight: w, lora }])?.map(|mut ys| ys.remove(0)))
+}
+
+/// Where a projection's weight rows are read from during the pass.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    Dense(&'a [f32]),
+    Blocks(&'a QuantRows),
+}
+
+/// [`matmul_wt_lora`] of every projection of the same `x` (q, k and v; gate and up) in one
+/// parallel pass over all their weight rows: the threads are handed one job instead of one per
+/// projection, and each task folds its rows' adapter terms itself. `None` if any projection is
+/// one the kernel does not read.
+pub fn matmul_wt_many(x: &Tensor, projections: &[Projection]) -> candle_core::Result<Option<Vec<Tensor>>> {
     if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
         return Ok(None);
     }
     let (rows, k) = x.dims2()?;
-    let Some((n, k2)) = w.dims()? else { return Ok(None) };
-    if rows > MAX_ROWS || k != k2 {
+    if rows > MAX_ROWS {
         return Ok(None);
     }
+    let mut outs_n = Vec::with_capacity(projections.len());
+    for p in projections {
+        let Some((n, k2)) = p.weight.dims()? else { return Ok(None) };
+        let lora_fits = p.lora.is_none_or(|l| {
+            let r = l.a.dims().first().copied().unwrap_or(0);
+            l.a.dims() == [r, k] && l.b.dims() == [n, r] && l.a.dtype() == DType::F32 && l.b.dtype() == DType::F32
+        });
+        if k2 != k || !lora_fits {
+            return Ok(None);
+        }
+        outs_n.push(n);
+    }
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    // scale * x A^T as (r, rows), and B transposed to (r, out): the fold below is then r
-    // contiguous axpys per row, which vectorise (a dot of r terms per output would not).
-    let low = match &lora {
-        Some(l) => {
-            let (r, ka) = l.a.dims2()?;
-            if ka != k || l.b.dims2()? != (n, r) || l.a.dtype() != DType::F32 || l.b.dtype() != DType::F32 {
-                return Ok(None);
+    // Each adapter's scale * x A^T as (r, rows), and its B (out, r) as stored: the fold is
+    // then, per weight row, r axpys over the rows of x, which vectorise.
+    let mut lows = Vec::with_capacity(projections.len());
+    for p in projections {
+        lows.push(match &p.lora {
+            Some(l) => {
+                let r = l.a.dims()[0];
+                let a = l.a.flatten_all()?.to_vec1::<f32>()?;
+                let mut xa_t = vec![0f32; r * rows];
+                dot_block(&xs, rows, &a, k, &mut xa_t);
+                xa_t.iter_mut().for_each(|v| *v *= l.scale as f32);
+                Some((xa_t, l.b.flatten_all()?.to_vec1::<f32>()?, r))
             }
-            let a = l.a.flatten_all()?.to_vec1::<f32>()?;
-            let bt = l.b.t()?.flatten_all()?.to_vec1::<f32>()?;
-            let mut xa_t = vec![0f32; r * rows];
-            dot_block(&xs, rows, &a, k, &mut xa_t);
-            xa_t.iter_mut().for_each(|v| *v *= l.scale as f32);
-            Some((xa_t, bt, r))
-        }
-        None => None,
-    };
-    let out_t = match w {
-        Weight::Dense(w) => {
-            let (storage, layout) = w.storage_and_layout();
-            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else { return Ok(None) };
-            dot_rows(&xs, rows, &data[layout.start_offset()..layout.start_offset() + n * k], n, k)
-        }
-        Weight::Blocks(q) => dot_rows_blocks(&xs, rows, q),
-    };
-    // out_t is (n, rows); the result is (rows, n).
-    let mut out = vec![0f32; rows * n];
-    for (j, col) in out_t.chunks_exact(rows).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * n + j] = *v;
+            None => None,
+        });
+    }
+    let storages: Vec<_> = projections
+        .iter()
+        .map(|p| match p.weight {
+            Weight::Dense(w) => Some(w.storage_and_layout()),
+            Weight::Blocks(_) => None,
+        })
+        .collect();
+    let mut sources = Vec::with_capacity(projections.len());
+    for ((p, storage), &n) in projections.iter().zip(&storages).zip(&outs_n) {
+        sources.push(match (p.weight, storage) {
+            (Weight::Blocks(q), _) => Rows::Blocks(q),
+            (Weight::Dense(_), Some((storage, layout))) => {
+                let Storage::Cpu(CpuStorage::F32(data)) = &**storage else { return Ok(None) };
+                Rows::Dense(&data[layout.start_offset()..layout.start_offset() + n * k])
+            }
+            (Weight::Dense(_), None) => unreachable!("dense weights hold their storage"),
+        });
+    }
+    // outs[p] is (out, rows): weight row j's dots with every row of x, side by side.
+    let mut outs: Vec<Vec<f32>> = outs_n.iter().map(|&n| vec![0f32; n * rows]).collect();
+    let per_task = outs_n.iter().sum::<usize>().div_ceil(rayon::current_num_threads() * 8).max(16);
+    let mut tasks = Vec::new();
+    for (p, out) in outs.iter_mut().enumerate() {
+        for (t, chunk) in out.chunks_mut(per_task * rows).enumerate() {
+            tasks.push((p, t * per_task, chunk));
         }
     }
-    if let Some((xa_t, bt, r)) = low {
-        for (i, orow) in out.chunks_exact_mut(n).enumerate() {
-            for (t, brow) in bt.chunks_exact(n).enumerate().take(r) {
-                let c = xa_t[t * rows + i];
-                orow.iter_mut().zip(brow).for_each(|(o, b)| *o += c * b);
+    tasks.into_par_iter().for_each(|(p, first, chunk)| {
+        match sources[p] {
+            Rows::Dense(ws) => dot_block(&xs, rows, &ws[first * k..(first + chunk.len() / rows) * k], k, chunk),
+            Rows::Blocks(q) => {
+                if !q.dot_rows(first, &xs, rows, chunk) {
+                    dot_rows_expanded(&xs, rows, q, first, chunk);
+                }
             }
         }
-    }
-    Ok(Some(Tensor::from_vec(out, (rows, n), x.device())?))
-}
-
-/// For every weight row j and x row i: out[j * rows + i] = dot(x_i, w_j).
-fn dot_rows(xs: &[f32], rows: usize, ws: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * rows];
-    let per_task = n.div_ceil(rayon::current_num_threads() * 8).max(16);
-    out.par_chunks_mut(per_task * rows).enumerate().for_each(|(task, chunk)| {
-        let j0 = task * per_task;
-        let w = &ws[j0 * k..(j0 + chunk.len() / rows) * k];
-        dot_block(xs, rows, w, k, chunk);
-    });
-    out
-}
-
-/// [`dot_rows`] over quantised weights, the same sums bit for bit as over the dequantised
-/// ones: straight from the blocks where the CPU can ([`QuantRows::dot_rows`]), else each pair
-/// of weight rows expanded into a buffer that stays in L1 and dotted by [`dot_block`].
-fn dot_rows_blocks(xs: &[f32], rows: usize, q: &QuantRows) -> Vec<f32> {
-    let n = q.dims().0;
-    let mut out = vec![0f32; n * rows];
-    let per_task = n.div_ceil(rayon::current_num_threads() * 8).max(16);
-    out.par_chunks_mut(per_task * rows).enumerate().for_each(|(task, chunk)| {
-        if !q.dot_rows(task * per_task, xs, rows, chunk) {
-            dot_rows_expanded(xs, rows, q, task * per_task, chunk);
+        if let Some((xa_t, b, r)) = &lows[p] {
+            for (j, res) in chunk.chunks_exact_mut(rows).enumerate() {
+                for (t, &bt) in b[(first + j) * r..(first + j + 1) * r].iter().enumerate() {
+                    res.iter_mut().zip(&xa_t[t * rows..(t + 1) * rows]).for_each(|(o, x)| *o += x * bt);
+                }
+            }
         }
     });
-    out
+    outs.iter()
+        .zip(&outs_n)
+        .map(|(out_t, &n)| {
+            let mut out = vec![0f32; rows * n];
+            for (j, col) in out_t.chunks_exact(rows).enumerate() {
+                for (i, v) in col.iter().enumerate() {
+                    out[i * n + j] = *v;
+                }
+            }
+            Tensor::from_vec(out, (rows, n), x.device())
+        })
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map(Some)
 }
 
-/// The portable half of [`dot_rows_blocks`] for the weight rows from `first` that `out` covers.
+/// The quantised rows from `first` that `out` covers, on CPUs without AVX2, FMA or F16C: each
+/// pair of weight rows expanded into a buffer that stays in L1 and dotted by [`dot_block`]. The
+/// same sums, bit for bit, as [`QuantRows::dot_rows`] and as the dense rows.
 fn dot_rows_expanded(xs: &[f32], rows: usize, q: &QuantRows, first: usize, out: &mut [f32]) {
     let k = q.dims().1;
     let mut buf = vec![0f32; 2 * k];
@@ -280,6 +321,36 @@ mod tests {
                 assert!((p - q).abs() < 1e-3 * (1.0 + p.abs()), "{rows}x{k}x{n} r{r}: {p} vs {q}");
             }
         }
+    }
+
+    #[test]
+    fn one_pass_over_several_projections_equals_each_alone_bit_for_bit() {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        let k = 64;
+        let (q, _) = crate::model::quant::tests::random_blocks(37, k, GgmlDType::Q4_1, 7);
+        let dense = [Tensor::randn(0f32, 1.0, (130, k), &dev).unwrap(), Tensor::randn(0f32, 1.0, (5, k), &dev).unwrap()];
+        let a = Tensor::randn(0f32, 1.0, (4, k), &dev).unwrap();
+        let b = [Tensor::randn(0f32, 1.0, (130, 4), &dev).unwrap(), Tensor::randn(0f32, 1.0, (37, 4), &dev).unwrap()];
+        let projections = [
+            Projection { weight: Weight::Dense(&dense[0]), lora: Some(LowRank { a: &a, b: &b[0], scale: 0.5 }) },
+            Projection { weight: Weight::Blocks(&q), lora: Some(LowRank { a: &a, b: &b[1], scale: 2.0 }) },
+            Projection { weight: Weight::Dense(&dense[1]), lora: None },
+        ];
+        for rows in [1, 3, 8, 16] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let together = matmul_wt_many(&x, &projections).unwrap().unwrap();
+            assert_eq!(together.len(), 3);
+            for (p, y) in projections.iter().zip(&together) {
+                let alone = matmul_wt_lora(&x, p.weight, p.lora).unwrap().unwrap();
+                assert_eq!(y.to_vec2::<f32>().unwrap(), alone.to_vec2::<f32>().unwrap(), "{rows} rows");
+            }
+        }
+        // One projection the kernel cannot read declines them all.
+        let strided = dense[1].t().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, k), &dev).unwrap();
+        let mixed = [projections[0], Projection { weight: Weight::Dense(&strided), lora: None }];
+        assert!(matmul_wt_many(&x, &mixed).unwrap().is_none());
     }
 
     #[test]

@@ -88,6 +88,49 @@ impl Linear {
         }
     }
 
+    /// The adapter's factors in `mode` (the trained ones, or the frozen reference's), if any.
+    fn factors(&self, mode: Mode) -> Option<(Tensor, Tensor, f64)> {
+        match (&self.lora, mode.adapter) {
+            (Some(lora), true) => Some((mode.param(&lora.a), mode.param(&lora.b), lora.scale)),
+            (Some(lora), false) => lora.reference.clone(),
+            (None, _) => None,
+        }
+    }
+
+    /// `forward` of layers that read the same x (q, k and v; gate and up) when decoding a few
+    /// rows without gradients: base and adapter in one pass over each weight, and all the
+    /// layers' products in one parallel pass ([`super::skinny::matmul_wt_many`]). `None` where
+    /// the few-row kernel does not apply.
+    fn forward_few_rows(layers: &[&Linear], x: &Tensor, mode: Mode) -> candle_core::Result<Option<Vec<Tensor>>> {
+        if mode.grad || mode.dropout.is_some() {
+            return Ok(None);
+        }
+        let Some(first) = layers.first() else { return Ok(None) };
+        let dims = x.dims();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, first.in_dim()))?;
+        let factors: Vec<_> = layers.iter().map(|l| l.factors(mode)).collect();
+        let projections: Vec<_> = layers
+            .iter()
+            .zip(&factors)
+            .map(|(l, f)| super::skinny::Projection {
+                weight: l.few_row_weight(),
+                lora: f.as_ref().map(|(a, b, scale)| super::skinny::LowRank { a, b, scale: *scale }),
+            })
+            .collect();
+        let Some(ys) = super::skinny::matmul_wt_many(&x2, &projections)? else { return Ok(None) };
+        let mut out = Vec::with_capacity(layers.len());
+        for (l, mut y) in layers.iter().zip(ys) {
+            if let Some(bias) = &l.bias {
+                y = y.broadcast_add(bias)?;
+            }
+            let mut out_dims = dims.to_vec();
+            *out_dims.last_mut().unwrap() = l.out_dim();
+            out.push(y.reshape(out_dims)?);
+        }
+        Ok(Some(out))
+    }
+
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -105,29 +148,14 @@ impl Linear {
             let y = super::train_ops::lora_linear(&x2, &self.weight, self.bias.as_ref(), a, b, lora.scale, dropout)?;
             return y.reshape(out_dims);
         }
-        let factors = match (&self.lora, mode.adapter) {
-            (Some(lora), true) => Some((mode.param(&lora.a), mode.param(&lora.b), lora.scale)),
-            (Some(lora), false) => lora.reference.as_ref().map(|(a, b, s)| (a.clone(), b.clone(), *s)),
-            (None, _) => None,
-        };
+        if let Some(mut ys) = Linear::forward_few_rows(&[self], x, mode)? {
+            return Ok(ys.remove(0));
+        }
+        let factors = self.factors(mode);
         let factors = factors.as_ref().map(|(a, b, s)| (a, b, *s));
-        // Decoding: base and adapter in one pass over the weight (no dropout without grad).
-        let folded = match factors {
-            Some((a, b, scale)) if !mode.grad && mode.dropout.is_none() => {
-                super::skinny::matmul_wt_lora(&x2, self.few_row_weight(), Some(super::skinny::LowRank { a, b, scale }))?
-            }
-            _ => None,
-        };
-        let adapter_done = folded.is_some();
-        let mut y = match folded {
-            Some(y) => y,
-            None => matmul_wt(&x2, &self.weight, self.blocks.as_ref(), mode)?,
-        };
+        let mut y = matmul_wt(&x2, &self.weight, self.blocks.as_ref(), mode)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
-        }
-        if adapter_done {
-            return y.reshape(out_dims);
         }
         if let (Some((a, b, scale)), Some(lora)) = (factors, &self.lora) {
             let dropped;
@@ -255,9 +283,16 @@ impl Attention {
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = apply_rope(&split(self.q.forward(x, mode)?, self.heads)?, rope, mode)?;
-        let k = apply_rope(&split(self.k.forward(x, mode)?, self.kv_heads)?, rope, mode)?.contiguous()?;
-        let v = split(self.v.forward(x, mode)?, self.kv_heads)?;
+        let (q, k, v) = match Linear::forward_few_rows(&[&self.q, &self.k, &self.v], x, mode)? {
+            Some(mut qkv) => {
+                let (v, k) = (qkv.pop().unwrap(), qkv.pop().unwrap());
+                (qkv.pop().unwrap(), k, v)
+            }
+            None => (self.q.forward(x, mode)?, self.k.forward(x, mode)?, self.v.forward(x, mode)?),
+        };
+        let q = apply_rope(&split(q, self.heads)?, rope, mode)?;
+        let k = apply_rope(&split(k, self.kv_heads)?, rope, mode)?.contiguous()?;
+        let v = split(v, self.kv_heads)?;
         Ok((q, k, v))
     }
 
@@ -327,7 +362,14 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let hidden = super::train_ops::swiglu(&self.gate.forward(x, mode)?, &self.up.forward(x, mode)?)?;
+        let (gate, up) = match Linear::forward_few_rows(&[&self.gate, &self.up], x, mode)? {
+            Some(mut gu) => {
+                let up = gu.pop().unwrap();
+                (gu.pop().unwrap(), up)
+            }
+            None => (self.gate.forward(x, mode)?, self.up.forward(x, mode)?),
+        };
+        let hidden = super::train_ops::swiglu(&gate, &up)?;
         self.down.forward(&hidden, mode)
     }
 }
