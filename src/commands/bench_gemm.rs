@@ -26,6 +26,8 @@ pub fn cpu_features() -> Value {
             "fma": std::is_x86_feature_detected!("fma"),
             // The project's own fused kernels (attention, skinny matmul): AVX2+FMA or portable.
             "fused_kernels": if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") { "avx2+fma" } else { "portable" },
+            // Few-row products straight from a GGUF's blocks (`--quantized-base`).
+            "block_kernels": crate::model::quant::BlockKernel::detect().name(),
             // candle's GEMM (the gemm crate, built with its AVX-512 kernels) picks the same way.
             "gemm_kernels": if std::is_x86_feature_detected!("avx512f") {
                 "avx512f"
@@ -38,7 +40,7 @@ pub fn cpu_features() -> Value {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        json!({ "fused_kernels": "portable" })
+        json!({ "fused_kernels": "portable", "block_kernels": crate::model::quant::BlockKernel::detect().name() })
     }
 }
 

@@ -114,11 +114,48 @@ impl QuantRows {
     }
 }
 
+/// Which kernel [`QuantRows::dot_rows`] runs on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKernel {
+    /// AVX2, FMA, F16C and AVX-512VL: with 3 or more rows of x, two weight rows a group in
+    /// AVX-512VL's 32 vector registers (fewer rows take the AVX2 kernel).
+    Avx512vl,
+    /// AVX2, FMA and F16C: the blocks expanded in registers.
+    Avx2,
+    /// Anything else: the caller expands rows of blocks to f32 ([`QuantRows::dequantize_rows`]).
+    Portable,
+}
+
+impl BlockKernel {
+    pub fn detect() -> BlockKernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 =
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
+            if avx2 && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
+                return BlockKernel::Avx512vl;
+            }
+            if avx2 {
+                return BlockKernel::Avx2;
+            }
+        }
+        BlockKernel::Portable
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockKernel::Avx512vl => "avx512vl",
+            BlockKernel::Avx2 => "avx2+fma+f16c",
+            BlockKernel::Portable => "portable",
+        }
+    }
+}
+
 impl QuantRows {
     /// `out[j * rows + i] = dot(x_i, w_{first + j})` for the weight rows `out` covers, straight
-    /// from the blocks, where the CPU has AVX2, FMA and F16C; `false` (nothing written)
-    /// otherwise. The sums are those of the few-row kernel over the dequantised rows, bit for
-    /// bit: the same weights, multiplied and added in the same order.
+    /// from the blocks, where the CPU has AVX2, FMA and F16C ([`BlockKernel`]); `false`
+    /// (nothing written) otherwise. The sums are those of the few-row kernel over the
+    /// dequantised rows, bit for bit: the same weights, multiplied and added in the same order.
     pub fn dot_rows(&self, first: usize, xs: &[f32], rows: usize, out: &mut [f32]) -> bool {
         let n = out.len() / rows;
         assert!(
@@ -128,15 +165,18 @@ impl QuantRows {
         );
         #[cfg(target_arch = "x86_64")]
         {
-            let cpu =
-                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
-            if cpu {
-                let rb = self.row_bytes();
-                // SAFETY: the features were just detected; the bounds it relies on were asserted.
-                unsafe { avx2::dot_rows(self.format, &self.data[first * rb..(first + n) * rb], self.cols, xs, rows, out) };
-                return true;
+            let rb = self.row_bytes();
+            let src = &self.data[first * rb..(first + n) * rb];
+            match BlockKernel::detect() {
+                // SAFETY (both arms): `detect` found the features each kernel is compiled for;
+                // the bounds they rely on were asserted above.
+                BlockKernel::Avx512vl if rows > 2 => unsafe { avx2::dot_rows_wide(self.format, src, self.cols, xs, rows, out) },
+                BlockKernel::Avx512vl | BlockKernel::Avx2 => unsafe { avx2::dot_rows(self.format, src, self.cols, xs, rows, out) },
+                BlockKernel::Portable => return false,
             }
+            true
         }
+        #[cfg(not(target_arch = "x86_64"))]
         false
     }
 }
@@ -364,6 +404,45 @@ mod avx2 {
             }
         }
     }
+
+    /// [`dot_rows`] for 3 to 16 rows of x on CPUs with AVX-512VL: two weight rows at a time
+    /// against a group of 8 (or 4) rows of x. The 16 accumulators, 8 weight vectors and the x
+    /// vector fit in AVX-512VL's 32 vector registers, so each x vector loaded serves two weight
+    /// rows. The sums are the same, bit for bit: each pair's FMAs run in the same order.
+    ///
+    /// # Safety
+    /// As [`dot_rows`], and the CPU has AVX-512F and AVX-512VL.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+    pub unsafe fn dot_rows_wide(format: BlockFormat, src: &[u8], k: usize, xs: &[f32], rows: usize, out: &mut [f32]) {
+        let rb = k / BLOCK * format.block_bytes();
+        let n = src.len() / rb;
+        let end = src.as_ptr_range().end;
+        let blocks = k / BLOCK;
+        let x = |q: usize| xs[q.min(rows - 1) * k..].as_ptr();
+        for (j, pair) in weight_pairs(n) {
+            let wp = [src[j * rb..].as_ptr(), src[(j + pair - 1) * rb..].as_ptr()];
+            let mut i = 0;
+            while i < rows {
+                let r = rows - i;
+                let end = if i == 0 { end } else { std::ptr::null() };
+                // SAFETY: as the function's contract states; `x` clamps to the last row.
+                let sums: &[[f32; 2]] = unsafe {
+                    if r > 4 {
+                        &dot_group::<8, 2>(format, wp, std::array::from_fn(|q| x(i + q)), blocks, end)
+                    } else {
+                        &dot_group::<4, 2>(format, wp, std::array::from_fn(|q| x(i + q)), blocks, end)
+                    }
+                };
+                let take = r.min(sums.len());
+                for (q, s) in sums[..take].iter().enumerate() {
+                    for (p, v) in s.iter().enumerate().take(pair) {
+                        out[(j + p) * rows + i + q] = *v;
+                    }
+                }
+                i += take;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -404,6 +483,31 @@ pub(crate) mod tests {
             let mut two = vec![0f32; 2 * 96];
             q.dequantize_rows(3, &mut two);
             assert_eq!(two, want[3 * 96..5 * 96]);
+        }
+    }
+
+    /// The AVX-512VL kernel (two weight rows a group) and the AVX2 one (one weight row a
+    /// group) give the same sums, bit for bit, wherever the CPU can run both; `dot_rows` takes
+    /// the first where it can, so elsewhere only the second runs.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_wide_and_narrow_kernels_agree_bit_for_bit() {
+        if BlockKernel::detect() != BlockKernel::Avx512vl {
+            return;
+        }
+        for (dtype, n, k) in [(GgmlDType::Q4_1, 193, 576), (GgmlDType::Q8_0, 37, 64), (GgmlDType::Q4_1, 1, 32)] {
+            let (q, _) = random_blocks(n, k, dtype, 3);
+            for rows in [3, 4, 5, 8, 9, 12, 13, 16] {
+                let xs: Vec<f32> = (0..rows * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+                let (mut narrow, mut wide) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                // SAFETY: the features were just detected; `q.data` is whole rows of blocks,
+                // `xs` holds `rows` rows of k and each output `rows` floats per weight row.
+                unsafe {
+                    avx2::dot_rows(q.format, &q.data, k, &xs, rows, &mut narrow);
+                    avx2::dot_rows_wide(q.format, &q.data, k, &xs, rows, &mut wide);
+                }
+                assert_eq!(narrow, wide, "{dtype:?} {rows}x{k}x{n}");
+            }
         }
     }
 
