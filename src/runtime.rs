@@ -6,6 +6,11 @@
 /// prefill about twice as fast). glibc's own settings win when the user gives them
 /// (`MALLOC_MMAP_THRESHOLD_`, `GLIBC_TUNABLES`).
 ///
+/// Commands run on a pool thread ([`on_command_pool`]), which glibc would give an arena of its
+/// own beside the main one; one arena for the process keeps freed buffers where the next
+/// allocation looks (`bench --grpo` peaked 40-240 MiB higher with two, and ran no faster),
+/// unless the user sets `MALLOC_ARENA_MAX`.
+///
 /// candle's element-wise thread pool spins for a while after each op before parking; on two
 /// cores that spinning steals the core gemm's threads need. A short spin (unless the user set
 /// `CANDLE_BARRIER_POOL_SPIN_LIMIT`) measured ~510–570 → ~615 prefill tokens/s.
@@ -24,6 +29,13 @@ pub fn tune() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        }
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() && std::env::var_os("GLIBC_TUNABLES").is_none() {
+        // SAFETY: as above.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
     const SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
