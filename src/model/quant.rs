@@ -381,27 +381,53 @@ mod avx2 {
             return;
         }
         for j in 0..n {
-            let wp = [src[j * rb..].as_ptr()];
-            let res = &mut out[j * rows..(j + 1) * rows];
-            let mut i = 0;
-            while i < rows {
-                let r = rows - i;
-                // The first group of rows has asked for the next weight row already.
-                let end = if i == 0 { end } else { std::ptr::null() };
-                // SAFETY: as the function's contract states; `x` clamps to the last row.
-                let sums: &[[f32; 1]] = unsafe {
-                    if r > 4 {
-                        &dot_group::<8, 1>(format, wp, std::array::from_fn(|q| x(i + q)), blocks, end)
-                    } else {
-                        &dot_group::<4, 1>(format, wp, std::array::from_fn(|q| x(i + q)), blocks, end)
-                    }
-                };
-                let take = r.min(sums.len());
-                for (q, s) in sums[..take].iter().enumerate() {
-                    res[i + q] = s[0];
+            // SAFETY: as the function's contract states.
+            unsafe { row_groups(format, [src[j * rb..].as_ptr()], 1, j, xs, k, rows, end, out) };
+        }
+    }
+
+    /// The `rows` rows of x against P weight rows (the block rows `wp` of weight rows j.., the
+    /// first `pair` real, the others repeats), in groups of 8 or 4 rows of x (the last row
+    /// repeated to fill a group, its sums dropped), into `out[(j + p) * rows + i]`. Always
+    /// inlined, so that it compiles with its caller's instruction set (and registers).
+    ///
+    /// # Safety
+    /// As [`dot_rows`]; the CPU has what the caller is compiled for (at least AVX2, FMA, F16C).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_groups<const P: usize>(
+        format: BlockFormat,
+        wp: [*const u8; P],
+        pair: usize,
+        j: usize,
+        xs: &[f32],
+        k: usize,
+        rows: usize,
+        end: *const u8,
+        out: &mut [f32],
+    ) {
+        let blocks = k / BLOCK;
+        let x = |q: usize| xs[q.min(rows - 1) * k..].as_ptr();
+        let mut i = 0;
+        while i < rows {
+            let r = rows - i;
+            // The first group of rows has asked for the next weight rows already.
+            let end = if i == 0 { end } else { std::ptr::null() };
+            // SAFETY: as the function's contract states; `x` clamps to the last row.
+            let sums: &[[f32; P]] = unsafe {
+                if r > 4 {
+                    &dot_group::<8, P>(format, wp, std::array::from_fn(|q| x(i + q)), blocks, end)
+                } else {
+                    &dot_group::<4, P>(format, wp, std::array::from_fn(|q| x(i + q)), blocks, end)
                 }
-                i += take;
+            };
+            let take = r.min(sums.len());
+            for (q, s) in sums[..take].iter().enumerate() {
+                for (p, v) in s.iter().enumerate().take(pair) {
+                    out[(j + p) * rows + i + q] = *v;
+                }
             }
+            i += take;
         }
     }
 
@@ -415,32 +441,11 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
     pub unsafe fn dot_rows_wide(format: BlockFormat, src: &[u8], k: usize, xs: &[f32], rows: usize, out: &mut [f32]) {
         let rb = k / BLOCK * format.block_bytes();
-        let n = src.len() / rb;
         let end = src.as_ptr_range().end;
-        let blocks = k / BLOCK;
-        let x = |q: usize| xs[q.min(rows - 1) * k..].as_ptr();
-        for (j, pair) in weight_pairs(n) {
+        for (j, pair) in weight_pairs(src.len() / rb) {
             let wp = [src[j * rb..].as_ptr(), src[(j + pair - 1) * rb..].as_ptr()];
-            let mut i = 0;
-            while i < rows {
-                let r = rows - i;
-                let end = if i == 0 { end } else { std::ptr::null() };
-                // SAFETY: as the function's contract states; `x` clamps to the last row.
-                let sums: &[[f32; 2]] = unsafe {
-                    if r > 4 {
-                        &dot_group::<8, 2>(format, wp, std::array::from_fn(|q| x(i + q)), blocks, end)
-                    } else {
-                        &dot_group::<4, 2>(format, wp, std::array::from_fn(|q| x(i + q)), blocks, end)
-                    }
-                };
-                let take = r.min(sums.len());
-                for (q, s) in sums[..take].iter().enumerate() {
-                    for (p, v) in s.iter().enumerate().take(pair) {
-                        out[(j + p) * rows + i + q] = *v;
-                    }
-                }
-                i += take;
-            }
+            // SAFETY: as the function's contract states.
+            unsafe { row_groups(format, wp, pair, j, xs, k, rows, end, out) };
         }
     }
 }
