@@ -13,6 +13,7 @@ pub const SEED_CODEBOOK: u64 = 7;
 pub const SEED_NEW_TOKENS: u64 = 8;
 
 /// A mixing step of SplitMix64: a well-spread 64-bit hash of `x`.
+#[inline]
 pub fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

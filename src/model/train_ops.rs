@@ -322,7 +322,8 @@ pub fn lora_linear(
     scale: f64,
     dropout: Option<Dropout>,
 ) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op3(a, b, LoraLinear { w: w.clone(), bias: bias.cloned(), scale, dropout })
+    let kept = std::sync::OnceLock::new();
+    x.contiguous()?.apply_op3(a, b, LoraLinear { w: w.clone(), bias: bias.cloned(), scale, dropout, kept })
 }
 
 /// LoRA dropout: each input element is zeroed with probability `p`, the mask drawn from `seed`
@@ -339,37 +340,148 @@ impl Dropout {
         (self.p * (1u64 << 53) as f64) as u64
     }
 
-    /// `x ∘ m` for x (rows, cols), in one pass with no mask in memory. Element i survives when
-    /// position i of the SplitMix64 stream `seed` clears [`Self::threshold`], and is then
-    /// scaled by 1 / (1 − p).
+    /// `x ∘ m` for x (rows, cols): element i survives when position i of the SplitMix64
+    /// stream `seed` clears [`Self::threshold`], and is then scaled by 1 / (1 − p).
     fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply_kept(&self.kept(x.elem_count()), x)
+    }
+
+    /// Which of `len` input elements survive, one bit each (bit i % 64 of word i / 64): the
+    /// forward pass draws them once and the backward pass reuses them.
+    fn kept(&self, len: usize) -> Vec<u64> {
+        use rayon::prelude::*;
+        const WORDS: usize = 256;
+        let (seed, threshold) = (self.seed, self.threshold());
+        let mut words = vec![0u64; len.div_ceil(64)];
+        words.par_chunks_mut(WORDS).enumerate().for_each(|(c, chunk)| kept_words(seed, threshold, (c * WORDS * 64) as u64, chunk));
+        words
+    }
+
+    /// `x ∘ m` for the mask whose kept elements are `kept`'s bits.
+    fn apply_kept(&self, kept: &[u64], x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
         let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("dropout needs a contiguous input") };
+        if kept.len() != (end - start).div_ceil(64) {
+            candle_core::bail!("a dropout mask of {} words for {} elements", kept.len(), end - start);
+        }
         let out = match &*storage {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => CpuStorage::F32(self.masked(&v[start..end])),
-            candle_core::Storage::Cpu(CpuStorage::F64(v)) => CpuStorage::F64(self.masked(&v[start..end])),
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => CpuStorage::F32(self.masked(kept, &v[start..end])),
+            candle_core::Storage::Cpu(CpuStorage::F64(v)) => CpuStorage::F64(self.masked(kept, &v[start..end])),
             _ => candle_core::bail!("dropout runs on f32 or f64 CPU tensors"),
         };
         storage_tensor(&out, &Layout::contiguous(x.shape()))
     }
 
-    fn masked<T: candle_core::WithDType + num_traits::Float>(&self, x: &[T]) -> Vec<T> {
-        use crate::seed::splitmix64;
+    fn masked<T: candle_core::WithDType + MaskedElem>(&self, kept: &[u64], x: &[T]) -> Vec<T> {
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 14;
-        let (threshold, keep) = (self.threshold(), T::from_f64(1.0 / (1.0 - self.p)));
+        let keep = T::from_f64(1.0 / (1.0 - self.p));
         let mut out = vec![T::zero(); x.len()];
         out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (out, x))| {
-            let base = (c * CHUNK) as u64;
-            for (j, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-                let i = base + j as u64;
-                if splitmix64(self.seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 11 >= threshold {
-                    *o = v * keep;
-                }
-            }
+            T::masked(&kept[c * CHUNK / 64..], x, keep, out);
         });
         out
+    }
+}
+
+/// The element types dropout runs on, each with its fastest masking loop.
+trait MaskedElem: num_traits::Float + Send + Sync {
+    /// `out[j] = x[j] · keep` where bit j of `words` is set; the rest of `out` stays 0.
+    fn masked(words: &[u64], x: &[Self], keep: Self, out: &mut [Self]);
+}
+
+impl MaskedElem for f64 {
+    fn masked(words: &[u64], x: &[f64], keep: f64, out: &mut [f64]) {
+        masked_plain(words, x, keep, out)
+    }
+}
+
+impl MaskedElem for f32 {
+    fn masked(words: &[u64], x: &[f32], keep: f32, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was just detected.
+                return unsafe { masked_f32_avx512(words, x, keep, out) };
+            }
+        }
+        masked_plain(words, x, keep, out)
+    }
+}
+
+/// `out[j] = x[j] · keep` where bit j of `words` is set; the rest of `out` stays 0.
+fn masked_plain<T: num_traits::Float>(words: &[u64], x: &[T], keep: T, out: &mut [T]) {
+    for ((out, x), &word) in out.chunks_mut(64).zip(x.chunks(64)).zip(words) {
+        let mut bits = word;
+        for (o, &v) in out.iter_mut().zip(x) {
+            if bits & 1 == 1 {
+                *o = v * keep;
+            }
+            bits >>= 1;
+        }
+    }
+}
+
+/// [`masked_plain`] for f32, 16 lanes a step: each multiply runs under 16 bits of the mask and
+/// zeroes the other lanes, the same products bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn masked_f32_avx512(words: &[u64], x: &[f32], keep: f32, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let whole = x.len() / 16;
+    let scale = _mm512_set1_ps(keep);
+    for g in 0..whole {
+        let bits = (words[g / 4] >> (16 * (g % 4))) as u16;
+        // SAFETY: 16 * (g + 1) <= x.len() = out.len(), and unaligned loads and stores are allowed.
+        unsafe {
+            let v = _mm512_loadu_ps(x.as_ptr().add(16 * g));
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * g), _mm512_maskz_mul_ps(bits, v, scale));
+        }
+    }
+    let done = 16 * whole;
+    if done < x.len() {
+        // The tail starts on a word boundary only when `done` is a multiple of 64: shift the word.
+        let mut bits = words[done / 64] >> (done % 64);
+        for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
+            if bits & 1 == 1 {
+                *o = v * keep;
+            }
+            bits >>= 1;
+        }
+    }
+}
+
+/// Bits of the kept elements `first..` of a dropout stream, 64 per word: element i is kept when
+/// its SplitMix64 hash (top 53 bits) clears `threshold`. The hashes are integer work, so every
+/// build gives the same bits; AVX-512DQ multiplies 64-bit lanes in one instruction.
+fn kept_words(seed: u64, threshold: u64, first: u64, words: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512dq")]
+        unsafe fn wide(seed: u64, threshold: u64, first: u64, words: &mut [u64]) {
+            kept_words_plain(seed, threshold, first, words)
+        }
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+            // SAFETY: the features were just detected.
+            return unsafe { wide(seed, threshold, first, words) };
+        }
+    }
+    kept_words_plain(seed, threshold, first, words)
+}
+
+#[inline(always)]
+fn kept_words_plain(seed: u64, threshold: u64, first: u64, words: &mut [u64]) {
+    use crate::seed::splitmix64;
+    for (w, word) in words.iter_mut().enumerate() {
+        let base = first + 64 * w as u64;
+        let mut bits = 0u64;
+        for b in 0..64u64 {
+            let i = base + b;
+            let kept = splitmix64(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 11 >= threshold;
+            bits |= (kept as u64) << b;
+        }
+        *word = bits;
     }
 }
 
@@ -386,14 +498,16 @@ struct LoraLinear {
     bias: Option<Tensor>,
     scale: f64,
     dropout: Option<Dropout>,
+    /// The dropout mask's bits, drawn by the forward pass for the backward pass.
+    kept: std::sync::OnceLock<Vec<u64>>,
 }
 
 impl LoraLinear {
-    /// The adapter's input: x, or x with its dropout mask applied.
-    fn adapter_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `t ∘ m` for this node's dropout mask m (t itself without dropout).
+    fn dropped(&self, t: &Tensor) -> candle_core::Result<Tensor> {
         match &self.dropout {
-            Some(d) => d.apply(x),
-            None => Ok(x.clone()),
+            Some(d) => d.apply_kept(self.kept.get_or_init(|| d.kept(t.elem_count())), t),
+            None => Ok(t.clone()),
         }
     }
 }
@@ -417,7 +531,7 @@ impl CustomOp3 for LoraLinear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        let y = (y + (self.adapter_input(&x)?.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?)?;
+        let y = (y + (self.dropped(&x)?.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?)?;
         tensor_storage(&y)
     }
 
@@ -430,13 +544,10 @@ impl CustomOp3 for LoraLinear {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
-        let xm = self.adapter_input(&x)?;
+        let xm = self.dropped(&x)?;
         let dyb = (dy.matmul(&b)? * self.scale)?;
         let dxm = dyb.matmul(&a)?;
-        let dxm = match &self.dropout {
-            Some(d) => d.apply(&dxm)?,
-            None => dxm,
-        };
+        let dxm = self.dropped(&dxm)?;
         let dx = (dy.matmul(&self.w)? + dxm)?;
         let da = dyb.t()?.matmul(&xm)?;
         let db = dy.t()?.matmul(&(xm.matmul(&a.t()?)? * self.scale)?)?;
@@ -1115,6 +1226,37 @@ mod tests {
 
     /// With dropout, the fused op equals the composite with the same mask, and the mask gets
     /// no gradient: x's gradient is zero through the adapter exactly where the mask is.
+    /// The mask's bits are the seeded stream's, element by element, past a partial last word,
+    /// from the vectorised build and the portable one alike; applying them keeps exactly those
+    /// elements, scaled.
+    #[test]
+    fn dropout_bits_are_the_seeded_stream_in_every_build() {
+        let d = Dropout { p: 0.3, seed: 42 };
+        let len = 64 * 300 + 17;
+        let kept = d.kept(len);
+        let mut plain = vec![0u64; kept.len()];
+        kept_words_plain(d.seed, d.threshold(), 0, &mut plain);
+        assert_eq!(kept, plain);
+        let mut dropped = 0;
+        for i in 0..len {
+            let want = crate::seed::splitmix64(d.seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 11 >= d.threshold();
+            assert_eq!(kept[i / 64] >> (i % 64) & 1 == 1, want, "element {i}");
+            dropped += usize::from(!want);
+        }
+        assert!((dropped as f64 / len as f64 - 0.3).abs() < 0.02, "dropped {dropped} of {len}");
+        let x = Tensor::randn(0f32, 1.0, len, &Device::Cpu).unwrap();
+        let xs = x.to_vec1::<f32>().unwrap();
+        let y = d.apply(&x).unwrap().to_vec1::<f32>().unwrap();
+        let keep = (1.0 / 0.7f64) as f32;
+        for (i, (v, x)) in y.iter().zip(&xs).enumerate() {
+            let want = if kept[i / 64] >> (i % 64) & 1 == 1 { x * keep } else { 0.0 };
+            assert_eq!(v.to_bits(), want.to_bits(), "element {i}");
+        }
+        let mut plain = vec![0f32; len];
+        masked_plain(&kept, &xs, keep, &mut plain);
+        assert_eq!(plain, y);
+    }
+
     #[test]
     fn lora_linear_with_dropout_matches_candle_ops() {
         let dropout = Dropout { p: 0.3, seed: 99 };
