@@ -24,8 +24,10 @@ pub fn cpu_features() -> Value {
             "avx512f": std::is_x86_feature_detected!("avx512f"),
             "avx2": std::is_x86_feature_detected!("avx2"),
             "fma": std::is_x86_feature_detected!("fma"),
-            // The project's own fused kernels (attention, skinny matmul): AVX2+FMA or portable.
+            // The project's own fused kernels (skinny matmul, softmax, SwiGLU): AVX2+FMA or portable.
             "fused_kernels": if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") { "avx2+fma" } else { "portable" },
+            // Attention's scores and weighted sums over many keys, several heads at once.
+            "attention_kernels": crate::model::attention_cpu::kernels::Isa::detect().name(),
             // Few-row products straight from a GGUF's blocks (`--quantized-base`).
             "block_kernels": crate::model::quant::BlockKernel::detect().name(),
             // candle's GEMM (the gemm crate, built with its AVX-512 kernels) picks the same way.
@@ -40,7 +42,11 @@ pub fn cpu_features() -> Value {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        json!({ "fused_kernels": "portable", "block_kernels": crate::model::quant::BlockKernel::detect().name() })
+        json!({
+            "fused_kernels": "portable",
+            "attention_kernels": crate::model::attention_cpu::kernels::Isa::detect().name(),
+            "block_kernels": crate::model::quant::BlockKernel::detect().name(),
+        })
     }
 }
 

@@ -55,6 +55,55 @@ mod tests {
         assert!(causal_attention_with_prefix(&q, Some(bad), &k, &k, &pads).is_err());
     }
 
+    /// Scores and weighted sums of several heads at once equal one head at a time, and every
+    /// instruction set this CPU has gives the portable build's results, bit for bit: block
+    /// ends under lane masks, head sizes the intrinsics skip (48), rows past their count (5).
+    #[test]
+    fn attention_isas_agree_bit_for_bit() {
+        use kernels::{Isa, Probs};
+        let mut seed = 7u64;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed += 1;
+                    (crate::seed::splitmix64(seed) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        let isas = Isa::available();
+        assert_eq!(isas.last(), Some(&Isa::Portable));
+        for d in [64usize, 128, 48] {
+            for (keys, first) in [(1usize, 0usize), (9, 0), (40, 3), (101, 30)] {
+                let n = keys - first;
+                let (kt, v) = (rand(d * keys), rand((keys + 1) * d));
+                for rows in 1..=5 {
+                    let q = rand(rows * d);
+                    let mut want = vec![0f32; rows * n];
+                    for (qr, sr) in q.chunks_exact(d).zip(want.chunks_exact_mut(n)) {
+                        kernels::scores(Isa::Portable, 1, qr, &kt, keys, first, sr, 0.125);
+                    }
+                    let sums: Vec<f32> = (0..rows).map(|r| 1.5 + r as f32).collect();
+                    let mut want_o = vec![0f32; rows * d];
+                    for r in 0..rows {
+                        let one = Probs { p: &want[r * n..], stride: n, sums: &sums[r..r + 1] };
+                        kernels::weighted_sum(Isa::Portable, &one, 1.min(n)..n, &v, d, d, &mut want_o[r * d..(r + 1) * d]);
+                    }
+                    for &isa in &isas {
+                        let mut s = vec![0f32; rows * n];
+                        kernels::scores(isa, rows, &q, &kt, keys, first, &mut s, 0.125);
+                        assert!(s.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "scores {isa:?} d {d} n {n} rows {rows}");
+                        let mut o = vec![0f32; rows * d];
+                        kernels::weighted_sum(isa, &Probs { p: &want, stride: n, sums: &sums }, 1.min(n)..n, &v, d, d, &mut o);
+                        assert!(
+                            o.iter().zip(&want_o).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "weighted sum {isa:?} d {d} n {n} rows {rows}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn fast_exp_is_accurate_on_softmax_inputs() {
         for i in 0..=20_000 {
@@ -170,6 +219,7 @@ pub fn causal_attention_with_prefix(
         // reads K once as it is: a transpose would cost more than it saves.
         // With a shared prefix, its keys are the first columns.
         let transpose = t > 1;
+        let isa = kernels::Isa::detect();
         let kts: Vec<Vec<f32>> = (0..if transpose { b * kv } else { 0 })
             .into_par_iter()
             .map(|bg| {
@@ -190,44 +240,53 @@ pub fn causal_attention_with_prefix(
                 .map(|&(bi, g, i0)| {
                     let i1 = (i0 + q_block).min(t);
                     let mut out = vec![0f32; (i1 - i0) * group * d];
-                    let mut scores = vec![0f32; past + i1];
-                    let mut part = vec![0f32; d];
+                    // The group's heads see the same keys: their query rows and scores sit
+                    // together (head-major), so each key and value row loaded serves them all.
+                    let mut qg = vec![0f32; group * d];
+                    let mut scores = vec![0f32; group * (past + i1)];
+                    let mut sums = vec![0f32; group];
+                    let mut part = vec![0f32; group * d];
                     for i in i0..i1 {
                         let pos = past + i;
                         let (first, last) = if pos < pads[bi] { (pos, pos) } else { (pads[bi], pos) };
                         // Keys first..=last: those in the prefix, then the row's own.
                         let split = plen.clamp(first, last + 1);
-                        let (n_prefix, n_own) = (split - first, last + 1 - split);
+                        let (n_prefix, n_own, n) = (split - first, last + 1 - split, last + 1 - first);
                         for hh in 0..group {
-                            let head = g * group + hh;
-                            let qrow = &qs[((bi * h + head) * t + i) * d..((bi * h + head) * t + i + 1) * d];
-                            let s = &mut scores[first..=last];
-                            if transpose {
-                                kernels::scores(qrow, &kts[bi * kv + g], l, first, s, scale);
-                            } else {
+                            let at = ((bi * h + g * group + hh) * t + i) * d;
+                            qg[hh * d..(hh + 1) * d].copy_from_slice(&qs[at..at + d]);
+                        }
+                        let s = &mut scores[..group * n];
+                        if transpose {
+                            kernels::scores(isa, group, &qg, &kts[bi * kv + g], l, first, s, scale);
+                        } else {
+                            for (qrow, srow) in qg.chunks_exact(d).zip(s.chunks_exact_mut(n)) {
                                 if n_prefix > 0 {
                                     let (at, stride) = key_at(kview, pk, bi, g, first);
-                                    kernels::dot_scores(qrow, &pk.expect("prefix view").data[at..], stride, &mut s[..n_prefix], scale);
+                                    kernels::dot_scores(qrow, &pk.expect("prefix view").data[at..], stride, &mut srow[..n_prefix], scale);
                                 }
                                 if n_own > 0 {
                                     let (at, stride) = key_at(kview, None, bi, g, split);
-                                    kernels::dot_scores(qrow, &kview.data[at..], stride, &mut s[n_prefix..], scale);
+                                    kernels::dot_scores(qrow, &kview.data[at..], stride, &mut srow[n_prefix..], scale);
                                 }
                             }
-                            let sum = kernels::exp_normalize(s);
-                            let o = &mut out[((i - i0) * group + hh) * d..((i - i0) * group + hh + 1) * d];
-                            if n_prefix == 0 {
+                        }
+                        for (sum, srow) in sums.iter_mut().zip(s.chunks_exact_mut(n)) {
+                            *sum = kernels::exp_normalize(srow);
+                        }
+                        let o = &mut out[(i - i0) * group * d..(i - i0 + 1) * group * d];
+                        let probs = kernels::Probs { p: s, stride: n, sums: &sums };
+                        if n_prefix == 0 {
+                            let (at, stride) = key_at(vview, None, bi, g, split);
+                            kernels::weighted_sum(isa, &probs, 0..n, vview.data, at, stride, o);
+                        } else {
+                            let pview = pv.expect("prefix view");
+                            let (at, stride) = key_at(vview, Some(pview), bi, g, first);
+                            kernels::weighted_sum(isa, &probs, 0..n_prefix, pview.data, at, stride, o);
+                            if n_own > 0 {
                                 let (at, stride) = key_at(vview, None, bi, g, split);
-                                kernels::weighted_sum(s, sum, vview.data, at, stride, o);
-                            } else {
-                                let pview = pv.expect("prefix view");
-                                let (at, stride) = key_at(vview, Some(pview), bi, g, first);
-                                kernels::weighted_sum(&s[..n_prefix], sum, pview.data, at, stride, o);
-                                if n_own > 0 {
-                                    let (at, stride) = key_at(vview, None, bi, g, split);
-                                    kernels::weighted_sum(&s[n_prefix..], sum, vview.data, at, stride, &mut part);
-                                    o.iter_mut().zip(&part).for_each(|(y, x)| *y += x);
-                                }
+                                kernels::weighted_sum(isa, &probs, n_prefix..n, vview.data, at, stride, &mut part);
+                                o.iter_mut().zip(&part).for_each(|(y, x)| *y += x);
                             }
                         }
                     }
@@ -266,26 +325,79 @@ fn transpose_rows_into(data: &[f32], base: usize, row_stride: usize, n: usize, d
     }
 }
 
-/// The inner loops, compiled for AVX2+FMA when the CPU has it (the plain loops vectorise).
-/// The softmax pieces are shared with the fused training ops.
+/// The inner loops: the softmax pieces compiled for AVX2+FMA when the CPU has it (the plain
+/// loops vectorise) and shared with the fused training ops; the scores and weighted sums, which
+/// serve the heads of a group together, in AVX-512 and AVX2 intrinsics ([`kernels::Isa`]).
 pub(crate) mod kernels {
-    /// s[j - first] = scale * sum_c q[c] * kt[c * keys + j] for j in first..first + s.len().
-    pub fn scores(q: &[f32], kt: &[f32], keys: usize, first: usize, s: &mut [f32], scale: f32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                unsafe { scores_avx2(q, kt, keys, first, s, scale) };
-                return;
-            }
-        }
-        scores_plain(q, kt, keys, first, s, scale)
+    /// Which build of [`scores`] and [`weighted_sum`] runs: the widest this CPU has. Every
+    /// build sums each key's score and each output value in the same order, so all of them
+    /// give the same results bit for bit (test `attention_isas_agree_bit_for_bit`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Isa {
+        Avx512,
+        Avx2,
+        Portable,
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_avx2(q: &[f32], kt: &[f32], keys: usize, first: usize, s: &mut [f32], scale: f32) {
-        scores_plain(q, kt, keys, first, s, scale)
+    impl Isa {
+        pub fn detect() -> Isa {
+            Isa::available()[0]
+        }
+
+        /// The builds this CPU can run, widest first (the portable one always).
+        pub fn available() -> Vec<Isa> {
+            let mut isas = Vec::new();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    if std::is_x86_feature_detected!("avx512f") {
+                        isas.push(Isa::Avx512);
+                    }
+                    isas.push(Isa::Avx2);
+                }
+            }
+            isas.push(Isa::Portable);
+            isas
+        }
+
+        pub fn name(self) -> &'static str {
+            match self {
+                Isa::Avx512 => "avx512f",
+                Isa::Avx2 => "avx2+fma",
+                Isa::Portable => "portable",
+            }
+        }
+    }
+
+    /// Scores of `rows` query rows that see the same keys (`q`: the rows one after another, d
+    /// values each; `s`: `rows` rows of n): `s[r * n + j] = scale * sum_c q_r[c] * kt[c * keys
+    /// + first + j]`. Each key row loaded serves every query row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scores(isa: Isa, rows: usize, q: &[f32], kt: &[f32], keys: usize, first: usize, s: &mut [f32], scale: f32) {
+        let (d, n) = (q.len() / rows, s.len() / rows);
+        assert!(q.len() == rows * d && s.len() == rows * n, "scores: {rows} rows of {} query values and {} scores", q.len(), s.len());
+        assert!(d == 0 || n == 0 || ((d - 1) * keys + first + n <= kt.len() && first + n <= keys), "scores: keys out of range");
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `isa` comes from Isa::available (the CPU has its features), and the
+            // asserts above bound every key, query and score the kernels touch.
+            unsafe {
+                match (isa, rows) {
+                    (Isa::Avx512, 1) => return x86::scores_avx512::<1>(q, kt, keys, first, s, scale),
+                    (Isa::Avx512, 2) => return x86::scores_avx512::<2>(q, kt, keys, first, s, scale),
+                    (Isa::Avx512, 3) => return x86::scores_avx512::<3>(q, kt, keys, first, s, scale),
+                    (Isa::Avx512, 4) => return x86::scores_avx512::<4>(q, kt, keys, first, s, scale),
+                    (Isa::Avx2, 1) => return x86::scores_avx2::<1>(q, kt, keys, first, s, scale),
+                    (Isa::Avx2, 2) => return x86::scores_avx2::<2>(q, kt, keys, first, s, scale),
+                    (Isa::Avx2, 3) => return x86::scores_avx2::<3>(q, kt, keys, first, s, scale),
+                    (Isa::Avx2, 4) => return x86::scores_avx2::<4>(q, kt, keys, first, s, scale),
+                    _ => {}
+                }
+            }
+        }
+        for (qr, sr) in q.chunks_exact(d.max(1)).zip(s.chunks_exact_mut(n.max(1))) {
+            scores_plain(qr, kt, keys, first, sr, scale)
+        }
     }
 
     /// Blocks of 32 keys accumulate in registers across all of q's dimensions (4 independent
@@ -499,23 +611,193 @@ pub(crate) mod kernels {
         if x >= 0.0 { r } else { e * r }
     }
 
-    /// o = sum_j p[j] * v_j / norm, where row j of v starts at `base + j * stride`.
-    pub fn weighted_sum(p: &[f32], norm: f32, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                unsafe { weighted_sum_avx2(p, norm, v, base, stride, o) };
-                return;
-            }
-        }
-        weighted_sum_plain(p, norm, v, base, stride, o)
+    /// Unnormalised softmax rows of the heads that read the same values: row r is
+    /// `p[r * stride..]`, its normaliser `sums[r]`.
+    pub struct Probs<'a> {
+        pub p: &'a [f32],
+        pub stride: usize,
+        pub sums: &'a [f32],
     }
 
+    /// For each row r of `probs`: `o_r = sum_{j in cols} p_r[j] * v_(j - cols.start) / sums[r]`,
+    /// where value row i starts at `base + i * stride` of `v`, and `o` holds the rows' outputs
+    /// (d values each) one after another. Each value row loaded serves every row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn weighted_sum(isa: Isa, probs: &Probs, cols: std::ops::Range<usize>, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
+        let rows = probs.sums.len();
+        let d = o.len() / rows;
+        assert!(o.len() == rows * d && cols.start <= cols.end, "weighted_sum: {rows} rows of {} outputs", o.len());
+        assert!(cols.is_empty() || (rows - 1) * probs.stride + cols.end <= probs.p.len(), "weighted_sum: weights out of range");
+        assert!(cols.is_empty() || base + (cols.len() - 1) * stride + d <= v.len(), "weighted_sum: values out of range");
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `isa` comes from Isa::available (the CPU has its features), and the
+            // asserts above bound every weight, value and output the kernels touch.
+            unsafe {
+                match (isa, rows, d % 64 == 0, d % 16 == 0) {
+                    (Isa::Avx512, 1, true, _) => return x86::weighted_sum_avx512::<1>(probs, cols, v, base, stride, o),
+                    (Isa::Avx512, 2, true, _) => return x86::weighted_sum_avx512::<2>(probs, cols, v, base, stride, o),
+                    (Isa::Avx512, 3, true, _) => return x86::weighted_sum_avx512::<3>(probs, cols, v, base, stride, o),
+                    (Isa::Avx512 | Isa::Avx2, 1, _, true) => return x86::weighted_sum_avx2::<1>(probs, cols, v, base, stride, o),
+                    (Isa::Avx512 | Isa::Avx2, 2, _, true) => return x86::weighted_sum_avx2::<2>(probs, cols, v, base, stride, o),
+                    (Isa::Avx512 | Isa::Avx2, 3, _, true) => return x86::weighted_sum_avx2::<3>(probs, cols, v, base, stride, o),
+                    (Isa::Avx512 | Isa::Avx2, 4, _, true) => return x86::weighted_sum_avx2::<4>(probs, cols, v, base, stride, o),
+                    _ => {}
+                }
+            }
+        }
+        for (r, o) in o.chunks_exact_mut(d.max(1)).enumerate() {
+            let p = &probs.p[r * probs.stride + cols.start..r * probs.stride + cols.end];
+            weighted_sum_plain(p, probs.sums[r], v, base, stride, o);
+        }
+    }
+
+    /// The intrinsics builds of [`scores`] and [`weighted_sum`]. Callers check every bound.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted_sum_avx2(p: &[f32], norm: f32, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
-        weighted_sum_plain(p, norm, v, base, stride, o)
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        use super::Probs;
+
+        /// The first `m` of 16 lanes.
+        fn lanes16(m: usize) -> __mmask16 {
+            if m >= 16 { 0xFFFF } else { ((1u32 << m) - 1) as __mmask16 }
+        }
+
+        /// The first `m` of 8 lanes, as `maskload`'s sign bits.
+        #[target_feature(enable = "avx2")]
+        fn lanes8(m: usize) -> __m256i {
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(m.min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+        }
+
+        /// 32 keys a block, two vectors a row, the block's end under a lane mask (masked-off
+        /// lanes are neither read nor written).
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn scores_avx512<const R: usize>(q: &[f32], kt: &[f32], keys: usize, first: usize, s: &mut [f32], scale: f32) {
+            let (d, n) = (q.len() / R, s.len() / R);
+            let (kp, sp, sc) = (kt.as_ptr().wrapping_add(first), s.as_mut_ptr(), _mm512_set1_ps(scale));
+            for j in (0..n).step_by(32) {
+                let (m0, m1) = (lanes16(n - j), lanes16((n - j).saturating_sub(16)));
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                for c in 0..d {
+                    let row = kp.wrapping_add(c * keys + j);
+                    // SAFETY: the lanes the masks keep are keys first + j.. < first + n.
+                    let (k0, k1) = unsafe { (_mm512_maskz_loadu_ps(m0, row), _mm512_maskz_loadu_ps(m1, row.wrapping_add(16))) };
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let qc = _mm512_set1_ps(q[r * d + c]);
+                        acc[0] = _mm512_fmadd_ps(qc, k0, acc[0]);
+                        acc[1] = _mm512_fmadd_ps(qc, k1, acc[1]);
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let out = sp.wrapping_add(r * n + j);
+                    // SAFETY: the kept lanes are scores r * n + j.. < (r + 1) * n.
+                    unsafe {
+                        _mm512_mask_storeu_ps(out, m0, _mm512_mul_ps(acc[0], sc));
+                        _mm512_mask_storeu_ps(out.wrapping_add(16), m1, _mm512_mul_ps(acc[1], sc));
+                    }
+                }
+            }
+        }
+
+        /// 16 keys a block, two vectors a row, the block's end under a lane mask.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn scores_avx2<const R: usize>(q: &[f32], kt: &[f32], keys: usize, first: usize, s: &mut [f32], scale: f32) {
+            let (d, n) = (q.len() / R, s.len() / R);
+            let (kp, sp, sc) = (kt.as_ptr().wrapping_add(first), s.as_mut_ptr(), _mm256_set1_ps(scale));
+            for j in (0..n).step_by(16) {
+                let (m0, m1) = (lanes8(n - j), lanes8((n - j).saturating_sub(8)));
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                for c in 0..d {
+                    let row = kp.wrapping_add(c * keys + j);
+                    // SAFETY: the lanes the masks keep are keys first + j.. < first + n.
+                    let (k0, k1) = unsafe { (_mm256_maskload_ps(row, m0), _mm256_maskload_ps(row.wrapping_add(8), m1)) };
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let qc = _mm256_set1_ps(q[r * d + c]);
+                        acc[0] = _mm256_fmadd_ps(qc, k0, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(qc, k1, acc[1]);
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let out = sp.wrapping_add(r * n + j);
+                    // SAFETY: the kept lanes are scores r * n + j.. < (r + 1) * n.
+                    unsafe {
+                        _mm256_maskstore_ps(out, m0, _mm256_mul_ps(acc[0], sc));
+                        _mm256_maskstore_ps(out.wrapping_add(8), m1, _mm256_mul_ps(acc[1], sc));
+                    }
+                }
+            }
+        }
+
+        /// 64 output values (four vectors) a row per pass over the value rows.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn weighted_sum_avx512<const R: usize>(
+            probs: &Probs,
+            cols: std::ops::Range<usize>,
+            v: &[f32],
+            base: usize,
+            stride: usize,
+            o: &mut [f32],
+        ) {
+            let d = o.len() / R;
+            for c0 in (0..d).step_by(64) {
+                let mut acc = [[_mm512_setzero_ps(); 4]; R];
+                for (i, j) in cols.clone().enumerate() {
+                    let row = &v[base + i * stride + c0..base + i * stride + c0 + 64];
+                    // SAFETY: `row` holds the 64 values read.
+                    let vs: [__m512; 4] = std::array::from_fn(|k| unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * k)) });
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let pj = _mm512_set1_ps(probs.p[r * probs.stride + j]);
+                        for k in 0..4 {
+                            acc[k] = _mm512_fmadd_ps(pj, vs[k], acc[k]);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let norm = _mm512_set1_ps(probs.sums[r]);
+                    let out = &mut o[r * d + c0..r * d + c0 + 64];
+                    for (k, acc) in acc.iter().enumerate() {
+                        // SAFETY: `out` holds the 64 values written.
+                        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * k), _mm512_div_ps(*acc, norm)) };
+                    }
+                }
+            }
+        }
+
+        /// 16 output values (two vectors) a row per pass over the value rows.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn weighted_sum_avx2<const R: usize>(
+            probs: &Probs,
+            cols: std::ops::Range<usize>,
+            v: &[f32],
+            base: usize,
+            stride: usize,
+            o: &mut [f32],
+        ) {
+            let d = o.len() / R;
+            for c0 in (0..d).step_by(16) {
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                for (i, j) in cols.clone().enumerate() {
+                    let row = &v[base + i * stride + c0..base + i * stride + c0 + 16];
+                    // SAFETY: `row` holds the 16 values read.
+                    let vs: [__m256; 2] = std::array::from_fn(|k| unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * k)) });
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let pj = _mm256_set1_ps(probs.p[r * probs.stride + j]);
+                        for k in 0..2 {
+                            acc[k] = _mm256_fmadd_ps(pj, vs[k], acc[k]);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let norm = _mm256_set1_ps(probs.sums[r]);
+                    let out = &mut o[r * d + c0..r * d + c0 + 16];
+                    for (k, acc) in acc.iter().enumerate() {
+                        // SAFETY: `out` holds the 16 values written.
+                        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * k), _mm256_div_ps(*acc, norm)) };
+                    }
+                }
+            }
+        }
     }
 
     #[inline(always)]
