@@ -634,7 +634,7 @@ pub(crate) mod kernels {
             // SAFETY: `isa` comes from Isa::available (the CPU has its features), and the
             // asserts above bound every weight, value and output the kernels touch.
             unsafe {
-                match (isa, rows, d % 64 == 0, d % 16 == 0) {
+                match (isa, rows, d.is_multiple_of(64), d.is_multiple_of(16)) {
                     (Isa::Avx512, 1, true, _) => return x86::weighted_sum_avx512::<1>(probs, cols, v, base, stride, o),
                     (Isa::Avx512, 2, true, _) => return x86::weighted_sum_avx512::<2>(probs, cols, v, base, stride, o),
                     (Isa::Avx512, 3, true, _) => return x86::weighted_sum_avx512::<3>(probs, cols, v, base, stride, o),
