@@ -70,6 +70,10 @@ fn attention_probs(q: &Tensor, k: &Tensor, pads: &[usize]) -> candle_core::Resul
     let (_, kv, l, _) = k.dims4()?;
     let scale = 1.0 / (d as f64).sqrt();
     let qg = q.reshape((b, kv, (h / kv) * t, d))?;
+    if q.dtype() == DType::F32 && q.device().is_cpu() {
+        let scores = qg.matmul(&k.t()?)?;
+        return masked_softmax_f32(&scores, pads, h, t, scale as f32);
+    }
     let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, h, t, l))?;
     let scores = scores.broadcast_add(&causal_mask(pads, t, l, q.dtype())?)?;
     candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kv, (h / kv) * t, l))
@@ -126,6 +130,52 @@ impl CustomOp3 for Attention {
     }
 }
 
+/// The softmax of `scale ·` raw scores (B, KV, G·T, L) under [`causal_mask`]'s rule, in one
+/// pass a row: masked keys get exactly 0, without building the mask, and the exponential is
+/// the fused forward's ([`super::attention_cpu`]).
+fn masked_softmax_f32(scores: &Tensor, pads: &[usize], h: usize, t: usize, scale: f32) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let (b, kv, gt, l) = scores.dims4()?;
+    let past = l - t;
+    let group = h / kv;
+    let mut p = scores.flatten_all()?.to_vec1::<f32>()?;
+    p.par_chunks_mut(l).enumerate().for_each(|(row, s)| {
+        // Row (bi, g, hh · T + i): query i of head g · G + hh.
+        let (bi, i) = (row / (kv * gt), row % t);
+        let pos = past + i;
+        let (first, last) = if pos < pads[bi] { (pos, pos) } else { (pads[bi], pos) };
+        s[..first].fill(0.0);
+        s[last + 1..].fill(0.0);
+        let seen = &mut s[first..=last];
+        seen.iter_mut().for_each(|x| *x *= scale);
+        let sum = super::attention_cpu::kernels::exp_normalize(seen);
+        seen.iter_mut().for_each(|x| *x /= sum);
+    });
+    debug_assert_eq!(gt, group * t);
+    Tensor::from_vec(p, (b, kv, gt, l), scores.device())
+}
+
+/// The softmax's backward `p ⊙ (dp − Σ_j p_j dp_j)` over the last axis, one pass a row.
+fn softmax_backward_f32(p: &Tensor, dp: &Tensor) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let shape = p.shape().clone();
+    let l = p.dim(D::Minus1)?;
+    let (p, mut ds) = (p.flatten_all()?.to_vec1::<f32>()?, dp.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
+    ds.par_chunks_mut(l).zip(p.par_chunks(l)).for_each(|(ds, p)| {
+        // Eight partial sums, so the loop vectorises.
+        let mut lanes = [0f32; 8];
+        for (a, b) in p.chunks_exact(8).zip(ds.chunks_exact(8)) {
+            for k in 0..8 {
+                lanes[k] += a[k] * b[k];
+            }
+        }
+        let tail = p.len() / 8 * 8;
+        let dot = lanes.iter().sum::<f32>() + p[tail..].iter().zip(&ds[tail..]).map(|(a, b)| a * b).sum::<f32>();
+        ds.iter_mut().zip(p).for_each(|(x, pj)| *x = pj * (*x - dot));
+    });
+    Tensor::from_vec(ds, shape, &Device::Cpu)
+}
+
 /// [`attention`]'s forward with candle's ops (f64, the finite-difference tests): (B, T, H·D).
 fn attention_with_ops(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> candle_core::Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
@@ -145,7 +195,11 @@ fn attention_grads(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], dy: &Tens
     let dout = dy.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?.reshape((b, kv, gt, d))?;
     let dv = p.t()?.matmul(&dout)?;
     let dp = dout.matmul(&v.t()?)?;
-    let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+    let ds = if p.dtype() == DType::F32 && p.device().is_cpu() {
+        softmax_backward_f32(&p, &dp)?
+    } else {
+        (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?
+    };
     let dq = (ds.matmul(k)? * scale)?.reshape((b, h, t, d))?;
     let dk = (ds.t()?.matmul(&q.reshape((b, kv, gt, d))?)? * scale)?;
     Ok((dq, dk, dv))
@@ -1169,17 +1223,19 @@ mod tests {
 
     #[test]
     fn attention_matches_candle_ops_with_padding_gqa_and_a_past() {
-        for dtype in [DType::F64, DType::F32] {
-            let tol = if dtype == DType::F64 { 1e-10 } else { 2e-5 };
-            // 2 rows (one left-padded by 2), 4 query heads over 2 KV heads, 3 queries over 5 keys.
-            let inputs = [rand(&[2, 4, 3, 8], 1, dtype), rand(&[2, 2, 5, 8], 2, dtype), rand(&[2, 2, 5, 8], 3, dtype)];
-            let pads = [0, 2];
-            same_values_and_grads(
-                &inputs,
-                |x| attention(&x[0], &x[1], &x[2], &pads).unwrap(),
-                |x| composite_attention(&x[0], &x[1], &x[2], &pads),
-                tol,
-            );
+        // 2 rows (one left-padded), 4 query heads over 2 KV heads, 3 queries over 5 keys; then
+        // 6 heads over 3, 19 queries over 23 keys (rows longer than the softmax's 8 lanes).
+        for (q, kv, pads) in [([2, 4, 3, 8], [2, 2, 5, 8], [0, 2]), ([2, 6, 19, 16], [2, 3, 23, 16], [0, 5])] {
+            for dtype in [DType::F64, DType::F32] {
+                let tol = if dtype == DType::F64 { 1e-10 } else { 2e-5 };
+                let inputs = [rand(&q, 1, dtype), rand(&kv, 2, dtype), rand(&kv, 3, dtype)];
+                same_values_and_grads(
+                    &inputs,
+                    |x| attention(&x[0], &x[1], &x[2], &pads).unwrap(),
+                    |x| composite_attention(&x[0], &x[1], &x[2], &pads),
+                    tol,
+                );
+            }
         }
     }
 
