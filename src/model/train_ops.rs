@@ -72,7 +72,8 @@ fn attention_probs(q: &Tensor, k: &Tensor, pads: &[usize]) -> candle_core::Resul
     let qg = q.reshape((b, kv, (h / kv) * t, d))?;
     if q.dtype() == DType::F32 && q.device().is_cpu() {
         let scores = qg.matmul(&k.t()?)?;
-        return masked_softmax_f32(&scores, pads, h, t, scale as f32);
+        scores.inplace_op1(&MaskedSoftmax { pads, t, scale: scale as f32 })?;
+        return Ok(scores);
     }
     let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, h, t, l))?;
     let scores = scores.broadcast_add(&causal_mask(pads, t, l, q.dtype())?)?;
@@ -130,50 +131,77 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// The softmax of `scale ·` raw scores (B, KV, G·T, L) under [`causal_mask`]'s rule, in one
-/// pass a row: masked keys get exactly 0, without building the mask, and the exponential is
-/// the fused forward's ([`super::attention_cpu`]).
-fn masked_softmax_f32(scores: &Tensor, pads: &[usize], h: usize, t: usize, scale: f32) -> candle_core::Result<Tensor> {
-    use rayon::prelude::*;
-    let (b, kv, gt, l) = scores.dims4()?;
-    let past = l - t;
-    let group = h / kv;
-    let mut p = scores.flatten_all()?.to_vec1::<f32>()?;
-    p.par_chunks_mut(l).enumerate().for_each(|(row, s)| {
-        // Row (bi, g, hh · T + i): query i of head g · G + hh.
-        let (bi, i) = (row / (kv * gt), row % t);
-        let pos = past + i;
-        let (first, last) = if pos < pads[bi] { (pos, pos) } else { (pads[bi], pos) };
-        s[..first].fill(0.0);
-        s[last + 1..].fill(0.0);
-        let seen = &mut s[first..=last];
-        seen.iter_mut().for_each(|x| *x *= scale);
-        let sum = super::attention_cpu::kernels::exp_normalize(seen);
-        seen.iter_mut().for_each(|x| *x /= sum);
-    });
-    debug_assert_eq!(gt, group * t);
-    Tensor::from_vec(p, (b, kv, gt, l), scores.device())
+/// The softmax of `scale ·` raw scores (B, KV, G·T, L) under [`causal_mask`]'s rule, in place
+/// and in one pass a row: masked keys get exactly 0, without building the mask, and the
+/// exponential is the fused forward's ([`super::attention_cpu`]).
+struct MaskedSoftmax<'a> {
+    pads: &'a [usize],
+    t: usize,
+    scale: f32,
 }
 
-/// The softmax's backward `p ⊙ (dp − Σ_j p_j dp_j)` over the last axis, one pass a row.
-fn softmax_backward_f32(p: &Tensor, dp: &Tensor) -> candle_core::Result<Tensor> {
-    use rayon::prelude::*;
-    let shape = p.shape().clone();
-    let l = p.dim(D::Minus1)?;
-    let (p, mut ds) = (p.flatten_all()?.to_vec1::<f32>()?, dp.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
-    ds.par_chunks_mut(l).zip(p.par_chunks(l)).for_each(|(ds, p)| {
-        // Eight partial sums, so the loop vectorises.
-        let mut lanes = [0f32; 8];
-        for (a, b) in p.chunks_exact(8).zip(ds.chunks_exact(8)) {
-            for k in 0..8 {
-                lanes[k] += a[k] * b[k];
-            }
+impl candle_core::InplaceOp1 for MaskedSoftmax<'_> {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(v), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("masked softmax needs contiguous f32 scores")
+        };
+        let (_, kv, gt, l) = layout.shape().dims4()?;
+        let past = l - self.t;
+        v[start..end].par_chunks_mut(l).enumerate().for_each(|(row, s)| {
+            // Row (bi, g, hh · T + i): query i of head g · G + hh.
+            let (bi, i) = (row / (kv * gt), row % self.t);
+            let pos = past + i;
+            let (first, last) = if pos < self.pads[bi] { (pos, pos) } else { (self.pads[bi], pos) };
+            s[..first].fill(0.0);
+            s[last + 1..].fill(0.0);
+            let seen = &mut s[first..=last];
+            seen.iter_mut().for_each(|x| *x *= self.scale);
+            let sum = super::attention_cpu::kernels::exp_normalize(seen);
+            seen.iter_mut().for_each(|x| *x /= sum);
+        });
+        Ok(())
+    }
+}
+
+/// The softmax's backward over the last axis, in place in dp: `ds = p ⊙ (dp − Σ_j p_j dp_j)`,
+/// one pass a row.
+struct SoftmaxBackward;
+
+impl candle_core::InplaceOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(&self, dp: &mut CpuStorage, dp_l: &Layout, p: &CpuStorage, p_l: &Layout) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(ds), CpuStorage::F32(p), Some((d0, d1)), Some((p0, p1))) =
+            (dp, p, dp_l.contiguous_offsets(), p_l.contiguous_offsets())
+        else {
+            candle_core::bail!("the softmax backward needs contiguous f32 tensors")
+        };
+        let l = *dp_l.dims().last().unwrap_or(&1);
+        if dp_l.shape() != p_l.shape() || l == 0 {
+            candle_core::bail!("softmax backward: shapes {:?} and {:?}", dp_l.shape(), p_l.shape());
         }
-        let tail = p.len() / 8 * 8;
-        let dot = lanes.iter().sum::<f32>() + p[tail..].iter().zip(&ds[tail..]).map(|(a, b)| a * b).sum::<f32>();
-        ds.iter_mut().zip(p).for_each(|(x, pj)| *x = pj * (*x - dot));
-    });
-    Tensor::from_vec(ds, shape, &Device::Cpu)
+        ds[d0..d1].par_chunks_mut(l).zip(p[p0..p1].par_chunks(l)).for_each(|(ds, p)| {
+            // Eight partial sums, so the loop vectorises.
+            let mut lanes = [0f32; 8];
+            for (a, b) in p.chunks_exact(8).zip(ds.chunks_exact(8)) {
+                for k in 0..8 {
+                    lanes[k] += a[k] * b[k];
+                }
+            }
+            let tail = p.len() / 8 * 8;
+            let dot = lanes.iter().sum::<f32>() + p[tail..].iter().zip(&ds[tail..]).map(|(a, b)| a * b).sum::<f32>();
+            ds.iter_mut().zip(p).for_each(|(x, pj)| *x = pj * (*x - dot));
+        });
+        Ok(())
+    }
 }
 
 /// [`attention`]'s forward with candle's ops (f64, the finite-difference tests): (B, T, H·D).
@@ -196,7 +224,8 @@ fn attention_grads(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], dy: &Tens
     let dv = p.t()?.matmul(&dout)?;
     let dp = dout.matmul(&v.t()?)?;
     let ds = if p.dtype() == DType::F32 && p.device().is_cpu() {
-        softmax_backward_f32(&p, &dp)?
+        dp.inplace_op2(&p, &SoftmaxBackward)?;
+        dp
     } else {
         (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?
     };
