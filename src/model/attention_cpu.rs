@@ -57,7 +57,7 @@ mod tests {
 
     /// Scores and weighted sums of several heads at once equal one head at a time, and every
     /// instruction set this CPU has gives the portable build's results, bit for bit: block
-    /// ends under lane masks, head sizes the intrinsics skip (48), rows past their count (5).
+    /// ends under lane masks, head sizes the intrinsics skip (48), groups of 5 to 9 heads.
     #[test]
     fn attention_isas_agree_bit_for_bit() {
         use kernels::{Isa, Probs};
@@ -76,7 +76,7 @@ mod tests {
             for (keys, first) in [(1usize, 0usize), (9, 0), (40, 3), (101, 30)] {
                 let n = keys - first;
                 let (kt, v) = (rand(d * keys), rand((keys + 1) * d));
-                for rows in 1..=5 {
+                for rows in [1, 2, 3, 4, 5, 7, 9] {
                     let q = rand(rows * d);
                     let mut want = vec![0f32; rows * n];
                     for (qr, sr) in q.chunks_exact(d).zip(want.chunks_exact_mut(n)) {
@@ -374,6 +374,7 @@ pub(crate) mod kernels {
     /// + first + j]`. Each key row loaded serves every query row.
     #[allow(clippy::too_many_arguments)]
     pub fn scores(isa: Isa, rows: usize, q: &[f32], kt: &[f32], keys: usize, first: usize, s: &mut [f32], scale: f32) {
+        assert!(rows > 0, "scores of no rows");
         let (d, n) = (q.len() / rows, s.len() / rows);
         assert!(q.len() == rows * d && s.len() == rows * n, "scores: {rows} rows of {} query values and {} scores", q.len(), s.len());
         assert!(d == 0 || n == 0 || ((d - 1) * keys + first + n <= kt.len() && first + n <= keys), "scores: keys out of range");
@@ -394,6 +395,14 @@ pub(crate) mod kernels {
                     _ => {}
                 }
             }
+        }
+        if rows > 4 && isa != Isa::Portable {
+            // Blocks of at most 4 rows (models with larger groups), each in the wide build.
+            for r0 in (0..rows).step_by(4) {
+                let r1 = (r0 + 4).min(rows);
+                scores(isa, r1 - r0, &q[r0 * d..r1 * d], kt, keys, first, &mut s[r0 * n..r1 * n], scale);
+            }
+            return;
         }
         for (qr, sr) in q.chunks_exact(d.max(1)).zip(s.chunks_exact_mut(n.max(1))) {
             scores_plain(qr, kt, keys, first, sr, scale)
@@ -625,6 +634,7 @@ pub(crate) mod kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn weighted_sum(isa: Isa, probs: &Probs, cols: std::ops::Range<usize>, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
         let rows = probs.sums.len();
+        assert!(rows > 0, "a weighted sum of no rows");
         let d = o.len() / rows;
         assert!(o.len() == rows * d && cols.start <= cols.end, "weighted_sum: {rows} rows of {} outputs", o.len());
         assert!(cols.is_empty() || (rows - 1) * probs.stride + cols.end <= probs.p.len(), "weighted_sum: weights out of range");
@@ -646,10 +656,36 @@ pub(crate) mod kernels {
                 }
             }
         }
+        if rows > 4 && isa != Isa::Portable {
+            // Blocks of at most 4 rows (models with larger groups), each in the wide build.
+            for r0 in (0..rows).step_by(4) {
+                let r1 = (r0 + 4).min(rows);
+                let block = Probs { p: &probs.p[r0 * probs.stride..], stride: probs.stride, sums: &probs.sums[r0..r1] };
+                weighted_sum(isa, &block, cols.clone(), v, base, stride, &mut o[r0 * d..r1 * d]);
+            }
+            return;
+        }
         for (r, o) in o.chunks_exact_mut(d.max(1)).enumerate() {
             let p = &probs.p[r * probs.stride + cols.start..r * probs.stride + cols.end];
-            weighted_sum_plain(p, probs.sums[r], v, base, stride, o);
+            weighted_sum_one(isa, p, probs.sums[r], v, base, stride, o);
         }
+    }
+
+    /// One row of [`weighted_sum`] for head sizes the intrinsics do not take (not a multiple of
+    /// 16): the plain loops, compiled for AVX2 + FMA where the build allows.
+    fn weighted_sum_one(isa: Isa, p: &[f32], norm: f32, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn narrow(p: &[f32], norm: f32, v: &[f32], base: usize, stride: usize, o: &mut [f32]) {
+                weighted_sum_plain(p, norm, v, base, stride, o)
+            }
+            if isa != Isa::Portable {
+                // SAFETY: `isa` comes from Isa::available, so the CPU has AVX2 and FMA.
+                return unsafe { narrow(p, norm, v, base, stride, o) };
+            }
+        }
+        weighted_sum_plain(p, norm, v, base, stride, o)
     }
 
     /// The intrinsics builds of [`scores`] and [`weighted_sum`]. Callers check every bound.

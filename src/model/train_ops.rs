@@ -151,6 +151,9 @@ impl candle_core::InplaceOp1 for MaskedSoftmax<'_> {
             candle_core::bail!("masked softmax needs contiguous f32 scores")
         };
         let (_, kv, gt, l) = layout.shape().dims4()?;
+        if l < self.t || l == 0 || gt % self.t != 0 {
+            candle_core::bail!("masked softmax: {gt} query rows of {l} keys for {} queries", self.t);
+        }
         let past = l - self.t;
         v[start..end].par_chunks_mut(l).enumerate().for_each(|(row, s)| {
             // Row (bi, g, hh · T + i): query i of head g · G + hh.
@@ -394,8 +397,8 @@ impl CustomOp1 for Rope {
 /// base output, the dropped input, the rank-r intermediate, the update and their sum are not
 /// kept for the backward pass, which computes `dx = dy W + scale · ((dy B) A) ∘ m`,
 /// `dA = scale · (dy B)ᵀ (x ∘ m)` and `dB = scale · dyᵀ ((x ∘ m) Aᵀ)`, never W's gradient.
-/// The mask is redrawn from its seed in the backward pass rather than stored, and, unlike a
-/// product with a constant tensor in candle's graph, gets no gradient of its own.
+/// The mask is drawn once, as bits the node keeps for the backward pass (not as a tensor), and,
+/// unlike a product with a constant tensor in candle's graph, gets no gradient of its own.
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
