@@ -340,24 +340,24 @@ pub(crate) mod kernels {
     }
 
     impl Isa {
+        /// The widest build this CPU runs (no allocation: it is asked once per attention call).
         pub fn detect() -> Isa {
-            Isa::available()[0]
-        }
-
-        /// The builds this CPU can run, widest first (the portable one always).
-        pub fn available() -> Vec<Isa> {
-            let mut isas = Vec::new();
             #[cfg(target_arch = "x86_64")]
             {
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    if std::is_x86_feature_detected!("avx512f") {
-                        isas.push(Isa::Avx512);
-                    }
-                    isas.push(Isa::Avx2);
+                    return if std::is_x86_feature_detected!("avx512f") { Isa::Avx512 } else { Isa::Avx2 };
                 }
             }
-            isas.push(Isa::Portable);
-            isas
+            Isa::Portable
+        }
+
+        /// The builds this CPU can run, widest first (the portable one always): each build's
+        /// features include the next one's.
+        #[cfg(test)]
+        pub fn available() -> Vec<Isa> {
+            let all = [Isa::Avx512, Isa::Avx2, Isa::Portable];
+            let widest = all.iter().position(|&isa| isa == Isa::detect()).unwrap_or(2);
+            all[widest..].to_vec()
         }
 
         pub fn name(self) -> &'static str {
