@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::data::codebook::Codebook;
 use crate::data::{Dataset, Instance};
-use crate::generate::{Completion, FinishReason, prefill_each};
+use crate::generate::{Completion, FinishReason, LastPrompt, prefill_each};
 use crate::history_prompt::{next_checkin_budget, next_checkin_prompt};
 use crate::model::{CausalLm, KvCache, Mode, TextTokenizer};
 use crate::prompt::PromptConfig;
@@ -155,7 +155,9 @@ struct Beam {
 /// al.'s (2019) stochastic beam search: the keys are Gumbel-perturbed log-probabilities, each
 /// conditioned on its parent's key, and the group's last beams, best key first, are `width`
 /// distinct codes sampled without replacement, in the order of the Plackett–Luce model of the
-/// code distribution. Returns each group's complete codes, best key first.
+/// code distribution. Returns each group's complete codes, best key first. With `last`, the
+/// first prompt reads what it shares with the last prompt of the search before
+/// ([`prefill_each`]).
 fn search(
     model: &CausalLm,
     trie: &CodeTrie,
@@ -163,9 +165,10 @@ fn search(
     groups: usize,
     width: usize,
     mut noise: Option<&mut [StdRng]>,
+    last: Option<&mut LastPrompt>,
 ) -> Result<Vec<Vec<Beam>>> {
     ensure!(width > 0 && groups > 0, "a search needs at least one group of at least one beam");
-    let (caches, mut logits) = prefill_each(model, prompts, Mode::INFERENCE)?;
+    let (caches, mut logits) = prefill_each(model, prompts, Mode::INFERENCE, last)?;
     let mut cache = KvCache::share_consumed(caches, &(0..prompts.len()).collect::<Vec<_>>(), trie.levels)?;
     let mut beams: Vec<Vec<Beam>> =
         (0..prompts.len() * groups).map(|g| vec![Beam { row: g / groups, code: Vec::new(), logp: 0.0, key: 0.0 }]).collect();
@@ -233,15 +236,28 @@ fn log1mexp(x: f64) -> f64 {
 /// For each prompt, the POIs of the `beam` best codes that follow it, best first, with their
 /// scores (log-probabilities, see the module comment). Ties go to the smaller code.
 pub fn rank_next_codes(model: &CausalLm, trie: &CodeTrie, prompts: &[Vec<u32>], beam: usize) -> Result<Vec<Ranking>> {
+    rank_codes_after(model, trie, prompts, beam, None)
+}
+
+/// [`rank_next_codes`], the first prompt reading what it shares with the `last` prompt ranked.
+fn rank_codes_after(
+    model: &CausalLm,
+    trie: &CodeTrie,
+    prompts: &[Vec<u32>],
+    beam: usize,
+    last: Option<&mut LastPrompt>,
+) -> Result<Vec<Ranking>> {
     ensure!(beam > 0, "beam search needs at least one beam");
-    let ranked = search(model, trie, prompts, 1, beam, None)?;
+    let ranked = search(model, trie, prompts, 1, beam, None, last)?;
     Ok(ranked.into_iter().map(|bs| bs.into_iter().map(|b| (trie.poi[&b.code], b.logp as f32)).collect()).collect())
 }
 
 /// Ranks `batch` by the next code, as `eval --beam-next` and validation during training do:
 /// each instance's whole-history prompt within `prompt`'s budget ([`next_checkin_prompt`]) and
-/// the POIs of its `beams` best codes ([`rank_next_codes`]). Returns the prompts and the
-/// rankings.
+/// the POIs of its `beams` best codes ([`rank_next_codes`]). With `last` (kept from batch to
+/// batch), a user's next instance reads the history it shares with the one before instead of
+/// prefilling it again. Returns the prompts and the rankings.
+#[allow(clippy::too_many_arguments)]
 pub fn rank_next_checkins(
     model: &CausalLm,
     tokenizer: &TextTokenizer,
@@ -250,12 +266,13 @@ pub fn rank_next_checkins(
     prompt: &PromptConfig,
     batch: &[&Instance],
     beams: usize,
+    last: Option<&mut LastPrompt>,
 ) -> Result<(Vec<Vec<u32>>, Vec<Ranking>)> {
     let codebook = ds.codebook().context("ranking by the next code needs the dataset's codebook.json (preprocess writes it)")?;
     ensure!(trie.num_codes() == ds.num_pois(), "the code trie was built for another dataset");
     let budget = next_checkin_budget(prompt, model, codebook);
     let prompts = batch.iter().map(|inst| next_checkin_prompt(ds, prompt, tokenizer, inst, budget)).collect::<Result<Vec<_>>>()?;
-    let ranked = rank_next_codes(model, trie, &prompts, beams)?;
+    let ranked = rank_codes_after(model, trie, &prompts, beams, last)?;
     Ok((prompts, ranked))
 }
 
@@ -280,7 +297,7 @@ pub fn sample_next_codes(
     let mut rngs: Vec<StdRng> = (0..prompts.len() * group)
         .map(|r| StdRng::seed_from_u64(crate::seed::derive_seed(seeds[r / group], 0, (r % group) as u64)))
         .collect();
-    let sampled = search(model, trie, prompts, group, codes, Some(&mut rngs))?;
+    let sampled = search(model, trie, prompts, group, codes, Some(&mut rngs), None)?;
     let mut out: Vec<Vec<Completion>> = Vec::with_capacity(prompts.len());
     for (g, beams) in sampled.into_iter().enumerate() {
         if g % group == 0 {

@@ -132,7 +132,7 @@ pub fn generate_constrained(
     let device = model.device();
     let mut rows: Vec<Row> = Vec::with_capacity(prompts.len() * samples);
     let mut first_logits = Vec::with_capacity(prompts.len() * samples);
-    let (caches, prompt_logits) = prefill_each(model, prompts, mode)?;
+    let (caches, prompt_logits) = prefill_each(model, prompts, mode, None)?;
     for (p, logits) in prompt_logits.into_iter().enumerate() {
         for s in 0..samples {
             rows.push(Row {
@@ -211,49 +211,56 @@ pub fn generate_constrained(
     collect(rows, prompts.len(), tokenizer, &cfg.stop)
 }
 
+/// The last prompt [`prefill_each`] prefilled, with its keys and values: the next call's first
+/// prompt reads the beginning it shares with it instead of recomputing it (a user's consecutive
+/// instances in an evaluation share the start of their history).
+#[derive(Default)]
+pub struct LastPrompt(Option<(Vec<u32>, KvCache)>);
+
 /// Prefills each prompt into its own one-row cache and returns the caches with the logits of
-/// each prompt's last position. The prompts' common beginning (system text, instructions) is
-/// prefilled once; each prompt's own prefill then reads it in place.
-pub fn prefill_each(model: &CausalLm, prompts: &[Vec<u32>], mode: Mode) -> anyhow::Result<(Vec<KvCache>, Vec<Vec<f32>>)> {
+/// each prompt's last position. A prompt that begins as the one before it does (in `prompts`, or
+/// for the first, the `last` prompt of the call before) reads that beginning's keys and values
+/// instead of recomputing them: prompts that share their system text and instructions, a user's
+/// consecutive instances. `last` then keeps this call's last prompt.
+pub fn prefill_each(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    mode: Mode,
+    last: Option<&mut LastPrompt>,
+) -> anyhow::Result<(Vec<KvCache>, Vec<Vec<f32>>)> {
     anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "a prompt is empty");
     let device = model.device();
-    let common = shared_prompt_prefix(prompts);
-    let common_cache = if common > 0 {
-        let mut cache = model.new_cache(common);
-        model.forward_hidden(&Tensor::new(&prompts[0][..common], device)?.unsqueeze(0)?, None, Some(&mut cache), mode)?;
-        Some(cache)
-    } else {
-        None
-    };
-    let (mut caches, mut last) = (Vec::with_capacity(prompts.len()), Vec::with_capacity(prompts.len()));
-    for prompt in prompts {
-        // Read-only after the prefill: rows append to their own part.
-        let (mut cache, rest) = match &common_cache {
-            Some(c) => (KvCache::share(&[c], &[0], prompt.len() - common)?, &prompt[common..]),
-            None => (model.new_cache(prompt.len()), &prompt[..]),
+    let (mut caches, mut logits): (Vec<KvCache>, _) = (Vec::with_capacity(prompts.len()), Vec::with_capacity(prompts.len()));
+    for (i, prompt) in prompts.iter().enumerate() {
+        let before = match i {
+            0 => last.as_deref().and_then(|l| l.0.as_ref()).map(|(tokens, cache)| (tokens.as_slice(), cache)),
+            _ => Some((prompts[i - 1].as_slice(), &caches[i - 1])),
         };
-        let ids = Tensor::new(rest, device)?.unsqueeze(0)?;
-        last.push(model.forward_last(&ids, None, Some(&mut cache), mode)?.squeeze(0)?.to_vec1::<f32>()?);
+        let reused = before.map_or(0, |(tokens, _)| reusable_prefix(tokens, prompt));
+        // Read-only after the prefill: rows append to their own part.
+        let mut cache = match before {
+            Some((_, cache)) if reused > 0 => cache.continue_prefix(reused, prompt.len() - reused)?,
+            _ => model.new_cache(prompt.len()),
+        };
+        let ids = Tensor::new(&prompt[reused..], device)?.unsqueeze(0)?;
+        logits.push(model.forward_last(&ids, None, Some(&mut cache), mode)?.squeeze(0)?.to_vec1::<f32>()?);
         caches.push(cache);
     }
-    Ok((caches, last))
+    if let (Some(last), Some(prompt), Some(cache)) = (last, prompts.last(), caches.last()) {
+        last.0 = Some((prompt.clone(), cache.continue_prefix(cache.len(), 1)?));
+    }
+    Ok((caches, logits))
 }
 
-/// Below this many tokens a common beginning is prefilled with each prompt: a separate pass
+/// Below this many tokens a shared beginning is prefilled again: copying its keys and values
 /// would cost more than it saves.
 const MIN_SHARED_PREFIX: usize = 16;
 
-/// How many leading tokens every prompt shares, when there are several prompts and at least
-/// [`MIN_SHARED_PREFIX`]; each prompt keeps at least one token of its own (its prefill gives the
-/// first logits). 0 when nothing is worth sharing.
-fn shared_prompt_prefix(prompts: &[Vec<u32>]) -> usize {
-    let Some((first, rest)) = prompts.split_first() else { return 0 };
-    if rest.is_empty() {
-        return 0;
-    }
-    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
-    let common = rest.iter().map(|p| first.iter().zip(p).take_while(|(a, b)| a == b).count()).min().unwrap_or(0);
-    let common = common.min(shortest.saturating_sub(1));
+/// How many leading tokens `prompt` can read from the prefill of `before`: the tokens they share,
+/// leaving `prompt` at least one of its own (its prefill gives the first logits); 0 when fewer
+/// than [`MIN_SHARED_PREFIX`].
+fn reusable_prefix(before: &[u32], prompt: &[u32]) -> usize {
+    let common = before.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
     if common >= MIN_SHARED_PREFIX { common } else { 0 }
 }
 
@@ -350,6 +357,16 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prompt_reads_what_it_shares_with_the_one_before_when_it_is_worth_it() {
+        let before: Vec<u32> = (0..40).collect();
+        assert_eq!(reusable_prefix(&before, &[(0..30).collect::<Vec<_>>(), vec![99, 100]].concat()), 30);
+        assert_eq!(reusable_prefix(&before, &(0..20).collect::<Vec<_>>()), 19, "a prompt keeps one token of its own");
+        assert_eq!(reusable_prefix(&before, &(0..50).collect::<Vec<_>>()), 40);
+        assert_eq!(reusable_prefix(&before, &[(0..15).collect::<Vec<_>>(), vec![99; 20]].concat()), 0, "15 tokens are not worth a copy");
+        assert_eq!(reusable_prefix(&before, &[99]), 0);
+    }
 
     fn cfg(top_k: usize, top_p: f64, temperature: f64) -> SamplingConfig {
         SamplingConfig { top_k, top_p, temperature, ..Default::default() }

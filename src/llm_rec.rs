@@ -14,7 +14,7 @@ use crate::constrain::AnswerConstraint;
 use crate::data::codebook::Codebook;
 use crate::data::{Dataset, Instance};
 use crate::eval::{Prediction, Recommender};
-use crate::generate::{SamplingConfig, generate_constrained};
+use crate::generate::{LastPrompt, SamplingConfig, generate_constrained};
 use crate::history_prompt::{next_checkin_budget, user_next_checkin_prompt};
 use crate::model::{LoadedModel, Mode};
 use crate::prompt::{PromptBuilder, PromptConfig, PromptContext, candidate_stats};
@@ -38,6 +38,8 @@ pub struct LlmRecommender {
     /// number of beams, and the codebook's trie, built at the first batch.
     beam_next: Option<usize>,
     trie: std::sync::OnceLock<CodeTrie>,
+    /// The last prompt ranked by the next code, whose prefill the next batch may read.
+    last_prompt: std::sync::Mutex<LastPrompt>,
 }
 
 impl LlmRecommender {
@@ -56,6 +58,7 @@ impl LlmRecommender {
             grammar: std::sync::OnceLock::new(),
             beam_next: None,
             trie: std::sync::OnceLock::new(),
+            last_prompt: std::sync::Mutex::default(),
         })
     }
 
@@ -97,8 +100,17 @@ impl LlmRecommender {
     /// [`LlmRecommender::beam_next`]'s ranking of `batch`: the k best POIs and every kept code's
     /// score, with the prompts.
     fn rank_next(&self, ds: &Dataset, batch: &[&Instance], beams: usize) -> Result<Vec<(Vec<u32>, serde_json::Value)>> {
-        let (prompts, ranked) =
-            rank_next_checkins(&self.loaded.model, &self.loaded.tokenizer, self.trie(ds)?, ds, &self.prompt, batch, beams)?;
+        let mut last = self.last_prompt.lock().map_err(|_| anyhow::anyhow!("a ranking thread panicked"))?;
+        let (prompts, ranked) = rank_next_checkins(
+            &self.loaded.model,
+            &self.loaded.tokenizer,
+            self.trie(ds)?,
+            ds,
+            &self.prompt,
+            batch,
+            beams,
+            Some(&mut last),
+        )?;
         self.with_details(&prompts, ranked)
     }
 

@@ -37,6 +37,13 @@ pub struct Cli {
     /// CPU, f32 and GGUF models only.
     #[arg(long, global = true)]
     pub quantized_base: bool,
+    /// Prompts (prefill) and other products of more than 16 rows without gradients (the wide
+    /// steps of `eval --beam-next`) multiply in bf16 on the CPU's AMX tiles: the base's weights
+    /// and the rows entering them rounded to bf16, the sums f32, the adapter f32. Faster where
+    /// the CPU has AMX-BF16 (an error elsewhere); log-probs move by the rounding
+    /// (docs/performance.md). Inference only: training stays f32.
+    #[arg(long, global = true)]
+    pub bf16_prefill: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -66,8 +73,14 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let placement =
-        model::Placement { quantized_base: cli.quantized_base, ..model::Placement::parse(cli.device.as_deref(), cli.dtype.as_deref())? };
+    if cli.bf16_prefill && matches!(cli.command, Command::SftWarmup(_) | Command::GrpoTrain(_)) {
+        anyhow::bail!("--bf16-prefill is for inference: training and its sampling stay f32");
+    }
+    let placement = model::Placement {
+        quantized_base: cli.quantized_base,
+        bf16_prefill: cli.bf16_prefill,
+        ..model::Placement::parse(cli.device.as_deref(), cli.dtype.as_deref())?
+    };
     placement.install();
     match cli.command {
         Command::Preprocess(args) => preprocess::run(args),

@@ -147,6 +147,32 @@ impl KvCache {
         Ok(Self::shared_cache(prompts, of_row, extra, len, layers?))
     }
 
+    /// A one-row cache whose shared prefix is a compact copy of the first `len` positions of
+    /// this one-row, unpadded cache, with room for `extra` positions of its own: a prompt that
+    /// begins with the same `len` tokens reads their keys and values instead of recomputing them.
+    pub fn continue_prefix(&self, len: usize, extra: usize) -> candle_core::Result<KvCache> {
+        if self.rows() != 1 || self.pads[0] != 0 || len == 0 || len > self.len() {
+            candle_core::bail!(
+                "a prefix of {len} positions from a cache of {} rows and {} positions (pads {:?})",
+                self.rows(),
+                self.len(),
+                self.pads
+            );
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in 0..self.layers.len() {
+            let (k, v) = self.whole_row(layer)?;
+            layers.push((k.narrow(2, 0, len)?.contiguous()?, v.narrow(2, 0, len)?.contiguous()?));
+        }
+        Ok(KvCache {
+            layers: (0..layers.len()).map(|_| None).collect(),
+            len: 0,
+            capacity: extra.max(1),
+            pads: vec![0],
+            shared: Some(SharedPrefix { layers, len, of_row: vec![0] }),
+        })
+    }
+
     /// [`Self::share`] of prompts that are not needed afterwards: each prompt's own keys and
     /// values are released layer by layer as the shared prefix is built, so that the two do
     /// not both exist whole (the peak of a ranking batch).

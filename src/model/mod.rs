@@ -1,6 +1,7 @@
 //! The model: where it comes from (a GGUF file, a Hugging Face folder, or a hub repo id), the
 //! network itself with LoRA, its tokenizer, and the KV cache.
 
+pub mod amx;
 pub mod attention_cpu;
 pub mod config;
 pub mod gguf;
@@ -131,6 +132,8 @@ pub struct Placement {
     pub dtype: Option<DType>,
     /// `--quantized-base`: decoding reads a GGUF's quantised blocks (see [`quant`]).
     pub quantized_base: bool,
+    /// `--bf16-prefill`: wide products without gradients run in bf16 on AMX tiles (see [`amx`]).
+    pub bf16_prefill: bool,
 }
 
 impl Placement {
@@ -201,7 +204,11 @@ pub fn load(spec: &str) -> anyhow::Result<LoadedModel> {
     if quantized_base && !matches!(source, ModelSource::Gguf(_)) {
         bail!("--quantized-base reads a GGUF file's blocks, and the model '{spec}' is not a GGUF file");
     }
-    load_with(&source, &device, dtype, quantized_base)
+    let mut loaded = load_with(&source, &device, dtype, quantized_base)?;
+    if PLACEMENT.get().is_some_and(|p| p.bf16_prefill) {
+        loaded.model.attach_bf16_prefill()?;
+    }
+    Ok(loaded)
 }
 
 /// Loads `source` on `device` in `dtype`, dense.

@@ -8,6 +8,7 @@
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::amx::PackedBf16;
 use super::config::ModelConfig;
 use super::kv_cache::{CachedKv, KvCache};
 use super::lora::{Lora, LoraConfig};
@@ -58,13 +59,16 @@ pub struct Linear {
     /// The weight's GGUF blocks, read instead of `weight` by few-row products without gradients
     /// (`--quantized-base`; the same values, a sixth of the memory traffic for Q4_1).
     pub blocks: Option<QuantRows>,
+    /// The weight rounded to bf16 in AMX tiles, read instead of `weight` by wider products
+    /// without gradients (`--bf16-prefill`).
+    pub bf16: Option<PackedBf16>,
 }
 
 impl Linear {
     fn load(vb: &VarBuilder, path: &str, in_dim: usize, out_dim: usize, bias: bool) -> anyhow::Result<Self> {
         let weight = vb.get((out_dim, in_dim), &format!("{path}.weight"))?;
         let bias = if bias { Some(vb.get(out_dim, &format!("{path}.bias"))?) } else { None };
-        Ok(Linear { path: path.to_string(), weight, bias, lora: None, blocks: None })
+        Ok(Linear { path: path.to_string(), weight, bias, lora: None, blocks: None, bf16: None })
     }
 
     pub fn in_dim(&self) -> usize {
@@ -153,7 +157,7 @@ impl Linear {
         }
         let factors = self.factors(mode);
         let factors = factors.as_ref().map(|(a, b, s)| (a, b, *s));
-        let mut y = matmul_wt(&x2, &self.weight, self.blocks.as_ref(), mode)?;
+        let mut y = matmul_wt(&x2, &self.weight, self.blocks.as_ref(), self.bf16.as_ref(), mode)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -387,11 +391,15 @@ fn few_row_weight<'t>(w: &'t Tensor, blocks: Option<&'t QuantRows>) -> Weight<'t
 }
 
 /// `x W^T` for a frozen W (whose quantised `blocks`, if given, hold the same values): the
-/// few-row kernel when decoding, a gradient-aware op when training on the CPU, gemm otherwise.
-fn matmul_wt(x: &Tensor, w: &Tensor, blocks: Option<&QuantRows>, mode: Mode) -> candle_core::Result<Tensor> {
+/// few-row kernel when decoding, the bf16 tiles for wider products without gradients when W has
+/// them (`bf16`), a gradient-aware op when training on the CPU, gemm otherwise.
+fn matmul_wt(x: &Tensor, w: &Tensor, blocks: Option<&QuantRows>, bf16: Option<&PackedBf16>, mode: Mode) -> candle_core::Result<Tensor> {
     if !mode.grad {
         if let Some(y) = super::skinny::matmul_wt(x, few_row_weight(w, blocks))? {
             return Ok(y);
+        }
+        if let Some(packed) = bf16 {
+            return super::amx::matmul_wt(x, packed);
         }
     } else if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         return x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() });
@@ -632,6 +640,33 @@ impl CausalLm {
         Ok(attached)
     }
 
+    /// Gives the products of more than a few rows without gradients (prompts, wide decoding
+    /// steps) bf16 copies of the base's weights in AMX tiles: each linear layer whose shape fills
+    /// whole tiles (the rest stay f32). The output projection stays f32: it is a fifth of the
+    /// weights and a small part of the work (one row a prompt, and the beams), and its copy
+    /// would take an evaluation past 1 GB. Their results are those of
+    /// the weights and inputs rounded to bf16, summed in f32 ([`super::amx`]). Returns the bytes
+    /// packed.
+    pub fn attach_bf16_prefill(&mut self) -> anyhow::Result<usize> {
+        anyhow::ensure!(
+            self.device.is_cpu() && self.dtype == DType::F32,
+            "--bf16-prefill runs on the CPU in f32 (the model is on {:?} in {:?})",
+            self.device,
+            self.dtype
+        );
+        anyhow::ensure!(
+            super::amx::available(),
+            "--bf16-prefill needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later), and this one has none"
+        );
+        let mut bytes = 0;
+        for lin in self.linears_mut() {
+            lin.bf16 = PackedBf16::pack(&lin.weight)?;
+            bytes += lin.bf16.as_ref().map_or(0, PackedBf16::bytes);
+        }
+        anyhow::ensure!(bytes > 0, "--bf16-prefill: no weight of this model fills whole tiles (sides multiples of 32)");
+        Ok(bytes)
+    }
+
     /// The bytes of quantised blocks attached (0 without `--quantized-base`).
     pub fn quantized_base_bytes(&self) -> usize {
         self.linears().filter_map(|l| l.blocks.as_ref()).chain(&self.head_blocks).map(QuantRows::bytes).sum()
@@ -741,7 +776,7 @@ impl CausalLm {
         let hidden = hidden.reshape((rows, self.config.hidden_size))?;
         // Hidden states that carry gradients keep the differentiable matmul.
         let base_mode = Mode { adapter: false, grad: hidden.track_op(), dropout: None };
-        let mut logits = matmul_wt(&hidden, head, self.head_blocks.as_ref(), base_mode)?;
+        let mut logits = matmul_wt(&hidden, head, self.head_blocks.as_ref(), None, base_mode)?;
         if let Some(added) = self.new_rows(mode)? {
             logits = Tensor::cat(&[&logits, &hidden.matmul(&added.t()?)?], 1)?;
         }

@@ -51,7 +51,7 @@ impl Recommender for BorrowedLlm<'_> {
             bail!(Interrupted);
         }
         if let Some((trie, beams)) = &self.beam_next {
-            let (_, ranked) = rank_next_checkins(self.model, self.tokenizer, trie, ds, &self.prompt, batch, *beams)?;
+            let (_, ranked) = rank_next_checkins(self.model, self.tokenizer, trie, ds, &self.prompt, batch, *beams, None)?;
             let k = self.prompt.k;
             return Ok(ranked
                 .into_iter()

@@ -3,7 +3,7 @@
 //! batched generation against one-by-one generation.
 
 use candle_core::{DType, Device, Tensor};
-use refine_poi::generate::{SamplingConfig, generate_seeded};
+use refine_poi::generate::{LastPrompt, SamplingConfig, generate_seeded, prefill_each};
 use refine_poi::model::tiny::{tiny_config, write_tiny_model};
 use refine_poi::model::{KvCache, LoadedModel, LoraConfig, Mode, ModelSource, load_on};
 use refine_poi::selfcheck::{lora_finite_differences, randomize_lora_b};
@@ -272,6 +272,39 @@ fn common_prompt_beginning_prefilled_once_equals_full_forward() {
             let d = max_diff(&got[r..r + 1], &want[want.len() - 1..]);
             assert!(d < 1e-4, "step {step}, row {r}: {d}");
         }
+    }
+}
+
+/// Each prompt reads the keys and values of the beginning it shares with the prompt before it,
+/// in its batch or (through `LastPrompt`) the batch before, as a user's consecutive instances
+/// do: its last logits, and a step decoded after it, equal those of the prompt run alone.
+#[test]
+fn prompts_read_the_beginning_they_share_with_the_one_before() {
+    let (_d, mut m) = tiny("llama", DType::F32);
+    m.model.attach_lora(&LoraConfig::default(), 3).unwrap();
+    randomize_lora_b(&m, 4, 0.3).unwrap();
+    let dev = Device::Cpu;
+    let history = ids(&m, "a user's check-ins, one after the other, long enough to share");
+    assert!(history.len() >= 16, "the shared history must be long enough to be read");
+    let mut prompts: Vec<Vec<u32>> = ["then e", "then e, f", "g"].iter().map(|s| [history.clone(), ids(&m, s)].concat()).collect();
+    prompts.push(ids(&m, "another user, who shares nothing with them"));
+    // The first batch's second prompt reads the first's; the second batch's first reads the
+    // first batch's last, and its second (sharing nothing) is prefilled whole.
+    let mut last = LastPrompt::default();
+    let (_, first) = prefill_each(&m.model, &prompts[..2], Mode::INFERENCE, Some(&mut last)).unwrap();
+    let (caches, second) = prefill_each(&m.model, &prompts[2..], Mode::INFERENCE, Some(&mut last)).unwrap();
+    for (i, (p, got)) in prompts.iter().zip(first.iter().chain(&second)).enumerate() {
+        let want = logits(&m, p, Mode::INFERENCE);
+        let d = max_diff(std::slice::from_ref(got), &want[want.len() - 1..]);
+        assert!(d < 1e-5, "prompt {i}: {d}");
+    }
+    let mut cache = KvCache::share_consumed(caches, &[0, 1], 1).unwrap();
+    let t = Tensor::new(&[7u32, 9], &dev).unwrap().unsqueeze(1).unwrap();
+    let got = m.model.forward_last(&t, None, Some(&mut cache), Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
+    for (row, (p, next)) in [(2usize, 7u32), (3, 9)].into_iter().enumerate() {
+        let want = logits(&m, &[prompts[p].clone(), vec![next]].concat(), Mode::INFERENCE);
+        let d = max_diff(&got[row..row + 1], &want[want.len() - 1..]);
+        assert!(d < 1e-5, "a step after prompt {p}: {d}");
     }
 }
 

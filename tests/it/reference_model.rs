@@ -197,3 +197,46 @@ fn the_quantised_base_decodes_exactly_as_the_f32_weights() {
         assert_eq!(step(&dense), step(&quant), "{rows} rows");
     }
 }
+
+/// `--bf16-prefill`: a prompt's products in bf16 on AMX tiles move the next-token log-probs by
+/// the rounding of the weights and activations to bf16, within the tolerance docs/performance.md
+/// states, and leave the greedy continuation the reference gives. Counted as skipped on CPUs
+/// without AMX-BF16.
+#[test]
+fn the_bf16_prefill_stays_within_its_tolerance_of_f32() {
+    let Some(path) = default_model_path() else { return };
+    if !model::amx::available() {
+        eprintln!("skipped: this CPU has no AMX-BF16");
+        return;
+    }
+    let load = |bf16| {
+        let mut m = model::load_on(&ModelSource::Gguf(path.clone()), &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+        if bf16 {
+            let bytes = m.model.attach_bf16_prefill().unwrap();
+            assert!((200_000_000..220_000_000).contains(&bytes), "{bytes} bytes of bf16 layers");
+        }
+        m
+    };
+    let (dense, tiles) = (load(false), load(true));
+    let long = fixture("smollm2_135m_tokenizer_and_logits.json")["long_prompt"].clone();
+    let prompt = ids(&long["ids"]);
+    let logprobs = |m: &LoadedModel| {
+        let ids = candle_core::Tensor::new(prompt.as_slice(), m.model.device()).unwrap().unsqueeze(0).unwrap();
+        let logits = m.model.forward_last(&ids, None, None, Mode::INFERENCE).unwrap();
+        candle_nn::ops::log_softmax(&logits, 1).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (logprobs(&dense), logprobs(&tiles));
+    // The 50 likeliest tokens under f32.
+    let mut order: Vec<usize> = (0..a.len()).collect();
+    order.sort_by(|&i, &j| a[j].total_cmp(&a[i]));
+    let worst = order[..50].iter().map(|&i| (a[i] - b[i]).abs()).fold(0f32, f32::max);
+    eprintln!("bf16 prefill: largest log-prob change among the 50 likeliest tokens {worst}");
+    assert!(worst < BF16_PREFILL_TOLERANCE, "log-probs moved by {worst}");
+    let greedy =
+        generate(&tiles.model, &tiles.tokenizer, std::slice::from_ref(&prompt), 1, &SamplingConfig::greedy(12), Mode::INFERENCE).unwrap();
+    assert_eq!(greedy[0][0].tokens, ids(&long["greedy_12_ids"]));
+}
+
+/// The largest change of a next-token log-prob (among the likeliest) that bf16 prefill may
+/// make on the reference prompt (docs/performance.md).
+const BF16_PREFILL_TOLERANCE: f32 = 0.1;

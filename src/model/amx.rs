@@ -1,0 +1,293 @@
+//! `y = x Wᵀ` in bf16 on the CPU's AMX tiles: the frozen base's products of many rows without
+//! gradients (prompts, the wide steps of `eval --beam-next`) under `--bf16-prefill`.
+//!
+//! One tile multiply (`tdpbf16ps`) takes 16 rows × 32 bf16 of x and 32 × 16 bf16 of W and adds
+//! their products to 16 × 16 f32 sums: 16,384 FLOPs an instruction, where an AVX-512 FMA does 32.
+//! The weights are rounded to bf16 once, at load, and packed in the tiles' layout; each call
+//! rounds x to bf16 (to nearest, ties to even) into a buffer padded to whole tiles. The sums stay
+//! f32, so the result is x and W rounded to bf16, multiplied exactly and summed in f32: it differs
+//! from the f32 product only by the rounding of the inputs (a relative 2⁻⁹ at most each).
+//!
+//! The instructions are written with `asm!` (Rust's AMX intrinsics are unstable). Linux hands a
+//! process the tile registers only on request ([`available`] asks once).
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+/// Rows of a tile, and the bf16 values of a tile row (64 bytes).
+const TILE_ROWS: usize = 16;
+const TILE_K: usize = 32;
+/// x rows and W rows (outputs) a task computes together: 2 × 2 tiles of sums.
+const BLOCK: usize = 2 * TILE_ROWS;
+/// Outputs per task: enough tasks to share out, few enough tile configurations.
+const CHUNK: usize = 4 * BLOCK;
+
+/// Whether this CPU has AMX-BF16 and Linux granted this process the tile registers.
+pub fn available() -> bool {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    *AMX.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> bool {
+    // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+    let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+    if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+        return false;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> bool {
+    false
+}
+
+/// f32 to bf16, rounded to nearest with ties to even (what `vcvtneps2bf16` does); NaN stays NaN.
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() { ((b >> 16) | 0x40) as u16 } else { ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16 }
+}
+
+/// A frozen (out, in) weight rounded to bf16 in the tiles' layout: for each 16 outputs, for each
+/// 32 inputs, a 16 × 16 tile of pairs whose row p holds, for each output, its weights at inputs
+/// 2p and 2p + 1 (the layout `tdpbf16ps` reads its second operand in).
+#[derive(Debug, Clone)]
+pub struct PackedBf16 {
+    out: usize,
+    inp: usize,
+    data: Vec<u16>,
+}
+
+impl PackedBf16 {
+    /// Packs a contiguous f32 (out, in) CPU weight; `None` for any other, and unless the outputs
+    /// are a multiple of 32 and the inputs of 32.
+    pub fn pack(w: &Tensor) -> candle_core::Result<Option<Self>> {
+        let (out, inp) = w.dims2()?;
+        if out % BLOCK != 0 || inp % TILE_K != 0 || out == 0 || inp == 0 {
+            return Ok(None);
+        }
+        if w.dtype() != DType::F32 || !w.is_contiguous() {
+            return Ok(None);
+        }
+        // Read in place: a copy of the output projection would add its 113 MB to the peak.
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)) = &*storage else { return Ok(None) };
+        let w = &all[layout.start_offset()..layout.start_offset() + out * inp];
+        let mut data = vec![0u16; out * inp];
+        let tile = TILE_ROWS * TILE_K;
+        data.par_chunks_mut(inp * TILE_ROWS).enumerate().for_each(|(nb, outputs)| {
+            for (kb, tile_data) in outputs.chunks_mut(tile).enumerate() {
+                for p in 0..TILE_ROWS {
+                    for c in 0..TILE_ROWS {
+                        let row = &w[(nb * TILE_ROWS + c) * inp + kb * TILE_K + 2 * p..];
+                        tile_data[p * TILE_K + 2 * c] = to_bf16(row[0]);
+                        tile_data[p * TILE_K + 2 * c + 1] = to_bf16(row[1]);
+                    }
+                }
+            }
+        });
+        Ok(Some(PackedBf16 { out, inp, data }))
+    }
+
+    /// (out, in).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// The tiles of outputs `16 nb ..` over inputs `32 kb ..`.
+    fn tile(&self, nb: usize, kb: usize) -> *const u16 {
+        self.data[(nb * (self.inp / TILE_K) + kb) * TILE_ROWS * TILE_K..].as_ptr()
+    }
+}
+
+/// The output, written by tasks at disjoint blocks.
+struct Out(*mut f32);
+unsafe impl Sync for Out {}
+
+/// `x` (rows, in), f32 on the CPU, times `w` transposed: (rows, out) f32. Errors unless
+/// [`available`].
+pub fn matmul_wt(x: &Tensor, w: &PackedBf16) -> candle_core::Result<Tensor> {
+    if !available() {
+        candle_core::bail!("bf16 tiles: this CPU has no AMX-BF16 (or Linux did not grant it)");
+    }
+    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
+        candle_core::bail!("bf16 tiles take f32 rows on the CPU");
+    }
+    let (m, k) = x.dims2()?;
+    if k != w.inp {
+        candle_core::bail!("bf16 tiles: rows of {k} against a weight of {:?}", w.dims());
+    }
+    let n = w.out;
+    let m_pad = m.div_ceil(BLOCK) * BLOCK;
+    let mut a = vec![0u16; m_pad * k];
+    {
+        let x = x.contiguous()?.flatten_all()?;
+        let x = x.to_vec1::<f32>()?;
+        a[..m * k].par_chunks_mut(k * BLOCK).zip(x.par_chunks(k * BLOCK)).for_each(|(dst, src)| {
+            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = to_bf16(s));
+        });
+    }
+    let mut y = vec![0f32; m * n];
+    let out = Out(y.as_mut_ptr());
+    let chunks = n.div_ceil(CHUNK);
+    (0..m_pad / BLOCK * chunks).into_par_iter().for_each(|task| {
+        let (mb, chunk) = (task / chunks, task % chunks);
+        let outputs = chunk * CHUNK..(chunk * CHUNK + CHUNK).min(n);
+        // Safety: `available()` holds; the task writes only rows mb·32.. (clipped to m) of
+        // columns `outputs`, which no other task writes; `a` and `w` hold whole tiles.
+        unsafe { block_row(&a, k, mb, w, outputs, &out, m, n) };
+    });
+    Tensor::from_vec(y, (m, n), &Device::Cpu)
+}
+
+/// The sums of x rows `32 mb ..` (32 rows of `a`, k wide) with outputs `outputs` (whole
+/// 32-wide blocks), written to rows `< m` of the (m, n) output.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_row(a: &[u16], k: usize, mb: usize, w: &PackedBf16, outputs: std::ops::Range<usize>, out: &Out, m: usize, n: usize) {
+    use std::arch::asm;
+    // Palette 1, every tile 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+    let mut config = Config([0; 64]);
+    config.0[0] = 1;
+    for t in 0..8 {
+        config.0[16 + 2 * t] = 64;
+        config.0[48 + t] = TILE_ROWS as u8;
+    }
+    let a0 = a[mb * BLOCK * k..].as_ptr();
+    let a1 = a[(mb * BLOCK + TILE_ROWS) * k..].as_ptr();
+    let full = (mb + 1) * BLOCK <= m;
+    let mut scratch = [0f32; BLOCK * BLOCK];
+    unsafe {
+        asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack));
+        for n0 in outputs.step_by(BLOCK) {
+            let nb = n0 / TILE_ROWS;
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            for kb in 0..k / TILE_K {
+                // tmm4, tmm5: x rows 0-15 and 16-31; tmm6, tmm7: outputs 0-15 and 16-31.
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}]",
+                    "tileloadd tmm5, [{a1} + {sa}]",
+                    "tileloadd tmm6, [{b0} + {sb}]",
+                    "tileloadd tmm7, [{b1} + {sb}]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0.add(kb * TILE_K),
+                    a1 = in(reg) a1.add(kb * TILE_K),
+                    sa = in(reg) k * 2,
+                    b0 = in(reg) w.tile(nb, kb),
+                    b1 = in(reg) w.tile(nb + 1, kb),
+                    sb = in(reg) TILE_K * 2,
+                    options(nostack, readonly),
+                );
+            }
+            // Whole blocks go straight to the output; the last, partial one through scratch.
+            let (dst, stride) = if full { (out.0.add(mb * BLOCK * n + n0), n) } else { (scratch.as_mut_ptr(), BLOCK) };
+            asm!(
+                "tilestored [{c0} + {s}], tmm0",
+                "tilestored [{c1} + {s}], tmm1",
+                "tilestored [{c2} + {s}], tmm2",
+                "tilestored [{c3} + {s}], tmm3",
+                c0 = in(reg) dst,
+                c1 = in(reg) dst.add(TILE_ROWS),
+                c2 = in(reg) dst.add(TILE_ROWS * stride),
+                c3 = in(reg) dst.add(TILE_ROWS * stride + TILE_ROWS),
+                s = in(reg) stride * 4,
+                options(nostack),
+            );
+            if !full {
+                for r in 0..m - mb * BLOCK {
+                    std::ptr::copy_nonoverlapping(scratch.as_ptr().add(r * BLOCK), out.0.add((mb * BLOCK + r) * n + n0), BLOCK);
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_row(_: &[u16], _: usize, _: usize, _: &PackedBf16, _: std::ops::Range<usize>, _: &Out, _: usize, _: usize) {
+    unreachable!("available() is false off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_bf16(b: u16) -> f64 {
+        f64::from(f32::from_bits(u32::from(b) << 16))
+    }
+
+    #[test]
+    fn rounding_to_bf16_is_to_nearest_ties_to_even() {
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1).
+        assert_eq!(to_bf16(1.0 + 2f32.powi(-8)), 0x3f80);
+        // 1 + 3·2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6: it goes up.
+        assert_eq!(to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
+        assert_eq!(to_bf16(1.0 + 2f32.powi(-8) + 2f32.powi(-20)), 0x3f81);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+        assert_eq!(to_bf16(f32::MAX), 0x7f80, "beyond bf16's largest value rounds to infinity");
+        assert!(f32::from_bits(u32::from(to_bf16(f32::NAN)) << 16).is_nan());
+        assert_eq!(to_bf16(-0.0), 0x8000);
+    }
+
+    #[test]
+    fn only_whole_tiles_are_packed() -> candle_core::Result<()> {
+        let w = |o, i| Tensor::zeros((o, i), DType::F32, &Device::Cpu);
+        assert!(PackedBf16::pack(&w(64, 96)?)?.is_some());
+        assert!(PackedBf16::pack(&w(48, 96)?)?.is_none(), "outputs come in blocks of 32");
+        assert!(PackedBf16::pack(&w(64, 80)?)?.is_none(), "inputs come in tiles of 32");
+        Ok(())
+    }
+
+    /// The tiles' sums are those of the bf16-rounded inputs, to f32 rounding: compared with
+    /// the same products summed in f64, within the bound of k f32 additions. Counted as skipped on CPUs without AMX-BF16.
+    #[test]
+    fn tile_products_are_the_bf16_inputs_summed_in_f32() -> candle_core::Result<()> {
+        if !available() {
+            eprintln!("skipped: this CPU has no AMX-BF16");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        for (m, k, n) in [(1, 32, 32), (17, 96, 64), (45, 576, 192), (64, 64, 160)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let packed = PackedBf16::pack(&w)?.expect("whole tiles");
+            let y = matmul_wt(&x, &packed)?.to_vec2::<f32>()?;
+            let (xs, ws) = (x.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+            for i in 0..m {
+                for j in 0..n {
+                    let terms: Vec<f64> = (0..k).map(|t| from_bf16(to_bf16(xs[i][t])) * from_bf16(to_bf16(ws[j][t]))).collect();
+                    let exact: f64 = terms.iter().sum();
+                    let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+                    let err = (f64::from(y[i][j]) - exact).abs();
+                    assert!(
+                        err <= k as f64 * f64::from(f32::EPSILON) * scale + 1e-30,
+                        "({m}, {k}, {n}) at ({i}, {j}): {} against {exact}",
+                        y[i][j]
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
