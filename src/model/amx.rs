@@ -118,9 +118,11 @@ impl PackedBf16 {
 struct Out(*mut f32);
 unsafe impl Sync for Out {}
 
-/// `x` (rows, in), f32 on the CPU, times `w` transposed: (rows, out) f32. Errors unless
+/// `x` (rows, in), f32 on the CPU, times `w` transposed: (rows, out) f32, plus `low Bᵀ` when an
+/// adapter's `(low, b)` is given: `low` (rows, r) its rank-r product of x, already scaled, and
+/// `b` (out, r) its second factor, added in f32 to each block of the result. Errors unless
 /// [`available`].
-pub fn matmul_wt(x: &Tensor, w: &PackedBf16) -> candle_core::Result<Tensor> {
+pub fn matmul_wt(x: &Tensor, w: &PackedBf16, adapter: Option<(&Tensor, &Tensor)>) -> candle_core::Result<Tensor> {
     if !available() {
         candle_core::bail!("bf16 tiles: this CPU has no AMX-BF16 (or Linux did not grant it)");
     }
@@ -141,6 +143,18 @@ pub fn matmul_wt(x: &Tensor, w: &PackedBf16) -> candle_core::Result<Tensor> {
             dst.iter_mut().zip(src).for_each(|(d, &s)| *d = to_bf16(s));
         });
     }
+    let adapter = match adapter {
+        Some((low, b)) => {
+            let (r, (bo, br)) = (low.dim(1)?, b.dims2()?);
+            if low.dim(0)? != m || bo != n || br != r {
+                candle_core::bail!("bf16 tiles: an adapter of {:?} and {:?} for ({m}, {n})", low.dims(), b.dims());
+            }
+            let low = low.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let bt = b.to_dtype(DType::F32)?.t()?.flatten_all()?.to_vec1::<f32>()?;
+            Some(LowRank { r, low, bt })
+        }
+        None => None,
+    };
     let mut y = vec![0f32; m * n];
     let out = Out(y.as_mut_ptr());
     let chunks = n.div_ceil(CHUNK);
@@ -149,9 +163,25 @@ pub fn matmul_wt(x: &Tensor, w: &PackedBf16) -> candle_core::Result<Tensor> {
         let outputs = chunk * CHUNK..(chunk * CHUNK + CHUNK).min(n);
         // Safety: `available()` holds; the task writes only rows mb·32.. (clipped to m) of
         // columns `outputs`, which no other task writes; `a` and `w` hold whole tiles.
-        unsafe { block_row(&a, k, mb, w, outputs, &out, m, n) };
+        unsafe { block_row(&a, k, mb, w, outputs.clone(), &out, m, n) };
+        if let Some(lr) = &adapter {
+            for row in mb * BLOCK..((mb + 1) * BLOCK).min(m) {
+                // Safety: the same rows and columns, written by this task alone.
+                let y = unsafe { std::slice::from_raw_parts_mut(out.0.add(row * n + outputs.start), outputs.len()) };
+                for (j, &l) in lr.low[row * lr.r..(row + 1) * lr.r].iter().enumerate() {
+                    y.iter_mut().zip(&lr.bt[j * n + outputs.start..j * n + outputs.end]).for_each(|(y, &b)| *y += l * b);
+                }
+            }
+        }
     });
     Tensor::from_vec(y, (m, n), &Device::Cpu)
+}
+
+/// An adapter's rank-r terms: `low` (rows, r) row-major, `bt` its B transposed, (r, out).
+struct LowRank {
+    r: usize,
+    low: Vec<f32>,
+    bt: Vec<f32>,
 }
 
 /// The sums of x rows `32 mb ..` (32 rows of `a`, k wide) with outputs `outputs` (whole
@@ -259,8 +289,9 @@ mod tests {
         Ok(())
     }
 
-    /// The tiles' sums are those of the bf16-rounded inputs, to f32 rounding: compared with
-    /// the same products summed in f64, within the bound of k f32 additions. Counted as skipped on CPUs without AMX-BF16.
+    /// The tiles' sums are those of the bf16-rounded inputs, plus an adapter's rank-r terms
+    /// where given, to f32 rounding: compared with the same products summed in f64, within the
+    /// bound of k + r f32 additions. Counted as skipped on CPUs without AMX-BF16.
     #[test]
     fn tile_products_are_the_bf16_inputs_summed_in_f32() -> candle_core::Result<()> {
         if !available() {
@@ -268,21 +299,26 @@ mod tests {
             return Ok(());
         }
         let dev = Device::Cpu;
-        for (m, k, n) in [(1, 32, 32), (17, 96, 64), (45, 576, 192), (64, 64, 160)] {
+        for (m, k, n, r) in [(1, 32, 32, 0), (17, 96, 64, 3), (45, 576, 192, 8), (64, 64, 160, 0)] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let (low, b) = (Tensor::randn(0f32, 1.0, (m, r), &dev)?, Tensor::randn(0f32, 1.0, (n, r), &dev)?);
             let packed = PackedBf16::pack(&w)?.expect("whole tiles");
-            let y = matmul_wt(&x, &packed)?.to_vec2::<f32>()?;
-            let (xs, ws) = (x.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+            let y = matmul_wt(&x, &packed, (r > 0).then_some((&low, &b)))?.to_vec2::<f32>()?;
+            let (xs, ws, ls, bs) = (x.to_vec2::<f32>()?, w.to_vec2::<f32>()?, low.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
             for i in 0..m {
                 for j in 0..n {
-                    let terms: Vec<f64> = (0..k).map(|t| from_bf16(to_bf16(xs[i][t])) * from_bf16(to_bf16(ws[j][t]))).collect();
+                    // The bf16 products, and the adapter's terms in f32.
+                    let terms: Vec<f64> = (0..k)
+                        .map(|t| from_bf16(to_bf16(xs[i][t])) * from_bf16(to_bf16(ws[j][t])))
+                        .chain((0..r).map(|t| f64::from(ls[i][t]) * f64::from(bs[j][t])))
+                        .collect();
                     let exact: f64 = terms.iter().sum();
                     let scale: f64 = terms.iter().map(|t| t.abs()).sum();
                     let err = (f64::from(y[i][j]) - exact).abs();
                     assert!(
                         err <= k as f64 * f64::from(f32::EPSILON) * scale + 1e-30,
-                        "({m}, {k}, {n}) at ({i}, {j}): {} against {exact}",
+                        "({m}, {k}, {n}, r {r}) at ({i}, {j}): {} against {exact}",
                         y[i][j]
                     );
                 }

@@ -156,8 +156,23 @@ impl Linear {
             return Ok(ys.remove(0));
         }
         let factors = self.factors(mode);
+        if let Some(packed) = &self.bf16
+            && !mode.grad
+        {
+            // The adapter's rank-r product is folded into each block of the tiles' result: no
+            // full-width delta to allocate and add.
+            let low = match &factors {
+                Some((a, b, scale)) => Some(((x2.matmul(&a.to_dtype(x2.dtype())?.t()?)? * *scale)?, b)),
+                None => None,
+            };
+            let mut y = super::amx::matmul_wt(&x2, packed, low.as_ref().map(|(low, b)| (low, *b)))?;
+            if let Some(bias) = &self.bias {
+                y = y.broadcast_add(bias)?;
+            }
+            return y.reshape(out_dims);
+        }
         let factors = factors.as_ref().map(|(a, b, s)| (a, b, *s));
-        let mut y = matmul_wt(&x2, &self.weight, self.blocks.as_ref(), self.bf16.as_ref(), mode)?;
+        let mut y = matmul_wt(&x2, &self.weight, self.blocks.as_ref(), mode)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -391,15 +406,11 @@ fn few_row_weight<'t>(w: &'t Tensor, blocks: Option<&'t QuantRows>) -> Weight<'t
 }
 
 /// `x W^T` for a frozen W (whose quantised `blocks`, if given, hold the same values): the
-/// few-row kernel when decoding, the bf16 tiles for wider products without gradients when W has
-/// them (`bf16`), a gradient-aware op when training on the CPU, gemm otherwise.
-fn matmul_wt(x: &Tensor, w: &Tensor, blocks: Option<&QuantRows>, bf16: Option<&PackedBf16>, mode: Mode) -> candle_core::Result<Tensor> {
+/// few-row kernel when decoding, a gradient-aware op when training on the CPU, gemm otherwise.
+fn matmul_wt(x: &Tensor, w: &Tensor, blocks: Option<&QuantRows>, mode: Mode) -> candle_core::Result<Tensor> {
     if !mode.grad {
         if let Some(y) = super::skinny::matmul_wt(x, few_row_weight(w, blocks))? {
             return Ok(y);
-        }
-        if let Some(packed) = bf16 {
-            return super::amx::matmul_wt(x, packed);
         }
     } else if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         return x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() });
@@ -667,6 +678,11 @@ impl CausalLm {
         Ok(bytes)
     }
 
+    /// The bytes of bf16 weights packed for the tiles (0 without `--bf16-prefill`).
+    pub fn bf16_prefill_bytes(&self) -> usize {
+        self.linears().filter_map(|l| l.bf16.as_ref()).map(PackedBf16::bytes).sum()
+    }
+
     /// The bytes of quantised blocks attached (0 without `--quantized-base`).
     pub fn quantized_base_bytes(&self) -> usize {
         self.linears().filter_map(|l| l.blocks.as_ref()).chain(&self.head_blocks).map(QuantRows::bytes).sum()
@@ -776,7 +792,7 @@ impl CausalLm {
         let hidden = hidden.reshape((rows, self.config.hidden_size))?;
         // Hidden states that carry gradients keep the differentiable matmul.
         let base_mode = Mode { adapter: false, grad: hidden.track_op(), dropout: None };
-        let mut logits = matmul_wt(&hidden, head, self.head_blocks.as_ref(), None, base_mode)?;
+        let mut logits = matmul_wt(&hidden, head, self.head_blocks.as_ref(), base_mode)?;
         if let Some(added) = self.new_rows(mode)? {
             logits = Tensor::cat(&[&logits, &hidden.matmul(&added.t()?)?], 1)?;
         }

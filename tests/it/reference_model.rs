@@ -209,15 +209,28 @@ fn the_bf16_prefill_stays_within_its_tolerance_of_f32() {
         eprintln!("skipped: this CPU has no AMX-BF16");
         return;
     }
-    let load = |bf16| {
+    let load = |bf16, adapter| {
         let mut m = model::load_on(&ModelSource::Gguf(path.clone()), &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+        if adapter {
+            m.model.attach_lora(&LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, ..Default::default() }, 5).unwrap();
+            // A non-zero B, so that the adapter's terms folded into the tiles' blocks count.
+            for (i, lin) in m.model.linears_mut().enumerate() {
+                let b = &lin.lora.as_ref().unwrap().b;
+                let wave = candle_core::Tensor::arange(0f32, b.elem_count() as f32, b.device())
+                    .unwrap()
+                    .affine(0.37, i as f64)
+                    .unwrap()
+                    .sin()
+                    .unwrap();
+                b.set(&(wave * 0.02).unwrap().reshape(b.shape()).unwrap()).unwrap();
+            }
+        }
         if bf16 {
             let bytes = m.model.attach_bf16_prefill().unwrap();
             assert!((200_000_000..220_000_000).contains(&bytes), "{bytes} bytes of bf16 layers");
         }
         m
     };
-    let (dense, tiles) = (load(false), load(true));
     let long = fixture("smollm2_135m_tokenizer_and_logits.json")["long_prompt"].clone();
     let prompt = ids(&long["ids"]);
     let logprobs = |m: &LoadedModel| {
@@ -225,16 +238,26 @@ fn the_bf16_prefill_stays_within_its_tolerance_of_f32() {
         let logits = m.model.forward_last(&ids, None, None, Mode::INFERENCE).unwrap();
         candle_nn::ops::log_softmax(&logits, 1).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()
     };
-    let (a, b) = (logprobs(&dense), logprobs(&tiles));
-    // The 50 likeliest tokens under f32.
-    let mut order: Vec<usize> = (0..a.len()).collect();
-    order.sort_by(|&i, &j| a[j].total_cmp(&a[i]));
-    let worst = order[..50].iter().map(|&i| (a[i] - b[i]).abs()).fold(0f32, f32::max);
-    eprintln!("bf16 prefill: largest log-prob change among the 50 likeliest tokens {worst}");
-    assert!(worst < BF16_PREFILL_TOLERANCE, "log-probs moved by {worst}");
-    let greedy =
-        generate(&tiles.model, &tiles.tokenizer, std::slice::from_ref(&prompt), 1, &SamplingConfig::greedy(12), Mode::INFERENCE).unwrap();
-    assert_eq!(greedy[0][0].tokens, ids(&long["greedy_12_ids"]));
+    for adapter in [false, true] {
+        let (dense, tiles) = (load(false, adapter), load(true, adapter));
+        let (a, b) = (logprobs(&dense), logprobs(&tiles));
+        // The 50 likeliest tokens under f32.
+        let mut order: Vec<usize> = (0..a.len()).collect();
+        order.sort_by(|&i, &j| a[j].total_cmp(&a[i]));
+        let worst = order[..50].iter().map(|&i| (a[i] - b[i]).abs()).fold(0f32, f32::max);
+        eprintln!("bf16 prefill (adapter: {adapter}): largest log-prob change among the 50 likeliest tokens {worst}");
+        assert!(worst < BF16_PREFILL_TOLERANCE, "log-probs moved by {worst} (adapter: {adapter})");
+        let greedy = |m: &LoadedModel| {
+            generate(&m.model, &m.tokenizer, std::slice::from_ref(&prompt), 1, &SamplingConfig::greedy(12), Mode::INFERENCE).unwrap()[0][0]
+                .tokens
+                .clone()
+        };
+        let continuation = greedy(&tiles);
+        assert_eq!(continuation, greedy(&dense), "adapter: {adapter}");
+        if !adapter {
+            assert_eq!(continuation, ids(&long["greedy_12_ids"]));
+        }
+    }
 }
 
 /// The largest change of a next-token log-prob (among the likeliest) that bf16 prefill may
