@@ -211,11 +211,12 @@ pub fn generate_constrained(
     collect(rows, prompts.len(), tokenizer, &cfg.stop)
 }
 
-/// The last prompt [`prefill_each`] prefilled, with its keys and values: the next call's first
-/// prompt reads the beginning it shares with it instead of recomputing it (a user's consecutive
-/// instances in an evaluation share the start of their history).
+/// The last prompt [`prefill_each`] prefilled, with the mode of that pass and its keys and
+/// values: the next call's first prompt, in the same mode, reads the beginning it shares with it
+/// instead of recomputing it (a user's consecutive instances in an evaluation share the start
+/// of their history).
 #[derive(Default)]
-pub struct LastPrompt(Option<(Vec<u32>, KvCache)>);
+pub struct LastPrompt(Option<(Vec<u32>, Mode, KvCache)>);
 
 /// Prefills each prompt into its own one-row cache and returns the caches with the logits of
 /// each prompt's last position. A prompt that begins as the one before it does (in `prompts`, or
@@ -233,7 +234,7 @@ pub fn prefill_each(
     let (mut caches, mut logits): (Vec<KvCache>, _) = (Vec::with_capacity(prompts.len()), Vec::with_capacity(prompts.len()));
     for (i, prompt) in prompts.iter().enumerate() {
         let before = match i {
-            0 => last.as_deref().and_then(|l| l.0.as_ref()).map(|(tokens, cache)| (tokens.as_slice(), cache)),
+            0 => last.as_deref().and_then(|l| l.0.as_ref()).filter(|l| l.1 == mode).map(|(tokens, _, cache)| (tokens.as_slice(), cache)),
             _ => Some((prompts[i - 1].as_slice(), &caches[i - 1])),
         };
         let reused = before.map_or(0, |(tokens, _)| reusable_prefix(tokens, prompt));
@@ -247,7 +248,7 @@ pub fn prefill_each(
         caches.push(cache);
     }
     if let (Some(last), Some(prompt), Some(cache)) = (last, prompts.last(), caches.last()) {
-        last.0 = Some((prompt.clone(), cache.continue_prefix(cache.len(), 1)?));
+        last.0 = Some((prompt.clone(), mode, cache.continue_prefix(cache.len(), 1)?));
     }
     Ok((caches, logits))
 }

@@ -298,6 +298,10 @@ fn prompts_read_the_beginning_they_share_with_the_one_before() {
         let d = max_diff(std::slice::from_ref(got), &want[want.len() - 1..]);
         assert!(d < 1e-5, "prompt {i}: {d}");
     }
+    // A pass in another mode (the adapter off) does not read the last prompt's keys and values.
+    let (_, reference) = prefill_each(&m.model, &prompts[3..], Mode::REFERENCE, Some(&mut last)).unwrap();
+    let want = logits(&m, &prompts[3], Mode::REFERENCE);
+    assert!(max_diff(&reference, &want[want.len() - 1..]) < 1e-5, "the reference pass read the adapter's keys");
     let mut cache = KvCache::share_consumed(caches, &[0, 1], 1).unwrap();
     let t = Tensor::new(&[7u32, 9], &dev).unwrap().unsqueeze(1).unwrap();
     let got = m.model.forward_last(&t, None, Some(&mut cache), Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
