@@ -76,13 +76,8 @@ impl PackedBf16 {
         if out % BLOCK != 0 || inp % TILE_K != 0 || out == 0 || inp == 0 {
             return Ok(None);
         }
-        if w.dtype() != DType::F32 || !w.is_contiguous() {
-            return Ok(None);
-        }
-        // Read in place: a copy of the output projection would add its 113 MB to the peak.
         let (storage, layout) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)) = &*storage else { return Ok(None) };
-        let w = &all[layout.start_offset()..layout.start_offset() + out * inp];
+        let Some(w) = f32_in_place(&storage, layout) else { return Ok(None) };
         let mut data = vec![0u16; out * inp];
         let tile = TILE_ROWS * TILE_K;
         data.par_chunks_mut(inp * TILE_ROWS).enumerate().for_each(|(nb, outputs)| {
@@ -114,6 +109,16 @@ impl PackedBf16 {
     }
 }
 
+/// The values of a contiguous f32 CPU tensor, read in place (a copy of the output projection
+/// would add its 113 MB to the peak, and a copy of the rows is a pass over them for nothing);
+/// `None` for any other tensor.
+fn f32_in_place<'s>(storage: &'s candle_core::Storage, layout: &candle_core::Layout) -> Option<&'s [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)), Some((start, end))) => Some(&all[start..end]),
+        _ => None,
+    }
+}
+
 /// The output, written by tasks at disjoint blocks.
 struct Out(*mut f32);
 unsafe impl Sync for Out {}
@@ -137,8 +142,9 @@ pub fn matmul_wt(x: &Tensor, w: &PackedBf16, adapter: Option<(&Tensor, &Tensor)>
     let m_pad = m.div_ceil(BLOCK) * BLOCK;
     let mut a = vec![0u16; m_pad * k];
     {
-        let x = x.contiguous()?.flatten_all()?;
-        let x = x.to_vec1::<f32>()?;
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let x = f32_in_place(&storage, layout).expect("a contiguous f32 CPU tensor");
         a[..m * k].par_chunks_mut(k * BLOCK).zip(x.par_chunks(k * BLOCK)).for_each(|(dst, src)| {
             dst.iter_mut().zip(src).for_each(|(d, &s)| *d = to_bf16(s));
         });

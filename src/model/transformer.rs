@@ -669,11 +669,10 @@ impl CausalLm {
             super::amx::available(),
             "--bf16-prefill needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later), and this one has none"
         );
-        let mut bytes = 0;
         for lin in self.linears_mut() {
             lin.bf16 = PackedBf16::pack(&lin.weight)?;
-            bytes += lin.bf16.as_ref().map_or(0, PackedBf16::bytes);
         }
+        let bytes = self.bf16_prefill_bytes();
         anyhow::ensure!(bytes > 0, "--bf16-prefill: no weight of this model fills whole tiles (sides multiples of 32)");
         Ok(bytes)
     }
