@@ -297,10 +297,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         serde_json::Value::Null
     };
-    // The same products on the AMX tiles, where the CPU has them: the rate `--bf16-prefill`
-    // prefills against.
-    let tiles = if model.device().is_cpu() && crate::model::amx::available() {
-        gemm(args.prompt_tokens, Weights::Bf16Tiles)?
+    // The same products in bf16 (AMX tiles or AVX512-BF16), where the CPU has either: the
+    // rate `--bf16-prefill` prefills against.
+    let tiles = if model.device().is_cpu() && crate::model::bf16::Isa::detect().is_some() {
+        gemm(args.prompt_tokens, Weights::Bf16)?
     } else {
         serde_json::Value::Null
     };
@@ -315,7 +315,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "dtype": format!("{:?}", model.dtype()),
         // `--quantized-base`: decoding (up to 16 rows) read the GGUF's blocks, prefill the f32 weights.
         "quantized_base_bytes": model.quantized_base_bytes(),
-        // `--bf16-prefill`: prompts multiplied on the AMX tiles from these bf16 weights.
+        // `--bf16-prefill`: prompts multiplied in bf16 (`cpu.bf16_kernels`) from these weights.
         "bf16_prefill_bytes": model.bf16_prefill_bytes(),
         "threads": rayon::current_num_threads(),
         "load_seconds": load_s,
@@ -332,10 +332,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "gemm_at_decode_batch_shapes": gemm_decode,
         "gemm_at_one_row": gemm(1, Weights::Dense)?,
         "q8_0_weights": quantized,
-        "bf16_tiles_at_prefill_shapes": tiles,
+        "bf16_at_prefill_shapes": tiles,
         "prefill_gflops": prefill_gflops,
         "prefill_share_of_gemm": prefill_gflops / limit(&gemm_prefill),
-        "prefill_share_of_bf16_tiles": prefill_gflops / limit(&tiles),
+        "prefill_share_of_bf16": prefill_gflops / limit(&tiles),
         "decode_batch_gflops": decode_g_gflops,
         "decode_batch_share_of_gemm": decode_g_gflops / limit(&gemm_decode),
         // Batch 1 is bound by reading the weights: their bytes read per second.

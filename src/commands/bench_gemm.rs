@@ -25,8 +25,8 @@ pub fn cpu_features() -> Value {
             "avx512f": std::is_x86_feature_detected!("avx512f"),
             "avx2": std::is_x86_feature_detected!("avx2"),
             "fma": std::is_x86_feature_detected!("fma"),
-            // AMX-BF16, granted by Linux: what `--bf16-prefill` runs on.
-            "amx_bf16": crate::model::amx::available(),
+            // What `--bf16-prefill` runs on: AMX-BF16 (granted by Linux), else AVX512-BF16, else none.
+            "bf16_kernels": crate::model::bf16::Isa::detect().map(|isa| isa.name()),
             // The project's own fused kernels (skinny matmul, softmax, SwiGLU): AVX2+FMA or portable.
             "fused_kernels": if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") { "avx2+fma" } else { "portable" },
             // Attention's scores and weighted sums over many keys, several heads at once.
@@ -93,9 +93,9 @@ pub enum Weights {
     /// what a quantised frozen base would run, timed beside the dense path so any machine shows
     /// whether one would pay.
     Q8_0,
-    /// Packed for the CPU's AMX tiles in bf16, the sums f32 (`--bf16-prefill`; CPUs with
-    /// AMX-BF16, shapes in multiples of 32).
-    Bf16Tiles,
+    /// Packed in bf16 for AMX tiles or AVX512-BF16, the sums f32 (`--bf16-prefill`; CPUs with
+    /// either, shapes in multiples of 32).
+    Bf16,
 }
 
 /// GFLOP/s of each of one layer's products at `tokens` rows (median of `repeats` timings of
@@ -123,10 +123,10 @@ pub fn gemm_at_model_shapes(
                 let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
                 Box::new(move || q.forward(&x))
             }
-            Weights::Bf16Tiles => {
+            Weights::Bf16 => {
                 let packed =
-                    crate::model::amx::PackedBf16::pack(&w)?.with_context(|| format!("{name}: ({n}, {k}) does not fill whole tiles"))?;
-                Box::new(move || crate::model::amx::matmul_wt(&x, &packed, None))
+                    crate::model::bf16::PackedBf16::pack(&w)?.with_context(|| format!("{name}: ({n}, {k}) does not fill whole tiles"))?;
+                Box::new(move || crate::model::bf16::matmul_wt(&x, &packed, None))
             }
         };
         // Warm-up, and enough products per timing (about 50 ms) that one product's noise does

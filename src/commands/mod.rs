@@ -38,9 +38,9 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub quantized_base: bool,
     /// Prompts (prefill) and other products of more than 16 rows without gradients (the wide
-    /// steps of `eval --beam-next`) multiply in bf16 on the CPU's AMX tiles: the base's weights
-    /// and the rows entering them rounded to bf16, the sums f32, the adapter f32. Faster where
-    /// the CPU has AMX-BF16 (an error elsewhere); log-probs move by the rounding
+    /// steps of `eval --beam-next`) multiply in bf16, on the CPU's AMX tiles or with AVX512-BF16:
+    /// the base's weights and the rows entering them rounded to bf16, the sums f32, the adapter
+    /// f32. For CPUs with AMX-BF16 or AVX512-BF16 (an error elsewhere); log-probs move by the rounding
     /// (docs/performance.md). Inference only: training stays f32.
     #[arg(long, global = true)]
     pub bf16_prefill: bool,

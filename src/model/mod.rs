@@ -1,8 +1,8 @@
 //! The model: where it comes from (a GGUF file, a Hugging Face folder, or a hub repo id), the
 //! network itself with LoRA, its tokenizer, and the KV cache.
 
-pub mod amx;
 pub mod attention_cpu;
+pub mod bf16;
 pub mod config;
 pub mod gguf;
 pub mod kv_cache;
@@ -132,7 +132,8 @@ pub struct Placement {
     pub dtype: Option<DType>,
     /// `--quantized-base`: decoding reads a GGUF's quantised blocks (see [`quant`]).
     pub quantized_base: bool,
-    /// `--bf16-prefill`: wide products without gradients run in bf16 on AMX tiles (see [`amx`]).
+    /// `--bf16-prefill`: wide products without gradients run in bf16 with f32 sums, on AMX tiles or
+    /// AVX512-BF16 (see [`bf16`]).
     pub bf16_prefill: bool,
 }
 

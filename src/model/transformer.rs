@@ -8,7 +8,7 @@
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::amx::PackedBf16;
+use super::bf16::PackedBf16;
 use super::config::ModelConfig;
 use super::kv_cache::{CachedKv, KvCache};
 use super::lora::{Lora, LoraConfig};
@@ -59,7 +59,7 @@ pub struct Linear {
     /// The weight's GGUF blocks, read instead of `weight` by few-row products without gradients
     /// (`--quantized-base`; the same values, a sixth of the memory traffic for Q4_1).
     pub blocks: Option<QuantRows>,
-    /// The weight rounded to bf16 in AMX tiles, read instead of `weight` by wider products
+    /// The weight rounded to bf16 in AMX tiles' layout, read instead of `weight` by wider products
     /// without gradients (`--bf16-prefill`).
     pub bf16: Option<PackedBf16>,
 }
@@ -165,7 +165,7 @@ impl Linear {
                 Some((a, b, scale)) => Some(((x2.matmul(&a.to_dtype(x2.dtype())?.t()?)? * *scale)?, b)),
                 None => None,
             };
-            let mut y = super::amx::matmul_wt(&x2, packed, low.as_ref().map(|(low, b)| (low, *b)))?;
+            let mut y = super::bf16::matmul_wt(&x2, packed, low.as_ref().map(|(low, b)| (low, *b)))?;
             if let Some(bias) = &self.bias {
                 y = y.broadcast_add(bias)?;
             }
@@ -652,11 +652,12 @@ impl CausalLm {
     }
 
     /// Gives the products of more than a few rows without gradients (prompts, wide decoding
-    /// steps) bf16 copies of the base's weights in AMX tiles: each linear layer whose shape fills
+    /// steps) bf16 copies of the base's weights, for AMX tiles or AVX512-BF16, whichever the CPU
+    /// has: each linear layer whose shape fills
     /// whole tiles (the rest stay f32). The output projection stays f32: it is a fifth of the
     /// weights and a small part of the work (one row a prompt, and the beams), and its copy
     /// would take an evaluation past 1 GB. Their results are those of
-    /// the weights and inputs rounded to bf16, summed in f32 ([`super::amx`]). Returns the bytes
+    /// the weights and inputs rounded to bf16, summed in f32 ([`super::bf16`]). Returns the bytes
     /// packed.
     pub fn attach_bf16_prefill(&mut self) -> anyhow::Result<usize> {
         anyhow::ensure!(
@@ -666,8 +667,8 @@ impl CausalLm {
             self.dtype
         );
         anyhow::ensure!(
-            super::amx::available(),
-            "--bf16-prefill needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later), and this one has none"
+            super::bf16::Isa::detect().is_some(),
+            "--bf16-prefill needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later) or AVX512-BF16 (AMD Zen 4 or later, Intel Cooper Lake), and this one has neither"
         );
         for lin in self.linears_mut() {
             lin.bf16 = PackedBf16::pack(&lin.weight)?;
@@ -677,7 +678,7 @@ impl CausalLm {
         Ok(bytes)
     }
 
-    /// The bytes of bf16 weights packed for the tiles (0 without `--bf16-prefill`).
+    /// The bytes of bf16 weights packed (0 without `--bf16-prefill`).
     pub fn bf16_prefill_bytes(&self) -> usize {
         self.linears().filter_map(|l| l.bf16.as_ref()).map(PackedBf16::bytes).sum()
     }

@@ -198,17 +198,17 @@ fn the_quantised_base_decodes_exactly_as_the_f32_weights() {
     }
 }
 
-/// `--bf16-prefill`: a prompt's products in bf16 on AMX tiles move the next-token log-probs by
-/// the rounding of the weights and activations to bf16, within the tolerance docs/performance.md
-/// states, and leave the greedy continuation the reference gives. Counted as skipped on CPUs
-/// without AMX-BF16.
+/// `--bf16-prefill`: a prompt's products in bf16 (AMX tiles or AVX512-BF16) move the next-token
+/// log-probs by the rounding of the weights and activations to bf16, within the tolerance
+/// docs/performance.md states, and leave the greedy continuation the reference gives. Counted as
+/// skipped on CPUs with neither.
 #[test]
 fn the_bf16_prefill_stays_within_its_tolerance_of_f32() {
     let Some(path) = default_model_path() else { return };
-    if !model::amx::available() {
-        eprintln!("skipped: this CPU has no AMX-BF16");
+    let Some(isa) = model::bf16::Isa::detect() else {
+        eprintln!("skipped: this CPU has neither AMX-BF16 nor AVX512-BF16");
         return;
-    }
+    };
     let load = |bf16, adapter| {
         let mut m = model::load_on(&ModelSource::Gguf(path.clone()), &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
         if adapter {
@@ -245,7 +245,7 @@ fn the_bf16_prefill_stays_within_its_tolerance_of_f32() {
         let mut order: Vec<usize> = (0..a.len()).collect();
         order.sort_by(|&i, &j| a[j].total_cmp(&a[i]));
         let worst = order[..50].iter().map(|&i| (a[i] - b[i]).abs()).fold(0f32, f32::max);
-        eprintln!("bf16 prefill (adapter: {adapter}): largest log-prob change among the 50 likeliest tokens {worst}");
+        eprintln!("bf16 prefill on {} (adapter: {adapter}): largest log-prob change among the 50 likeliest tokens {worst}", isa.name());
         assert!(worst < BF16_PREFILL_TOLERANCE, "log-probs moved by {worst} (adapter: {adapter})");
         let greedy = |m: &LoadedModel| {
             generate(&m.model, &m.tokenizer, std::slice::from_ref(&prompt), 1, &SamplingConfig::greedy(12), Mode::INFERENCE).unwrap()[0][0]
