@@ -109,12 +109,11 @@ impl CodeTrie {
     }
 
     /// The children of the code prefix `code` and their log-probabilities after it: the
-    /// log-softmax of `logits` (the next-token logits after the prefix) over the tokens that
-    /// continue some code.
+    /// log-softmax of `logits` (the next-token logits after the prefix, at the level's tokens
+    /// `tokens[level]` only, in their order) over the tokens that continue some code.
     fn child_logprobs(&self, code: &[u16], logits: &[f32]) -> Result<Vec<(u16, f64)>> {
-        let level = code.len();
         let children = &self.children[code];
-        let picked: Vec<f64> = children.iter().map(|&i| f64::from(logits[self.tokens[level][usize::from(i)] as usize])).collect();
+        let picked: Vec<f64> = children.iter().map(|&i| f64::from(logits[usize::from(i)])).collect();
         let max = picked.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let log_sum = max + picked.iter().map(|&l| (l - max).exp()).sum::<f64>().ln();
         ensure!(log_sum.is_finite(), "the model's logits over the codes are not finite");
@@ -168,7 +167,10 @@ fn search(
     last: Option<&mut LastPrompt>,
 ) -> Result<Vec<Vec<Beam>>> {
     ensure!(width > 0 && groups > 0, "a search needs at least one group of at least one beam");
-    let (caches, mut logits) = prefill_each(model, prompts, Mode::INFERENCE, last)?;
+    // Only a level's own tokens can follow: the logits are taken over them alone.
+    let heads = trie.tokens.iter().map(|tokens| model.head_rows(tokens, Mode::INFERENCE)).collect::<Result<Vec<_>>>()?;
+    let (caches, hidden) = prefill_each(model, prompts, Mode::INFERENCE, last)?;
+    let mut logits = model.logits_over(&Tensor::cat(&hidden, 0)?, &heads[0])?.to_vec2::<f32>()?;
     let mut cache = KvCache::share_consumed(caches, &(0..prompts.len()).collect::<Vec<_>>(), trie.levels)?;
     let mut beams: Vec<Vec<Beam>> =
         (0..prompts.len() * groups).map(|g| vec![Beam { row: g / groups, code: Vec::new(), logp: 0.0, key: 0.0 }]).collect();
@@ -201,7 +203,8 @@ fn search(
         if level + 1 < trie.levels {
             cache = cache.select_rows(&rows)?;
             let ids = Tensor::new(next.as_slice(), model.device())?.unsqueeze(1)?;
-            logits = model.forward_last(&ids, None, Some(&mut cache), Mode::INFERENCE)?.to_vec2::<f32>()?;
+            let hidden = model.forward_last_hidden(&ids, None, Some(&mut cache), Mode::INFERENCE)?;
+            logits = model.logits_over(&hidden, &heads[level + 1])?.to_vec2::<f32>()?;
         }
     }
     Ok(beams)

@@ -132,8 +132,9 @@ pub fn generate_constrained(
     let device = model.device();
     let mut rows: Vec<Row> = Vec::with_capacity(prompts.len() * samples);
     let mut first_logits = Vec::with_capacity(prompts.len() * samples);
-    let (caches, prompt_logits) = prefill_each(model, prompts, mode, None)?;
-    for (p, logits) in prompt_logits.into_iter().enumerate() {
+    let (caches, prompt_hidden) = prefill_each(model, prompts, mode, None)?;
+    for (p, hidden) in prompt_hidden.iter().enumerate() {
+        let logits = model.logits(hidden, mode)?.squeeze(0)?.to_vec1::<f32>()?;
         for s in 0..samples {
             rows.push(Row {
                 prompt: p,
@@ -218,8 +219,8 @@ pub fn generate_constrained(
 #[derive(Default)]
 pub struct LastPrompt(Option<(Vec<u32>, Mode, KvCache)>);
 
-/// Prefills each prompt into its own one-row cache and returns the caches with the logits of
-/// each prompt's last position. A prompt that begins as the one before it does (in `prompts`, or
+/// Prefills each prompt into its own one-row cache and returns the caches with the hidden state
+/// (1, hidden) of each prompt's last position. A prompt that begins as the one before it does (in `prompts`, or
 /// for the first, the `last` prompt of the call before) reads that beginning's keys and values
 /// instead of recomputing them: prompts that share their system text and instructions, a user's
 /// consecutive instances. `last` then keeps this call's last prompt.
@@ -228,10 +229,10 @@ pub fn prefill_each(
     prompts: &[Vec<u32>],
     mode: Mode,
     last: Option<&mut LastPrompt>,
-) -> anyhow::Result<(Vec<KvCache>, Vec<Vec<f32>>)> {
+) -> anyhow::Result<(Vec<KvCache>, Vec<Tensor>)> {
     anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "a prompt is empty");
     let device = model.device();
-    let (mut caches, mut logits): (Vec<KvCache>, _) = (Vec::with_capacity(prompts.len()), Vec::with_capacity(prompts.len()));
+    let (mut caches, mut hidden): (Vec<KvCache>, _) = (Vec::with_capacity(prompts.len()), Vec::with_capacity(prompts.len()));
     for (i, prompt) in prompts.iter().enumerate() {
         let before = match i {
             0 => last.as_deref().and_then(|l| l.0.as_ref()).filter(|l| l.1 == mode).map(|(tokens, _, cache)| (tokens.as_slice(), cache)),
@@ -244,13 +245,13 @@ pub fn prefill_each(
             _ => model.new_cache(prompt.len()),
         };
         let ids = Tensor::new(&prompt[reused..], device)?.unsqueeze(0)?;
-        logits.push(model.forward_last(&ids, None, Some(&mut cache), mode)?.squeeze(0)?.to_vec1::<f32>()?);
+        hidden.push(model.forward_last_hidden(&ids, None, Some(&mut cache), mode)?);
         caches.push(cache);
     }
     if let (Some(last), Some(prompt), Some(cache)) = (last, prompts.last(), caches.last()) {
         last.0 = Some((prompt.clone(), mode, cache.continue_prefix(cache.len(), 1)?));
     }
-    Ok((caches, logits))
+    Ok((caches, hidden))
 }
 
 /// Below this many tokens a shared beginning is prefilled again: copying its keys and values

@@ -102,8 +102,11 @@ fn detect_amx() -> bool {
 
 /// f32 to bf16, rounded to nearest with ties to even (what `vcvtneps2bf16` does); NaN stays NaN.
 pub fn to_bf16(x: f32) -> u16 {
+    // Both computed and one selected: no branch, so a loop of them vectorises.
     let b = x.to_bits();
-    if x.is_nan() { ((b >> 16) | 0x40) as u16 } else { ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16 }
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let quiet_nan = (b >> 16) | 0x40;
+    (if x.is_nan() { quiet_nan } else { rounded }) as u16
 }
 
 /// A frozen (out, in) weight rounded to bf16 in the tiles' layout: for each 16 outputs, for each
@@ -215,7 +218,9 @@ fn matmul_wt_on(isa: Isa, x: &Tensor, w: &PackedBf16, adapter: Option<(&Tensor, 
             if low.dim(0)? != m || bo != n || br != r {
                 candle_core::bail!("bf16 products: an adapter of {:?} and {:?} for ({m}, {n})", low.dims(), b.dims());
             }
-            let low = low.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            // Padded to the rows of `a`: the kernels read whole row blocks.
+            let mut low = low.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            low.resize(m_pad * r, 0.0);
             let bt = b.to_dtype(DType::F32)?.t()?.flatten_all()?.to_vec1::<f32>()?;
             Some(LowRank { r, low, bt })
         }
@@ -234,13 +239,12 @@ fn matmul_wt_on(isa: Isa, x: &Tensor, w: &PackedBf16, adapter: Option<(&Tensor, 
         let rows = mb * BLOCK..((mb + 1) * BLOCK).min(m);
         // Safety: `isa` is supported; the task writes only `rows` of columns `outputs`, which
         // no other task writes; `a` holds whole row blocks of `isa` and `w` whole tiles.
-        unsafe {
-            match isa {
-                Isa::Amx => amx_block(&a, k, mb, w, outputs.clone(), &out, m, n),
-                Isa::Avx512Bf16 => dp_block(&a, k, rows.clone(), w, outputs.clone(), &out, n),
-            }
+        match isa {
+            Isa::Avx512Bf16 => unsafe { dp_block(&a, k, rows.clone(), w, outputs.clone(), &out, n, adapter.as_ref()) },
+            Isa::Amx => unsafe { amx_block(&a, k, mb, w, outputs.clone(), &out, m, n) },
         }
-        if let Some(lr) = &adapter {
+        // The tiles' sums leave the registers as whole tiles: the adapter's terms follow.
+        if let (Isa::Amx, Some(lr)) = (isa, &adapter) {
             for row in rows {
                 // Safety: the same rows and columns, written by this task alone.
                 let y = unsafe { std::slice::from_raw_parts_mut(out.0.add(row * n + outputs.start), outputs.len()) };
@@ -334,9 +338,11 @@ const DP_ROWS: usize = 8;
 const DP_GROUPS: usize = 3;
 
 /// With AVX512-BF16: the sums of x `rows` (of `a`, k wide, padded to whole kernels) with
-/// `outputs` (whole 16-output groups), written to the (·, n) output. Each weight group is read
-/// once for every 8 rows, from cache: a task's groups take 96 bytes an input pair.
+/// `outputs` (whole 16-output groups), plus the adapter's terms where given, written to the
+/// (·, n) output. Each weight group is read once for every 8 rows, from cache: a task's groups
+/// take 96 bytes an input pair.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn dp_block(
     a: &[u16],
     k: usize,
@@ -345,19 +351,22 @@ unsafe fn dp_block(
     outputs: std::ops::Range<usize>,
     out: &Out,
     n: usize,
+    adapter: Option<&LowRank>,
 ) {
     let groups = outputs.start / TILE_ROWS..outputs.end / TILE_ROWS;
     for g0 in groups.clone().step_by(DP_GROUPS) {
         let (width, group) = ((groups.end - g0).min(DP_GROUPS), w.group(g0));
         for r0 in rows.clone().step_by(DP_ROWS) {
             let (x, valid) = (a[r0 * k..].as_ptr(), (rows.end - r0).min(DP_ROWS));
-            // Safety: the caller's; rows r0.. of `a` are whole kernels, its outputs whole groups.
+            let low = adapter.map(|lr| (lr.low[r0 * lr.r..].as_ptr(), lr.r, lr.bt[g0 * TILE_ROWS..].as_ptr()));
+            // Safety: the caller's; rows r0.. of `a` (and of the adapter's `low`) are whole
+            // kernels, the outputs whole groups.
             unsafe {
                 let y = out.0.add(r0 * n + g0 * TILE_ROWS);
                 match width {
-                    3 => dp_kernel::<3>(x, k, group, y, n, valid),
-                    2 => dp_kernel::<2>(x, k, group, y, n, valid),
-                    _ => dp_kernel::<1>(x, k, group, y, n, valid),
+                    3 => dp_kernel::<3>(x, k, group, y, n, valid, low),
+                    2 => dp_kernel::<2>(x, k, group, y, n, valid, low),
+                    _ => dp_kernel::<1>(x, k, group, y, n, valid, low),
                 }
             }
         }
@@ -367,10 +376,20 @@ unsafe fn dp_block(
 /// 8 rows of x (from `x`, k wide) times `G` consecutive 16-output groups of packed weights (from
 /// `w`), the first `valid` rows' sums stored at `y` (row stride n). Row p of a group's tiles
 /// holds each output's weights at inputs 2p and 2p + 1: one vector for `vdpbf16ps` against the
-/// pair of x at the same inputs, broadcast.
+/// pair of x at the same inputs, broadcast. With `low` = (the adapter's rank-r rows at x's first
+/// row, r, its Bᵀ (r, n) at the first output), the rank-r terms are added in f32 while the sums
+/// are still in registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn dp_kernel<const G: usize>(x: *const u16, k: usize, w: *const u16, y: *mut f32, n: usize, valid: usize) {
+unsafe fn dp_kernel<const G: usize>(
+    x: *const u16,
+    k: usize,
+    w: *const u16,
+    y: *mut f32,
+    n: usize,
+    valid: usize,
+    low: Option<(*const f32, usize, *const f32)>,
+) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); G]; DP_ROWS];
     let group_stride = k * TILE_ROWS;
@@ -388,6 +407,20 @@ unsafe fn dp_kernel<const G: usize>(x: *const u16, k: usize, w: *const u16, y: *
             }
         }
     }
+    if let Some((low, rank, bt)) = low {
+        for j in 0..rank {
+            let mut b = [_mm512_setzero_ps(); G];
+            for (g, b) in b.iter_mut().enumerate() {
+                *b = unsafe { _mm512_loadu_ps(bt.add(j * n + g * TILE_ROWS)) };
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let l = _mm512_set1_ps(unsafe { *low.add(r * rank + j) });
+                for (acc, &b) in acc.iter_mut().zip(&b) {
+                    *acc = _mm512_fmadd_ps(l, b, *acc);
+                }
+            }
+        }
+    }
     for (r, acc) in acc.iter().enumerate().take(valid) {
         for (g, &acc) in acc.iter().enumerate() {
             unsafe { _mm512_storeu_ps(y.add(r * n + g * TILE_ROWS), acc) };
@@ -402,7 +435,17 @@ unsafe fn amx_block(_: &[u16], _: usize, _: usize, _: &PackedBf16, _: std::ops::
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dp_block(_: &[u16], _: usize, _: std::ops::Range<usize>, _: &PackedBf16, _: std::ops::Range<usize>, _: &Out, _: usize) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn dp_block(
+    _: &[u16],
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: &PackedBf16,
+    _: std::ops::Range<usize>,
+    _: &Out,
+    _: usize,
+    _: Option<&LowRank>,
+) {
     unreachable!("no instruction set is supported off x86-64")
 }
 

@@ -840,9 +840,44 @@ impl CausalLm {
 
     /// Logits of the last position only, (B, vocab): what generation needs.
     pub fn forward_last(&self, ids: &Tensor, pads: Option<&[usize]>, cache: Option<&mut KvCache>, mode: Mode) -> anyhow::Result<Tensor> {
+        self.logits(&self.forward_last_hidden(ids, pads, cache, mode)?, mode)
+    }
+
+    /// Hidden states of the last position only, (B, hidden), for [`Self::logits`] or
+    /// [`Self::logits_over`].
+    pub fn forward_last_hidden(
+        &self,
+        ids: &Tensor,
+        pads: Option<&[usize]>,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> anyhow::Result<Tensor> {
         let hidden = self.forward_hidden(ids, pads, cache, mode)?;
         let t = hidden.dim(1)?;
-        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?, mode)
+        Ok(hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// The output projection's rows of `tokens`, (tokens, hidden), added tokens' rows as a pass
+    /// in `mode` reads them: the head of [`Self::logits_over`].
+    pub fn head_rows(&self, tokens: &[u32], mode: Mode) -> anyhow::Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let (base, added) = (self.config.vocab_size, self.new_rows(mode)?);
+        let rows = tokens
+            .iter()
+            .map(|&t| match (t as usize).checked_sub(base) {
+                None => Ok(head.get(t as usize)?),
+                Some(i) if i < self.vocab_size() - base => Ok(added.as_ref().expect("added tokens have rows").get(i)?),
+                Some(_) => anyhow::bail!("token {t} is beyond the vocabulary ({})", self.vocab_size()),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+
+    /// Logits of `hidden` (N, hidden) at the tokens of `head` ([`Self::head_rows`]) only, (N,
+    /// tokens) in f32: where only a few tokens may follow (a code's next level), the rest of the
+    /// vocabulary's products are left out.
+    pub fn logits_over(&self, hidden: &Tensor, head: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(hidden.matmul(&head.t()?)?.to_dtype(DType::F32)?)
     }
 
     /// Rotary tables for rows that share the positions `start..start + t`, (t, hd / 2).

@@ -80,6 +80,29 @@ fn inference_with_an_adapter_records_no_graph() {
     assert!(!m.model.forward(&input, None, None, Mode::REFERENCE).unwrap().track_op(), "pinned reference");
 }
 
+/// Logits over a few tokens (a code's next level in beam search) are the full logits' columns
+/// at those tokens: base tokens, and added ones as each mode reads them.
+#[test]
+fn logits_over_some_tokens_are_those_columns_of_the_full_logits() {
+    let (_d, mut m) = tiny("llama", DType::F32);
+    m.model.attach_lora(&LoraConfig::default(), 1).unwrap();
+    m.add_tokens(vec!["<a0>".into(), "<a1>".into()], 2).unwrap();
+    randomize_lora_b(&m, 3, 0.3).unwrap();
+    let added = m.tokenizer.token_id("<a1>").unwrap();
+    let tokens = [added, 5, 0, added - 1];
+    let input = Tensor::new(ids(&m, "a prompt, then a step").as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    for mode in [Mode::INFERENCE, Mode::REFERENCE] {
+        let hidden = m.model.forward_last_hidden(&input, None, None, mode).unwrap();
+        let full = m.model.logits(&hidden, mode).unwrap().to_vec2::<f32>().unwrap();
+        let some = m.model.logits_over(&hidden, &m.model.head_rows(&tokens, mode).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        for (j, &t) in tokens.iter().enumerate() {
+            assert!((some[0][j] - full[0][t as usize]).abs() < 1e-5, "{mode:?}, token {t}: {} against {}", some[0][j], full[0][t as usize]);
+        }
+    }
+    let beyond = m.model.vocab_size() as u32;
+    assert!(m.model.head_rows(&[beyond], Mode::INFERENCE).unwrap_err().to_string().contains("beyond the vocabulary"));
+}
+
 /// Sum of next-token log-likelihoods of the sequence: the shape of every training loss here.
 #[test]
 fn a_pinned_reference_adapter_is_what_adapter_off_computes() {
@@ -293,15 +316,19 @@ fn prompts_read_the_beginning_they_share_with_the_one_before() {
     let mut last = LastPrompt::default();
     let (_, first) = prefill_each(&m.model, &prompts[..2], Mode::INFERENCE, Some(&mut last)).unwrap();
     let (caches, second) = prefill_each(&m.model, &prompts[2..], Mode::INFERENCE, Some(&mut last)).unwrap();
+    let last_logits = |h: &Tensor, mode| m.model.logits(h, mode).unwrap().to_vec2::<f32>().unwrap();
     for (i, (p, got)) in prompts.iter().zip(first.iter().chain(&second)).enumerate() {
         let want = logits(&m, p, Mode::INFERENCE);
-        let d = max_diff(std::slice::from_ref(got), &want[want.len() - 1..]);
+        let d = max_diff(&last_logits(got, Mode::INFERENCE), &want[want.len() - 1..]);
         assert!(d < 1e-5, "prompt {i}: {d}");
     }
     // A pass in another mode (the adapter off) does not read the last prompt's keys and values.
     let (_, reference) = prefill_each(&m.model, &prompts[3..], Mode::REFERENCE, Some(&mut last)).unwrap();
     let want = logits(&m, &prompts[3], Mode::REFERENCE);
-    assert!(max_diff(&reference, &want[want.len() - 1..]) < 1e-5, "the reference pass read the adapter's keys");
+    assert!(
+        max_diff(&last_logits(&reference[0], Mode::REFERENCE), &want[want.len() - 1..]) < 1e-5,
+        "the reference pass read the adapter's keys"
+    );
     let mut cache = KvCache::share_consumed(caches, &[0, 1], 1).unwrap();
     let t = Tensor::new(&[7u32, 9], &dev).unwrap().unsqueeze(1).unwrap();
     let got = m.model.forward_last(&t, None, Some(&mut cache), Mode::INFERENCE).unwrap().to_vec2::<f32>().unwrap();
