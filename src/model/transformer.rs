@@ -53,7 +53,11 @@ impl Mode {
 pub struct Linear {
     /// The Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj` (PEFT keys build on it).
     pub path: String,
-    pub weight: Tensor,
+    /// The f32 (or the model's dtype) weight, (out, in); `None` once released because neither
+    /// path reads it: the few-row products read `blocks` and the wider ones `bf16`.
+    weight: Option<Tensor>,
+    /// (out, in).
+    dims: (usize, usize),
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
     /// The weight's GGUF blocks, read instead of `weight` by few-row products without gradients
@@ -68,20 +72,36 @@ impl Linear {
     fn load(vb: &VarBuilder, path: &str, in_dim: usize, out_dim: usize, bias: bool) -> anyhow::Result<Self> {
         let weight = vb.get((out_dim, in_dim), &format!("{path}.weight"))?;
         let bias = if bias { Some(vb.get(out_dim, &format!("{path}.bias"))?) } else { None };
-        Ok(Linear { path: path.to_string(), weight, bias, lora: None, blocks: None, bf16: None })
+        Ok(Linear { path: path.to_string(), weight: Some(weight), dims: (out_dim, in_dim), bias, lora: None, blocks: None, bf16: None })
     }
 
     pub fn in_dim(&self) -> usize {
-        self.weight.dims()[1]
+        self.dims.1
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        self.dims.0
+    }
+
+    /// The dense weight; an error once released ([`CausalLm::attach_bf16_prefill`] with
+    /// `--quantized-base`), for what only it can do (training, export, products of more rows
+    /// than the few-row kernel takes in the model's dtype).
+    pub fn weight(&self) -> candle_core::Result<&Tensor> {
+        self.weight.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{}: its dense weight was released (--quantized-base with --bf16-prefill keep only the blocks and the bf16 copy), \
+                 and this product needs it",
+                self.path
+            ))
+        })
     }
 
     /// What the few-row kernel reads: the blocks when there are.
-    fn few_row_weight(&self) -> Weight<'_> {
-        few_row_weight(&self.weight, self.blocks.as_ref())
+    fn few_row_weight(&self) -> candle_core::Result<Weight<'_>> {
+        Ok(match &self.blocks {
+            Some(q) => Weight::Blocks(q),
+            None => Weight::Dense(self.weight()?),
+        })
     }
 
     /// The rate and seed of this layer's LoRA dropout in `mode`, if it drops anything.
@@ -114,14 +134,16 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, first.in_dim()))?;
         let factors: Vec<_> = layers.iter().map(|l| l.factors(mode)).collect();
-        let projections: Vec<_> = layers
+        let projections = layers
             .iter()
             .zip(&factors)
-            .map(|(l, f)| super::skinny::Projection {
-                weight: l.few_row_weight(),
-                lora: f.as_ref().map(|(a, b, scale)| super::skinny::LowRank { a, b, scale: *scale }),
+            .map(|(l, f)| {
+                Ok(super::skinny::Projection {
+                    weight: l.few_row_weight()?,
+                    lora: f.as_ref().map(|(a, b, scale)| super::skinny::LowRank { a, b, scale: *scale }),
+                })
             })
-            .collect();
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let Some(ys) = super::skinny::matmul_wt_many(&x2, &projections)? else { return Ok(None) };
         let mut out = Vec::with_capacity(layers.len());
         for (l, mut y) in layers.iter().zip(ys) {
@@ -149,7 +171,7 @@ impl Linear {
         {
             let dropout = self.dropout(lora, mode).map(|(p, seed)| super::train_ops::Dropout { p, seed });
             let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
-            let y = super::train_ops::lora_linear(&x2, &self.weight, self.bias.as_ref(), a, b, lora.scale, dropout)?;
+            let y = super::train_ops::lora_linear(&x2, self.weight()?, self.bias.as_ref(), a, b, lora.scale, dropout)?;
             return y.reshape(out_dims);
         }
         if let Some(mut ys) = Linear::forward_few_rows(&[self], x, mode)? {
@@ -172,7 +194,7 @@ impl Linear {
             return y.reshape(out_dims);
         }
         let factors = factors.as_ref().map(|(a, b, s)| (a, b, *s));
-        let mut y = matmul_wt(&x2, &self.weight, self.blocks.as_ref(), mode)?;
+        let mut y = matmul_wt(&x2, self.weight()?, self.blocks.as_ref(), mode)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -602,9 +624,9 @@ impl CausalLm {
                 // In f32, then back to the weight's dtype.
                 Some(l) => {
                     let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?;
-                    (lin.weight.to_dtype(delta.dtype())? + delta)?.to_dtype(lin.weight.dtype())?
+                    (lin.weight()?.to_dtype(delta.dtype())? + delta)?.to_dtype(lin.weight()?.dtype())?
                 }
-                None => lin.weight.clone(),
+                None => lin.weight()?.clone(),
             };
             out.push((format!("{}.weight", lin.path), weight));
             if let Some(bias) = &lin.bias {
@@ -629,22 +651,22 @@ impl CausalLm {
             self.device,
             self.dtype
         );
-        let fits = |q: &QuantRows, w: &Tensor, name: &str| -> anyhow::Result<()> {
-            anyhow::ensure!(w.dims2()? == q.dims(), "{name}: blocks of {:?} for a weight of {:?}", q.dims(), w.dims());
+        let fits = |q: &QuantRows, dims: (usize, usize), name: &str| -> anyhow::Result<()> {
+            anyhow::ensure!(dims == q.dims(), "{name}: blocks of {:?} for a weight of {dims:?}", q.dims());
             Ok(())
         };
         let mut attached = 0;
         for lin in self.linears_mut() {
             let name = format!("{}.weight", lin.path);
             if let Some(q) = blocks.remove(&name) {
-                fits(&q, &lin.weight, &name)?;
+                fits(&q, lin.dims, &name)?;
                 lin.blocks = Some(q);
                 attached += 1;
             }
         }
         let head_name = if self.lm_head.is_some() { "lm_head.weight" } else { "model.embed_tokens.weight" };
         if let Some(q) = blocks.remove(head_name) {
-            fits(&q, self.lm_head.as_ref().unwrap_or(&self.embed), head_name)?;
+            fits(&q, self.lm_head.as_ref().unwrap_or(&self.embed).dims2()?, head_name)?;
             self.head_blocks = Some(q);
             attached += 1;
         }
@@ -657,8 +679,10 @@ impl CausalLm {
     /// whole tiles (the rest stay f32). The output projection stays f32: it is a fifth of the
     /// weights and a small part of the work (one row a prompt, and the beams), and its copy
     /// would take an evaluation past 1 GB. Their results are those of
-    /// the weights and inputs rounded to bf16, summed in f32 ([`super::bf16`]). Returns the bytes
-    /// packed.
+    /// the weights and inputs rounded to bf16, summed in f32 ([`super::bf16`]). A layer that
+    /// also has its GGUF blocks (`--quantized-base`, attached first) releases its dense weight:
+    /// the few-row products read the blocks, the wider ones the bf16 copy, and nothing else
+    /// runs without gradients. Returns the bytes packed.
     pub fn attach_bf16_prefill(&mut self) -> anyhow::Result<usize> {
         anyhow::ensure!(
             self.device.is_cpu() && self.dtype == DType::F32,
@@ -671,7 +695,10 @@ impl CausalLm {
             "--bf16-prefill needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later) or AVX512-BF16 (AMD Zen 4 or later, Intel Cooper Lake), and this one has neither"
         );
         for lin in self.linears_mut() {
-            lin.bf16 = PackedBf16::pack(&lin.weight)?;
+            lin.bf16 = PackedBf16::pack(lin.weight()?)?;
+            if lin.bf16.is_some() && lin.blocks.is_some() {
+                lin.weight = None;
+            }
         }
         let bytes = self.bf16_prefill_bytes();
         anyhow::ensure!(bytes > 0, "--bf16-prefill: no weight of this model fills whole tiles (sides multiples of 32)");
@@ -691,9 +718,10 @@ impl CausalLm {
     /// The bytes of base weights a decoding step reads: each linear layer and the output
     /// projection, as blocks where they have them, else in the model's dtype.
     pub fn decode_weight_bytes(&self) -> usize {
-        let bytes = |w: &Tensor, blocks: Option<&QuantRows>| blocks.map_or(w.elem_count() * w.dtype().size_in_bytes(), QuantRows::bytes);
-        let head = bytes(self.lm_head.as_ref().unwrap_or(&self.embed), self.head_blocks.as_ref());
-        self.linears().map(|l| bytes(&l.weight, l.blocks.as_ref())).sum::<usize>() + head
+        let dense = self.dtype.size_in_bytes();
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let head = self.head_blocks.as_ref().map_or(head.elem_count() * dense, QuantRows::bytes);
+        self.linears().map(|l| l.blocks.as_ref().map_or(l.dims.0 * l.dims.1 * dense, QuantRows::bytes)).sum::<usize>() + head
     }
 
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
