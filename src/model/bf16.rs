@@ -230,7 +230,7 @@ fn matmul_wt_on(isa: Isa, x: &Tensor, w: &PackedBf16, adapter: Option<(&Tensor, 
     let out = Out(y.as_mut_ptr());
     let chunk = match isa {
         Isa::Amx => CHUNK,
-        Isa::Avx512Bf16 => 2 * DP_GROUPS * TILE_ROWS,
+        Isa::Avx512Bf16 => DP_CHUNK,
     };
     let chunks = n.div_ceil(chunk);
     (0..m.div_ceil(BLOCK) * chunks).into_par_iter().for_each(|task| {
@@ -336,6 +336,8 @@ unsafe fn amx_block(a: &[u16], k: usize, mb: usize, w: &PackedBf16, outputs: std
 /// of the 32 vector registers.
 const DP_ROWS: usize = 8;
 const DP_GROUPS: usize = 3;
+/// Outputs per AVX512-BF16 task: two kernels wide.
+const DP_CHUNK: usize = 2 * DP_GROUPS * TILE_ROWS;
 
 /// With AVX512-BF16: the sums of x `rows` (of `a`, k wide, padded to whole kernels) with
 /// `outputs` (whole 16-output groups), plus the adapter's terms where given, written to the
