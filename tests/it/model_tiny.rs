@@ -60,10 +60,7 @@ fn zero_b_adapter_leaves_logits_unchanged() {
 /// passes still record it.
 #[test]
 fn inference_with_an_adapter_records_no_graph() {
-    let (_d, mut m) = tiny("llama", DType::F32);
-    m.model.attach_lora(&LoraConfig::default(), 1).unwrap();
-    m.add_tokens(vec!["<a0>".into(), "<a1>".into()], 2).unwrap();
-    randomize_lora_b(&m, 3, 0.3).unwrap();
+    let (_d, mut m) = tiny_with_an_adapter_and_added_tokens();
     // More rows than the few-row kernel takes, so the prefill runs candle's ops; an added token.
     let mut tokens = ids(&m, "a prompt long enough for the batched path, then <a1>");
     assert!(tokens.len() > refine_poi::model::skinny::MAX_ROWS);
@@ -80,14 +77,20 @@ fn inference_with_an_adapter_records_no_graph() {
     assert!(!m.model.forward(&input, None, None, Mode::REFERENCE).unwrap().track_op(), "pinned reference");
 }
 
+/// A tiny llama with a LoRA adapter whose B is non-zero, and the added tokens `<a0>`, `<a1>`.
+fn tiny_with_an_adapter_and_added_tokens() -> (tempfile::TempDir, LoadedModel) {
+    let (d, mut m) = tiny("llama", DType::F32);
+    m.model.attach_lora(&LoraConfig::default(), 1).unwrap();
+    m.add_tokens(vec!["<a0>".into(), "<a1>".into()], 2).unwrap();
+    randomize_lora_b(&m, 3, 0.3).unwrap();
+    (d, m)
+}
+
 /// Logits over a few tokens (a code's next level in beam search) are the full logits' columns
 /// at those tokens: base tokens, and added ones as each mode reads them.
 #[test]
 fn logits_over_some_tokens_are_those_columns_of_the_full_logits() {
-    let (_d, mut m) = tiny("llama", DType::F32);
-    m.model.attach_lora(&LoraConfig::default(), 1).unwrap();
-    m.add_tokens(vec!["<a0>".into(), "<a1>".into()], 2).unwrap();
-    randomize_lora_b(&m, 3, 0.3).unwrap();
+    let (_d, m) = tiny_with_an_adapter_and_added_tokens();
     let added = m.tokenizer.token_id("<a1>").unwrap();
     let tokens = [added, 5, 0, added - 1];
     let input = Tensor::new(ids(&m, "a prompt, then a step").as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
