@@ -20,6 +20,8 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use super::skinny::LowRank;
+
 /// Rows of a tile, and the bf16 values of a tile row (64 bytes).
 const TILE_ROWS: usize = 16;
 const TILE_K: usize = 32;
@@ -180,11 +182,11 @@ fn f32_in_place<'s>(storage: &'s candle_core::Storage, layout: &candle_core::Lay
 struct Out(*mut f32);
 unsafe impl Sync for Out {}
 
-/// `x` (rows, in), f32 on the CPU, times `w` transposed: (rows, out) f32, plus `low Bᵀ` when an
-/// adapter's `(low, b)` is given: `low` (rows, r) its rank-r product of x, already scaled, and
-/// `b` (out, r) its second factor, added in f32 to each block of the result. On [`Isa::detect`]'s
+/// `x` (rows, in), f32 on the CPU, times `w` transposed: (rows, out) f32, plus the adapter's
+/// `scale (x Aᵀ) Bᵀ` where given, in f32: its rank-r product of x is computed beside the
+/// rounding of x, and its terms are added to each block of the result. On [`Isa::detect`]'s
 /// instruction set; an error without one.
-pub fn matmul_wt(x: &Tensor, w: &PackedBf16, adapter: Option<(&Tensor, &Tensor)>) -> candle_core::Result<Tensor> {
+pub fn matmul_wt(x: &Tensor, w: &PackedBf16, adapter: Option<LowRank>) -> candle_core::Result<Tensor> {
     let Some(isa) = Isa::detect() else {
         candle_core::bail!("bf16 products: this CPU has neither AMX-BF16 (granted by Linux) nor AVX512-BF16");
     };
@@ -192,7 +194,7 @@ pub fn matmul_wt(x: &Tensor, w: &PackedBf16, adapter: Option<(&Tensor, &Tensor)>
 }
 
 /// [`matmul_wt`] on `isa`, which must be supported.
-fn matmul_wt_on(isa: Isa, x: &Tensor, w: &PackedBf16, adapter: Option<(&Tensor, &Tensor)>) -> candle_core::Result<Tensor> {
+fn matmul_wt_on(isa: Isa, x: &Tensor, w: &PackedBf16, adapter: Option<LowRank>) -> candle_core::Result<Tensor> {
     assert!(isa.supported(), "{} is not supported here", isa.name());
     if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
         candle_core::bail!("bf16 products take f32 rows on the CPU");
@@ -203,30 +205,51 @@ fn matmul_wt_on(isa: Isa, x: &Tensor, w: &PackedBf16, adapter: Option<(&Tensor, 
     }
     let n = w.out;
     let m_pad = m.div_ceil(isa.row_block()) * isa.row_block();
-    let mut a = vec![0u16; m_pad * k];
+    let factors = match adapter {
+        Some(f) => {
+            let ((r, ak), (bo, br)) = (f.a.dims2()?, f.b.dims2()?);
+            if ak != k || bo != n || br != r {
+                candle_core::bail!("bf16 products: an adapter of {:?} and {:?} for ({m}, {k}) × ({n}, {k})ᵀ", f.a.dims(), f.b.dims());
+            }
+            let a = f.a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let bt = f.b.to_dtype(DType::F32)?.t()?.flatten_all()?.to_vec1::<f32>()?;
+            Some((r, a, bt, f.scale as f32))
+        }
+        None => None,
+    };
+    let r = factors.as_ref().map_or(0, |f| f.0);
+    // x rounded to bf16, and the adapter's rank-r product of x, by blocks of rows in parallel (a
+    // product of r outputs left to candle ran on one thread while the other waited). Both are
+    // padded to whole kernels with zeros.
+    // Every element of `a` is written below (rows past m with zeros): not zeroed first.
+    let mut a: Vec<u16> = Vec::with_capacity(m_pad * k);
+    let mut low = vec![0f32; m_pad * r.max(1)];
     {
         let x = x.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
         let x = f32_in_place(&storage, layout).expect("a contiguous f32 CPU tensor");
-        a[..m * k].par_chunks_mut(k * BLOCK).zip(x.par_chunks(k * BLOCK)).for_each(|(dst, src)| {
-            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = to_bf16(s));
+        let (rounded, pad) = a.spare_capacity_mut()[..m_pad * k].split_at_mut(m * k);
+        pad.iter_mut().for_each(|d| _ = d.write(0));
+        // One chunk of `low` for each block of rows (a dummy one without an adapter).
+        let low_rows = low.par_chunks_mut(r.max(1) * BLOCK);
+        rounded.par_chunks_mut(k * BLOCK).zip(x.par_chunks(k * BLOCK)).zip(low_rows).for_each(|((dst, src), low)| {
+            dst.iter_mut().zip(src).for_each(|(d, &s)| _ = d.write(to_bf16(s)));
+            if let Some((r, a, _, scale)) = &factors {
+                let rows = src.len() / k;
+                // dot_block writes (r, rows); `low` is (rows, r).
+                let mut by_factor = vec![0f32; r * rows];
+                super::skinny::dot_block(src, rows, a, k, &mut by_factor);
+                for (i, low) in low.chunks_exact_mut(*r).take(rows).enumerate() {
+                    low.iter_mut().enumerate().for_each(|(j, l)| *l = scale * by_factor[j * rows + i]);
+                }
+            }
         });
     }
-    let adapter = match adapter {
-        Some((low, b)) => {
-            let (r, (bo, br)) = (low.dim(1)?, b.dims2()?);
-            if low.dim(0)? != m || bo != n || br != r {
-                candle_core::bail!("bf16 products: an adapter of {:?} and {:?} for ({m}, {n})", low.dims(), b.dims());
-            }
-            // Padded to the rows of `a`: the kernels read whole row blocks.
-            let mut low = low.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            low.resize(m_pad * r, 0.0);
-            let bt = b.to_dtype(DType::F32)?.t()?.flatten_all()?.to_vec1::<f32>()?;
-            Some(LowRank { r, low, bt })
-        }
-        None => None,
-    };
-    let mut y = vec![0f32; m * n];
+    // Safety: the m rows were rounded into `a` and the rows up to m_pad zeroed, above.
+    unsafe { a.set_len(m_pad * k) };
+    let adapter = factors.map(|(r, _, bt, _)| AdapterTerms { r, low, bt });
+    // Every (row, output) is written below by exactly one task: no need to zero it first.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let out = Out(y.as_mut_ptr());
     let chunk = match isa {
         Isa::Amx => CHUNK,
@@ -254,11 +277,14 @@ fn matmul_wt_on(isa: Isa, x: &Tensor, w: &PackedBf16, adapter: Option<(&Tensor, 
             }
         }
     });
+    // Safety: the tasks above cover rows 0..m and outputs 0..n (whole 32-wide blocks, as `w` is
+    // packed), each element stored once.
+    unsafe { y.set_len(m * n) };
     Tensor::from_vec(y, (m, n), &Device::Cpu)
 }
 
 /// An adapter's rank-r terms: `low` (rows, r) row-major, `bt` its B transposed, (r, out).
-struct LowRank {
+struct AdapterTerms {
     r: usize,
     low: Vec<f32>,
     bt: Vec<f32>,
@@ -353,7 +379,7 @@ unsafe fn dp_block(
     outputs: std::ops::Range<usize>,
     out: &Out,
     n: usize,
-    adapter: Option<&LowRank>,
+    adapter: Option<&AdapterTerms>,
 ) {
     let groups = outputs.start / TILE_ROWS..outputs.end / TILE_ROWS;
     for g0 in groups.clone().step_by(DP_GROUPS) {
@@ -446,7 +472,7 @@ unsafe fn dp_block(
     _: std::ops::Range<usize>,
     _: &Out,
     _: usize,
-    _: Option<&LowRank>,
+    _: Option<&AdapterTerms>,
 ) {
     unreachable!("no instruction set is supported off x86-64")
 }
@@ -483,10 +509,11 @@ mod tests {
     }
 
     /// On each instruction set this CPU has, the sums are those of the bf16-rounded inputs, plus
-    /// an adapter's rank-r terms where given, to f32 rounding: compared with the same products
-    /// summed in f64 (the portable reference), within the bound of k + r f32 additions. The
-    /// shapes cover partial row blocks, a single remaining output group, and rows beyond one
-    /// kernel. Counted as skipped on CPUs with neither.
+    /// an adapter's `scale (x Aᵀ) Bᵀ` in f32 where given, to f32 rounding: compared with the same
+    /// products summed in f64 (the portable reference), within the bound of the f32 additions
+    /// (k for the bf16 sums, k + r for the adapter's). The shapes cover partial row blocks, a
+    /// single remaining output group, and rows beyond one kernel and one task. Counted as
+    /// skipped on CPUs with neither.
     #[test]
     fn each_isa_sums_the_bf16_inputs_in_f32() -> candle_core::Result<()> {
         let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|isa| isa.supported()).collect();
@@ -495,30 +522,34 @@ mod tests {
             return Ok(());
         }
         let dev = Device::Cpu;
-        for (m, k, n, r) in [(1, 32, 32, 0), (17, 96, 64, 3), (45, 576, 192, 8), (64, 64, 160, 0), (9, 64, 224, 2)] {
+        for (m, k, n, r) in [(1, 32, 32, 0), (17, 96, 64, 3), (45, 576, 192, 8), (64, 64, 160, 0), (9, 64, 224, 2), (70, 64, 96, 1)] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-            let (low, b) = (Tensor::randn(0f32, 1.0, (m, r), &dev)?, Tensor::randn(0f32, 1.0, (n, r), &dev)?);
+            let (a, b, scale) = (Tensor::randn(0f32, 1.0, (r, k), &dev)?, Tensor::randn(0f32, 1.0, (n, r), &dev)?, 0.75);
             let packed = PackedBf16::pack(&w)?.expect("whole tiles");
-            let (xs, ws, ls, bs) = (x.to_vec2::<f32>()?, w.to_vec2::<f32>()?, low.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+            let (xs, ws, b_rows) = (x.to_vec2::<f32>()?, w.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+            let a_rows = a.to_vec2::<f32>()?;
             for &isa in &isas {
-                let y = matmul_wt_on(isa, &x, &packed, (r > 0).then_some((&low, &b)))?.to_vec2::<f32>()?;
+                let lora = (r > 0).then_some(LowRank { a: &a, b: &b, scale });
+                let y = matmul_wt_on(isa, &x, &packed, lora)?.to_vec2::<f32>()?;
                 for i in 0..m {
+                    // The adapter's rank-r product of row i, and the sum of its terms' sizes.
+                    let low: Vec<(f64, f64)> = a_rows
+                        .iter()
+                        .map(|a_t| {
+                            let terms = xs[i].iter().zip(a_t).map(|(&x, &a)| scale * f64::from(x) * f64::from(a));
+                            terms.fold((0.0, 0.0), |(sum, size), t| (sum + t, size + t.abs()))
+                        })
+                        .collect();
                     for j in 0..n {
-                        // The bf16 products, and the adapter's terms in f32.
-                        let terms: Vec<f64> = (0..k)
-                            .map(|t| from_bf16(to_bf16(xs[i][t])) * from_bf16(to_bf16(ws[j][t])))
-                            .chain((0..r).map(|t| f64::from(ls[i][t]) * f64::from(bs[j][t])))
-                            .collect();
-                        let exact: f64 = terms.iter().sum();
-                        let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+                        let products: f64 = (0..k).map(|t| from_bf16(to_bf16(xs[i][t])) * from_bf16(to_bf16(ws[j][t]))).sum();
+                        let product_size: f64 = (0..k).map(|t| (from_bf16(to_bf16(xs[i][t])) * from_bf16(to_bf16(ws[j][t]))).abs()).sum();
+                        let adapter: f64 = low.iter().zip(&b_rows[j]).map(|(&(l, _), &b)| l * f64::from(b)).sum();
+                        let adapter_size: f64 = low.iter().zip(&b_rows[j]).map(|(&(_, size), &b)| size * f64::from(b).abs()).sum();
+                        let exact = products + adapter;
+                        let bound = f64::from(f32::EPSILON) * (k as f64 * product_size + (k + r + 1) as f64 * adapter_size) + 1e-30;
                         let err = (f64::from(y[i][j]) - exact).abs();
-                        assert!(
-                            err <= (k + r) as f64 * f64::from(f32::EPSILON) * scale + 1e-30,
-                            "{} ({m}, {k}, {n}, r {r}) at ({i}, {j}): {} against {exact}",
-                            isa.name(),
-                            y[i][j]
-                        );
+                        assert!(err <= bound, "{} ({m}, {k}, {n}, r {r}) at ({i}, {j}): {} against {exact}", isa.name(), y[i][j]);
                     }
                 }
             }

@@ -185,7 +185,7 @@ fn dot_rows_expanded(xs: &[f32], rows: usize, q: &QuantRows, first: usize, out: 
 
 /// For every weight row j of `w` (n rows of `k`) and x row i of `xs` (`rows` rows of `k`):
 /// out[j * rows + i] = dot(x_i, w_j).
-fn dot_block(xs: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
+pub(super) fn dot_block(xs: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
     // The vector path reads raw pointers: these are the bounds it relies on.
     assert!(k > 0 && xs.len() >= rows * k && w.len().is_multiple_of(k) && out.len() == w.len() / k * rows, "dot_block: mismatched slices");
     #[cfg(target_arch = "x86_64")]

@@ -181,13 +181,10 @@ impl Linear {
         if let Some(packed) = &self.bf16
             && !mode.grad
         {
-            // The adapter's rank-r product is folded into each block of the tiles' result: no
+            // The adapter's rank-r terms are folded into each block of the result: no
             // full-width delta to allocate and add.
-            let low = match &factors {
-                Some((a, b, scale)) => Some(((x2.matmul(&a.to_dtype(x2.dtype())?.t()?)? * *scale)?, b)),
-                None => None,
-            };
-            let mut y = super::bf16::matmul_wt(&x2, packed, low.as_ref().map(|(low, b)| (low, *b)))?;
+            let lora = factors.as_ref().map(|(a, b, scale)| super::skinny::LowRank { a, b, scale: *scale });
+            let mut y = super::bf16::matmul_wt(&x2, packed, lora)?;
             if let Some(bias) = &self.bias {
                 y = y.broadcast_add(bias)?;
             }
