@@ -55,6 +55,47 @@ mod tests {
         assert!(causal_attention_with_prefix(&q, Some(bad), &k, &k, &pads).is_err());
     }
 
+    /// `n` values in [-0.5, 0.5) from a counter-based stream (`seed` advances by n).
+    fn uniform_values(seed: &mut u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed += 1;
+                (crate::seed::splitmix64(*seed) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// The decoding scores (a group's queries against key rows as stored) equal the plain
+    /// loop's, one query at a time, bit for bit on this CPU's build: whole blocks of 8 keys, a
+    /// remainder, head sizes the vector build declines (not a multiple of 8), scores written
+    /// into wider rows and nothing outside them.
+    #[test]
+    fn dot_scores_equal_the_plain_loop_bit_for_bit() {
+        let mut seed = 3u64;
+        let mut rand = |n: usize| uniform_values(&mut seed, n);
+        for d in [64usize, 128, 48, 8, 40] {
+            for n in [1usize, 7, 8, 9, 16, 31, 100] {
+                for heads in [1usize, 3] {
+                    // Scores into the middle of rows wider than the keys, as for a prefix's keys.
+                    let (stride, s_stride, col) = (d + 3, n + 5, 2);
+                    let (q, keys) = (rand(heads * d), rand(n * stride));
+                    let (mut got, mut want) = (vec![7f32; heads * s_stride], vec![7f32; heads * s_stride]);
+                    kernels::dot_scores(&q, d, &keys, stride, n, &mut got[col..], s_stride, 0.125);
+                    for (r, qr) in q.chunks_exact(d).enumerate() {
+                        kernels::dot_scores_plain(qr, &keys, stride, &mut want[r * s_stride + col..r * s_stride + col + n], 0.125);
+                    }
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "d {d} n {n}: {got:?} against {want:?}");
+                }
+            }
+        }
+        // A zero product summed alone keeps the plain loop's sign.
+        let (q, keys) = (vec![-0.0f32; 8], vec![0.0f32; 8 * 8]);
+        let (mut got, mut want) = (vec![1f32; 8], vec![1f32; 8]);
+        kernels::dot_scores(&q, 8, &keys, 8, 8, &mut got, 8, 1.0);
+        kernels::dot_scores_plain(&q, &keys, 8, &mut want, 1.0);
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{got:?} against {want:?}");
+    }
+
     /// Scores and weighted sums of several heads at once equal one head at a time, and every
     /// instruction set this CPU has gives the portable build's results, bit for bit: block
     /// ends under lane masks, head sizes the intrinsics skip (48), groups of 5 to 9 heads.
@@ -62,14 +103,7 @@ mod tests {
     fn attention_isas_agree_bit_for_bit() {
         use kernels::{Isa, Probs};
         let mut seed = 7u64;
-        let mut rand = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed += 1;
-                    (crate::seed::splitmix64(seed) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect()
-        };
+        let mut rand = |n: usize| uniform_values(&mut seed, n);
         let isas = Isa::available();
         assert_eq!(isas.last(), Some(&Isa::Portable));
         for d in [64usize, 128, 48] {
@@ -260,15 +294,13 @@ pub fn causal_attention_with_prefix(
                         if transpose {
                             kernels::scores(isa, group, &qg, &kts[bi * kv + g], l, first, s, scale);
                         } else {
-                            for (qrow, srow) in qg.chunks_exact(d).zip(s.chunks_exact_mut(n)) {
-                                if n_prefix > 0 {
-                                    let (at, stride) = key_at(kview, pk, bi, g, first);
-                                    kernels::dot_scores(qrow, &pk.expect("prefix view").data[at..], stride, &mut srow[..n_prefix], scale);
-                                }
-                                if n_own > 0 {
-                                    let (at, stride) = key_at(kview, None, bi, g, split);
-                                    kernels::dot_scores(qrow, &kview.data[at..], stride, &mut srow[n_prefix..], scale);
-                                }
+                            if n_prefix > 0 {
+                                let (at, stride) = key_at(kview, pk, bi, g, first);
+                                kernels::dot_scores(&qg, d, &pk.expect("prefix view").data[at..], stride, n_prefix, s, n, scale);
+                            }
+                            if n_own > 0 {
+                                let (at, stride) = key_at(kview, None, bi, g, split);
+                                kernels::dot_scores(&qg, d, &kview.data[at..], stride, n_own, &mut s[n_prefix..], n, scale);
                             }
                         }
                         for (sum, srow) in sums.iter_mut().zip(s.chunks_exact_mut(n)) {
@@ -444,27 +476,116 @@ pub(crate) mod kernels {
         }
     }
 
-    /// s[j] = scale * dot(q, row j), where row j starts at `j * stride` of `rows`.
-    pub fn dot_scores(q: &[f32], rows: &[f32], stride: usize, s: &mut [f32], scale: f32) {
+    /// The scores of several query rows (`q`, d values each: a group's heads) against the same
+    /// `keys` key rows as stored (key j at `j * stride` of `rows`): query r's score of key j,
+    /// `scale * dot(q_r, key j)`, at `s[r * s_stride + j]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dot_scores(q: &[f32], d: usize, rows: &[f32], stride: usize, keys: usize, s: &mut [f32], s_stride: usize, scale: f32) {
+        let queries = q.len() / d.max(1);
+        assert!(q.len() == queries * d && d > 0, "dot_scores: {} query values in rows of {d}", q.len());
+        if queries == 0 || keys == 0 {
+            return;
+        }
+        assert!((keys - 1) * stride + d <= rows.len(), "dot_scores: keys out of range");
+        assert!((queries - 1) * s_stride + keys <= s.len(), "dot_scores: scores out of range");
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                unsafe { dot_scores_avx2(q, rows, stride, s, scale) };
+                // SAFETY: the features were just detected; the bounds were asserted above.
+                unsafe {
+                    if std::is_x86_feature_detected!("avx512vl") {
+                        dot_scores_avx512vl(q, d, rows, stride, keys, s, s_stride, scale)
+                    } else {
+                        dot_scores_avx2(q, d, rows, stride, keys, s, s_stride, scale)
+                    }
+                };
                 return;
             }
         }
-        dot_scores_plain(q, rows, stride, s, scale)
+        for (r, qr) in q.chunks_exact(d).enumerate() {
+            dot_scores_plain(qr, rows, stride, &mut s[r * s_stride..r * s_stride + keys], scale);
+        }
     }
 
+    /// [`dot_scores_plain`]'s sums in its order, eight keys at a time: each key's eight lane
+    /// accumulators in one vector, the eight vectors transposed, so that adding the transposed
+    /// rows in order sums each key's lanes first to last, as the scalar loop does (and no key
+    /// waits on a chain of single additions). Every query row takes its turn on a block of keys
+    /// while the block is in L1: the keys stream from memory once for the group's heads.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA, and the slices are as [`dot_scores`] asserts.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_scores_avx2(q: &[f32], rows: &[f32], stride: usize, s: &mut [f32], scale: f32) {
-        dot_scores_plain(q, rows, stride, s, scale)
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot_scores_avx2(q: &[f32], d: usize, rows: &[f32], stride: usize, keys: usize, s: &mut [f32], s_stride: usize, scale: f32) {
+        // SAFETY: the caller's.
+        unsafe { dot_scores_blocks(q, d, rows, stride, keys, s, s_stride, scale) }
+    }
+
+    /// [`dot_scores_avx2`] compiled with AVX-512VL's 32 vector registers.
+    ///
+    /// # Safety
+    /// As [`dot_scores_avx2`], and the CPU has AVX-512F and AVX-512VL.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot_scores_avx512vl(
+        q: &[f32],
+        d: usize,
+        rows: &[f32],
+        stride: usize,
+        keys: usize,
+        s: &mut [f32],
+        s_stride: usize,
+        scale: f32,
+    ) {
+        // SAFETY: the caller's.
+        unsafe { dot_scores_blocks(q, d, rows, stride, keys, s, s_stride, scale) }
+    }
+
+    /// The body of the two builds above, inlined into each.
+    ///
+    /// # Safety
+    /// As [`dot_scores_avx2`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot_scores_blocks(q: &[f32], d: usize, rows: &[f32], stride: usize, keys: usize, s: &mut [f32], s_stride: usize, scale: f32) {
+        use std::arch::x86_64::*;
+
+        use crate::model::skinny::avx2::lane_sums8;
+        let whole = if d.is_multiple_of(LANES) { keys - keys % LANES } else { 0 };
+        // SAFETY (all intrinsics): the CPU has AVX2 and FMA; every load reads LANES floats of a
+        // chunk that holds them, every store 8 scores j..j + 8 < keys of a query's row.
+        unsafe {
+            // What the plain loop adds for its empty tail: what a float sum starts from.
+            let start = _mm256_set1_ps([0f32; 0].iter().sum::<f32>());
+            let sc = _mm256_set1_ps(scale);
+            for j in (0..whole).step_by(LANES) {
+                let block = &rows[j * stride..(j + LANES - 1) * stride + d];
+                for (r, qr) in q.chunks_exact(d).enumerate() {
+                    let mut acc = [_mm256_setzero_ps(); LANES];
+                    for (key, acc) in acc.iter_mut().enumerate() {
+                        let row = &block[key * stride..key * stride + d];
+                        for (qc, rc) in qr.chunks_exact(LANES).zip(row.chunks_exact(LANES)) {
+                            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(qc.as_ptr()), _mm256_loadu_ps(rc.as_ptr()), *acc);
+                        }
+                    }
+                    let score = _mm256_mul_ps(_mm256_add_ps(lane_sums8(acc), start), sc);
+                    _mm256_storeu_ps(s[r * s_stride + j..r * s_stride + j + LANES].as_mut_ptr(), score);
+                }
+            }
+        }
+        if whole < keys {
+            for (r, qr) in q.chunks_exact(d).enumerate() {
+                dot_scores_plain(qr, &rows[whole * stride..], stride, &mut s[r * s_stride + whole..r * s_stride + keys], scale);
+            }
+        }
     }
 
     #[inline(always)]
-    fn dot_scores_plain(q: &[f32], rows: &[f32], stride: usize, s: &mut [f32], scale: f32) {
+    pub(super) fn dot_scores_plain(q: &[f32], rows: &[f32], stride: usize, s: &mut [f32], scale: f32) {
         let d = q.len();
         for (j, x) in s.iter_mut().enumerate() {
             let row = &rows[j * stride..j * stride + d];

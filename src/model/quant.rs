@@ -211,7 +211,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, BlockFormat};
-    use crate::model::skinny::avx2::lane_sum;
+    use crate::model::skinny::avx2::{lane_sum, lane_sums8};
     use crate::model::skinny::weight_pairs;
 
     /// The f16 at the start of `bytes`, widened by the F16C instruction (exact, as every f16
@@ -345,6 +345,17 @@ mod avx2 {
                     }
                 }
             }
+        }
+        if R == 8 {
+            // Eight rows' sums of each weight row at once, in lane_sum's order.
+            let mut sums = [[0f32; P]; R];
+            for p in 0..P {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` holds 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), lane_sums8(std::array::from_fn(|q| acc[q][p]))) };
+                sums.iter_mut().zip(lanes).for_each(|(row, v)| row[p] = v);
+            }
+            return sums;
         }
         acc.map(|row| row.map(|v| lane_sum(v)))
     }

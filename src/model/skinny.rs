@@ -284,11 +284,68 @@ pub(super) mod avx2 {
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
         lanes.iter().sum()
     }
+
+    /// The sums of eight vectors' lanes, each first to last as [`lane_sum`] adds them (bit for
+    /// bit), as the lanes of one vector: the vectors transposed and added in order, instead of
+    /// eight chains of single additions.
+    #[target_feature(enable = "avx2")]
+    pub fn lane_sums8(v: [__m256; 8]) -> __m256 {
+        let start = _mm256_set1_ps([0f32; 0].iter().sum::<f32>());
+        transpose8(v).iter().fold(start, |sum, &lane| _mm256_add_ps(sum, lane))
+    }
+
+    /// An 8 × 8 block of floats transposed: lane l of vector k becomes lane k of vector l.
+    #[target_feature(enable = "avx2")]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // Pairs of rows interleaved, then fours, within each 128-bit half; then the halves swapped.
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) }
+        });
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let (base, e) = (i / 4 * 4, i % 4);
+            let (a, b) = (t[base + e / 2], t[base + 2 + e / 2]);
+            if e % 2 == 0 { _mm256_shuffle_ps::<0x44>(a, b) } else { _mm256_shuffle_ps::<0xEE>(a, b) }
+        });
+        std::array::from_fn(|l| {
+            if l < 4 { _mm256_permute2f128_ps::<0x20>(u[l], u[4 + l]) } else { _mm256_permute2f128_ps::<0x31>(u[l - 4], u[l]) }
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Eight lane sums at once are each lane_sum's, bit for bit: the order of the additions
+    /// shows in values of mixed sizes and signs, and in a sum of zeros' sign.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn eight_lane_sums_at_once_are_each_lane_sum() {
+        use std::arch::x86_64::*;
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: no AVX2");
+            return;
+        }
+        let mut seed = 11u64;
+        for round in 0..50 {
+            let values: Vec<f32> = (0..64)
+                .map(|i| {
+                    seed += 1;
+                    let r = (crate::seed::splitmix64(seed) >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    if round == 0 { if i % 2 == 0 { -0.0 } else { 0.0 } } else { r * 10f32.powi((i % 7) - 3) }
+                })
+                .collect();
+            // SAFETY: AVX2 was detected; each load reads 8 of the 64 values, the store 8 floats.
+            let (want, got) = unsafe {
+                let v: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(values[8 * k..].as_ptr()));
+                let mut got = [0f32; 8];
+                _mm256_storeu_ps(got.as_mut_ptr(), avx2::lane_sums8(v));
+                (v.map(|v| avx2::lane_sum(v)), got)
+            };
+            assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "round {round}: {got:?} against {want:?}");
+        }
+    }
 
     #[test]
     fn matches_general_matmul() {
