@@ -14,7 +14,7 @@ use crate::answer::AnswerIds;
 use crate::data::codebook::Codebook;
 use crate::data::{Checkin, Dataset, Instance, Poi};
 use crate::model::TextTokenizer;
-use crate::prompt::{PromptConfig, checkin_line_start, poi_name};
+use crate::prompt::{HistoryWindow, PromptConfig, checkin_line_start, poi_name};
 
 /// The prompt of ranking `inst`'s target by what the model writes next: its user's header, as
 /// many of the user's latest check-ins before the target as fit in `max_tokens` (their
@@ -50,17 +50,57 @@ pub fn user_next_checkin_prompt(
     let trajectories = ds.trajectories().iter().filter(|t| t.user == user).map(|t| ds.trajectory_checkins(t)).collect();
     let checkins = in_time_order(trajectories, before);
     ensure!(!checkins.is_empty(), "user {user} has no check-in before {}", crate::data::format_utc(before));
-    let mut lines: Vec<Vec<u32>> = Vec::new();
-    let mut room = max_tokens - header.len() - start.len();
-    for &(c, opens) in checkins.iter().rev() {
-        let ids = tokenizer.encode(&checkin_line(cfg, codebook, ds.pois(), c, opens)?.0, false)?;
-        if ids.len() > room {
-            break;
+    let room = max_tokens - header.len() - start.len();
+    let line = |&(c, opens): &(&Checkin, bool)| tokenizer.encode(&checkin_line(cfg, codebook, ds.pois(), c, opens)?.0, false);
+    let lines: Vec<Vec<u32>> = match cfg.history_window {
+        HistoryWindow::Latest => {
+            let (mut lines, mut room) = (Vec::new(), room);
+            for c in checkins.iter().rev() {
+                let ids = line(c)?;
+                if ids.len() > room {
+                    break;
+                }
+                room -= ids.len();
+                lines.push(ids);
+            }
+            lines.reverse();
+            lines
         }
-        room -= ids.len();
-        lines.push(ids);
+        HistoryWindow::Anchored => {
+            let mut lines = checkins.iter().map(line).collect::<Result<Vec<_>>>()?;
+            let first = anchored_start(&lines.iter().map(Vec::len).collect::<Vec<_>>(), room);
+            lines.drain(..first);
+            lines
+        }
+    };
+    Ok(header.into_iter().chain(lines.into_iter().flatten()).chain(start).collect())
+}
+
+/// The first line of an anchored window over lines of `lens` tokens that must fit in `room`:
+/// the earliest of the anchors (line 0, then the first line after each stretch of at least
+/// `room / 2` tokens) whose lines to the end fit. Anchors depend only on the lines before
+/// them, so a user's next prompt, one line longer, starts at the same line or a later anchor.
+/// With no anchor that fits (a line longer than half the room), none of the lines.
+fn anchored_start(lens: &[usize], room: usize) -> usize {
+    let mut anchors = vec![0];
+    let mut stretch = 0;
+    for (i, &len) in lens.iter().enumerate() {
+        if stretch >= room / 2 && stretch > 0 {
+            anchors.push(i);
+            stretch = 0;
+        }
+        stretch += len;
     }
-    Ok(header.into_iter().chain(lines.into_iter().rev().flatten()).chain(start).collect())
+    let mut after = lens.iter().sum::<usize>();
+    let mut at = 0;
+    for a in anchors {
+        after -= lens[at..a].iter().sum::<usize>();
+        at = a;
+        if after <= room {
+            return a;
+        }
+    }
+    lens.len()
 }
 
 /// The token budget of a next-check-in prompt: `max_prompt_tokens`, or with none the model's
@@ -101,4 +141,32 @@ pub fn checkin_line(
     let before = format!("{}{}", if opens { "\n" } else { "" }, checkin_line_start(cfg, c.local_time(), false));
     let named = before.len()..before.len() + name.len();
     Ok((format!("{before}{name}{suffix}\n"), named))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::anchored_start;
+
+    /// Hand-worked windows: anchors every half room from the first line; the earliest whose
+    /// lines to the end fit; a line too long for the room leaves none.
+    #[test]
+    fn anchored_windows_start_at_the_earliest_anchor_that_fits() {
+        // Lines of 5 tokens, room 20: anchors at lines 0, 2, 4, 6, 8 (every 10 tokens).
+        assert_eq!(anchored_start(&[5; 10], 20), 6, "50 tokens: from line 6, 20 fit");
+        assert_eq!(anchored_start(&[5; 11], 20), 8, "55 tokens: from 6 would be 25; from 8, 15");
+        assert_eq!(anchored_start(&[5; 4], 20), 0, "the whole history fits");
+        assert_eq!(anchored_start(&[], 20), 0);
+        assert_eq!(anchored_start(&[30], 20), 1, "a line longer than the room: none shown");
+        // One line more never moves the start back, and the window keeps at least half the room
+        // less a line.
+        let lens: Vec<usize> = (0..200).map(|i| 4 + (i * 7) % 5).collect();
+        let mut last = 0;
+        for n in 0..=lens.len() {
+            let first = anchored_start(&lens[..n], 40);
+            let shown: usize = lens[first..n].iter().sum();
+            assert!(first >= last && shown <= 40, "n {n}: from {first} ({shown} tokens), before from {last}");
+            assert!(shown + 8 >= 20 || first == 0, "n {n}: {shown} tokens shown");
+            last = first;
+        }
+    }
 }

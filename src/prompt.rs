@@ -83,6 +83,24 @@ pub struct PromptConfig {
     /// where the text form takes 14 (trajectory) or 24 (earlier). Dates and minutes are left
     /// out. Needs `ids = "semantic"` and `times`; the tokens train with the adapter.
     pub time_tokens: bool,
+    /// Which of the user's check-ins a whole-history prompt (`eval --beam-next`, next-code GRPO,
+    /// `recommend --beam-next`) shows within `max_prompt_tokens`.
+    pub history_window: HistoryWindow,
+}
+
+/// The check-ins a whole-history prompt shows ([`crate::history_prompt::next_checkin_prompt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryWindow {
+    /// The latest check-ins that fit: the window slides with every check-in, so a user's
+    /// consecutive prompts share little more than the header.
+    #[default]
+    Latest,
+    /// From the latest of fixed starting check-ins (every half budget of a user's history) whose
+    /// lines to the target fit: between half and all of the budget. A user's consecutive
+    /// prompts then share everything before the newest line, which evaluation reads from the
+    /// previous prompt's keys and values instead of computing again.
+    Anchored,
 }
 
 impl Default for PromptConfig {
@@ -102,6 +120,7 @@ impl Default for PromptConfig {
             candidates: CandidateConfig::default(),
             ids: PoiIds::Raw,
             time_tokens: false,
+            history_window: HistoryWindow::Latest,
         }
     }
 }

@@ -50,13 +50,15 @@ fn ablation_variants_are_valid_overrides() {
 /// configs/nyc.toml is the recipe of the shipped NYC adapters: its SFT stage resolves to what
 /// adapters/nyc recorded, its GRPO stage to what adapters/nyc-grpo recorded, and both stages
 /// rank by the next code. Only paths and the validation cadence differ: the shipped runs were
-/// validated by separate `eval --beam-next 20` runs on the val sample of 200.
+/// validated by separate `eval --beam-next 20` runs on the val sample of 200. And the history
+/// window: the adapters' next-code prompts showed the latest check-ins (the default then), the
+/// recipe's are anchored since the twenty-sixth session (chosen on the full val split).
 #[test]
 fn the_nyc_config_is_the_shipped_adapters_recipe() {
     use refine_poi::train::config::Stage;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cfg = RunConfig::load(Some(&configs_dir().join("nyc.toml")), &[]).unwrap();
-    let cadence = ["eval_every", "eval_instances", "eval_batch_size", "init_adapter"];
+    let cadence = ["eval_every", "eval_instances", "eval_batch_size", "init_adapter", "history_window"];
     let section = |t: &toml::Table, name: &str| {
         let mut s = t[name].as_table().unwrap_or_else(|| panic!("no [{name}]")).clone();
         for k in cadence {
@@ -77,9 +79,14 @@ fn the_nyc_config_is_the_shipped_adapters_recipe() {
         assert_eq!(ours["data"]["train_instances"], shipped["data"]["train_instances"], "{adapter}");
         assert_eq!(cfg.next_code_beams(stage), Some(20), "{adapter} ranks by the next code");
     }
+    assert_eq!(cfg.prompt.history_window, refine_poi::prompt::HistoryWindow::Anchored);
     let prompt: toml::Table = toml::from_str(&std::fs::read_to_string(root.join("adapters/nyc/prompt.toml")).unwrap()).unwrap();
     let ours = toml::Table::try_from(&cfg.prompt).unwrap();
     for (key, value) in prompt["prompt"].as_table().unwrap() {
+        if key == "history_window" {
+            assert_eq!(value.as_str(), Some("latest"), "the shipped adapters were evaluated with the latest check-ins");
+            continue;
+        }
         assert_eq!(ours.get(key), Some(value), "prompt.{key}");
     }
     let raw = RunConfig::load(Some(&configs_dir().join("nyc-raw.toml")), &[]).unwrap();

@@ -499,6 +499,55 @@ fn next_checkin_prompt_ends_with_the_prefix_and_the_targets_time() {
     assert!(format!("{e:#}").contains("budget"), "{e:#}");
 }
 
+/// With `prompt.history_window = "anchored"`, a user's next prompt mostly extends the one
+/// before: it holds that prompt, less the target's time, as its beginning (unless it starts at a
+/// later anchor), within the budget, ending with the prefix and the target's time as the latest
+/// window does. The latest window, sliding, seldom does.
+#[test]
+fn anchored_prompts_of_a_user_extend_each_other() {
+    let s = Setup::new();
+    let semantic = ["prompt.ids=semantic", "prompt.times=true", "prompt.time_tokens=true", "prompt.categories=false"];
+    let latest = s.cfg(&semantic);
+    let cfg = s.cfg(&[&semantic[..], &["prompt.history_window=anchored"]].concat());
+    let ds = Dataset::load(&cfg.data.dir).unwrap();
+    let cb = ds.codebook().unwrap();
+    let mut loaded = model::load(cfg.model.path.as_str()).unwrap();
+    loaded.add_tokens(refine_poi::prompt::added_tokens(&cfg.prompt, Some(cb)).unwrap().unwrap(), 2).unwrap();
+    // Short of the users' histories, so that both windows leave check-ins out.
+    let budget = 240;
+    let (mut pairs, mut shared) = (0, [0, 0]);
+    for split in [refine_poi::data::Split::Val, refine_poi::data::Split::Test] {
+        let instances = ds.instances(split);
+        let prompts = |prompt: &refine_poi::prompt::PromptConfig| -> Vec<Vec<u32>> {
+            instances.iter().map(|inst| next_checkin_prompt(&ds, prompt, &loaded.tokenizer, inst, budget).unwrap()).collect()
+        };
+        let (anchored, sliding) = (prompts(&cfg.prompt), prompts(&latest.prompt));
+        for (inst, ids) in instances.iter().zip(&anchored) {
+            assert!(ids.len() <= budget);
+            // The same end as the latest window's: the prefix's lines and the target's time.
+            let header = loaded.tokenizer.encode(&refine_poi::history_prompt::header(inst.user), false).unwrap().len();
+            let newest = next_checkin_prompt(&ds, &latest.prompt, &loaded.tokenizer, inst, header + 2 + 12).unwrap();
+            assert!(ids.ends_with(&newest[header..]), "instance {}", inst.id);
+        }
+        for (i, pair) in instances.windows(2).enumerate() {
+            if pair[0].user != pair[1].user || pair[0].target.utc >= pair[1].target.utc {
+                continue;
+            }
+            pairs += 1;
+            for (count, prompts) in shared.iter_mut().zip([&anchored, &sliding]) {
+                // Less the target's two time tokens.
+                let before = &prompts[i][..prompts[i].len() - 2];
+                *count += usize::from(prompts[i + 1].starts_with(before));
+            }
+        }
+    }
+    let [anchored, sliding] = shared;
+    assert!(
+        pairs > 10 && anchored * 4 > pairs * 3 && sliding * 4 < pairs,
+        "of {pairs} consecutive prompts, {anchored} anchored and {sliding} latest ones extend the one before"
+    );
+}
+
 /// The tiny model with a random adapter that adds the codebook's and the time tokens, the
 /// dataset, and its code trie: what ranking and sampling next codes need.
 fn next_code_model(s: &Setup) -> (RunConfig, Dataset, model::LoadedModel, CodeTrie) {
