@@ -80,7 +80,8 @@ pub fn user_next_checkin_prompt(
 /// the earliest of the anchors (line 0, then the first line after each stretch of at least
 /// `room / 2` tokens) whose lines to the end fit. Anchors depend only on the lines before
 /// them, so a user's next prompt, one line longer, starts at the same line or a later anchor.
-/// With no anchor that fits (a line longer than half the room), none of the lines.
+/// With no anchor whose lines fit (lines near the room's size), none of the lines. Every line
+/// is encoded for this, each prompt: linear in the user's history.
 fn anchored_start(lens: &[usize], room: usize) -> usize {
     let mut anchors = vec![0];
     let mut stretch = 0;
