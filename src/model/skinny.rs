@@ -23,6 +23,13 @@ pub struct LowRank<'t> {
     pub scale: f64,
 }
 
+impl<'t> LowRank<'t> {
+    /// The adapter of a layer's `(a, b, scale)` factors, if it has one.
+    pub fn of(factors: &'t Option<(Tensor, Tensor, f64)>) -> Option<LowRank<'t>> {
+        factors.as_ref().map(|(a, b, scale)| LowRank { a, b, scale: *scale })
+    }
+}
+
 /// The weight (out, in) of a few-row product.
 #[derive(Clone, Copy)]
 pub enum Weight<'t> {

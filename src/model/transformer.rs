@@ -137,12 +137,7 @@ impl Linear {
         let projections = layers
             .iter()
             .zip(&factors)
-            .map(|(l, f)| {
-                Ok(super::skinny::Projection {
-                    weight: l.few_row_weight()?,
-                    lora: f.as_ref().map(|(a, b, scale)| super::skinny::LowRank { a, b, scale: *scale }),
-                })
-            })
+            .map(|(l, f)| Ok(super::skinny::Projection { weight: l.few_row_weight()?, lora: super::skinny::LowRank::of(f) }))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let Some(ys) = super::skinny::matmul_wt_many(&x2, &projections)? else { return Ok(None) };
         let mut out = Vec::with_capacity(layers.len());
@@ -183,8 +178,7 @@ impl Linear {
         {
             // The adapter's rank-r terms are folded into each block of the result: no
             // full-width delta to allocate and add.
-            let lora = factors.as_ref().map(|(a, b, scale)| super::skinny::LowRank { a, b, scale: *scale });
-            let mut y = super::bf16::matmul_wt(&x2, packed, lora)?;
+            let mut y = super::bf16::matmul_wt(&x2, packed, super::skinny::LowRank::of(&factors))?;
             if let Some(bias) = &self.bias {
                 y = y.broadcast_add(bias)?;
             }
