@@ -219,9 +219,8 @@ fn matmul_wt_on(isa: Isa, x: &Tensor, w: &PackedBf16, adapter: Option<LowRank>) 
     };
     let r = factors.as_ref().map_or(0, |f| f.0);
     // x rounded to bf16, and the adapter's rank-r product of x, by blocks of rows in parallel (a
-    // product of r outputs left to candle ran on one thread while the other waited). Both are
-    // padded to whole kernels with zeros.
-    // Every element of `a` is written below (rows past m with zeros): not zeroed first.
+    // product of r outputs left to candle ran on one thread while the other waited), both padded
+    // to whole kernels with zeros. `a` is not zeroed first: every element is written below.
     let mut a: Vec<u16> = Vec::with_capacity(m_pad * k);
     let mut low = vec![0f32; m_pad * r.max(1)];
     {
