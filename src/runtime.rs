@@ -15,6 +15,12 @@
 /// cores that spinning steals the core gemm's threads need. A short spin (unless the user set
 /// `CANDLE_BARRIER_POOL_SPIN_LIMIT`) measured ~510–570 → ~615 prefill tokens/s.
 ///
+/// candle splits each matmul over `RAYON_NUM_THREADS` threads, else over the physical cores,
+/// which it counts by reading /proc/cpuinfo again on every call (2.6% of an SFT step's
+/// samples on the 2-core EPYC). Unless the user set it, the variable gets candle's count once
+/// here, and the command pool keeps rayon's own default size ([`on_command_pool`]), so neither
+/// thread count changes.
+///
 /// SIGPIPE gets its default action back (Rust ignores it): `refine-poi report ... | head` ends
 /// quietly, as Unix tools do, instead of panicking on the closed pipe.
 pub fn tune() {
@@ -38,12 +44,25 @@ pub fn tune() {
             libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
+    if std::env::var_os(RAYON_THREADS).is_none() {
+        let pool = std::thread::available_parallelism().map_or(0, usize::from);
+        let _ = COMMAND_POOL_THREADS.set(pool);
+        let matmul = candle_core::utils::get_num_threads();
+        // SAFETY: called first thing in main, while the process has a single thread.
+        unsafe { std::env::set_var(RAYON_THREADS, matmul.to_string()) };
+    }
     const SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
     if std::env::var_os(SPIN).is_none() {
         // SAFETY: called first thing in main, while the process has a single thread.
         unsafe { std::env::set_var(SPIN, "100") };
     }
 }
+
+const RAYON_THREADS: &str = "RAYON_NUM_THREADS";
+
+/// The command pool's size when [`tune`] set `RAYON_NUM_THREADS` for candle (rayon's default,
+/// one thread per logical CPU); unset, rayon reads the user's variable.
+static COMMAND_POOL_THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 /// Stack of the thread that runs a command: candle's backward pass walks the graph
 /// recursively, deeper than a pool thread's default 2 MiB allows for a long sequence.
@@ -59,7 +78,8 @@ const COMMAND_STACK: usize = 64 << 20;
 /// 566 → 601. (The main thread joining the pool as a worker instead, rayon's
 /// `use_current_thread`, halved decoding.) Falls back to the calling thread if no pool starts.
 pub fn on_command_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    match rayon::ThreadPoolBuilder::new().stack_size(COMMAND_STACK).build() {
+    let threads = COMMAND_POOL_THREADS.get().copied().unwrap_or(0);
+    match rayon::ThreadPoolBuilder::new().num_threads(threads).stack_size(COMMAND_STACK).build() {
         Ok(pool) => pool.install(f),
         Err(_) => f(),
     }
