@@ -7,6 +7,7 @@ pub mod config;
 pub mod gguf;
 pub mod kv_cache;
 pub mod lora;
+pub mod lora_rows;
 pub mod peft;
 pub mod peft_config;
 pub mod quant;

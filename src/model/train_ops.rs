@@ -409,7 +409,8 @@ pub fn lora_linear(
     dropout: Option<Dropout>,
 ) -> candle_core::Result<Tensor> {
     let kept = std::sync::OnceLock::new();
-    x.contiguous()?.apply_op3(a, b, LoraLinear { w: w.clone(), bias: bias.cloned(), scale, dropout, kept })
+    let op = LoraLinear { w: w.clone(), bias: bias.cloned(), scale, dropout, kept, xa: std::sync::OnceLock::new() };
+    x.contiguous()?.apply_op3(a, b, op)
 }
 
 /// LoRA dropout: each input element is zeroed with probability `p`, the mask drawn from `seed`
@@ -586,6 +587,8 @@ struct LoraLinear {
     dropout: Option<Dropout>,
     /// The dropout mask's bits, drawn by the forward pass for the backward pass.
     kept: std::sync::OnceLock<Vec<u64>>,
+    /// `(x ∘ m) Aᵀ` of an f32 forward ([`super::lora_rows`]), kept for the backward pass.
+    xa: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl LoraLinear {
@@ -596,6 +599,40 @@ impl LoraLinear {
             None => Ok(t.clone()),
         }
     }
+}
+
+impl LoraLinear {
+    /// The dropout mask's bits for an input of `len` elements (drawn once), if any.
+    fn kept_bits(&self, len: usize) -> Option<&[u64]> {
+        self.dropout.as_ref().map(|d| self.kept.get_or_init(|| d.kept(len)).as_slice())
+    }
+
+    /// `(first, x, out) ↦ out = x ∘ m` over the mask's elements from `first` (a multiple of 64).
+    fn mask<'k>(&self, kept: Option<&'k [u64]>) -> Option<impl Fn(usize, &[f32], &mut [f32]) + Sync + 'k> {
+        let keep = (1.0 / (1.0 - self.dropout?.p)) as f32;
+        kept.map(move |kept| move |first: usize, x: &[f32], out: &mut [f32]| f32::masked(&kept[first / 64..], x, keep, out))
+    }
+
+    fn factors<'t>(&self, a: &'t [f32], bt: &'t [f32], a_t: &Tensor, b_t: &Tensor) -> candle_core::Result<super::lora_rows::Factors<'t>> {
+        let ((r, k), (n, _)) = (a_t.dims2()?, b_t.dims2()?);
+        Ok(super::lora_rows::Factors { a, bt, r, k, n, scale: self.scale as f32 })
+    }
+}
+
+/// The contiguous f32 values of a CPU tensor, lent to `f`.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("expected a contiguous tensor") };
+    match &*storage {
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&v[start..end])),
+        _ => candle_core::bail!("expected an f32 CPU tensor"),
+    }
+}
+
+/// A matrix's transpose, row-major, as f32 values.
+fn transposed(m: &Tensor) -> candle_core::Result<Vec<f32>> {
+    m.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()
 }
 
 impl CustomOp3 for LoraLinear {
@@ -617,6 +654,19 @@ impl CustomOp3 for LoraLinear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
+        if x.dtype() == DType::F32 {
+            let mut out = y.flatten_all()?.to_vec1::<f32>()?;
+            let xa = with_f32(&x, |xs| {
+                with_f32(&a, |av| {
+                    let bt = transposed(&b)?;
+                    let factors = self.factors(av, &bt, &a, &b)?;
+                    let kept = self.kept_bits(xs.len());
+                    super::lora_rows::forward(xs, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut out)
+                })?
+            })??;
+            let _ = self.xa.set(xa);
+            return Ok((CpuStorage::F32(out), y.shape().clone()));
+        }
         let y = (y + (self.dropped(&x)?.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?)?;
         tensor_storage(&y)
     }
@@ -630,6 +680,25 @@ impl CustomOp3 for LoraLinear {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        if x.dtype() == DType::F32 {
+            let Some(xa) = self.xa.get() else { candle_core::bail!("train-lora-linear: a backward pass without its forward") };
+            let mut dx = dy.matmul(&self.w)?.flatten_all()?.to_vec1::<f32>()?;
+            let dy = dy.contiguous()?;
+            let grads = with_f32(&x, |xs| {
+                with_f32(&a, |av| {
+                    with_f32(&dy, |dys| {
+                        let bt = transposed(&b)?;
+                        let factors = self.factors(av, &bt, &a, &b)?;
+                        let kept = self.kept_bits(xs.len());
+                        super::lora_rows::backward(xs, xa, dys, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut dx)
+                    })
+                })
+            })????;
+            let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+            let da = Tensor::from_vec(grads.a, a.shape(), a.device())?;
+            let db = Tensor::from_vec(grads.b, b.shape(), b.device())?;
+            return Ok((Some(dx), Some(da), Some(db)));
+        }
         let xm = self.dropped(&x)?;
         let dyb = (dy.matmul(&b)? * self.scale)?;
         let dxm = dyb.matmul(&a)?;
