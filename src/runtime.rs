@@ -44,8 +44,9 @@ pub fn tune() {
             libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
-    if std::env::var_os(RAYON_THREADS).is_none() {
-        let pool = std::thread::available_parallelism().map_or(0, usize::from);
+    if std::env::var_os(RAYON_THREADS).is_none() && std::env::var_os("RAYON_RS_NUM_CPUS").is_none() {
+        // rayon's own default: one thread per logical CPU, else 1.
+        let pool = std::thread::available_parallelism().map_or(1, usize::from);
         let _ = COMMAND_POOL_THREADS.set(pool);
         let matmul = candle_core::utils::get_num_threads();
         // SAFETY: called first thing in main, while the process has a single thread.
@@ -61,15 +62,15 @@ pub fn tune() {
 const RAYON_THREADS: &str = "RAYON_NUM_THREADS";
 
 /// The command pool's size when [`tune`] set `RAYON_NUM_THREADS` for candle (rayon's default,
-/// one thread per logical CPU); unset, rayon reads the user's variable.
+/// one thread per logical CPU); unset, rayon reads the user's variables.
 static COMMAND_POOL_THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 /// Stack of the thread that runs a command: candle's backward pass walks the graph
 /// recursively, deeper than a pool thread's default 2 MiB allows for a long sequence.
 const COMMAND_STACK: usize = 64 << 20;
 
-/// Runs `f` (a whole command) on a worker of a rayon pool of the default size
-/// (`RAYON_NUM_THREADS`, else one thread per core). The kernels' parallel loops then split
+/// Runs `f` (a whole command) on a worker of a rayon pool of rayon's default size (the user's
+/// `RAYON_NUM_THREADS`, else one thread per logical CPU, as [`tune`] keeps it). The kernels' parallel loops then split
 /// their work from inside the pool: the calling worker takes a share and the others steal the
 /// rest. Called from outside, each loop would hand its work to the pool and put the calling
 /// thread to sleep until woken, and decoding a token runs over a hundred such loops.

@@ -11,13 +11,15 @@
 
 use rayon::prelude::*;
 
-/// Rows per parallel task; the chunks' partial gradients are added in chunk order.
+/// Rows per parallel task of the backward pass; the chunks' partial gradients are added in
+/// chunk order. (The forward's task is one block.)
 const CHUNK_ROWS: usize = 128;
 /// Rows masked and multiplied together (a multiple of 4, the kernels' row blocking).
 const BLOCK_ROWS: usize = 16;
 
 /// `mask(first, x, out)` writes `x ∘ m` for the elements of the flat (rows · k) input that
-/// start at `first` (a multiple of 64).
+/// start at `first` (a multiple of 64) into `out`, which is zero on entry: a mask may write
+/// only the elements it keeps.
 pub type Mask<'a> = &'a (dyn Fn(usize, &[f32], &mut [f32]) + Sync);
 
 /// The adapter of one linear layer: A (r, k) row-major, Bᵀ (r, n) row-major, and the scale.
@@ -215,7 +217,9 @@ mod avx2 {
             // lie below `wide` <= n; w's rows q < qs hold n elements each; c[q * ps + p + i]
             // with i < rows is inside c.
             unsafe {
-                let op: [*mut f32; 4] = std::array::from_fn(|i| out.as_mut_ptr().add((p + i.min(rows - 1)) * n));
+                // One pointer into `out`, from which the four row pointers derive.
+                let base = out.as_mut_ptr();
+                let op: [*mut f32; 4] = std::array::from_fn(|i| base.add((p + i.min(rows - 1)) * n));
                 let mut col = 0;
                 while col < wide {
                     let mut acc = [_mm256_setzero_ps(); 8];
@@ -276,11 +280,34 @@ mod tests {
         }
     }
 
+    /// The same outputs and gradients, bit for bit, on pools of 1 and 3 threads: the rows'
+    /// partial gradients are summed per fixed chunk, whoever runs it.
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let (rows, k, n, r) = (300, 64, 48, 8);
+        let (x, a, bt, dy) = (values(rows * k, 11), values(r * k, 12), values(r * n, 13), values(rows * n, 14));
+        let f = Factors { a: &a, bt: &bt, r, k, n, scale: 0.5 };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut y = values(rows * n, 15);
+                let u = forward(&x, &f, None, &mut y).unwrap();
+                let mut dx = values(rows * k, 16);
+                let g = backward(&x, &u, &dy, &f, None, &mut dx).unwrap();
+                [y, u, dx, g.a, g.b].map(|v| v.iter().map(|e| e.to_bits()).collect::<Vec<u32>>())
+            })
+        };
+        assert_eq!(run(1), run(3));
+    }
+
     /// Forward and backward against the products written out in f64, with and without a mask,
-    /// over row counts that leave partial blocks and chunks and a k that is not a multiple of 64.
+    /// over row counts that leave partial blocks and chunks, ks that are not multiples of 64
+    /// (blocks of 64 rows when k is odd), and no rows at all.
     #[test]
     fn products_match_the_definitions() {
-        for (rows, k, n, masked) in [(300, 576, 192, false), (300, 576, 192, true), (37, 24, 40, true), (5, 7, 3, false)] {
+        let shapes =
+            [(300, 576, 192, false), (300, 576, 192, true), (37, 24, 40, true), (5, 7, 3, false), (70, 7, 3, true), (0, 6, 4, true)];
+        for (rows, k, n, masked) in shapes {
             let r = 8;
             let (x, a, bt, dy) = (values(rows * k, 4), values(r * k, 5), values(r * n, 6), values(rows * n, 7));
             let s = 2.0f32;
