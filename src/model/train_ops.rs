@@ -612,11 +612,6 @@ impl LoraLinear {
         let keep = (1.0 / (1.0 - self.dropout?.p)) as f32;
         kept.map(move |kept| move |first: usize, x: &[f32], out: &mut [f32]| f32::masked(&kept[first / 64..], x, keep, out))
     }
-
-    fn factors<'t>(&self, a: &'t [f32], bt: &'t [f32], a_t: &Tensor, b_t: &Tensor) -> candle_core::Result<super::lora_rows::Factors<'t>> {
-        let ((r, k), (n, _)) = (a_t.dims2()?, b_t.dims2()?);
-        Ok(super::lora_rows::Factors { a, bt, r, k, n, scale: self.scale as f32 })
-    }
 }
 
 /// The contiguous f32 values of a CPU tensor, lent to `f`.
@@ -630,9 +625,17 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     }
 }
 
-/// A matrix's transpose, row-major, as f32 values.
-fn transposed(m: &Tensor) -> candle_core::Result<Vec<f32>> {
-    m.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()
+/// The (cols, rows) transpose of a row-major (rows, cols) matrix.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols * rows).map(|e| m[e % rows * cols + e / rows]).collect()
+}
+
+/// A CPU storage's values, if they are f32 and contiguous.
+fn f32_values<'s>(s: &'s CpuStorage, l: &Layout) -> Option<&'s [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Some(&v[start..end]),
+        _ => None,
+    }
 }
 
 impl CustomOp3 for LoraLinear {
@@ -654,16 +657,13 @@ impl CustomOp3 for LoraLinear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        if x.dtype() == DType::F32 {
+        if let (Some(xs), Some(av), Some(bv)) = (f32_values(s1, l1), f32_values(s2, l2), f32_values(s3, l3)) {
+            let ((r, k), (n, _)) = (a.dims2()?, b.dims2()?);
+            let bt = transpose(bv, n, r);
+            let factors = super::lora_rows::Factors { a: av, bt: &bt, r, k, n, scale: self.scale as f32 };
             let mut out = y.flatten_all()?.to_vec1::<f32>()?;
-            let xa = with_f32(&x, |xs| {
-                with_f32(&a, |av| {
-                    let bt = transposed(&b)?;
-                    let factors = self.factors(av, &bt, &a, &b)?;
-                    let kept = self.kept_bits(xs.len());
-                    super::lora_rows::forward(xs, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut out)
-                })?
-            })??;
+            let kept = self.kept_bits(xs.len());
+            let xa = super::lora_rows::forward(xs, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut out)?;
             let _ = self.xa.set(xa);
             return Ok((CpuStorage::F32(out), y.shape().clone()));
         }
@@ -682,18 +682,18 @@ impl CustomOp3 for LoraLinear {
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
         if x.dtype() == DType::F32 {
             let Some(xa) = self.xa.get() else { candle_core::bail!("train-lora-linear: a backward pass without its forward") };
+            let ((r, k), (n, _)) = (a.dims2()?, b.dims2()?);
+            // The factors are small: copies of them cost nothing next to x and dy.
+            let (av, bt) = (a.flatten_all()?.to_vec1::<f32>()?, transpose(&b.flatten_all()?.to_vec1::<f32>()?, n, r));
+            let factors = super::lora_rows::Factors { a: &av, bt: &bt, r, k, n, scale: self.scale as f32 };
             let mut dx = dy.matmul(&self.w)?.flatten_all()?.to_vec1::<f32>()?;
             let dy = dy.contiguous()?;
             let grads = with_f32(&x, |xs| {
-                with_f32(&a, |av| {
-                    with_f32(&dy, |dys| {
-                        let bt = transposed(&b)?;
-                        let factors = self.factors(av, &bt, &a, &b)?;
-                        let kept = self.kept_bits(xs.len());
-                        super::lora_rows::backward(xs, xa, dys, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut dx)
-                    })
+                with_f32(&dy, |dys| {
+                    let kept = self.kept_bits(xs.len());
+                    super::lora_rows::backward(xs, xa, dys, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut dx)
                 })
-            })????;
+            })???;
             let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
             let da = Tensor::from_vec(grads.a, a.shape(), a.device())?;
             let db = Tensor::from_vec(grads.b, b.shape(), b.device())?;
