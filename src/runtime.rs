@@ -70,10 +70,11 @@ static COMMAND_POOL_THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::n
 const COMMAND_STACK: usize = 64 << 20;
 
 /// Runs `f` (a whole command) on a worker of a rayon pool of rayon's default size (the user's
-/// `RAYON_NUM_THREADS`, else one thread per logical CPU, as [`tune`] keeps it). The kernels' parallel loops then split
-/// their work from inside the pool: the calling worker takes a share and the others steal the
-/// rest. Called from outside, each loop would hand its work to the pool and put the calling
-/// thread to sleep until woken, and decoding a token runs over a hundred such loops.
+/// `RAYON_NUM_THREADS`, else one thread per logical CPU, as [`tune`] keeps it). The kernels'
+/// parallel loops then split their work from inside the pool: the calling worker takes a share
+/// and the others steal the rest. Called from outside, each loop would hand its work to the
+/// pool and put the calling thread to sleep until woken, and decoding a token runs over a
+/// hundred such loops.
 /// Measured on the 2-core AVX-512 EPYC (`bench --quantized-base --repeats 3`, 7 alternating
 /// pairs, medians): decoding 98.8 → 115 tokens/s at batch 1, 262 → 270 at batch 8; prefill
 /// 566 → 601. (The main thread joining the pool as a worker instead, rayon's

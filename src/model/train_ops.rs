@@ -594,14 +594,12 @@ struct LoraLinear {
 impl LoraLinear {
     /// `t ∘ m` for this node's dropout mask m (t itself without dropout).
     fn dropped(&self, t: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.dropout {
-            Some(d) => d.apply_kept(self.kept.get_or_init(|| d.kept(t.elem_count())), t),
-            None => Ok(t.clone()),
+        match (&self.dropout, self.kept_bits(t.elem_count())) {
+            (Some(d), Some(kept)) => d.apply_kept(kept, t),
+            _ => Ok(t.clone()),
         }
     }
-}
 
-impl LoraLinear {
     /// The dropout mask's bits for an input of `len` elements (drawn once), if any.
     fn kept_bits(&self, len: usize) -> Option<&[u64]> {
         self.dropout.as_ref().map(|d| self.kept.get_or_init(|| d.kept(len)).as_slice())
