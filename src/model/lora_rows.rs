@@ -84,9 +84,7 @@ pub fn forward(x: &[f32], f: &Factors, mask: Option<Mask>, y: &mut [f32]) -> can
             // ut (r, rows) = A xmᵀ, then u = utᵀ and y += (s · ut)ᵀ Bᵀ.
             ut.resize(f.r * n_rows, 0.0);
             super::skinny::dot_block(xm, n_rows, f.a, f.k, ut);
-            for (i, row) in u.chunks_exact_mut(f.r).enumerate() {
-                row.iter_mut().enumerate().for_each(|(j, v)| *v = ut[j * n_rows + i]);
-            }
+            transpose_into(ut, f.r, n_rows, u);
             ut.iter_mut().for_each(|v| *v *= f.scale);
             accumulate(ut, f.r, n_rows, f.bt, f.n, y);
         },
@@ -145,9 +143,7 @@ pub fn backward(x: &[f32], u: &[f32], dy: &[f32], f: &Factors, mask: Option<Mask
                 dx.iter_mut().zip(through).for_each(|(d, v)| *d += v);
                 // dA += g (x ∘ m): coefficients (rows, r).
                 gt.resize(n_rows * r, 0.0);
-                for (i, row) in gt.chunks_exact_mut(r).enumerate() {
-                    row.iter_mut().enumerate().for_each(|(j, v)| *v = g[j * n_rows + i]);
-                }
+                transpose_into(&g, r, n_rows, &mut gt);
                 let xm = masked_rows(&x[first * k..(first + n_rows) * k], first, k, mask, &mut xm_buf);
                 accumulate(&gt, n_rows, r, xm, k, da);
                 // dBᵀ += (s · u)ᵀ dy.
@@ -165,16 +161,26 @@ pub fn backward(x: &[f32], u: &[f32], dy: &[f32], f: &Factors, mask: Option<Mask
         }
     });
     let (da, dbt) = sum.split_at(r * k);
-    let mut db = vec![0f32; n * r];
-    for (j, row) in dbt.chunks_exact(n).enumerate() {
-        row.iter().enumerate().for_each(|(o, v)| db[o * r + j] = *v);
+    Ok(FactorGrads { a: da.to_vec(), b: transposed(dbt, r, n) })
+}
+
+/// `out` (cols, rows) = the transpose of `m` (rows, cols), both row-major.
+fn transpose_into(m: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    for (j, row) in out.chunks_exact_mut(rows).enumerate() {
+        row.iter_mut().enumerate().for_each(|(i, v)| *v = m[i * cols + j]);
     }
-    Ok(FactorGrads { a: da.to_vec(), b: db })
+}
+
+/// The transpose (cols, rows) of a row-major (rows, cols) matrix.
+pub fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m.len()];
+    transpose_into(m, rows, cols, &mut out);
+    out
 }
 
 /// `out[p] += Σ_q c[q · ps + p] · w[q]` for rows `out[p]` (ps of them) and `w[q]` (qs of them),
 /// each of `n` elements: a product whose inner dimension is small, written in place.
-pub(super) fn accumulate(c: &[f32], qs: usize, ps: usize, w: &[f32], n: usize, out: &mut [f32]) {
+fn accumulate(c: &[f32], qs: usize, ps: usize, w: &[f32], n: usize, out: &mut [f32]) {
     // The vector path reads raw pointers: these are the bounds it relies on.
     assert!(c.len() == qs * ps && w.len() == qs * n && out.len() == ps * n, "accumulate: mismatched slices");
     #[cfg(target_arch = "x86_64")]

@@ -623,11 +623,6 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     }
 }
 
-/// The (cols, rows) transpose of a row-major (rows, cols) matrix.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    (0..cols * rows).map(|e| m[e % rows * cols + e / rows]).collect()
-}
-
 /// A CPU storage's values, if they are f32 and contiguous.
 fn f32_values<'s>(s: &'s CpuStorage, l: &Layout) -> Option<&'s [f32]> {
     match (s, l.contiguous_offsets()) {
@@ -657,7 +652,7 @@ impl CustomOp3 for LoraLinear {
         }
         if let (Some(xs), Some(av), Some(bv)) = (f32_values(s1, l1), f32_values(s2, l2), f32_values(s3, l3)) {
             let ((r, k), (n, _)) = (a.dims2()?, b.dims2()?);
-            let bt = transpose(bv, n, r);
+            let bt = super::lora_rows::transposed(bv, n, r);
             let factors = super::lora_rows::Factors { a: av, bt: &bt, r, k, n, scale: self.scale as f32 };
             let mut out = y.flatten_all()?.to_vec1::<f32>()?;
             let kept = self.kept_bits(xs.len());
@@ -682,7 +677,7 @@ impl CustomOp3 for LoraLinear {
             let Some(xa) = self.xa.get() else { candle_core::bail!("train-lora-linear: a backward pass without its forward") };
             let ((r, k), (n, _)) = (a.dims2()?, b.dims2()?);
             // The factors are small: copies of them cost nothing next to x and dy.
-            let (av, bt) = (a.flatten_all()?.to_vec1::<f32>()?, transpose(&b.flatten_all()?.to_vec1::<f32>()?, n, r));
+            let (av, bt) = (a.flatten_all()?.to_vec1::<f32>()?, super::lora_rows::transposed(&b.flatten_all()?.to_vec1::<f32>()?, n, r));
             let factors = super::lora_rows::Factors { a: &av, bt: &bt, r, k, n, scale: self.scale as f32 };
             let mut dx = dy.matmul(&self.w)?.flatten_all()?.to_vec1::<f32>()?;
             let dy = dy.contiguous()?;
