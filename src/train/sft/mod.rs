@@ -14,14 +14,19 @@
 //! seeded by (seed, step, micro-batch), so a resumed run repeats an uninterrupted one exactly.
 //! With several ranks, rank r runs micro-batches r, r + N, ... of each step and the gradients
 //! are summed over ranks before clipping: the same micro-batches, dropout masks and loss as one
-//! process (set `grad_accum` to a multiple of the rank count, or some ranks idle).
+//! process (set `grad_accum` to a multiple of the rank count, or some ranks idle). Short
+//! neighbouring windows train at the same time on the process's threads; their gradients are
+//! added in micro-batch order, so the sums are those of one at a time, bit for bit.
 
 pub mod config;
 pub mod history;
 
+use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
+use candle_core::backprop::GradStore;
+use rayon::prelude::*;
 use serde_json::json;
 
 use crate::answer::AnswerIds;
@@ -141,6 +146,16 @@ impl SftExamples<'_> {
         }
     }
 
+    /// The most tokens micro-batches may hold together to train at the same time: the longest
+    /// window, so the peak memory stays that of the longest window alone. Prompt examples are
+    /// built as they are drawn, with no such bound known: they run one at a time.
+    fn concurrent_tokens(&self) -> usize {
+        match self {
+            SftExamples::Prompts(_) => 0,
+            SftExamples::Histories(v) => v.iter().map(|w| w.ids.len()).max().unwrap_or(0),
+        }
+    }
+
     /// What one epoch of whole-history windows holds (`, 1234 tokens with 567 targets`); prompt
     /// examples are built as they are drawn, so they say nothing.
     fn epoch_size(&self) -> String {
@@ -182,6 +197,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         }
     };
     let total = t.total_steps(examples.len(), cfg.sft.examples_per_step()) as u64;
+    let concurrent_tokens = examples.concurrent_tokens();
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
     let dist = &opts.dist;
     let (mut state, mut log) =
@@ -227,25 +243,33 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         let answer_tokens: usize = rows.iter().map(ScoredSeq::scored).sum();
         let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
 
-        // Forward/backward per micro-batch (this rank's); the loss is the mean over the step's
-        // answer tokens.
+        // Forward/backward per micro-batch (this rank's), short neighbouring windows at the same
+        // time ([`concurrent_groups`]); the loss is the mean over the step's answer tokens.
         let mut accum = GradAccum::new(opt.params().len());
         let mut loss_sum = 0f64;
         let mut abandoned = false;
-        for (micro, chunk) in rows.chunks(cfg.sft.batch_size).enumerate() {
-            if !dist.owns(micro) {
-                continue;
-            }
+        let micros: Vec<(usize, &[ScoredSeq])> =
+            rows.chunks(cfg.sft.batch_size).enumerate().filter(|&(micro, _)| dist.owns(micro)).collect();
+        let micro_grads = |(micro, chunk): (usize, &[ScoredSeq])| -> Result<(f64, GradStore)> {
+            let mode = Mode::TRAIN.with_dropout(derive_seed(t.seed, SEED_DROPOUT, step * 1_000_003 + micro as u64));
+            let logp = scored_logprobs(&loaded.model, chunk, mode)?;
+            let loss = (logp.sum_all()?.neg()? / answer_tokens as f64)?;
+            Ok((loss.to_scalar::<f32>()? as f64, loss.backward()?))
+        };
+        let tokens_of = |&(_, chunk): &(usize, &[ScoredSeq])| chunk.len() * chunk.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        for group in concurrent_groups(&micros.iter().map(tokens_of).collect::<Vec<_>>(), concurrent_tokens) {
             // Mid-step, only a lone process may abandon the step (ranks agree at step boundaries).
             if dist.size() == 1 && opts.stop.raised() {
                 abandoned = true;
                 break;
             }
-            let mode = Mode::TRAIN.with_dropout(derive_seed(t.seed, SEED_DROPOUT, step * 1_000_003 + micro as u64));
-            let logp = scored_logprobs(&loaded.model, chunk, mode)?;
-            let loss = (logp.sum_all()?.neg()? / answer_tokens as f64)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            accum.add(&loss.backward()?, opt.params())?;
+            let done: Vec<_> = micros[group].par_iter().map(|&m| micro_grads(m)).collect();
+            // Summed in micro-batch order, whichever finished first: the same sums as one at a time.
+            for result in done {
+                let (loss, grads) = result?;
+                loss_sum += loss;
+                accum.add(&grads, opt.params())?;
+            }
         }
         if abandoned {
             cadence.interrupt();
@@ -301,10 +325,32 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
     })
 }
 
+/// Splits a step's micro-batches (their token counts, in order) into runs of neighbours that
+/// together hold at most `cap` tokens (a longer one alone): each run trains at the same time,
+/// its micro-batches spread over the threads. One micro-batch alone leaves a core idle while
+/// the other runs its serial parts (candle's graph walk, element-wise ops); several at once
+/// fill it (`farm-bench -n 4`, 4 steps of configs/nyc.toml on the 2-core Zen 4: wall 0.95).
+fn concurrent_groups(tokens: &[usize], cap: usize) -> Vec<Range<usize>> {
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        let (mut end, mut held) = (i + 1, tokens[i]);
+        while end < tokens.len() && held + tokens[end] <= cap {
+            held += tokens[end];
+            end += 1;
+        }
+        groups.push(i..end);
+        i = end;
+    }
+    groups
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::data::{Checkin, Poi, Split, Trajectory, User};
+    use crate::model::tiny::{tiny_config, write_tiny_model};
+    use crate::model::{LoraConfig, ModelSource, load_on};
 
     /// One user: a train trajectory POI 1 at 08:00 and 09:00, POI 2 at 18:00 (day 0); a test
     /// trajectory POI 3 at 18:00 on day 3, then the target POI 0 at 18:30. No train popularity.
@@ -349,5 +395,55 @@ mod tests {
         // k caps the list.
         let short = PromptConfig { k: 2, ..hour };
         assert_eq!(target_ids(&ds, inst, AnswerForm::List, &short, &popular), [0, 2]);
+    }
+
+    #[test]
+    fn neighbours_run_together_within_the_cap() {
+        assert_eq!(concurrent_groups(&[215, 1021, 219, 300], 1021), [0..1, 1..2, 2..4]);
+        let whole: Range<usize> = 0..4;
+        assert_eq!(concurrent_groups(&[331, 40, 172, 163], 1021), [whole]);
+        // Exactly at the cap still fits; a run never reaches back.
+        assert_eq!(concurrent_groups(&[500, 521, 10, 20, 30], 1021), [0..2, 2..5]);
+        // One longer than the cap runs alone.
+        assert_eq!(concurrent_groups(&[10, 2000, 10], 1021), [0..1, 1..2, 2..3]);
+        // Prompt examples (cap 0) run one at a time.
+        assert_eq!(concurrent_groups(&[3, 4], 0), [0..1, 1..2]);
+        assert!(concurrent_groups(&[], 100).is_empty());
+    }
+
+    /// Two micro-batches trained at the same time (on two threads) give the gradients of each
+    /// run alone, bit for bit: with dropout on, and long enough for several of the fused
+    /// adapter's row blocks and backward chunks.
+    #[test]
+    fn micro_batches_at_the_same_time_give_the_same_gradients() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &tiny_config("llama"), 5).unwrap();
+        let mut loaded =
+            load_on(&ModelSource::Folder(dir.path().to_path_buf()), &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+        loaded.model.attach_lora(&LoraConfig { dropout: 0.1, ..Default::default() }, 3).unwrap();
+        // B starts at 0, which would leave A's gradients 0: give it values.
+        for (i, (name, var)) in loaded.model.lora_vars().into_iter().enumerate() {
+            if name.contains("lora_B") {
+                var.set(&(candle_core::Tensor::randn(0f32, 0.1, var.shape(), var.device()).unwrap() * (1.0 + i as f64 / 100.0)).unwrap())
+                    .unwrap();
+            }
+        }
+        let model = &loaded.model;
+        let seq = |n: usize, salt: u32| ScoredSeq {
+            ids: (0..n as u32).map(|i| 3 + (i * 7 + salt) % 250).collect(),
+            targets: (1..n).step_by(3).collect(),
+        };
+        let rows = [seq(300, 1), seq(170, 2)];
+        let grads = |micro: usize| -> Vec<Vec<f32>> {
+            let mode = Mode::TRAIN.with_dropout(derive_seed(9, SEED_DROPOUT, micro as u64));
+            let loss = scored_logprobs(model, &rows[micro..micro + 1], mode).unwrap().sum_all().unwrap().neg().unwrap();
+            let store = loss.backward().unwrap();
+            model.lora_vars().iter().map(|(_, v)| store.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect()
+        };
+        let alone = [grads(0), grads(1)];
+        assert!(alone[0][0].iter().any(|&g| g != 0.0), "A's gradients are not all 0");
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let together = pool.install(|| rayon::join(|| grads(0), || grads(1)));
+        assert!(together.0 == alone[0] && together.1 == alone[1], "gradients differ when two micro-batches run at once");
     }
 }
