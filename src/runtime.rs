@@ -11,15 +11,22 @@
 /// allocation looks (`bench --grpo` peaked 40-240 MiB higher with two, and ran no faster),
 /// unless the user sets `MALLOC_ARENA_MAX`.
 ///
-/// candle's element-wise thread pool spins for a while after each op before parking; on two
-/// cores that spinning steals the core gemm's threads need. A short spin (unless the user set
-/// `CANDLE_BARRIER_POOL_SPIN_LIMIT`) measured ~510–570 → ~615 prefill tokens/s.
-///
 /// candle splits each matmul over `RAYON_NUM_THREADS` threads, else over the physical cores,
 /// which it counts by reading /proc/cpuinfo again on every call (2.6% of an SFT step's
 /// samples on the 2-core EPYC). Unless the user set it, the variable gets candle's count once
 /// here, and the command pool keeps rayon's own default size ([`on_command_pool`]), so neither
 /// thread count changes.
+///
+/// candle runs its element-wise ops (adds, the backward pass's gradient sums) on a second pool
+/// of its own, sized like rayon's, whose workers spin beside rayon's on the same cores and take
+/// one op at a time behind a lock. Unless the user set `CANDLE_NUM_THREADS`, that pool gets no
+/// workers: each op runs on the thread that asks for it, while the other threads run their own
+/// work (SFT trains neighbouring windows at the same time). Measured on the 2-core Zen 4 with
+/// `farm-bench -n 4`, 4 SFT steps of configs/nyc.toml: wall 0.97, CPU time 0.95; `bench`'s
+/// prefill and decoding unchanged within their noise. Where the user does give it workers, they
+/// spin only briefly after each op before parking (unless `CANDLE_BARRIER_POOL_SPIN_LIMIT` is
+/// set): on two cores a long spin stole the core gemm's threads need (~510–570 → ~615 prefill
+/// tokens/s).
 ///
 /// SIGPIPE gets its default action back (Rust ignores it): `refine-poi report ... | head` ends
 /// quietly, as Unix tools do, instead of panicking on the closed pipe.
@@ -51,6 +58,11 @@ pub fn tune() {
         let matmul = candle_core::utils::get_num_threads();
         // SAFETY: called first thing in main, while the process has a single thread.
         unsafe { std::env::set_var(RAYON_THREADS, matmul.to_string()) };
+    }
+    const ELEMENTWISE: &str = "CANDLE_NUM_THREADS";
+    if std::env::var_os(ELEMENTWISE).is_none() {
+        // SAFETY: called first thing in main, while the process has a single thread.
+        unsafe { std::env::set_var(ELEMENTWISE, "1") };
     }
     const SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
     if std::env::var_os(SPIN).is_none() {
