@@ -55,8 +55,8 @@ pub struct RunOptions {
     /// Stop after this many optimizer steps of this invocation (with a checkpoint); the run
     /// continues with `resume`.
     pub stop_after: Option<u64>,
-    /// Raised by Ctrl-C, SIGTERM or SIGUSR1: stop at the next micro-batch, checkpoint the last
-    /// completed step.
+    /// Raised by Ctrl-C, SIGTERM or SIGUSR1: stop before the next micro-batch (or group of
+    /// micro-batches that train together), checkpoint the last completed step.
     pub stop: StopFlag,
     /// The ranks of a data-parallel run (one process by default).
     pub dist: Dist,

@@ -25,6 +25,8 @@ use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
+use candle_core::Tensor;
+use candle_core::Var;
 use candle_core::backprop::GradStore;
 use rayon::prelude::*;
 use serde_json::json;
@@ -146,13 +148,14 @@ impl SftExamples<'_> {
         }
     }
 
-    /// The most tokens micro-batches may hold together to train at the same time: the longest
-    /// window, so the peak memory stays that of the longest window alone. Prompt examples are
-    /// built as they are drawn, with no such bound known: they run one at a time.
-    fn concurrent_tokens(&self) -> usize {
+    /// The most tokens micro-batches of `batch_size` examples may hold together to train at the
+    /// same time: a micro-batch of the longest window, so the peak memory stays that of the
+    /// largest micro-batch alone. Prompt examples are built as they are drawn, with no such
+    /// bound known: they run one at a time.
+    fn concurrent_tokens(&self, batch_size: usize) -> usize {
         match self {
             SftExamples::Prompts(_) => 0,
-            SftExamples::Histories(v) => v.iter().map(|w| w.ids.len()).max().unwrap_or(0),
+            SftExamples::Histories(v) => batch_size * v.iter().map(|w| w.ids.len()).max().unwrap_or(0),
         }
     }
 
@@ -197,7 +200,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         }
     };
     let total = t.total_steps(examples.len(), cfg.sft.examples_per_step()) as u64;
-    let concurrent_tokens = examples.concurrent_tokens();
+    let concurrent_tokens = examples.concurrent_tokens(cfg.sft.batch_size);
     let mut opt = AdamW::new(loaded.model.lora_vars(), AdamWParams::from_train(t))?;
     let dist = &opts.dist;
     let (mut state, mut log) =
@@ -245,37 +248,20 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
 
         // Forward/backward per micro-batch (this rank's), short neighbouring windows at the same
         // time ([`concurrent_groups`]); the loss is the mean over the step's answer tokens.
-        let mut accum = GradAccum::new(opt.params().len());
-        let mut loss_sum = 0f64;
-        let mut abandoned = false;
         let micros: Vec<(usize, &[ScoredSeq])> =
             rows.chunks(cfg.sft.batch_size).enumerate().filter(|&(micro, _)| dist.owns(micro)).collect();
-        let micro_grads = |(micro, chunk): (usize, &[ScoredSeq])| -> Result<(f64, GradStore)> {
+        // Mid-step, only a lone process may abandon the step (ranks agree at step boundaries).
+        let stop = || dist.size() == 1 && opts.stop.raised();
+        let micro_grads = |micro: usize, chunk: &[ScoredSeq]| -> Result<(f64, GradStore)> {
             let mode = Mode::TRAIN.with_dropout(derive_seed(t.seed, SEED_DROPOUT, step * 1_000_003 + micro as u64));
             let logp = scored_logprobs(&loaded.model, chunk, mode)?;
             let loss = (logp.sum_all()?.neg()? / answer_tokens as f64)?;
             Ok((loss.to_scalar::<f32>()? as f64, loss.backward()?))
         };
-        let tokens_of = |&(_, chunk): &(usize, &[ScoredSeq])| chunk.len() * chunk.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-        for group in concurrent_groups(&micros.iter().map(tokens_of).collect::<Vec<_>>(), concurrent_tokens) {
-            // Mid-step, only a lone process may abandon the step (ranks agree at step boundaries).
-            if dist.size() == 1 && opts.stop.raised() {
-                abandoned = true;
-                break;
-            }
-            let done: Vec<_> = micros[group].par_iter().map(|&m| micro_grads(m)).collect();
-            // Summed in micro-batch order, whichever finished first: the same sums as one at a time.
-            for result in done {
-                let (loss, grads) = result?;
-                loss_sum += loss;
-                accum.add(&grads, opt.params())?;
-            }
-        }
-        if abandoned {
+        let Some((loss_sum, mut grads)) = step_micro_batches(&micros, concurrent_tokens, opt.params(), stop, micro_grads)? else {
             cadence.interrupt();
             break;
-        }
-        let mut grads = accum.take(opt.params())?;
+        };
         let allreduce_s = dist.sum_tensors(&mut grads)?;
         let mut summed = [loss_sum];
         dist.sum_f64(&mut summed)?;
@@ -323,6 +309,38 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         last_loss,
         tokens_per_s: if state.elapsed_s > 0.0 { state.tokens_seen as f64 / state.elapsed_s } else { 0.0 },
     })
+}
+
+/// Runs one step's micro-batches (their indices and rows) through `grads`, which gives each
+/// one's loss and gradients: neighbours that together hold at most `cap` tokens at the same time
+/// ([`concurrent_groups`]), their losses and gradients added in micro-batch order, so the sums
+/// are those of one at a time, bit for bit. Returns the loss sum and the summed gradients of
+/// `params`, or None when `stop` asks to abandon the step (asked between groups).
+fn step_micro_batches(
+    micros: &[(usize, &[ScoredSeq])],
+    cap: usize,
+    params: &[(String, Var)],
+    stop: impl Fn() -> bool,
+    grads: impl Fn(usize, &[ScoredSeq]) -> Result<(f64, GradStore)> + Sync,
+) -> Result<Option<(f64, Vec<Tensor>)>> {
+    // Outside a rayon pool (no command pool) the micro-batches would run on the global pool's
+    // threads, whose stacks are too small for candle's recursive graph walk: one at a time.
+    let cap = if rayon::current_thread_index().is_some() { cap } else { 0 };
+    let tokens: Vec<usize> = micros.iter().map(|(_, rows)| rows.len() * rows.iter().map(|r| r.ids.len()).max().unwrap_or(0)).collect();
+    let mut accum = GradAccum::new(params.len());
+    let mut loss_sum = 0f64;
+    for group in concurrent_groups(&tokens, cap) {
+        if stop() {
+            return Ok(None);
+        }
+        let done: Vec<_> = micros[group].par_iter().map(|&(micro, rows)| grads(micro, rows)).collect();
+        for result in done {
+            let (loss, g) = result?;
+            loss_sum += loss;
+            accum.add(&g, params)?;
+        }
+    }
+    Ok(Some((loss_sum, accum.take(params)?)))
 }
 
 /// Splits a step's micro-batches (their token counts, in order) into runs of neighbours that
@@ -411,11 +429,12 @@ mod tests {
         assert!(concurrent_groups(&[], 100).is_empty());
     }
 
-    /// Two micro-batches trained at the same time (on two threads) give the gradients of each
-    /// run alone, bit for bit: with dropout on, and long enough for several of the fused
-    /// adapter's row blocks and backward chunks.
+    /// A step's micro-batches, run in groups at the same time on a 2-thread pool, give the loss
+    /// sum and gradients of one at a time, bit for bit: with dropout on, windows long enough for
+    /// several of the fused adapter's row blocks and backward chunks, a group of three and one
+    /// alone. A raised stop abandons the step.
     #[test]
-    fn micro_batches_at_the_same_time_give_the_same_gradients() {
+    fn micro_batches_at_the_same_time_give_the_same_sums() {
         let dir = tempfile::tempdir().unwrap();
         write_tiny_model(dir.path(), &tiny_config("llama"), 5).unwrap();
         let mut loaded =
@@ -424,26 +443,31 @@ mod tests {
         // B starts at 0, which would leave A's gradients 0: give it values.
         for (i, (name, var)) in loaded.model.lora_vars().into_iter().enumerate() {
             if name.contains("lora_B") {
-                var.set(&(candle_core::Tensor::randn(0f32, 0.1, var.shape(), var.device()).unwrap() * (1.0 + i as f64 / 100.0)).unwrap())
-                    .unwrap();
+                var.set(&(Tensor::randn(0f32, 0.1, var.shape(), var.device()).unwrap() * (1.0 + i as f64 / 100.0)).unwrap()).unwrap();
             }
         }
         let model = &loaded.model;
+        let params = model.lora_vars();
         let seq = |n: usize, salt: u32| ScoredSeq {
             ids: (0..n as u32).map(|i| 3 + (i * 7 + salt) % 250).collect(),
             targets: (1..n).step_by(3).collect(),
         };
-        let rows = [seq(300, 1), seq(170, 2)];
-        let grads = |micro: usize| -> Vec<Vec<f32>> {
+        let rows = [seq(300, 1), seq(170, 2), seq(90, 3), seq(500, 4)];
+        let micros: Vec<(usize, &[ScoredSeq])> = rows.chunks(1).enumerate().collect();
+        let grads = |micro: usize, chunk: &[ScoredSeq]| -> Result<(f64, GradStore)> {
             let mode = Mode::TRAIN.with_dropout(derive_seed(9, SEED_DROPOUT, micro as u64));
-            let loss = scored_logprobs(model, &rows[micro..micro + 1], mode).unwrap().sum_all().unwrap().neg().unwrap();
-            let store = loss.backward().unwrap();
-            model.lora_vars().iter().map(|(_, v)| store.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect()
+            let loss = (scored_logprobs(model, chunk, mode)?.sum_all()?.neg()? / 100.0)?;
+            Ok((loss.to_scalar::<f32>()? as f64, loss.backward()?))
         };
-        let alone = [grads(0), grads(1)];
-        assert!(alone[0][0].iter().any(|&g| g != 0.0), "A's gradients are not all 0");
+        let bits = |(loss, grads): (f64, Vec<Tensor>)| -> (f64, Vec<Vec<f32>>) {
+            (loss, grads.iter().map(|g| g.flatten_all().unwrap().to_vec1().unwrap()).collect())
+        };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let together = pool.install(|| rayon::join(|| grads(0), || grads(1)));
-        assert!(together.0 == alone[0] && together.1 == alone[1], "gradients differ when two micro-batches run at once");
+        let run = |cap| pool.install(|| bits(step_micro_batches(&micros, cap, &params, || false, grads).unwrap().unwrap()));
+        assert_eq!(concurrent_groups(&[300, 170, 90, 500], 600), [0..3, 3..4]);
+        let (one_at_a_time, together) = (run(0), run(600));
+        assert!(one_at_a_time.1[0].iter().any(|&g| g != 0.0), "A's gradients are not all 0");
+        assert!(one_at_a_time == together, "running micro-batches at the same time changed the sums");
+        assert!(pool.install(|| step_micro_batches(&micros, 600, &params, || true, grads)).unwrap().is_none());
     }
 }
