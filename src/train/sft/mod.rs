@@ -25,9 +25,8 @@ use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
-use candle_core::Tensor;
-use candle_core::Var;
 use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 use serde_json::json;
 
