@@ -55,19 +55,18 @@ pub fn tune() {
         // rayon's own default: one thread per logical CPU, else 1.
         let pool = std::thread::available_parallelism().map_or(1, usize::from);
         let _ = COMMAND_POOL_THREADS.set(pool);
-        let matmul = candle_core::utils::get_num_threads();
-        // SAFETY: called first thing in main, while the process has a single thread.
-        unsafe { std::env::set_var(RAYON_THREADS, matmul.to_string()) };
+        default_env(RAYON_THREADS, &candle_core::utils::get_num_threads().to_string());
     }
-    const ELEMENTWISE: &str = "CANDLE_NUM_THREADS";
-    if std::env::var_os(ELEMENTWISE).is_none() {
-        // SAFETY: called first thing in main, while the process has a single thread.
-        unsafe { std::env::set_var(ELEMENTWISE, "1") };
-    }
-    const SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(SPIN).is_none() {
-        // SAFETY: called first thing in main, while the process has a single thread.
-        unsafe { std::env::set_var(SPIN, "100") };
+    default_env("CANDLE_NUM_THREADS", "1");
+    default_env("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100");
+}
+
+/// Sets the environment variable `name` to `value` unless the user gave it.
+fn default_env(name: &str, value: &str) {
+    if std::env::var_os(name).is_none() {
+        // SAFETY: only [`tune`] calls it, first thing in main, while the process has a single
+        // thread.
+        unsafe { std::env::set_var(name, value) };
     }
 }
 
