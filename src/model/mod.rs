@@ -1,6 +1,7 @@
 //! The model: where it comes from (a GGUF file, a Hugging Face folder, or a hub repo id), the
 //! network itself with LoRA, its tokenizer, and the KV cache.
 
+pub mod attention_blocks;
 pub mod attention_cpu;
 pub mod bf16;
 pub mod config;

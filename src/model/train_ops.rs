@@ -70,11 +70,6 @@ fn attention_probs(q: &Tensor, k: &Tensor, pads: &[usize]) -> candle_core::Resul
     let (_, kv, l, _) = k.dims4()?;
     let scale = 1.0 / (d as f64).sqrt();
     let qg = q.reshape((b, kv, (h / kv) * t, d))?;
-    if q.dtype() == DType::F32 && q.device().is_cpu() {
-        let scores = qg.matmul(&k.t()?)?;
-        scores.inplace_op1(&MaskedSoftmax { pads, t, scale: scale as f32 })?;
-        return Ok(scores);
-    }
     let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, h, t, l))?;
     let scores = scores.broadcast_add(&causal_mask(pads, t, l, q.dtype())?)?;
     candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kv, (h / kv) * t, l))
@@ -83,10 +78,9 @@ fn attention_probs(q: &Tensor, k: &Tensor, pads: &[usize]) -> candle_core::Resul
 /// Causal attention of q (B, H, T, D) over k, v (B, KV, L, D): query i of row b sits at
 /// position `L − T + i` and sees keys `pads[b]..=` its position. Returns (B, T, H·D).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> candle_core::Result<Tensor> {
-    let (b, h, _, _) = q.dims4()?;
-    let (_, kv, _, _) = k.dims4()?;
-    if pads.len() != b || h % kv != 0 {
-        candle_core::bail!("attention: {} pads for {b} rows, {h} heads over {kv} kv heads", pads.len());
+    let dims = attention_dims(q.shape(), k.shape())?;
+    if pads.len() != dims.b || v.dims() != k.dims() {
+        candle_core::bail!("attention: {} pads for q {:?}, k {:?}, v {:?}", pads.len(), q.dims(), k.dims(), v.dims());
     }
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { pads: pads.to_vec() })
 }
@@ -131,80 +125,13 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// The softmax of `scale ·` raw scores (B, KV, G·T, L) under [`causal_mask`]'s rule, in place
-/// and in one pass a row: masked keys get exactly 0, without building the mask, and the
-/// exponential is the fused forward's ([`super::attention_cpu`]).
-struct MaskedSoftmax<'a> {
-    pads: &'a [usize],
-    t: usize,
-    scale: f32,
-}
-
-impl candle_core::InplaceOp1 for MaskedSoftmax<'_> {
-    fn name(&self) -> &'static str {
-        "masked-softmax"
+/// The blocked kernels' shape of q (B, H, T, D) over k (B, KV, L, D), checked.
+fn attention_dims(q: &Shape, k: &Shape) -> candle_core::Result<super::attention_blocks::Dims> {
+    let ((b, h, t, d), (kb, kv, l, kd)) = (q.dims4()?, k.dims4()?);
+    if kb != b || kd != d || kv == 0 || h % kv != 0 || l < t {
+        candle_core::bail!("attention: q {q:?} over k {k:?}");
     }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        use rayon::prelude::*;
-        let (CpuStorage::F32(v), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("masked softmax needs contiguous f32 scores")
-        };
-        let (_, kv, gt, l) = layout.shape().dims4()?;
-        if l < self.t || l == 0 || gt % self.t != 0 {
-            candle_core::bail!("masked softmax: {gt} query rows of {l} keys for {} queries", self.t);
-        }
-        let past = l - self.t;
-        v[start..end].par_chunks_mut(l).enumerate().for_each(|(row, s)| {
-            // Row (bi, g, hh · T + i): query i of head g · G + hh.
-            let (bi, i) = (row / (kv * gt), row % self.t);
-            let pos = past + i;
-            let (first, last) = if pos < self.pads[bi] { (pos, pos) } else { (self.pads[bi], pos) };
-            s[..first].fill(0.0);
-            s[last + 1..].fill(0.0);
-            let seen = &mut s[first..=last];
-            seen.iter_mut().for_each(|x| *x *= self.scale);
-            let sum = super::attention_cpu::kernels::exp_normalize(seen);
-            seen.iter_mut().for_each(|x| *x /= sum);
-        });
-        Ok(())
-    }
-}
-
-/// The softmax's backward over the last axis, in place in dp: `ds = p ⊙ (dp − Σ_j p_j dp_j)`,
-/// one pass a row.
-struct SoftmaxBackward;
-
-impl candle_core::InplaceOp2 for SoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "softmax-backward"
-    }
-
-    fn cpu_fwd(&self, dp: &mut CpuStorage, dp_l: &Layout, p: &CpuStorage, p_l: &Layout) -> candle_core::Result<()> {
-        use rayon::prelude::*;
-        let (CpuStorage::F32(ds), CpuStorage::F32(p), Some((d0, d1)), Some((p0, p1))) =
-            (dp, p, dp_l.contiguous_offsets(), p_l.contiguous_offsets())
-        else {
-            candle_core::bail!("the softmax backward needs contiguous f32 tensors")
-        };
-        let l = *dp_l.dims().last().unwrap_or(&1);
-        if dp_l.shape() != p_l.shape() || l == 0 {
-            candle_core::bail!("softmax backward: shapes {:?} and {:?}", dp_l.shape(), p_l.shape());
-        }
-        ds[d0..d1].par_chunks_mut(l).zip(p[p0..p1].par_chunks(l)).for_each(|(ds, p)| {
-            // Eight partial sums, so the loop vectorises.
-            let mut lanes = [0f32; 8];
-            for (a, b) in p.chunks_exact(8).zip(ds.chunks_exact(8)) {
-                for k in 0..8 {
-                    lanes[k] += a[k] * b[k];
-                }
-            }
-            let tail = p.len() / 8 * 8;
-            let dot = lanes.iter().sum::<f32>() + p[tail..].iter().zip(&ds[tail..]).map(|(a, b)| a * b).sum::<f32>();
-            ds.iter_mut().zip(p).for_each(|(x, pj)| *x = pj * (*x - dot));
-        });
-        Ok(())
-    }
+    Ok(super::attention_blocks::Dims { b, h, kv, t, l, d })
 }
 
 /// [`attention`]'s forward with candle's ops (f64, the finite-difference tests): (B, T, H·D).
@@ -215,8 +142,21 @@ fn attention_with_ops(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> can
 }
 
 /// The gradients (dq, dk, dv) of [`attention`] for the output gradient dy (B, T, H·D), its
-/// probabilities recomputed.
+/// probabilities recomputed: f32 in causal blocks ([`super::attention_blocks`]), f64 with
+/// candle's ops over the full square.
 fn attention_grads(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], dy: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    if q.dtype() == DType::F32 && q.device().is_cpu() {
+        use super::attention_blocks::{BLOCK, causal_attention_grads};
+        let dims = attention_dims(q.shape(), k.shape())?;
+        if dy.elem_count() != q.elem_count() || v.dims() != k.dims() {
+            candle_core::bail!("attention backward: dy {:?}, k {:?}, v {:?} for q {:?}", dy.dims(), k.dims(), v.dims(), q.dims());
+        }
+        let (dq, dk, dv) = with_f32(q, |q| {
+            with_f32(k, |k| with_f32(v, |v| with_f32(dy, |dy| causal_attention_grads(q, k, v, dy, dims, pads, BLOCK))))
+        })????;
+        let cpu = &Device::Cpu;
+        return Ok((Tensor::from_vec(dq, q.shape(), cpu)?, Tensor::from_vec(dk, k.shape(), cpu)?, Tensor::from_vec(dv, k.shape(), cpu)?));
+    }
     let (b, h, t, d) = q.dims4()?;
     let kv = k.dim(1)?;
     let gt = (h / kv) * t;
@@ -226,12 +166,7 @@ fn attention_grads(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], dy: &Tens
     let dout = dy.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?.reshape((b, kv, gt, d))?;
     let dv = p.t()?.matmul(&dout)?;
     let dp = dout.matmul(&v.t()?)?;
-    let ds = if p.dtype() == DType::F32 && p.device().is_cpu() {
-        dp.inplace_op2(&p, &SoftmaxBackward)?;
-        dp
-    } else {
-        (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?
-    };
+    let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
     let dq = (ds.matmul(k)? * scale)?.reshape((b, h, t, d))?;
     let dk = (ds.t()?.matmul(&q.reshape((b, kv, gt, d))?)? * scale)?;
     Ok((dq, dk, dv))

@@ -1,0 +1,359 @@
+//! The backward of training's causal attention for f32 on the CPU, in blocks of queries that
+//! each multiply only by the keys they can see.
+//!
+//! Over the full square of queries and keys, the backward's five products (the recomputed
+//! scores, dP = dO Vᵀ, dQ = dS K, dV = Pᵀ dO, dK = dSᵀ Q) cost twice what causality needs, and
+//! in SFT's 1,024-token windows they are a quarter of the FLOPs. Here a block of `block`
+//! queries (rows `r0..r1`) multiplies by the keys `0..past + r1` only, and a block of keys by
+//! the queries that see it; the masked entries inside the diagonal block are zero, as in the
+//! full square. The products go through the gemm crate's kernel on strided views of q, k, v and
+//! dy, so nothing is copied, and each block of every output is written by one task in a fixed
+//! order, so the result does not depend on the number of threads.
+//!
+//! The forward stays the fused inference kernel ([`super::attention_cpu`]): the same blocks'
+//! scores and `P V` through the GEMM ran 2% slower over SFT steps (twenty-ninth session).
+
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+use super::attention_cpu::kernels;
+
+/// Queries per block: the products of a block stay large enough for the GEMM's kernel, and the
+/// wasted upper half of the diagonal blocks is 1/16 of a 1,024-token window's square.
+pub const BLOCK: usize = 64;
+
+/// The shape of one attention call: q is (b, h, t, d), k and v (b, kv, l, d), dy (b, t, h·d);
+/// query i sits at position `l − t + i`.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub b: usize,
+    pub h: usize,
+    pub kv: usize,
+    pub t: usize,
+    pub l: usize,
+    pub d: usize,
+}
+
+impl Dims {
+    fn past(&self) -> usize {
+        self.l - self.t
+    }
+
+    /// Row b's keys and values of the KV head that query head hh reads, from key 0 on.
+    fn kv_rows<'a>(&self, k: &'a [f32], v: &'a [f32], bi: usize, hh: usize) -> (&'a [f32], &'a [f32]) {
+        let base = (bi * self.kv + hh / (self.h / self.kv)) * self.l * self.d;
+        (&k[base..], &v[base..])
+    }
+
+    /// The shapes and lengths every caller guarantees (custom ops check their inputs).
+    fn check(&self, q: &[f32], k: &[f32], v: &[f32], pads: &[usize], block: usize) {
+        let Dims { b, h, kv, t, l, d } = *self;
+        assert!(block > 0 && kv > 0 && h % kv == 0 && l >= t && pads.len() == b, "blocked attention: bad shape {self:?}");
+        assert!(q.len() == b * h * t * d && k.len() == b * kv * l * d && v.len() == k.len(), "blocked attention: lengths for {self:?}");
+    }
+}
+
+/// The probabilities of `rows` queries (rows r0.. of one head, `q` at the first) over keys
+/// `0..keys`, into p at row stride `p_stride`: the scaled scores Q Kᵀ through the GEMM, then
+/// each row's softmax over the keys it sees, 0 elsewhere.
+fn probabilities(dims: Dims, q: &[f32], k: &[f32], (pad, r0, rows, keys): (usize, usize, usize, usize), p: &mut [f32], p_stride: usize) {
+    let d = dims.d;
+    let scale = 1.0 / (d as f32).sqrt();
+    // SAFETY: p holds rows × keys at row stride p_stride ≥ keys; q holds rows × d; k holds
+    // keys rows of d.
+    unsafe {
+        product(rows, keys, d, (p.as_mut_ptr(), p_stride), (q.as_ptr(), 1, d), (k.as_ptr(), d, 1), false, scale);
+    }
+    for (i, row) in p.chunks_mut(p_stride).take(rows).enumerate() {
+        let pos = dims.past() + r0 + i;
+        let first = if pos < pad { pos } else { pad };
+        masked_softmax(&mut row[..keys], first, pos);
+    }
+}
+
+/// (dq (b, h, t, d), dk (b, kv, l, d), dv (b, kv, l, d)) of causal attention for the output
+/// gradient dy, with the probabilities recomputed. Query i of row b sees keys
+/// `pads[b]..=` its position, or only itself when it is a padding position (before `pads[b]`).
+pub fn causal_attention_grads(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dy: &[f32],
+    dims: Dims,
+    pads: &[usize],
+    block: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Dims { b, h, kv, t, l, d } = dims;
+    dims.check(q, k, v, pads, block);
+    assert_eq!(dy.len(), q.len(), "blocked attention: dy for {dims:?}");
+    let (past, group) = (dims.past(), h / kv);
+    let scale = 1.0 / (d as f32).sqrt();
+    // Probabilities and score gradients of every head, (b, h, t, l); only the causal blocks
+    // are written and read.
+    let mut p = vec![0f32; b * h * t * l];
+    let mut ds = vec![0f32; b * h * t * l];
+    let mut dq = vec![0f32; b * h * t * d];
+    let (mut dk, mut dv) = (vec![0f32; b * kv * l * d], vec![0f32; b * kv * l * d]);
+    if t == 0 || d == 0 {
+        return (dq, dk, dv);
+    }
+
+    // Query blocks: the scores, the probabilities, dS and dQ of rows r0..r1 of one head.
+    let mut query_blocks = Vec::new();
+    for (head, ((p, ds), dq)) in p.chunks_mut(t * l).zip(ds.chunks_mut(t * l)).zip(dq.chunks_mut(t * d)).enumerate() {
+        let blocks = p.chunks_mut(block * l).zip(ds.chunks_mut(block * l)).zip(dq.chunks_mut(block * d));
+        query_blocks.extend(blocks.enumerate().map(|(c, ((p, ds), dq))| (head, c * block, p, ds, dq)));
+    }
+    // The largest blocks (the last queries see the most keys) first, for the balance.
+    query_blocks.reverse();
+    query_blocks.into_par_iter().for_each(|(head, r0, p, ds, dq)| {
+        let (bi, hh) = (head / h, head % h);
+        let rows = dq.len() / d;
+        let keys = past + r0 + rows;
+        let (kb, vb) = dims.kv_rows(k, v, bi, hh);
+        probabilities(dims, &q[(head * t + r0) * d..], kb, (pads[bi], r0, rows, keys), p, l);
+        let dyb = &dy[((bi * t + r0) * h + hh) * d..];
+        // SAFETY: every view below lies inside its slice: rows × keys of ds at row stride l
+        // (keys ≤ l), rows × d of dq and dy, keys × d of k and v.
+        unsafe {
+            // dP = dO Vᵀ, into ds.
+            product(rows, keys, d, (ds.as_mut_ptr(), l), (dyb.as_ptr(), 1, h * d), (vb.as_ptr(), d, 1), false, 1.0);
+        }
+        for (p, ds) in p.chunks(l).zip(ds.chunks_mut(l)) {
+            softmax_backward(&p[..keys], &mut ds[..keys]);
+        }
+        // SAFETY: as above.
+        unsafe {
+            // dQ = scale · dS K.
+            product(rows, d, keys, (dq.as_mut_ptr(), d), (ds.as_ptr(), 1, l), (kb.as_ptr(), 1, d), false, scale);
+        }
+    });
+
+    // Key blocks: dV and dK of keys k0..k1 of one KV head, from the queries that see them
+    // (rows r0.. of every head of its group). Block c holds the keys that query block c sees
+    // first; the first also holds the past.
+    let first_keys = past + block.min(t);
+    let mut key_blocks = Vec::new();
+    for (kv_head, (dk, dv)) in dk.chunks_mut(l * d).zip(dv.chunks_mut(l * d)).enumerate() {
+        let (dk0, dk_rest) = dk.split_at_mut(first_keys * d);
+        let (dv0, dv_rest) = dv.split_at_mut(first_keys * d);
+        key_blocks.push((kv_head, 0, 0, dk0, dv0));
+        let rest = dk_rest.chunks_mut(block * d).zip(dv_rest.chunks_mut(block * d));
+        key_blocks.extend(rest.enumerate().map(|(c, (dk, dv))| (kv_head, (c + 1) * block, first_keys + c * block, dk, dv)));
+    }
+    let (p, ds) = (&p, &ds);
+    key_blocks.into_par_iter().for_each(|(kv_head, r0, k0, dk, dv)| {
+        let (bi, g0) = (kv_head / kv, (kv_head % kv) * group);
+        let (keys, rows) = (dk.len() / d, t - r0);
+        for hh in g0..g0 + group {
+            let head = bi * h + hh;
+            let pb = &p[(head * t + r0) * l + k0..];
+            let dsb = &ds[(head * t + r0) * l + k0..];
+            let qb = &q[(head * t + r0) * d..];
+            let dyb = &dy[((bi * t + r0) * h + hh) * d..];
+            let accumulate = hh > g0;
+            // SAFETY: Pᵀ and dSᵀ read rows r0..t, keys k0..k1 of p and ds (written by the
+            // query blocks r0 and after, which all see keys ..k1); dy and q read rows r0..t.
+            unsafe {
+                // dV = Pᵀ dO, summed over the group's heads.
+                product(keys, d, rows, (dv.as_mut_ptr(), d), (pb.as_ptr(), l, 1), (dyb.as_ptr(), 1, h * d), accumulate, 1.0);
+                // dK = scale · dSᵀ Q.
+                product(keys, d, rows, (dk.as_mut_ptr(), d), (dsb.as_ptr(), l, 1), (qb.as_ptr(), 1, d), accumulate, scale);
+            }
+        }
+    });
+    (dq, dk, dv)
+}
+
+/// `dst (m × n) = [dst +] beta · lhs (m × k) · rhs (k × n)` on one thread, each matrix given by
+/// its first element's address and its (column, row) strides; dst's columns are adjacent.
+///
+/// # Safety
+/// Every element the strides reach must lie inside its allocation, and dst must not overlap
+/// the operands.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    (dst, dst_rs): (*mut f32, usize),
+    (lhs, lhs_cs, lhs_rs): (*const f32, usize, usize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
+    accumulate: bool,
+    beta: f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// The row's probabilities in place from its scaled scores: keys `first..=last` share the
+/// softmax, every other key gets exactly 0.
+fn masked_softmax(s: &mut [f32], first: usize, last: usize) {
+    s[..first].fill(0.0);
+    s[last + 1..].fill(0.0);
+    let seen = &mut s[first..=last];
+    let inv = 1.0 / kernels::exp_normalize(seen);
+    seen.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// The softmax's backward for one row, in place in dp: `ds = p ⊙ (dp − Σ_j p_j dp_j)`.
+fn softmax_backward(p: &[f32], dp: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { softmax_backward_avx2(p, dp) };
+        }
+    }
+    softmax_backward_plain(p, dp)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_backward_avx2(p: &[f32], dp: &mut [f32]) {
+    softmax_backward_plain(p, dp)
+}
+
+/// Eight partial sums, so the loop vectorises.
+#[inline(always)]
+fn softmax_backward_plain(p: &[f32], dp: &mut [f32]) {
+    let mut lanes = [0f32; 8];
+    for (a, b) in p.chunks_exact(8).zip(dp.chunks_exact(8)) {
+        for j in 0..8 {
+            lanes[j] += a[j] * b[j];
+        }
+    }
+    let tail = p.len() / 8 * 8;
+    let dot = lanes.iter().sum::<f32>() + p[tail..].iter().zip(&dp[tail..]).map(|(a, b)| a * b).sum::<f32>();
+    dp.iter_mut().zip(p).for_each(|(x, pj)| *x = pj * (*x - dot));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    /// The gradients written out over each query's keys, in f64.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], dy: &[f32], dims: Dims, pads: &[usize]) -> [Vec<f64>; 3] {
+        let Dims { b, h, kv, t, l, d } = dims;
+        let (past, group, scale) = (l - t, h / kv, 1.0 / (d as f64).sqrt());
+        let (mut dq, mut dk, mut dv) = (vec![0f64; q.len()], vec![0f64; k.len()], vec![0f64; v.len()]);
+        for (bi, &pad) in pads.iter().enumerate().take(b) {
+            for hh in 0..h {
+                let kv_row = |j: usize| ((bi * kv + hh / group) * l + j) * d;
+                for i in 0..t {
+                    let (pos, qi, oi) = (past + i, ((bi * h + hh) * t + i) * d, ((bi * t + i) * h + hh) * d);
+                    let seen: Vec<usize> = if pos < pad { vec![pos] } else { (pad..=pos).collect() };
+                    let dot = |a: &[f32], x: usize, y: usize| (0..d).map(|e| f64::from(a[x + e]) * f64::from(dy[y + e])).sum::<f64>();
+                    let s: Vec<f64> = seen
+                        .iter()
+                        .map(|&j| scale * (0..d).map(|e| f64::from(q[qi + e]) * f64::from(k[kv_row(j) + e])).sum::<f64>())
+                        .collect();
+                    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let sum: f64 = s.iter().map(|x| (x - max).exp()).sum();
+                    let p: Vec<f64> = s.iter().map(|x| (x - max).exp() / sum).collect();
+                    let dp: Vec<f64> = seen.iter().map(|&j| dot(v, kv_row(j), oi)).collect();
+                    let pdp: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    for (n, &j) in seen.iter().enumerate() {
+                        let ds = p[n] * (dp[n] - pdp);
+                        for e in 0..d {
+                            dq[qi + e] += scale * ds * f64::from(k[kv_row(j) + e]);
+                            dk[kv_row(j) + e] += scale * ds * f64::from(q[qi + e]);
+                            dv[kv_row(j) + e] += p[n] * f64::from(dy[oi + e]);
+                        }
+                    }
+                }
+            }
+        }
+        [dq, dk, dv]
+    }
+
+    /// Blocks of 1 to more than the queries, with a past, GQA, a left-padded row and queries
+    /// that do not fill the last block: the gradients of the written-out sums.
+    #[test]
+    fn blocks_match_the_written_out_gradients() {
+        for (dims, pads) in [
+            (Dims { b: 2, h: 6, kv: 2, t: 13, l: 17, d: 8 }, vec![0, 6]),
+            (Dims { b: 1, h: 4, kv: 4, t: 9, l: 9, d: 5 }, vec![0]),
+            (Dims { b: 1, h: 2, kv: 1, t: 1, l: 3, d: 4 }, vec![0]),
+        ] {
+            let Dims { b, h, kv, t, l, d } = dims;
+            let (q, dy) = (values(1, b * h * t * d), values(2, b * h * t * d));
+            let (k, v) = (values(3, b * kv * l * d), values(4, b * kv * l * d));
+            let want = reference(&q, &k, &v, &dy, dims, &pads);
+            for block in [1, 4, 5, 13, BLOCK] {
+                let (dq, dk, dv) = causal_attention_grads(&q, &k, &v, &dy, dims, &pads, block);
+                for (name, got, want) in [("dq", &dq, &want[0]), ("dk", &dk, &want[1]), ("dv", &dv, &want[2])] {
+                    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+                        assert!(
+                            (f64::from(a) - b).abs() <= 1e-5 * b.abs().max(1.0),
+                            "{dims:?} block {block}: {name}[{i}] = {a} against {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let dims = Dims { b: 1, h: 6, kv: 2, t: 150, l: 150, d: 16 };
+        let (q, dy) = (values(5, 6 * 150 * 16), values(6, 6 * 150 * 16));
+        let (k, v) = (values(7, 2 * 150 * 16), values(8, 2 * 150 * 16));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| causal_attention_grads(&q, &k, &v, &dy, dims, &[0], 32))
+        };
+        assert_eq!(run(1), run(3));
+    }
+
+    #[test]
+    fn softmax_backward_isas_agree_bit_for_bit() {
+        let (p, dp) = (values(9, 77), values(10, 77));
+        let mut want = dp.clone();
+        softmax_backward_plain(&p, &mut want);
+        let mut got = dp.clone();
+        softmax_backward(&p, &mut got);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn no_queries_give_zero_gradients() {
+        let dims = Dims { b: 1, h: 2, kv: 1, t: 0, l: 3, d: 4 };
+        let (dq, dk, dv) = causal_attention_grads(&[], &values(1, 12), &values(2, 12), &[], dims, &[0], BLOCK);
+        assert!(dq.is_empty() && dk.iter().chain(&dv).all(|&x| x == 0.0));
+    }
+}
