@@ -13,7 +13,8 @@
 //! Forward passes reuse the inference kernels for f32 (the fused attention of
 //! [`super::attention_cpu`], candle's fused RMS norm and rope); f64 (the finite-difference
 //! tests) computes the same with candle's ops. Backward passes are written with candle's ops
-//! on detached tensors, so they work for both.
+//! on detached tensors, so they work for both, except attention's f32 backward, which runs in
+//! causal blocks through the GEMM ([`super::attention_blocks`]).
 
 use super::attention_cpu::kernels;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Device, Layout, Shape, Tensor};
