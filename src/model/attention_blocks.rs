@@ -19,13 +19,13 @@ use rayon::prelude::*;
 use super::attention_cpu::kernels;
 
 /// Queries per block: the products of a block stay large enough for the GEMM's kernel, and the
-/// wasted upper half of the diagonal blocks is 1/16 of a 1,024-token window's square.
-pub const BLOCK: usize = 64;
+/// masked upper halves of the diagonal blocks are 1/32 of a 1,024-token window's square.
+pub(crate) const BLOCK: usize = 64;
 
 /// The shape of one attention call: q is (b, h, t, d), k and v (b, kv, l, d), dy (b, t, h·d);
 /// query i sits at position `l − t + i`.
 #[derive(Clone, Copy, Debug)]
-pub struct Dims {
+pub(crate) struct Dims {
     pub b: usize,
     pub h: usize,
     pub kv: usize,
@@ -37,6 +37,10 @@ pub struct Dims {
 impl Dims {
     fn past(&self) -> usize {
         self.l - self.t
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
     }
 
     /// Row b's keys and values of the KV head that query head hh reads, from key 0 on.
@@ -58,11 +62,10 @@ impl Dims {
 /// each row's softmax over the keys it sees, 0 elsewhere.
 fn probabilities(dims: Dims, q: &[f32], k: &[f32], (pad, r0, rows, keys): (usize, usize, usize, usize), p: &mut [f32], p_stride: usize) {
     let d = dims.d;
-    let scale = 1.0 / (d as f32).sqrt();
     // SAFETY: p holds rows × keys at row stride p_stride ≥ keys; q holds rows × d; k holds
     // keys rows of d.
     unsafe {
-        product(rows, keys, d, (p.as_mut_ptr(), p_stride), (q.as_ptr(), 1, d), (k.as_ptr(), d, 1), false, scale);
+        product(rows, keys, d, (p.as_mut_ptr(), p_stride), (q.as_ptr(), 1, d), (k.as_ptr(), d, 1), false, dims.scale());
     }
     for (i, row) in p.chunks_mut(p_stride).take(rows).enumerate() {
         let pos = dims.past() + r0 + i;
@@ -74,7 +77,7 @@ fn probabilities(dims: Dims, q: &[f32], k: &[f32], (pad, r0, rows, keys): (usize
 /// (dq (b, h, t, d), dk (b, kv, l, d), dv (b, kv, l, d)) of causal attention for the output
 /// gradient dy, with the probabilities recomputed. Query i of row b sees keys
 /// `pads[b]..=` its position, or only itself when it is a padding position (before `pads[b]`).
-pub fn causal_attention_grads(
+pub(crate) fn causal_attention_grads(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -86,8 +89,7 @@ pub fn causal_attention_grads(
     let Dims { b, h, kv, t, l, d } = dims;
     dims.check(q, k, v, pads, block);
     assert_eq!(dy.len(), q.len(), "blocked attention: dy for {dims:?}");
-    let (past, group) = (dims.past(), h / kv);
-    let scale = 1.0 / (d as f32).sqrt();
+    let (past, group, scale) = (dims.past(), h / kv, dims.scale());
     // Probabilities and score gradients of every head, (b, h, t, l); only the causal blocks
     // are written and read.
     let mut p = vec![0f32; b * h * t * l];
@@ -105,7 +107,7 @@ pub fn causal_attention_grads(
         query_blocks.extend(blocks.enumerate().map(|(c, ((p, ds), dq))| (head, c * block, p, ds, dq)));
     }
     // The largest blocks (the last queries see the most keys) first, for the balance.
-    query_blocks.reverse();
+    query_blocks.sort_by_key(|&(_, r0, ..)| std::cmp::Reverse(r0));
     query_blocks.into_par_iter().for_each(|(head, r0, p, ds, dq)| {
         let (bi, hh) = (head / h, head % h);
         let rows = dq.len() / d;
@@ -130,14 +132,16 @@ pub fn causal_attention_grads(
     });
 
     // Key blocks: dV and dK of keys k0..k1 of one KV head, from the queries that see them
-    // (rows r0.. of every head of its group). Block c holds the keys that query block c sees
-    // first; the first also holds the past.
+    // (rows r0.. of every head of its group). Every query sees the keys the first query block
+    // sees (the past, then its own), so those blocks read every row; after them, block c holds
+    // the keys that query block c sees first.
     let first_keys = past + block.min(t);
     let mut key_blocks = Vec::new();
     for (kv_head, (dk, dv)) in dk.chunks_mut(l * d).zip(dv.chunks_mut(l * d)).enumerate() {
         let (dk0, dk_rest) = dk.split_at_mut(first_keys * d);
         let (dv0, dv_rest) = dv.split_at_mut(first_keys * d);
-        key_blocks.push((kv_head, 0, 0, dk0, dv0));
+        let seen_by_all = dk0.chunks_mut(block * d).zip(dv0.chunks_mut(block * d));
+        key_blocks.extend(seen_by_all.enumerate().map(|(c, (dk, dv))| (kv_head, 0, c * block, dk, dv)));
         let rest = dk_rest.chunks_mut(block * d).zip(dv_rest.chunks_mut(block * d));
         key_blocks.extend(rest.enumerate().map(|(c, (dk, dv))| (kv_head, (c + 1) * block, first_keys + c * block, dk, dv)));
     }
@@ -301,12 +305,14 @@ mod tests {
         [dq, dk, dv]
     }
 
-    /// Blocks of 1 to more than the queries, with a past, GQA, a left-padded row and queries
-    /// that do not fill the last block: the gradients of the written-out sums.
+    /// Blocks of 1 to more than the queries, with a past, GQA, rows left-padded inside and
+    /// beyond the past, and queries that do not fill the last block: the gradients of the
+    /// written-out sums.
     #[test]
     fn blocks_match_the_written_out_gradients() {
         for (dims, pads) in [
             (Dims { b: 2, h: 6, kv: 2, t: 13, l: 17, d: 8 }, vec![0, 6]),
+            (Dims { b: 2, h: 4, kv: 2, t: 7, l: 12, d: 8 }, vec![2, 9]),
             (Dims { b: 1, h: 4, kv: 4, t: 9, l: 9, d: 5 }, vec![0]),
             (Dims { b: 1, h: 2, kv: 1, t: 1, l: 3, d: 4 }, vec![0]),
         ] {
@@ -330,12 +336,12 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        let dims = Dims { b: 1, h: 6, kv: 2, t: 150, l: 150, d: 16 };
-        let (q, dy) = (values(5, 6 * 150 * 16), values(6, 6 * 150 * 16));
-        let (k, v) = (values(7, 2 * 150 * 16), values(8, 2 * 150 * 16));
+        let dims = Dims { b: 2, h: 6, kv: 2, t: 150, l: 180, d: 16 };
+        let (q, dy) = (values(5, 2 * 6 * 150 * 16), values(6, 2 * 6 * 150 * 16));
+        let (k, v) = (values(7, 2 * 2 * 180 * 16), values(8, 2 * 2 * 180 * 16));
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| causal_attention_grads(&q, &k, &v, &dy, dims, &[0], 32))
+            pool.install(|| causal_attention_grads(&q, &k, &v, &dy, dims, &[0, 12], 32))
         };
         assert_eq!(run(1), run(3));
     }

@@ -1,8 +1,8 @@
 //! Fused causal attention for inference on the CPU (no gradients): scores, masking, softmax and
 //! the weighted sum of values in one pass per query, skipping the masked keys entirely instead
 //! of materialising a (heads, T, keys) score tensor and a mask. Used for prefill and decoding,
-//! and as the forward pass of the training attention node, whose backward pass is in
-//! [`super::train_ops`] (it recomputes the probabilities from these kernels).
+//! and as the forward pass of the training attention node, whose f32 backward pass is in
+//! [`super::attention_blocks`] (it recomputes the probabilities, with this module's softmax).
 
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use rayon::prelude::*;

@@ -13,8 +13,9 @@
 //! Forward passes reuse the inference kernels for f32 (the fused attention of
 //! [`super::attention_cpu`], candle's fused RMS norm and rope); f64 (the finite-difference
 //! tests) computes the same with candle's ops. Backward passes are written with candle's ops
-//! on detached tensors, so they work for both, except attention's f32 backward, which runs in
-//! causal blocks through the GEMM ([`super::attention_blocks`]).
+//! on detached tensors, so they work for both, where f32 has no kernel of its own: the adapter
+//! ([`super::lora_rows`]), SwiGLU, and attention (in causal blocks through the GEMM,
+//! [`super::attention_blocks`]) have one.
 
 use super::attention_cpu::kernels;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Device, Layout, Shape, Tensor};
@@ -149,7 +150,7 @@ fn attention_grads(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], dy: &Tens
     if q.dtype() == DType::F32 && q.device().is_cpu() {
         use super::attention_blocks::{BLOCK, causal_attention_grads};
         let dims = attention_dims(q.shape(), k.shape())?;
-        if dy.elem_count() != q.elem_count() || v.dims() != k.dims() {
+        if dy.elem_count() != q.elem_count() || v.dims() != k.dims() || pads.len() != dims.b {
             candle_core::bail!("attention backward: dy {:?}, k {:?}, v {:?} for q {:?}", dy.dims(), k.dims(), v.dims(), q.dims());
         }
         let (dq, dk, dv) = with_f32(q, |q| {
