@@ -7,16 +7,16 @@
 //! queries (rows `r0..r1`) multiplies by the keys `0..past + r1` only, and a block of keys by
 //! the queries that see it; the masked entries inside the diagonal block are zero, as in the
 //! full square. The products go through the gemm crate's kernel on strided views of q, k, v and
-//! dy, so nothing is copied, and each block of every output is written by one task in a fixed
-//! order, so the result does not depend on the number of threads.
+//! dy ([`super::gemm_views`]), so nothing is copied, and each block of every output is written
+//! by one task in a fixed order, so the result does not depend on the number of threads.
 //!
 //! The forward stays the fused inference kernel ([`super::attention_cpu`]): the same blocks'
 //! scores and `P V` through the GEMM ran 2% slower over SFT steps (twenty-ninth session).
 
-use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 use super::attention_cpu::kernels;
+use super::gemm_views::product;
 
 /// Queries per block: the products of a block stay large enough for the GEMM's kernel, and the
 /// masked upper halves of the diagonal blocks are 1/32 of a 1,024-token window's square.
@@ -167,49 +167,6 @@ pub(crate) fn causal_attention_grads(
         }
     });
     (dq, dk, dv)
-}
-
-/// `dst (m × n) = [dst +] beta · lhs (m × k) · rhs (k × n)` on one thread, each matrix given by
-/// its first element's address and its (column, row) strides; dst's columns are adjacent.
-///
-/// # Safety
-/// Every element the strides reach must lie inside its allocation, and dst must not overlap
-/// the operands.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    m: usize,
-    n: usize,
-    k: usize,
-    (dst, dst_rs): (*mut f32, usize),
-    (lhs, lhs_cs, lhs_rs): (*const f32, usize, usize),
-    (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
-    accumulate: bool,
-    beta: f32,
-) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
 }
 
 /// The row's probabilities in place from its scaled scores: keys `first..=last` share the

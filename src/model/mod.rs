@@ -5,6 +5,7 @@ pub mod attention_blocks;
 pub mod attention_cpu;
 pub mod bf16;
 pub mod config;
+pub mod gemm_views;
 pub mod gguf;
 pub mod kv_cache;
 pub mod lora;

@@ -13,9 +13,10 @@
 //! Forward passes reuse the inference kernels for f32 (the fused attention of
 //! [`super::attention_cpu`], candle's fused RMS norm and rope); f64 (the finite-difference
 //! tests) computes the same with candle's ops. Backward passes are written with candle's ops
-//! on detached tensors, so they work for both, where f32 has no kernel of its own: the adapter
-//! ([`super::lora_rows`]), SwiGLU, and attention (in causal blocks through the GEMM,
-//! [`super::attention_blocks`]) have one.
+//! on detached tensors, so they work for both, where f32 has no kernel of its own: the linear
+//! layers (the frozen weight's products through [`super::gemm_views`], the adapter's in
+//! [`super::lora_rows`]), SwiGLU, and attention (in causal blocks, [`super::attention_blocks`])
+//! have one.
 
 use super::attention_cpu::kernels;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Device, Layout, Shape, Tensor};
@@ -582,20 +583,26 @@ impl CustomOp3 for LoraLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let (Some(xs), Some(av), Some(bv)) = (f32_values(s1, l1), f32_values(s2, l2), f32_values(s3, l3)) {
+            let ((rows, k), (r, _), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?, l3.shape().dims2()?);
+            if self.w.dims() != [n, k] {
+                candle_core::bail!("train-lora-linear: weight {:?} for x {:?} and B {:?}", self.w.dims(), l1.dims(), l3.dims());
+            }
+            let mut out = with_f32(&self.w, |w| super::gemm_views::times_transposed(xs, w, rows, k, n))?;
+            if let Some(bias) = &self.bias {
+                with_f32(bias, |bias| out.chunks_mut(n).for_each(|y| y.iter_mut().zip(bias).for_each(|(y, b)| *y += b)))?;
+            }
+            let bt = super::lora_rows::transposed(bv, n, r);
+            let factors = super::lora_rows::Factors { a: av, bt: &bt, r, k, n, scale: self.scale as f32 };
+            let kept = self.kept_bits(xs.len());
+            let xa = super::lora_rows::forward(xs, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut out)?;
+            let _ = self.xa.set(xa);
+            return Ok((CpuStorage::F32(out), Shape::from((rows, n))));
+        }
         let (x, a, b) = (storage_tensor(s1, l1)?, storage_tensor(s2, l2)?, storage_tensor(s3, l3)?);
         let mut y = x.matmul(&self.w.t()?)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
-        }
-        if let (Some(xs), Some(av), Some(bv)) = (f32_values(s1, l1), f32_values(s2, l2), f32_values(s3, l3)) {
-            let ((r, k), (n, _)) = (a.dims2()?, b.dims2()?);
-            let bt = super::lora_rows::transposed(bv, n, r);
-            let factors = super::lora_rows::Factors { a: av, bt: &bt, r, k, n, scale: self.scale as f32 };
-            let mut out = y.flatten_all()?.to_vec1::<f32>()?;
-            let kept = self.kept_bits(xs.len());
-            let xa = super::lora_rows::forward(xs, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut out)?;
-            let _ = self.xa.set(xa);
-            return Ok((CpuStorage::F32(out), y.shape().clone()));
         }
         let y = (y + (self.dropped(&x)?.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?)?;
         tensor_storage(&y)
@@ -616,8 +623,9 @@ impl CustomOp3 for LoraLinear {
             // The factors are small: copies of them cost nothing next to x and dy.
             let (av, bt) = (a.flatten_all()?.to_vec1::<f32>()?, super::lora_rows::transposed(&b.flatten_all()?.to_vec1::<f32>()?, n, r));
             let factors = super::lora_rows::Factors { a: &av, bt: &bt, r, k, n, scale: self.scale as f32 };
-            let mut dx = dy.matmul(&self.w)?.flatten_all()?.to_vec1::<f32>()?;
             let dy = dy.contiguous()?;
+            let rows = x.elem_count() / k;
+            let mut dx = with_f32(&self.w, |w| with_f32(&dy, |dys| super::gemm_views::times(dys, w, rows, n, k)))??;
             let grads = with_f32(&x, |xs| {
                 with_f32(&dy, |dys| {
                     let kept = self.kept_bits(xs.len());

@@ -1,0 +1,139 @@
+//! Products through the gemm crate's kernel on strided views of the caller's buffers: no copy
+//! of an operand into a tensor, no zeroed output to copy out. Each task's product runs on one
+//! thread, and the tasks are fixed by the shapes alone, so results do not depend on the number
+//! of threads.
+
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+/// `dst (m × n) = [dst +] beta · lhs (m × k) · rhs (k × n)` on one thread, each matrix given by
+/// its first element's address and its (column, row) strides; dst's columns are adjacent.
+///
+/// # Safety
+/// Every element the strides reach must lie inside its allocation, and dst must not overlap
+/// the operands.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    (dst, dst_rs): (*mut f32, usize),
+    (lhs, lhs_cs, lhs_rs): (*const f32, usize, usize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
+    accumulate: bool,
+    beta: f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// The widest block of output columns one task computes. The gemm crate splits a product over
+/// threads by columns of its result, so both threads packed the whole frozen weight again for
+/// every product; split here over the weight's rows instead, each task packs only its block.
+/// 288 cuts a 576-wide result in two and a 1,536-wide one in six: even on two threads.
+const MAX_COLUMNS: usize = 288;
+
+/// `y (rows × out) = x (rows × inp) Wᵀ` for a row-major W (out × inp).
+pub(crate) fn times_transposed(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+    assert!(x.len() == rows * inp && w.len() == out * inp, "times_transposed: lengths");
+    by_column_blocks(rows, out, |y, c0, width| {
+        // SAFETY: y's rows hold out columns, this block's at c0..c0 + width; x holds rows × inp;
+        // W's rows c0..c0 + width hold inp values each.
+        unsafe { product(rows, width, inp, (y, out), (x.as_ptr(), 1, inp), (w[c0 * inp..].as_ptr(), inp, 1), false, 1.0) }
+    })
+}
+
+/// `dx (rows × inp) = dy (rows × out) W` for a row-major W (out × inp).
+pub(crate) fn times(dy: &[f32], w: &[f32], rows: usize, out: usize, inp: usize) -> Vec<f32> {
+    assert!(dy.len() == rows * out && w.len() == out * inp, "times: lengths");
+    by_column_blocks(rows, inp, |dx, c0, width| {
+        // SAFETY: dx's rows hold inp columns, this block's at c0..c0 + width; dy holds rows × out;
+        // W's columns c0..c0 + width are read from its out rows.
+        unsafe { product(rows, width, out, (dx, inp), (dy.as_ptr(), 1, out), (w[c0..].as_ptr(), 1, inp), false, 1.0) }
+    })
+}
+
+/// A (rows × cols) result, its blocks of columns computed in parallel: `f(address of the
+/// block's first element, first column, width)`.
+fn by_column_blocks(rows: usize, cols: usize, f: impl Fn(*mut f32, usize, usize) + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; rows * cols];
+    if rows == 0 || cols == 0 {
+        return y;
+    }
+    let blocks = cols.div_ceil(MAX_COLUMNS);
+    // Widths on the kernel's 16-column tiles.
+    let width = cols.div_ceil(blocks).next_multiple_of(16);
+    struct Shared(*mut f32);
+    // SAFETY: every task writes only its own columns of y, which outlives the loop.
+    unsafe impl Sync for Shared {}
+    let base = Shared(y.as_mut_ptr());
+    let base = &base;
+    (0..cols.div_ceil(width)).into_par_iter().for_each(|b| {
+        let c0 = b * width;
+        f(base.0.wrapping_add(c0), c0, width.min(cols - c0));
+    });
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(seed: usize, n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 - 0.5).collect()
+    }
+
+    /// Both products against the sums written out in f64, over widths of one block, several
+    /// and a partial last one, and no rows.
+    #[test]
+    fn products_match_the_written_out_sums() {
+        for (rows, inp, out) in [(5, 7, 3), (33, 64, 600), (17, 600, 40), (0, 8, 8)] {
+            let (x, w, dy) = (values(1, rows * inp), values(2, out * inp), values(3, rows * out));
+            let y = times_transposed(&x, &w, rows, inp, out);
+            let dx = times(&dy, &w, rows, out, inp);
+            for r in 0..rows {
+                for o in 0..out {
+                    let want: f64 = (0..inp).map(|i| f64::from(x[r * inp + i]) * f64::from(w[o * inp + i])).sum();
+                    assert!((f64::from(y[r * out + o]) - want).abs() < 1e-4, "y[{r}][{o}]");
+                }
+                for i in 0..inp {
+                    let want: f64 = (0..out).map(|o| f64::from(dy[r * out + o]) * f64::from(w[o * inp + i])).sum();
+                    assert!((f64::from(dx[r * inp + i]) - want).abs() < 1e-4, "dx[{r}][{i}]");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let (rows, inp, out) = (70, 576, 1536);
+        let (x, w, dy) = (values(4, rows * inp), values(5, out * inp), values(6, rows * out));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| (times_transposed(&x, &w, rows, inp, out), times(&dy, &w, rows, out, inp)))
+        };
+        assert_eq!(run(1), run(3));
+    }
+}
