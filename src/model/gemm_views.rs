@@ -1,7 +1,7 @@
 //! Products through the gemm crate's kernel on strided views of the caller's buffers: no copy
-//! of an operand into a tensor, no zeroed output to copy out. Each task's product runs on one
-//! thread, and the tasks are fixed by the shapes alone, so results do not depend on the number
-//! of threads.
+//! of an operand into a tensor, no zeroed output to copy out. The tasks are fixed by the shapes
+//! alone, and the gemm crate's order of summation depends only on the inner dimension, not on
+//! how many threads share a product, so results do not depend on the number of threads.
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
@@ -17,12 +17,33 @@ pub(crate) unsafe fn product(
     m: usize,
     n: usize,
     k: usize,
+    dst: (*mut f32, usize),
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    accumulate: bool,
+    beta: f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { product_on(1, m, n, k, dst, lhs, rhs, accumulate, beta) }
+}
+
+/// [`product`] shared by up to `threads` threads (the gemm crate splits the rows of dst).
+///
+/// # Safety
+/// As for [`product`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_on(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
     (dst, dst_rs): (*mut f32, usize),
     (lhs, lhs_cs, lhs_rs): (*const f32, usize, usize),
     (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
     accumulate: bool,
     beta: f32,
 ) {
+    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the caller's contract.
     unsafe {
         gemm(
@@ -44,40 +65,41 @@ pub(crate) unsafe fn product(
             false,
             false,
             false,
-            Parallelism::None,
+            parallelism,
         )
     }
 }
 
-/// The widest block of output columns one task computes. The gemm crate splits a product over
-/// threads by columns of its result, so both threads packed the whole frozen weight again for
-/// every product; split here over the weight's rows instead, each task packs only its block.
-/// 288 cuts a 576-wide result in two and a 1,536-wide one in six: even on two threads.
+/// The widest block of a result's columns one task computes. Left to itself, the gemm crate
+/// splits a product over the threads by the rows of x, so every thread packs all of the frozen
+/// W; split by the result's columns, each task packs only its block of W. 288 cuts a 576-wide
+/// result in two and a 1,536-wide one in six: even on two threads. Threads beyond the blocks
+/// share them the gemm crate's way.
 const MAX_COLUMNS: usize = 288;
 
 /// `y (rows × out) = x (rows × inp) Wᵀ` for a row-major W (out × inp).
 pub(crate) fn times_transposed(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
     assert!(x.len() == rows * inp && w.len() == out * inp, "times_transposed: lengths");
-    by_column_blocks(rows, out, |y, c0, width| {
+    by_column_blocks(rows, out, |threads, y, c0, width| {
         // SAFETY: y's rows hold out columns, this block's at c0..c0 + width; x holds rows × inp;
         // W's rows c0..c0 + width hold inp values each.
-        unsafe { product(rows, width, inp, (y, out), (x.as_ptr(), 1, inp), (w[c0 * inp..].as_ptr(), inp, 1), false, 1.0) }
+        unsafe { product_on(threads, rows, width, inp, (y, out), (x.as_ptr(), 1, inp), (w[c0 * inp..].as_ptr(), inp, 1), false, 1.0) }
     })
 }
 
 /// `dx (rows × inp) = dy (rows × out) W` for a row-major W (out × inp).
 pub(crate) fn times(dy: &[f32], w: &[f32], rows: usize, out: usize, inp: usize) -> Vec<f32> {
     assert!(dy.len() == rows * out && w.len() == out * inp, "times: lengths");
-    by_column_blocks(rows, inp, |dx, c0, width| {
+    by_column_blocks(rows, inp, |threads, dx, c0, width| {
         // SAFETY: dx's rows hold inp columns, this block's at c0..c0 + width; dy holds rows × out;
         // W's columns c0..c0 + width are read from its out rows.
-        unsafe { product(rows, width, out, (dx, inp), (dy.as_ptr(), 1, out), (w[c0..].as_ptr(), 1, inp), false, 1.0) }
+        unsafe { product_on(threads, rows, width, out, (dx, inp), (dy.as_ptr(), 1, out), (w[c0..].as_ptr(), 1, inp), false, 1.0) }
     })
 }
 
-/// A (rows × cols) result, its blocks of columns computed in parallel: `f(address of the
-/// block's first element, first column, width)`.
-fn by_column_blocks(rows: usize, cols: usize, f: impl Fn(*mut f32, usize, usize) + Sync) -> Vec<f32> {
+/// A (rows × cols) result, its blocks of columns computed in parallel: `f(threads for the
+/// block, address of the block's first element, first column, width)`.
+fn by_column_blocks(rows: usize, cols: usize, f: impl Fn(usize, *mut f32, usize, usize) + Sync) -> Vec<f32> {
     let mut y = vec![0f32; rows * cols];
     if rows == 0 || cols == 0 {
         return y;
@@ -90,9 +112,11 @@ fn by_column_blocks(rows: usize, cols: usize, f: impl Fn(*mut f32, usize, usize)
     unsafe impl Sync for Shared {}
     let base = Shared(y.as_mut_ptr());
     let base = &base;
-    (0..cols.div_ceil(width)).into_par_iter().for_each(|b| {
+    let tasks = cols.div_ceil(width);
+    let threads = (rayon::current_num_threads() / tasks).max(1);
+    (0..tasks).into_par_iter().for_each(|b| {
         let c0 = b * width;
-        f(base.0.wrapping_add(c0), c0, width.min(cols - c0));
+        f(threads, base.0.wrapping_add(c0), c0, width.min(cols - c0));
     });
     y
 }
@@ -134,6 +158,9 @@ mod tests {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| (times_transposed(&x, &w, rows, inp, out), times(&dy, &w, rows, out, inp)))
         };
-        assert_eq!(run(1), run(3));
+        // 8 threads share each of the 2 blocks of the 576-wide dx four ways.
+        let one = run(1);
+        assert_eq!(one, run(3));
+        assert_eq!(one, run(8));
     }
 }

@@ -588,6 +588,9 @@ impl CustomOp3 for LoraLinear {
             if self.w.dims() != [n, k] {
                 candle_core::bail!("train-lora-linear: weight {:?} for x {:?} and B {:?}", self.w.dims(), l1.dims(), l3.dims());
             }
+            if self.bias.as_ref().is_some_and(|bias| bias.elem_count() != n) {
+                candle_core::bail!("train-lora-linear: a bias of {:?} for {n} outputs", self.bias.as_ref().map(Tensor::dims));
+            }
             let mut out = with_f32(&self.w, |w| super::gemm_views::times_transposed(xs, w, rows, k, n))?;
             if let Some(bias) = &self.bias {
                 with_f32(bias, |bias| out.chunks_mut(n).for_each(|y| y.iter_mut().zip(bias).for_each(|(y, b)| *y += b)))?;
@@ -1308,9 +1311,12 @@ mod tests {
 
     #[test]
     fn lora_linear_matches_candle_ops() {
-        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
-            let (w, bias) = (rand(&[5, 6], 11, dtype), rand(&[5], 12, dtype));
-            let inputs = [rand(&[4, 6], 13, dtype), rand(&[3, 6], 14, dtype), rand(&[5, 3], 15, dtype)];
+        // The second shape is wider than one block of the frozen weight's products, both ways.
+        for ((out, inp), dtype, tol) in
+            [((5, 6), DType::F64, 1e-10), ((5, 6), DType::F32, 1e-4), ((300, 290), DType::F64, 1e-10), ((300, 290), DType::F32, 1e-3)]
+        {
+            let (w, bias) = ((rand(&[out, inp], 11, dtype) * 0.1).unwrap(), rand(&[out], 12, dtype));
+            let inputs = [rand(&[4, inp], 13, dtype), (rand(&[3, inp], 14, dtype) * 0.1).unwrap(), rand(&[out, 3], 15, dtype)];
             let composite = |x: &[Tensor]| {
                 let base = x[0].matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
                 (base + (x[0].matmul(&x[1].t().unwrap()).unwrap().matmul(&x[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap()
