@@ -1,5 +1,6 @@
-//! Differentiable fused ops for training on the CPU: causal attention, RMS norm and rotary
-//! embedding as single graph nodes with their own backward pass.
+//! Differentiable fused ops for training on the CPU: causal attention, RMS norm, the split into
+//! heads with the rotary embedding, and the LoRA linear layer as single graph nodes with their
+//! own backward pass.
 //!
 //! Built from candle's elementary ops, each of these is a chain of nodes that the autograd
 //! keeps alive until the backward pass: for attention the (heads, T, keys) scores, their
@@ -11,7 +12,7 @@
 //! freed layer by layer.
 //!
 //! Forward passes reuse the inference kernels for f32 (the fused attention of
-//! [`super::attention_cpu`], candle's fused RMS norm and rope); f64 (the finite-difference
+//! [`super::attention_cpu`], candle's fused RMS norm); f64 (the finite-difference
 //! tests) computes the same with candle's ops. Backward passes are written with candle's ops
 //! on detached tensors, so they work for both, where f32 has no kernel of its own: the linear
 //! layers (the frozen weight's products through [`super::gemm_views`], the adapter's in
@@ -277,60 +278,209 @@ struct RmsNorm {
     eps: f64,
 }
 
+impl RmsNorm {
+    /// The forward (`dy` None: y) or backward (dx) pass over rows of `x`, in T.
+    fn rows<T: candle_core::WithDType + num_traits::Float>(&self, x: &[T], dy: Option<&[T]>) -> candle_core::Result<Vec<T>> {
+        use rayon::prelude::*;
+        let w = self.w.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?;
+        let n = w.len();
+        if n == 0 || !x.len().is_multiple_of(n) || dy.is_some_and(|dy| dy.len() != x.len()) {
+            candle_core::bail!("rms norm: {} values in rows of {n}", x.len());
+        }
+        // As candle's fused kernel: eps rounded to f32, the squares summed in order.
+        let (eps, count) = (T::from(self.eps as f32).unwrap(), T::from(n).unwrap());
+        let mut out = vec![T::zero(); x.len()];
+        let norm = |x: &[T]| (x.iter().fold(T::zero(), |sum, &v| sum + v * v) / count + eps).sqrt();
+        match dy {
+            None => out.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(16).for_each(|(y, x)| {
+                let m = norm(x);
+                y.iter_mut().zip(x).zip(&w).for_each(|((y, &x), &w)| *y = x / m * w);
+            }),
+            // With r = 1 / m and g = dy · w: dx = r g − x r³ mean(x g).
+            Some(dy) => out.par_chunks_mut(n).zip(x.par_chunks(n)).zip(dy.par_chunks(n)).with_min_len(16).for_each(|((dx, x), dy)| {
+                let r = norm(x).recip();
+                let xg = x.iter().zip(dy).zip(&w).fold(T::zero(), |sum, ((&x, &dy), &w)| sum + x * (dy * w));
+                let proj = xg / count * r * r * r;
+                dx.iter_mut().zip(x).zip(dy).zip(&w).for_each(|(((dx, &x), &dy), &w)| *dx = dy * w * r - x * proj);
+            }),
+        }
+        Ok(out)
+    }
+}
+
 impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
         "train-rms-norm"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = storage_tensor(s, l)?;
-        let y = match x.dtype() {
-            DType::F32 => candle_nn::ops::rms_norm(&x, &self.w, self.eps as f32)?,
-            _ => candle_nn::ops::rms_norm_slow(&x, &self.w, self.eps as f32)?,
+        let out = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((start, end))) => CpuStorage::F32(self.rows(&v[start..end], None)?),
+            (CpuStorage::F64(v), Some((start, end))) => CpuStorage::F64(self.rows(&v[start..end], None)?),
+            _ => candle_core::bail!("rms norm: a contiguous f32 or f64 input"),
         };
-        tensor_storage(&y)
+        Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // With r = (mean(x²) + eps)^−½ and g = dy·w: dx = r·g − x·r³·mean(x·g).
-        let x = x.detach();
-        // The forward kernels take eps as f32.
-        let eps = f64::from(self.eps as f32);
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        let g = dy.broadcast_mul(&self.w)?;
-        let proj = (&x * &g)?.mean_keepdim(D::Minus1)?.mul(&r.powf(3.0)?)?;
-        Ok(Some((g.broadcast_mul(&r)? - x.broadcast_mul(&proj)?)?))
+        let dy = dy.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (dys, dyl) = dy.storage_and_layout();
+        let dx = match (&*xs, &*dys, xl.contiguous_offsets(), dyl.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(x)), candle_core::Storage::Cpu(CpuStorage::F32(dy)), Some((a, b)), Some((c, d))) => {
+                Tensor::from_vec(self.rows(&x[a..b], Some(&dy[c..d]))?, xl.shape(), &Device::Cpu)?
+            }
+            (candle_core::Storage::Cpu(CpuStorage::F64(x)), candle_core::Storage::Cpu(CpuStorage::F64(dy)), Some((a, b)), Some((c, d))) => {
+                Tensor::from_vec(self.rows(&x[a..b], Some(&dy[c..d]))?, xl.shape(), &Device::Cpu)?
+            }
+            _ => candle_core::bail!("rms norm backward: contiguous f32 or f64 CPU tensors"),
+        };
+        Ok(Some(dx))
     }
 }
 
-/// Rotary embedding in the rotate-half layout of x (B, H, T, D) with tables (T, D/2) or
-/// (B, T, D/2). The rotation's transpose is the rotation by −θ: the backward pass is rope with
-/// −sin.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(Rope { cos: cos.clone(), sin: sin.clone() })
+/// The heads of a projection x (B, T, H·D) as (B, H, T, D), rotated by the rotary tables
+/// `rope` when given (the rotate-half layout, tables (T, D/2) or (B, T, D/2)), as one
+/// node. As candle's reshape, transpose, copy and rotation they were four, and the backward
+/// pass gives each node a zeroed gradient and an add. The backward pass is the inverse: the
+/// rotation by −θ, back to (B, T, H·D).
+pub fn split_heads(x: &Tensor, heads: usize, rope: Option<(&Tensor, &Tensor)>) -> candle_core::Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    if heads == 0 || !width.is_multiple_of(heads) || !(width / heads).is_multiple_of(2) {
+        candle_core::bail!("split_heads: {width} features do not split into {heads} heads of an even size");
+    }
+    let rope = match rope {
+        Some((cos, sin)) => {
+            let half = width / heads / 2;
+            let fits = |c: &Tensor| c.dims() == [t, half] || c.dims() == [b, t, half];
+            if !fits(cos) || cos.dims() != sin.dims() {
+                candle_core::bail!("split_heads: rotary tables {:?} and {:?} for x {:?}", cos.dims(), sin.dims(), x.dims());
+            }
+            Some((cos.contiguous()?, sin.contiguous()?))
+        }
+        None => None,
+    };
+    x.contiguous()?.apply_op1(SplitHeads { heads, rope })
 }
 
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+struct SplitHeads {
+    heads: usize,
+    rope: Option<(Tensor, Tensor)>,
 }
 
-impl CustomOp1 for Rope {
+/// The shape of a [`split_heads`] pass: batch, time, heads and head size.
+#[derive(Clone, Copy)]
+struct HeadDims {
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+}
+
+impl SplitHeads {
+    fn dims(&self, l: &Layout, heads_first: bool) -> candle_core::Result<HeadDims> {
+        let (b, t, h, d) = if heads_first {
+            let (b, h, t, d) = l.shape().dims4()?;
+            (b, t, h, d)
+        } else {
+            let (b, t, w) = l.shape().dims3()?;
+            (b, t, self.heads, w / self.heads)
+        };
+        Ok(HeadDims { b, t, h, d })
+    }
+
+    /// The rotary tables as values of T.
+    fn tables<T: candle_core::WithDType>(&self) -> candle_core::Result<Option<(Vec<T>, Vec<T>)>> {
+        self.rope.as_ref().map(|(cos, sin)| Ok((cos.flatten_all()?.to_vec1::<T>()?, sin.flatten_all()?.to_vec1::<T>()?))).transpose()
+    }
+
+    fn run<T: candle_core::WithDType + num_traits::Float>(&self, x: &[T], dims: HeadDims, inverse: bool) -> candle_core::Result<Vec<T>> {
+        let tables = self.tables::<T>()?;
+        let shared = self.rope.as_ref().is_some_and(|(cos, _)| cos.rank() == 2);
+        let table = tables.as_ref().map(|(c, s)| (c.as_slice(), s.as_slice()));
+        Ok(split_heads_pass(x, dims, table, shared, inverse))
+    }
+}
+
+/// One [`split_heads`] pass: (B, T, H, D) to (B, H, T, D), rotated by θ, or back (`inverse`),
+/// rotated by −θ. `shared`: the tables are (T, D/2), else (B, T, D/2).
+fn split_heads_pass<T: num_traits::Float + Send + Sync>(
+    x: &[T],
+    HeadDims { b: _, t, h, d }: HeadDims,
+    tables: Option<(&[T], &[T])>,
+    shared: bool,
+    inverse: bool,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let half = d / 2;
+    let rotate = |src: &[T], dst: &mut [T], row: usize| match tables {
+        None => dst.copy_from_slice(src),
+        Some((cos, sin)) => {
+            let (cos, sin) = (&cos[row * half..][..half], &sin[row * half..][..half]);
+            let (x1, x2) = src.split_at(half);
+            let (y1, y2) = dst.split_at_mut(half);
+            for i in 0..half {
+                let s = if inverse { -sin[i] } else { sin[i] };
+                y1[i] = x1[i] * cos[i] - x2[i] * s;
+                y2[i] = x1[i] * s + x2[i] * cos[i];
+            }
+        }
+    };
+    let mut out = vec![T::zero(); x.len()];
+    if inverse {
+        // Each task writes one (b, t) row of all heads.
+        out.par_chunks_mut(h * d).enumerate().for_each(|(bt, dst)| {
+            let (bi, ti) = (bt / t, bt % t);
+            let row = if shared { ti } else { bt };
+            for (hi, dst) in dst.chunks_exact_mut(d).enumerate() {
+                rotate(&x[((bi * h + hi) * t + ti) * d..][..d], dst, row);
+            }
+        });
+    } else {
+        // Each task writes one head of one row, all its positions.
+        out.par_chunks_mut(t * d).enumerate().for_each(|(bh, dst)| {
+            let (bi, hi) = (bh / h, bh % h);
+            for (ti, dst) in dst.chunks_exact_mut(d).enumerate() {
+                let row = if shared { ti } else { bi * t + ti };
+                rotate(&x[((bi * t + ti) * h + hi) * d..][..d], dst, row);
+            }
+        });
+    }
+    out
+}
+
+impl CustomOp1 for SplitHeads {
     fn name(&self) -> &'static str {
-        "train-rope"
+        "train-split-heads"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = storage_tensor(s, l)?;
-        tensor_storage(&candle_nn::rotary_emb::rope(&x, &self.cos, &self.sin)?)
+        let dims = self.dims(l, false)?;
+        let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("split_heads needs a contiguous input") };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end], dims, false)?),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end], dims, false)?),
+            _ => candle_core::bail!("split_heads supports f32 and f64"),
+        };
+        Ok((out, Shape::from((dims.b, dims.h, dims.t, dims.d))))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(candle_nn::rotary_emb::rope(&dy.contiguous()?, &self.cos, &self.sin.neg()?)?))
+        let dy = dy.contiguous()?;
+        let (storage, layout) = dy.storage_and_layout();
+        let dims = self.dims(layout, true)?;
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("split_heads: a strided gradient") };
+        let shape = (dims.b, dims.t, dims.h * dims.d);
+        match &*storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => Tensor::from_vec(self.run(&v[start..end], dims, true)?, shape, &Device::Cpu),
+            candle_core::Storage::Cpu(CpuStorage::F64(v)) => Tensor::from_vec(self.run(&v[start..end], dims, true)?, shape, &Device::Cpu),
+            _ => candle_core::bail!("split_heads supports f32 and f64 on the CPU"),
+        }
+        .map(Some)
     }
 }
 
-/// A LoRA linear layer `x Wᵀ (+ bias) + scale · ((x ∘ m) Aᵀ) Bᵀ` for x (rows, in), with W and
+/// A LoRA linear layer `x Wᵀ (+ bias) + scale · ((x ∘ m) Aᵀ) Bᵀ` for x (..., in), with W and
 /// the bias frozen and m the optional dropout mask of the adapter's input, as one node: the
 /// base output, the dropped input, the rank-r intermediate, the update and their sum are not
 /// kept for the backward pass, which computes `dx = dy W + scale · ((dy B) A) ∘ m`,
@@ -550,6 +700,14 @@ impl LoraLinear {
     }
 }
 
+/// The shape of a linear layer's output for an input of `x` (..., k): (..., n).
+fn rows_shape(x: &Shape, k: usize, n: usize) -> candle_core::Result<Shape> {
+    match x.dims().split_last() {
+        Some((&last, lead)) if last == k && !lead.is_empty() => Ok(Shape::from([lead, &[n]].concat())),
+        _ => candle_core::bail!("linear layer: input {:?} for {k} inputs", x.dims()),
+    }
+}
+
 /// The contiguous f32 values of a CPU tensor, lent to `f`.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let t = t.contiguous()?;
@@ -583,8 +741,12 @@ impl CustomOp3 for LoraLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((r, k), (n, _)) = (l2.shape().dims2()?, l3.shape().dims2()?);
+        // x is (..., in): its leading axes are rows, so the caller needs no reshape node (each
+        // costs the backward pass a zeroed gradient and an add).
+        let out_shape = rows_shape(l1.shape(), k, n)?;
+        let rows = l1.shape().elem_count() / k;
         if let (Some(xs), Some(av), Some(bv)) = (f32_values(s1, l1), f32_values(s2, l2), f32_values(s3, l3)) {
-            let ((rows, k), (r, _), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?, l3.shape().dims2()?);
             if self.w.dims() != [n, k] {
                 candle_core::bail!("train-lora-linear: weight {:?} for x {:?} and B {:?}", self.w.dims(), l1.dims(), l3.dims());
             }
@@ -600,15 +762,15 @@ impl CustomOp3 for LoraLinear {
             let kept = self.kept_bits(xs.len());
             let xa = super::lora_rows::forward(xs, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut out)?;
             let _ = self.xa.set(xa);
-            return Ok((CpuStorage::F32(out), Shape::from((rows, n))));
+            return Ok((CpuStorage::F32(out), out_shape));
         }
-        let (x, a, b) = (storage_tensor(s1, l1)?, storage_tensor(s2, l2)?, storage_tensor(s3, l3)?);
+        let (x, a, b) = (storage_tensor(s1, l1)?.reshape((rows, k))?, storage_tensor(s2, l2)?, storage_tensor(s3, l3)?);
         let mut y = x.matmul(&self.w.t()?)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
         let y = (y + (self.dropped(&x)?.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?)?;
-        tensor_storage(&y)
+        tensor_storage(&y.reshape(out_shape)?)
     }
 
     fn bwd(
@@ -640,6 +802,9 @@ impl CustomOp3 for LoraLinear {
             let db = Tensor::from_vec(grads.b, b.shape(), b.device())?;
             return Ok((Some(dx), Some(da), Some(db)));
         }
+        let (k, n) = (a.dim(1)?, b.dim(0)?);
+        let (shape, rows) = (x.shape().clone(), x.elem_count() / k);
+        let (x, dy) = (x.reshape((rows, k))?, dy.reshape((rows, n))?);
         let xm = self.dropped(&x)?;
         let dyb = (dy.matmul(&b)? * self.scale)?;
         let dxm = dyb.matmul(&a)?;
@@ -647,7 +812,7 @@ impl CustomOp3 for LoraLinear {
         let dx = (dy.matmul(&self.w)? + dxm)?;
         let da = dyb.t()?.matmul(&xm)?;
         let db = dy.t()?.matmul(&(xm.matmul(&a.t()?)? * self.scale)?)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok((Some(dx.reshape(shape)?), Some(da), Some(db)))
     }
 }
 
@@ -1316,12 +1481,23 @@ mod tests {
             [((5, 6), DType::F64, 1e-10), ((5, 6), DType::F32, 1e-4), ((300, 290), DType::F64, 1e-10), ((300, 290), DType::F32, 1e-3)]
         {
             let (w, bias) = ((rand(&[out, inp], 11, dtype) * 0.1).unwrap(), rand(&[out], 12, dtype));
-            let inputs = [rand(&[4, inp], 13, dtype), (rand(&[3, inp], 14, dtype) * 0.1).unwrap(), rand(&[out, 3], 15, dtype)];
-            let composite = |x: &[Tensor]| {
-                let base = x[0].matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
-                (base + (x[0].matmul(&x[1].t().unwrap()).unwrap().matmul(&x[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap()
-            };
-            same_values_and_grads(&inputs, |x| lora_linear(&x[0], &w, Some(&bias), &x[1], &x[2], 2.0, None).unwrap(), composite, tol);
+            // x as rows, and as (batch, time, in): the leading axes are rows.
+            for rows in [[4].as_slice(), &[2, 2]] {
+                let x = rand(&[rows, &[inp]].concat(), 13, dtype);
+                let inputs = [x, (rand(&[3, inp], 14, dtype) * 0.1).unwrap(), rand(&[out, 3], 15, dtype)];
+                let composite = |x: &[Tensor]| {
+                    let flat = x[0].reshape((4, inp)).unwrap();
+                    let base = flat.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+                    let y = (base + (flat.matmul(&x[1].t().unwrap()).unwrap().matmul(&x[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap();
+                    y.reshape([rows, &[out]].concat()).unwrap()
+                };
+                let fused = |x: &[Tensor]| lora_linear(&x[0], &w, Some(&bias), &x[1], &x[2], 2.0, None).unwrap();
+                same_values_and_grads(&inputs, fused, composite, tol);
+            }
+            assert!(
+                lora_linear(&rand(&[4, inp + 1], 13, dtype), &w, None, &rand(&[3, inp], 14, dtype), &rand(&[out, 3], 15, dtype), 2.0, None)
+                    .is_err()
+            );
         }
     }
 
@@ -1452,7 +1628,7 @@ mod tests {
     }
 
     #[test]
-    fn rms_norm_rope_and_target_logprobs_match_candle_ops() {
+    fn rms_norm_split_heads_and_target_logprobs_match_candle_ops() {
         let dtype = DType::F64;
         let w = rand(&[6], 4, dtype);
         same_values_and_grads(
@@ -1461,14 +1637,36 @@ mod tests {
             |x| candle_nn::ops::rms_norm_slow(&x[0], &w, 1e-5).unwrap(),
             1e-10,
         );
-        let (cos, sin) = (rand(&[3, 4], 6, dtype), rand(&[3, 4], 8, dtype));
-        let composite_rope = |x: &Tensor| {
-            let (c, s) = (Tensor::cat(&[&cos, &cos], 1).unwrap(), Tensor::cat(&[&sin, &sin], 1).unwrap());
-            let (x1, x2) = (x.narrow(3, 0, 4).unwrap(), x.narrow(3, 4, 4).unwrap());
-            let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], 3).unwrap();
-            (x.broadcast_mul(&c).unwrap() + rotated.broadcast_mul(&s).unwrap()).unwrap()
-        };
-        same_values_and_grads(&[rand(&[2, 2, 3, 8], 9, dtype)], |x| rope(&x[0], &cos, &sin).unwrap(), |x| composite_rope(&x[0]), 1e-10);
+        // In f32 the forward is candle's fused inference kernel, bit for bit.
+        let (x32, w32) = (rand(&[40, 576], 5, DType::F32), rand(&[576], 4, DType::F32));
+        let fused = candle_nn::ops::rms_norm(&x32, &w32, 1e-5).unwrap();
+        assert_eq!(max_diff(&rms_norm(&x32, &w32, 1e-5).unwrap(), &fused), 0.0);
+        same_values_and_grads(
+            &[x32],
+            |x| rms_norm(&x[0], &w32, 1e-5).unwrap(),
+            |x| candle_nn::ops::rms_norm_slow(&x[0], &w32, 1e-5).unwrap(),
+            1e-5,
+        );
+        // Rotary tables shared by the rows (T, D/2) and per row (B, T, D/2).
+        for tables in [[3, 4].as_slice(), &[2, 3, 4]] {
+            let (cos, sin) = (rand(tables, 6, dtype), rand(tables, 8, dtype));
+            let composite_rope = |x: &Tensor| {
+                let x = x.reshape((2, 3, 2, 8)).unwrap().transpose(1, 2).unwrap();
+                let full = |t: &Tensor| {
+                    let t = Tensor::cat(&[t, t], D::Minus1).unwrap();
+                    if t.rank() == 3 { t.unsqueeze(1).unwrap() } else { t }
+                };
+                let (x1, x2) = (x.narrow(3, 0, 4).unwrap(), x.narrow(3, 4, 4).unwrap());
+                let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], 3).unwrap();
+                (x.broadcast_mul(&full(&cos)).unwrap() + rotated.broadcast_mul(&full(&sin)).unwrap()).unwrap()
+            };
+            let x = [rand(&[2, 3, 16], 9, dtype)];
+            same_values_and_grads(&x, |x| split_heads(&x[0], 2, Some((&cos, &sin))).unwrap(), |x| composite_rope(&x[0]), 1e-10);
+        }
+        let heads = |x: &Tensor| x.reshape((2, 3, 4, 4)).unwrap().transpose(1, 2).unwrap();
+        same_values_and_grads(&[rand(&[2, 3, 16], 9, dtype)], |x| split_heads(&x[0], 4, None).unwrap(), |x| heads(&x[0]), 1e-15);
+        assert!(split_heads(&rand(&[2, 3, 16], 9, dtype), 3, None).is_err(), "16 features in 3 heads");
+        assert!(split_heads(&rand(&[2, 3, 16], 9, dtype), 4, Some((&rand(&[3, 4], 6, dtype), &rand(&[3, 4], 6, dtype)))).is_err());
         let targets = Tensor::new(&[[0u32, 6, 3], [2, 2, 1]], &Device::Cpu).unwrap();
         let composite_logp = |x: &Tensor| {
             let logp = candle_nn::ops::log_softmax(x, D::Minus1).unwrap();

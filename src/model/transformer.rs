@@ -153,12 +153,8 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((rows, self.in_dim()))?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.out_dim();
-        // Training: base + adapter (and its dropout) as one node (see train_ops::lora_linear).
+        // Training: base + adapter (and its dropout) as one node on x as it is, (..., in)
+        // (see train_ops::lora_linear).
         if let Some(lora) = &self.lora
             && mode.grad
             && mode.adapter
@@ -166,9 +162,13 @@ impl Linear {
         {
             let dropout = self.dropout(lora, mode).map(|(p, seed)| super::train_ops::Dropout { p, seed });
             let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
-            let y = super::train_ops::lora_linear(&x2, self.weight()?, self.bias.as_ref(), a, b, lora.scale, dropout)?;
-            return y.reshape(out_dims);
+            return super::train_ops::lora_linear(x, self.weight()?, self.bias.as_ref(), a, b, lora.scale, dropout);
         }
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, self.in_dim()))?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.out_dim();
         if let Some(mut ys) = Linear::forward_few_rows(&[self], x, mode)? {
             return Ok(ys.remove(0));
         }
@@ -291,9 +291,6 @@ fn apply_rope(x: &Tensor, rope: &Rope, mode: Mode) -> candle_core::Result<Tensor
     if !mode.grad {
         return candle_nn::rotary_emb::rope(x, &rope.cos, &rope.sin);
     }
-    if super::train_ops::supported(x.device(), x.dtype()) {
-        return super::train_ops::rope(x, &rope.cos, &rope.sin);
-    }
     // Tables are (T, hd/2) when every row shares positions, else (B, T, hd/2): make them
     // broadcast against (B, H, T, hd).
     let full = |t: &Tensor| -> candle_core::Result<Tensor> {
@@ -322,6 +319,12 @@ impl Attention {
             }
             None => (self.q.forward(x, mode)?, self.k.forward(x, mode)?, self.v.forward(x, mode)?),
         };
+        if mode.grad && super::train_ops::supported(x.device(), x.dtype()) {
+            let tables = Some((&rope.cos, &rope.sin));
+            let q = super::train_ops::split_heads(&q, self.heads, tables)?;
+            let k = super::train_ops::split_heads(&k, self.kv_heads, tables)?;
+            return Ok((q, k, super::train_ops::split_heads(&v, self.kv_heads, None)?));
+        }
         let q = apply_rope(&split(q, self.heads)?, rope, mode)?;
         let k = apply_rope(&split(k, self.kv_heads)?, rope, mode)?.contiguous()?;
         let v = split(v, self.kv_heads)?;
