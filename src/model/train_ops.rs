@@ -487,18 +487,118 @@ impl CustomOp1 for SplitHeads {
 /// `dA = scale · (dy B)ᵀ (x ∘ m)` and `dB = scale · dyᵀ ((x ∘ m) Aᵀ)`, never W's gradient.
 /// The mask is drawn once, as bits the node keeps for the backward pass (not as a tensor), and,
 /// unlike a product with a constant tensor in candle's graph, gets no gradient of its own.
-pub fn lora_linear(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    dropout: Option<Dropout>,
-) -> candle_core::Result<Tensor> {
-    let kept = std::sync::OnceLock::new();
-    let op = LoraLinear { w: w.clone(), bias: bias.cloned(), scale, dropout, kept, xa: std::sync::OnceLock::new() };
-    x.contiguous()?.apply_op3(a, b, op)
+pub fn lora_linear(x: &Tensor, layer: &LoraLayer) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3(layer.a, layer.b, LoraLinear::new(layer))
+}
+
+/// One LoRA linear layer of [`lora_linear`]: its frozen weight and bias, its factors A (r, in)
+/// and B (out, r), their scale, and the adapter's dropout.
+pub struct LoraLayer<'a> {
+    pub w: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f64,
+    pub dropout: Option<Dropout>,
+}
+
+/// The gated MLP's input `silu(gate(x)) · up(x)` of two [`lora_linear`] layers that read the same
+/// x (..., in), as one node. As three (the two layers and [`swiglu`]), the backward pass gave
+/// each of gate(x), up(x) and x a zeroed gradient and an add, and copied gate(x), up(x) and
+/// the output gradient out of their tensors; here the node keeps gate(x) and up(x) and adds the
+/// two layers' gradients of x once. The layers' factors travel stacked, A as (2r, in) and B as
+/// (2·out, r): a custom op takes at most three inputs.
+pub fn gated_lora(x: &Tensor, gate: &LoraLayer, up: &LoraLayer) -> candle_core::Result<Tensor> {
+    if gate.a.dims() != up.a.dims() || gate.b.dims() != up.b.dims() || gate.w.dims() != up.w.dims() {
+        candle_core::bail!("gated_lora: gate {:?}, {:?} and up {:?}, {:?} differ", gate.a.dims(), gate.b.dims(), up.a.dims(), up.b.dims());
+    }
+    let (a, b) = (Tensor::cat(&[gate.a, up.a], 0)?, Tensor::cat(&[gate.b, up.b], 0)?);
+    let op = GatedLora { gate: LoraLinear::new(gate), up: LoraLinear::new(up), saved: std::sync::Mutex::new(None) };
+    x.contiguous()?.apply_op3(&a, &b, op)
+}
+
+struct GatedLora {
+    gate: LoraLinear,
+    up: LoraLinear,
+    /// gate(x) and up(x), with their shape, from the forward pass for the backward pass.
+    saved: std::sync::Mutex<Option<(CpuStorage, CpuStorage, Shape)>>,
+}
+
+impl CustomOp3 for GatedLora {
+    fn name(&self) -> &'static str {
+        "train-gated-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // Each layer's half of the stacked factors, in place.
+        let ((r2, k), (n2, r)) = (l2.shape().dims2()?, l3.shape().dims2()?);
+        let half = |l: &Layout, rows: usize, cols: usize, second: bool| {
+            Layout::contiguous_with_offset((rows, cols), l.start_offset() + if second { rows * cols } else { 0 })
+        };
+        let (a_gate, a_up) = (half(l2, r2 / 2, k, false), half(l2, r2 / 2, k, true));
+        let (b_gate, b_up) = (half(l3, n2 / 2, r, false), half(l3, n2 / 2, r, true));
+        let (g, shape) = self.gate.cpu_fwd(s1, l1, s2, &a_gate, s3, &b_gate)?;
+        let (u, _) = self.up.cpu_fwd(s1, l1, s2, &a_up, s3, &b_up)?;
+        let out = match (&g, &u) {
+            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(swiglu_fwd(g, u)),
+            (CpuStorage::F64(g), CpuStorage::F64(u)) => CpuStorage::F64(swiglu_fwd(g, u)),
+            _ => candle_core::bail!("gated_lora supports f32 and f64"),
+        };
+        *self.saved.lock().map_err(|_| candle_core::Error::Msg("gated_lora: poisoned".into()))? = Some((g, u, shape.clone()));
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("gated_lora: poisoned".into()))?.take();
+        let Some((g, u, shape)) = saved else { candle_core::bail!("gated_lora: a backward pass without its forward") };
+        let dy = dy.contiguous()?;
+        let (dg, du) = {
+            let (dys, dyl) = dy.storage_and_layout();
+            let Some((start, end)) = dyl.contiguous_offsets() else { candle_core::bail!("gated_lora: a strided gradient") };
+            let cpu = &Device::Cpu;
+            match (&g, &u, &*dys) {
+                (CpuStorage::F32(g), CpuStorage::F32(u), candle_core::Storage::Cpu(CpuStorage::F32(dy))) => {
+                    let (dg, du) = swiglu_bwd(g, u, &dy[start..end]);
+                    (Tensor::from_vec(dg, &shape, cpu)?, Tensor::from_vec(du, &shape, cpu)?)
+                }
+                (CpuStorage::F64(g), CpuStorage::F64(u), candle_core::Storage::Cpu(CpuStorage::F64(dy))) => {
+                    let (dg, du) = swiglu_bwd(g, u, &dy[start..end]);
+                    (Tensor::from_vec(dg, &shape, cpu)?, Tensor::from_vec(du, &shape, cpu)?)
+                }
+                _ => candle_core::bail!("gated_lora supports f32 and f64 CPU tensors"),
+            }
+        };
+        let (r, n) = (a.dim(0)? / 2, b.dim(0)? / 2);
+        // A layer's backward pass reads x, its factors and its output's gradient, not its output.
+        let (dx_gate, da_gate, db_gate) = self.gate.bwd(x, &a.narrow(0, 0, r)?, &b.narrow(0, 0, n)?, &dg, &dg)?;
+        let (dx_up, da_up, db_up) = self.up.bwd(x, &a.narrow(0, r, r)?, &b.narrow(0, n, n)?, &du, &du)?;
+        let both = |p: Option<Tensor>, q: Option<Tensor>| -> candle_core::Result<Tensor> {
+            match (p, q) {
+                (Some(p), Some(q)) => Ok(Tensor::cat(&[p, q], 0)?),
+                _ => candle_core::bail!("gated_lora: a layer without its factors' gradients"),
+            }
+        };
+        let dx = match (dx_gate, dx_up) {
+            (Some(p), Some(q)) => (p + q)?,
+            _ => candle_core::bail!("gated_lora: a layer without its input's gradient"),
+        };
+        Ok((Some(dx), Some(both(da_gate, da_up)?), Some(both(db_gate, db_up)?)))
+    }
 }
 
 /// LoRA dropout: each input element is zeroed with probability `p`, the mask drawn from `seed`
@@ -680,6 +780,17 @@ struct LoraLinear {
 }
 
 impl LoraLinear {
+    fn new(layer: &LoraLayer) -> Self {
+        LoraLinear {
+            w: layer.w.clone(),
+            bias: layer.bias.cloned(),
+            scale: layer.scale,
+            dropout: layer.dropout,
+            kept: std::sync::OnceLock::new(),
+            xa: std::sync::OnceLock::new(),
+        }
+    }
+
     /// `t ∘ m` for this node's dropout mask m (t itself without dropout).
     fn dropped(&self, t: &Tensor) -> candle_core::Result<Tensor> {
         match (&self.dropout, self.kept_bits(t.elem_count())) {
@@ -1474,6 +1585,47 @@ mod tests {
         }
     }
 
+    /// A layer of scale 2 for [`lora_linear`] and [`gated_lora`].
+    fn layer<'a>(w: &'a Tensor, bias: Option<&'a Tensor>, a: &'a Tensor, b: &'a Tensor, dropout: Option<Dropout>) -> LoraLayer<'a> {
+        LoraLayer { w, bias, a, b, scale: 2.0, dropout }
+    }
+
+    /// The fused gate, up and SwiGLU node against the three nodes it replaces, with biases,
+    /// dropout (each layer's own mask) and x of rank 3, wider than one block of the frozen
+    /// weight's products; and mismatched layers are an error.
+    #[test]
+    fn gated_lora_matches_its_three_nodes() {
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-3)] {
+            let (inp, out) = (290, 300);
+            let (wg, wu) = ((rand(&[out, inp], 21, dtype) * 0.1).unwrap(), (rand(&[out, inp], 22, dtype) * 0.1).unwrap());
+            let (bg, bu) = (rand(&[out], 23, dtype), rand(&[out], 24, dtype));
+            let (dg, du) = (Dropout { p: 0.25, seed: 5 }, Dropout { p: 0.25, seed: 6 });
+            let inputs = [
+                rand(&[2, 3, inp], 25, dtype),
+                (rand(&[4, inp], 26, dtype) * 0.1).unwrap(),
+                (rand(&[out, 4], 27, dtype) * 0.1).unwrap(),
+                (rand(&[4, inp], 28, dtype) * 0.1).unwrap(),
+                (rand(&[out, 4], 29, dtype) * 0.1).unwrap(),
+            ];
+            same_values_and_grads(
+                &inputs,
+                |x| {
+                    gated_lora(&x[0], &layer(&wg, Some(&bg), &x[1], &x[2], Some(dg)), &layer(&wu, Some(&bu), &x[3], &x[4], Some(du)))
+                        .unwrap()
+                },
+                |x| {
+                    let gate = lora_linear(&x[0], &layer(&wg, Some(&bg), &x[1], &x[2], Some(dg))).unwrap();
+                    let up = lora_linear(&x[0], &layer(&wu, Some(&bu), &x[3], &x[4], Some(du))).unwrap();
+                    swiglu(&gate, &up).unwrap()
+                },
+                tol,
+            );
+            let narrow = rand(&[out, 3], 30, dtype);
+            let (x, a) = (&inputs[0], &inputs[1]);
+            assert!(gated_lora(x, &layer(&wg, None, a, &inputs[2], None), &layer(&wu, None, &inputs[3], &narrow, None)).is_err());
+        }
+    }
+
     #[test]
     fn lora_linear_matches_candle_ops() {
         // The second shape is wider than one block of the frozen weight's products, both ways.
@@ -1491,12 +1643,15 @@ mod tests {
                     let y = (base + (flat.matmul(&x[1].t().unwrap()).unwrap().matmul(&x[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap();
                     y.reshape([rows, &[out]].concat()).unwrap()
                 };
-                let fused = |x: &[Tensor]| lora_linear(&x[0], &w, Some(&bias), &x[1], &x[2], 2.0, None).unwrap();
+                let fused = |x: &[Tensor]| lora_linear(&x[0], &layer(&w, Some(&bias), &x[1], &x[2], None)).unwrap();
                 same_values_and_grads(&inputs, fused, composite, tol);
             }
             assert!(
-                lora_linear(&rand(&[4, inp + 1], 13, dtype), &w, None, &rand(&[3, inp], 14, dtype), &rand(&[out, 3], 15, dtype), 2.0, None)
-                    .is_err()
+                lora_linear(
+                    &rand(&[4, inp + 1], 13, dtype),
+                    &layer(&w, None, &rand(&[3, inp], 14, dtype), &rand(&[out, 3], 15, dtype), None)
+                )
+                .is_err()
             );
         }
     }
@@ -1556,7 +1711,7 @@ mod tests {
             };
             same_values_and_grads(
                 &inputs,
-                |x| lora_linear(&x[0], &w, Some(&bias), &x[1], &x[2], 2.0, Some(dropout)).unwrap(),
+                |x| lora_linear(&x[0], &layer(&w, Some(&bias), &x[1], &x[2], Some(dropout))).unwrap(),
                 composite,
                 tol,
             );

@@ -152,17 +152,27 @@ impl Linear {
         Ok(Some(out))
     }
 
+    /// The layer as one training node on x as it is, (..., in) (see train_ops::lora_linear):
+    /// base and adapter (with its dropout), where the mode trains the adapter on this device.
+    fn training_node(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Option<super::train_ops::LoraLayer<'_>>> {
+        match &self.lora {
+            Some(lora) if mode.grad && mode.adapter && super::train_ops::supported(x.device(), x.dtype()) => {
+                Ok(Some(super::train_ops::LoraLayer {
+                    w: self.weight()?,
+                    bias: self.bias.as_ref(),
+                    a: lora.a.as_tensor(),
+                    b: lora.b.as_tensor(),
+                    scale: lora.scale,
+                    dropout: self.dropout(lora, mode).map(|(p, seed)| super::train_ops::Dropout { p, seed }),
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        // Training: base + adapter (and its dropout) as one node on x as it is, (..., in)
-        // (see train_ops::lora_linear).
-        if let Some(lora) = &self.lora
-            && mode.grad
-            && mode.adapter
-            && super::train_ops::supported(x.device(), x.dtype())
-        {
-            let dropout = self.dropout(lora, mode).map(|(p, seed)| super::train_ops::Dropout { p, seed });
-            let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
-            return super::train_ops::lora_linear(x, self.weight()?, self.bias.as_ref(), a, b, lora.scale, dropout);
+        if let Some(layer) = self.training_node(x, mode)? {
+            return super::train_ops::lora_linear(x, &layer);
         }
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -397,6 +407,11 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        if let (Some(gate), Some(up)) = (self.gate.training_node(x, mode)?, self.up.training_node(x, mode)?)
+            && gate.a.dims() == up.a.dims()
+        {
+            return self.down.forward(&super::train_ops::gated_lora(x, &gate, &up)?, mode);
+        }
         let (gate, up) = match Linear::forward_few_rows(&[&self.gate, &self.up], x, mode)? {
             Some(mut gu) => {
                 let up = gu.pop().unwrap();
