@@ -1,23 +1,25 @@
 //! Differentiable fused ops for training on the CPU: causal attention, RMS norm, the split into
-//! heads with the rotary embedding, and the LoRA linear layer as single graph nodes with their
-//! own backward pass.
+//! heads with the rotary embedding, SwiGLU, the LoRA linear layer, and gate, up and SwiGLU
+//! together, as single graph nodes with their own backward pass.
 //!
 //! Built from candle's elementary ops, each of these is a chain of nodes that the autograd
 //! keeps alive until the backward pass: for attention the (heads, T, keys) scores, their
 //! masked, shifted, exponentiated and normalised copies, per layer. Measured on the default
 //! model (`examples` of the GRPO issue), that was most of a training forward's memory and a
-//! large share of its time. As one node each, the forward keeps only its output (the output
-//! projection also a (rows, hidden) direction per row), and the backward recomputes what it
-//! needs (attention recomputes its probabilities, as FlashAttention does) in temporaries
-//! freed layer by layer.
+//! large share of its time. As one node each, the forward keeps its output and little else (the
+//! output projection a (rows, hidden) direction per row, a LoRA layer its rank-r intermediate,
+//! the gated pair gate(x) and up(x)), and the backward recomputes what it needs (attention
+//! recomputes its probabilities, as FlashAttention does) in temporaries freed layer by layer.
+//! Every node also costs candle's backward pass a zeroed gradient and an add per input, so
+//! fewer nodes are faster.
 //!
-//! Forward passes reuse the inference kernels for f32 (the fused attention of
-//! [`super::attention_cpu`], candle's fused RMS norm); f64 (the finite-difference
-//! tests) computes the same with candle's ops. Backward passes are written with candle's ops
-//! on detached tensors, so they work for both, where f32 has no kernel of its own: the linear
-//! layers (the frozen weight's products through [`super::gemm_views`], the adapter's in
-//! [`super::lora_rows`]), SwiGLU, and attention (in causal blocks, [`super::attention_blocks`])
-//! have one.
+//! Attention's f32 forward is the fused inference kernel of [`super::attention_cpu`], and f64
+//! (the finite-difference tests) computes it with candle's ops. RMS norm, the split into heads
+//! and SwiGLU are one pass of their own in both directions, for f32 and f64 alike. The other
+//! backward passes are written with candle's ops on detached tensors, so they work for both,
+//! where f32 has no kernel of its own: the linear layers (the frozen weight's products through
+//! [`super::gemm_views`], the adapter's in [`super::lora_rows`]) and attention (in causal
+//! blocks, [`super::attention_blocks`]) have one.
 
 use super::attention_cpu::kernels;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Device, Layout, Shape, Tensor};
@@ -314,6 +316,9 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l.dims().last() != Some(&self.w.elem_count()) {
+            candle_core::bail!("rms norm: a weight of {} for x {:?}", self.w.elem_count(), l.dims());
+        }
         let out = match (s, l.contiguous_offsets()) {
             (CpuStorage::F32(v), Some((start, end))) => CpuStorage::F32(self.rows(&v[start..end], None)?),
             (CpuStorage::F64(v), Some((start, end))) => CpuStorage::F64(self.rows(&v[start..end], None)?),
@@ -346,8 +351,8 @@ impl CustomOp1 for RmsNorm {
 /// rotation by −θ, back to (B, T, H·D).
 pub fn split_heads(x: &Tensor, heads: usize, rope: Option<(&Tensor, &Tensor)>) -> candle_core::Result<Tensor> {
     let (b, t, width) = x.dims3()?;
-    if heads == 0 || !width.is_multiple_of(heads) || !(width / heads).is_multiple_of(2) {
-        candle_core::bail!("split_heads: {width} features do not split into {heads} heads of an even size");
+    if b * t == 0 || heads == 0 || width == 0 || !width.is_multiple_of(heads) || !(width / heads).is_multiple_of(2) {
+        candle_core::bail!("split_heads: x {:?} does not split into {heads} heads of an even size", x.dims());
     }
     let rope = match rope {
         Some((cos, sin)) => {
@@ -502,14 +507,28 @@ pub struct LoraLayer<'a> {
     pub dropout: Option<Dropout>,
 }
 
+impl LoraLayer<'_> {
+    /// Whether [`gated_lora`] can stack this layer's factors with `other`'s: the same shapes
+    /// and dtype.
+    pub fn stacks_with(&self, other: &LoraLayer) -> bool {
+        self.a.dims() == other.a.dims()
+            && self.b.dims() == other.b.dims()
+            && self.w.dims() == other.w.dims()
+            && self.a.dtype() == other.a.dtype()
+            && self.b.dtype() == other.b.dtype()
+    }
+}
+
 /// The gated MLP's input `silu(gate(x)) · up(x)` of two [`lora_linear`] layers that read the same
 /// x (..., in), as one node. As three (the two layers and [`swiglu`]), the backward pass gave
 /// each of gate(x), up(x) and x a zeroed gradient and an add, and copied gate(x), up(x) and
 /// the output gradient out of their tensors; here the node keeps gate(x) and up(x) and adds the
 /// two layers' gradients of x once. The layers' factors travel stacked, A as (2r, in) and B as
-/// (2·out, r): a custom op takes at most three inputs.
+/// (2·out, r): a custom op takes at most three inputs (the stacking adds two small nodes).
+///
+/// One backward pass per forward pass: the backward pass hands gate(x) and up(x) back.
 pub fn gated_lora(x: &Tensor, gate: &LoraLayer, up: &LoraLayer) -> candle_core::Result<Tensor> {
-    if gate.a.dims() != up.a.dims() || gate.b.dims() != up.b.dims() || gate.w.dims() != up.w.dims() {
+    if !gate.stacks_with(up) {
         candle_core::bail!("gated_lora: gate {:?}, {:?} and up {:?}, {:?} differ", gate.a.dims(), gate.b.dims(), up.a.dims(), up.b.dims());
     }
     let (a, b) = (Tensor::cat(&[gate.a, up.a], 0)?, Tensor::cat(&[gate.b, up.b], 0)?);
@@ -540,6 +559,9 @@ impl CustomOp3 for GatedLora {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         // Each layer's half of the stacked factors, in place.
         let ((r2, k), (n2, r)) = (l2.shape().dims2()?, l3.shape().dims2()?);
+        if !l2.is_contiguous() || !l3.is_contiguous() || r2 % 2 != 0 || n2 % 2 != 0 {
+            candle_core::bail!("gated_lora: stacked factors {:?} and {:?}", l2.dims(), l3.dims());
+        }
         let half = |l: &Layout, rows: usize, cols: usize, second: bool| {
             Layout::contiguous_with_offset((rows, cols), l.start_offset() + if second { rows * cols } else { 0 })
         };
@@ -814,7 +836,7 @@ impl LoraLinear {
 /// The shape of a linear layer's output for an input of `x` (..., k): (..., n).
 fn rows_shape(x: &Shape, k: usize, n: usize) -> candle_core::Result<Shape> {
     match x.dims().split_last() {
-        Some((&last, lead)) if last == k && !lead.is_empty() => Ok(Shape::from([lead, &[n]].concat())),
+        Some((&last, lead)) if last == k && k > 0 => Ok(Shape::from([lead, &[n]].concat())),
         _ => candle_core::bail!("linear layer: input {:?} for {k} inputs", x.dims()),
     }
 }
@@ -1802,11 +1824,11 @@ mod tests {
             |x| candle_nn::ops::rms_norm_slow(&x[0], &w32, 1e-5).unwrap(),
             1e-5,
         );
-        // Rotary tables shared by the rows (T, D/2) and per row (B, T, D/2).
-        for tables in [[3, 4].as_slice(), &[2, 3, 4]] {
+        // Rotary tables shared by the rows (T, D/2) and per row (B, T, D/2); B, T and H differ.
+        for tables in [[5, 4].as_slice(), &[3, 5, 4]] {
             let (cos, sin) = (rand(tables, 6, dtype), rand(tables, 8, dtype));
             let composite_rope = |x: &Tensor| {
-                let x = x.reshape((2, 3, 2, 8)).unwrap().transpose(1, 2).unwrap();
+                let x = x.reshape((3, 5, 2, 8)).unwrap().transpose(1, 2).unwrap();
                 let full = |t: &Tensor| {
                     let t = Tensor::cat(&[t, t], D::Minus1).unwrap();
                     if t.rank() == 3 { t.unsqueeze(1).unwrap() } else { t }
@@ -1815,12 +1837,14 @@ mod tests {
                 let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], 3).unwrap();
                 (x.broadcast_mul(&full(&cos)).unwrap() + rotated.broadcast_mul(&full(&sin)).unwrap()).unwrap()
             };
-            let x = [rand(&[2, 3, 16], 9, dtype)];
+            let x = [rand(&[3, 5, 16], 9, dtype)];
             same_values_and_grads(&x, |x| split_heads(&x[0], 2, Some((&cos, &sin))).unwrap(), |x| composite_rope(&x[0]), 1e-10);
         }
         let heads = |x: &Tensor| x.reshape((2, 3, 4, 4)).unwrap().transpose(1, 2).unwrap();
         same_values_and_grads(&[rand(&[2, 3, 16], 9, dtype)], |x| split_heads(&x[0], 4, None).unwrap(), |x| heads(&x[0]), 1e-15);
         assert!(split_heads(&rand(&[2, 3, 16], 9, dtype), 3, None).is_err(), "16 features in 3 heads");
+        assert!(split_heads(&rand(&[2, 0, 16], 9, dtype), 4, None).is_err(), "no positions");
+        assert!(rms_norm(&rand(&[2, 6], 5, dtype), &rand(&[3], 4, dtype), 1e-5).is_err(), "a weight of 3 for rows of 6");
         assert!(split_heads(&rand(&[2, 3, 16], 9, dtype), 4, Some((&rand(&[3, 4], 6, dtype), &rand(&[3, 4], 6, dtype)))).is_err());
         let targets = Tensor::new(&[[0u32, 6, 3], [2, 2, 1]], &Device::Cpu).unwrap();
         let composite_logp = |x: &Tensor| {

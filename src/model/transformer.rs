@@ -408,7 +408,7 @@ impl Attention {
 impl Mlp {
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         if let (Some(gate), Some(up)) = (self.gate.training_node(x, mode)?, self.up.training_node(x, mode)?)
-            && gate.a.dims() == up.a.dims()
+            && gate.stacks_with(&up)
         {
             return self.down.forward(&super::train_ops::gated_lora(x, &gate, &up)?, mode);
         }
