@@ -157,8 +157,10 @@ fn attention_grads(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], dy: &Tens
         if dy.elem_count() != q.elem_count() || v.dims() != k.dims() || pads.len() != dims.b {
             candle_core::bail!("attention backward: dy {:?}, k {:?}, v {:?} for q {:?}", dy.dims(), k.dims(), v.dims(), q.dims());
         }
-        let (dq, dk, dv) = with_f32(q, |q| {
-            with_f32(k, |k| with_f32(v, |v| with_f32(dy, |dy| causal_attention_grads(q, k, v, dy, dims, pads, BLOCK))))
+        let (dq, dk, dv) = with_values::<f32, _>(q, |q| {
+            with_values::<f32, _>(k, |k| {
+                with_values::<f32, _>(v, |v| with_values::<f32, _>(dy, |dy| causal_attention_grads(q, k, v, dy, dims, pads, BLOCK)))
+            })
         })????;
         let cpu = &Device::Cpu;
         return Ok((Tensor::from_vec(dq, q.shape(), cpu)?, Tensor::from_vec(dk, k.shape(), cpu)?, Tensor::from_vec(dv, k.shape(), cpu)?));
@@ -328,19 +330,15 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dy = dy.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (dys, dyl) = dy.storage_and_layout();
-        let dx = match (&*xs, &*dys, xl.contiguous_offsets(), dyl.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::F32(x)), candle_core::Storage::Cpu(CpuStorage::F32(dy)), Some((a, b)), Some((c, d))) => {
-                Tensor::from_vec(self.rows(&x[a..b], Some(&dy[c..d]))?, xl.shape(), &Device::Cpu)?
-            }
-            (candle_core::Storage::Cpu(CpuStorage::F64(x)), candle_core::Storage::Cpu(CpuStorage::F64(dy)), Some((a, b)), Some((c, d))) => {
-                Tensor::from_vec(self.rows(&x[a..b], Some(&dy[c..d]))?, xl.shape(), &Device::Cpu)?
-            }
-            _ => candle_core::bail!("rms norm backward: contiguous f32 or f64 CPU tensors"),
-        };
-        Ok(Some(dx))
+        fn dx<T: candle_core::WithDType + num_traits::Float>(op: &RmsNorm, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+            let dx = with_values::<T, _>(x, |x| with_values::<T, _>(dy, |dy| op.rows(x, Some(dy))))???;
+            Tensor::from_vec(dx, x.shape(), &Device::Cpu)
+        }
+        match x.dtype() {
+            DType::F32 => dx::<f32>(self, x, dy).map(Some),
+            DType::F64 => dx::<f64>(self, x, dy).map(Some),
+            dt => candle_core::bail!("rms norm supports f32 and f64, not {dt:?}"),
+        }
     }
 }
 
@@ -471,17 +469,16 @@ impl CustomOp1 for SplitHeads {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dy = dy.contiguous()?;
-        let (storage, layout) = dy.storage_and_layout();
-        let dims = self.dims(layout, true)?;
-        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("split_heads: a strided gradient") };
-        let shape = (dims.b, dims.t, dims.h * dims.d);
-        match &*storage {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => Tensor::from_vec(self.run(&v[start..end], dims, true)?, shape, &Device::Cpu),
-            candle_core::Storage::Cpu(CpuStorage::F64(v)) => Tensor::from_vec(self.run(&v[start..end], dims, true)?, shape, &Device::Cpu),
-            _ => candle_core::bail!("split_heads supports f32 and f64 on the CPU"),
+        fn dx<T: candle_core::WithDType + num_traits::Float>(op: &SplitHeads, dy: &Tensor) -> candle_core::Result<Tensor> {
+            let dims = op.dims(dy.layout(), true)?;
+            let dx = with_values::<T, _>(dy, |dy| op.run(dy, dims, true))??;
+            Tensor::from_vec(dx, (dims.b, dims.t, dims.h * dims.d), &Device::Cpu)
         }
-        .map(Some)
+        match dy.dtype() {
+            DType::F32 => dx::<f32>(self, dy).map(Some),
+            DType::F64 => dx::<f64>(self, dy).map(Some),
+            dt => candle_core::bail!("split_heads supports f32 and f64, not {dt:?}"),
+        }
     }
 }
 
@@ -588,22 +585,20 @@ impl CustomOp3 for GatedLora {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("gated_lora: poisoned".into()))?.take();
         let Some((g, u, shape)) = saved else { candle_core::bail!("gated_lora: a backward pass without its forward") };
-        let dy = dy.contiguous()?;
-        let (dg, du) = {
-            let (dys, dyl) = dy.storage_and_layout();
-            let Some((start, end)) = dyl.contiguous_offsets() else { candle_core::bail!("gated_lora: a strided gradient") };
-            let cpu = &Device::Cpu;
-            match (&g, &u, &*dys) {
-                (CpuStorage::F32(g), CpuStorage::F32(u), candle_core::Storage::Cpu(CpuStorage::F32(dy))) => {
-                    let (dg, du) = swiglu_bwd(g, u, &dy[start..end]);
-                    (Tensor::from_vec(dg, &shape, cpu)?, Tensor::from_vec(du, &shape, cpu)?)
-                }
-                (CpuStorage::F64(g), CpuStorage::F64(u), candle_core::Storage::Cpu(CpuStorage::F64(dy))) => {
-                    let (dg, du) = swiglu_bwd(g, u, &dy[start..end]);
-                    (Tensor::from_vec(dg, &shape, cpu)?, Tensor::from_vec(du, &shape, cpu)?)
-                }
-                _ => candle_core::bail!("gated_lora supports f32 and f64 CPU tensors"),
-            }
+        fn swiglu_grads<T: SwiGluElem + candle_core::WithDType>(
+            g: &CpuStorage,
+            u: &CpuStorage,
+            dy: &Tensor,
+            shape: &Shape,
+        ) -> candle_core::Result<(Tensor, Tensor)> {
+            let (g, u) = (T::cpu_storage_as_slice(g)?, T::cpu_storage_as_slice(u)?);
+            let (dg, du) = with_values::<T, _>(dy, |dy| swiglu_bwd(g, u, dy))?;
+            Ok((Tensor::from_vec(dg, shape, &Device::Cpu)?, Tensor::from_vec(du, shape, &Device::Cpu)?))
+        }
+        let (dg, du) = match dy.dtype() {
+            DType::F32 => swiglu_grads::<f32>(&g, &u, dy, &shape)?,
+            DType::F64 => swiglu_grads::<f64>(&g, &u, dy, &shape)?,
+            dt => candle_core::bail!("gated_lora supports f32 and f64, not {dt:?}"),
         };
         let (r, n) = (a.dim(0)? / 2, b.dim(0)? / 2);
         // A layer's backward pass reads x, its factors and its output's gradient, not its output.
@@ -841,14 +836,14 @@ fn rows_shape(x: &Shape, k: usize, n: usize) -> candle_core::Result<Shape> {
     }
 }
 
-/// The contiguous f32 values of a CPU tensor, lent to `f`.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+/// The contiguous values of a CPU tensor of T, lent to `f`.
+fn with_values<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("expected a contiguous tensor") };
     match &*storage {
-        candle_core::Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&v[start..end])),
-        _ => candle_core::bail!("expected an f32 CPU tensor"),
+        candle_core::Storage::Cpu(s) => Ok(f(&T::cpu_storage_as_slice(s)?[start..end])),
+        _ => candle_core::bail!("expected a CPU tensor"),
     }
 }
 
@@ -886,9 +881,9 @@ impl CustomOp3 for LoraLinear {
             if self.bias.as_ref().is_some_and(|bias| bias.elem_count() != n) {
                 candle_core::bail!("train-lora-linear: a bias of {:?} for {n} outputs", self.bias.as_ref().map(Tensor::dims));
             }
-            let mut out = with_f32(&self.w, |w| super::gemm_views::times_transposed(xs, w, rows, k, n))?;
+            let mut out = with_values::<f32, _>(&self.w, |w| super::gemm_views::times_transposed(xs, w, rows, k, n))?;
             if let Some(bias) = &self.bias {
-                with_f32(bias, |bias| out.chunks_mut(n).for_each(|y| y.iter_mut().zip(bias).for_each(|(y, b)| *y += b)))?;
+                with_values::<f32, _>(bias, |bias| out.chunks_mut(n).for_each(|y| y.iter_mut().zip(bias).for_each(|(y, b)| *y += b)))?;
             }
             let bt = super::lora_rows::transposed(bv, n, r);
             let factors = super::lora_rows::Factors { a: av, bt: &bt, r, k, n, scale: self.scale as f32 };
@@ -923,9 +918,10 @@ impl CustomOp3 for LoraLinear {
             let factors = super::lora_rows::Factors { a: &av, bt: &bt, r, k, n, scale: self.scale as f32 };
             let dy = dy.contiguous()?;
             let rows = x.elem_count() / k;
-            let mut dx = with_f32(&self.w, |w| with_f32(&dy, |dys| super::gemm_views::times(dys, w, rows, n, k)))??;
-            let grads = with_f32(&x, |xs| {
-                with_f32(&dy, |dys| {
+            let mut dx =
+                with_values::<f32, _>(&self.w, |w| with_values::<f32, _>(&dy, |dys| super::gemm_views::times(dys, w, rows, n, k)))??;
+            let grads = with_values::<f32, _>(&x, |xs| {
+                with_values::<f32, _>(&dy, |dys| {
                     let kept = self.kept_bits(xs.len());
                     super::lora_rows::backward(xs, xa, dys, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut dx)
                 })
