@@ -57,20 +57,72 @@ impl Dims {
     }
 }
 
-/// The probabilities of `rows` queries (rows r0.. of one head, `q` at the first) over keys
-/// `0..keys`, into p at row stride `p_stride`: the scaled scores Q Kᵀ through the GEMM, then
-/// each row's softmax over the keys it sees, 0 elsewhere.
-fn probabilities(dims: Dims, q: &[f32], k: &[f32], (pad, r0, rows, keys): (usize, usize, usize, usize), p: &mut [f32], p_stride: usize) {
-    let d = dims.d;
-    // SAFETY: p holds rows × keys at row stride p_stride ≥ keys; q holds rows × d; k holds
-    // keys rows of d.
-    unsafe {
-        product(rows, keys, d, (p.as_mut_ptr(), p_stride), (q.as_ptr(), 1, d), (k.as_ptr(), d, 1), false, dims.scale());
+/// f32 storage that is not zeroed: every region is written before it is read, and all access
+/// goes through the raw pointer, so no reference to an unwritten value is ever made.
+struct Unzeroed {
+    buf: Vec<f32>,
+    len: usize,
+}
+
+impl Unzeroed {
+    fn new(len: usize) -> Self {
+        Unzeroed { buf: Vec::with_capacity(len), len }
     }
-    for (i, row) in p.chunks_mut(p_stride).take(rows).enumerate() {
+
+    fn at(&mut self) -> Base {
+        Base(self.buf.as_mut_ptr())
+    }
+
+    /// The values, once every one of them has been written.
+    ///
+    /// # Safety
+    /// Each of the `len` elements must have been written.
+    unsafe fn written(mut self) -> Vec<f32> {
+        // SAFETY: the caller's contract.
+        unsafe { self.buf.set_len(self.len) };
+        self.buf
+    }
+}
+
+/// The first element of an [`Unzeroed`] buffer, shared by tasks that write disjoint regions.
+#[derive(Clone, Copy)]
+struct Base(*mut f32);
+// SAFETY: the tasks that share a base write disjoint regions and read only what was written
+// before the parallel loop that reads it.
+unsafe impl Send for Base {}
+unsafe impl Sync for Base {}
+
+impl Base {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// The probabilities of `rows` queries (rows r0.. of one head, `q` at the first) over keys
+/// `0..keys`, written at `p` with row stride `p_stride`: the scaled scores Q Kᵀ through the
+/// GEMM, then each row's softmax over the keys it sees, 0 elsewhere.
+///
+/// # Safety
+/// p must be valid for writes of `rows` rows of `keys` values at row stride `p_stride`.
+unsafe fn probabilities(
+    dims: Dims,
+    q: &[f32],
+    k: &[f32],
+    (pad, r0, rows, keys): (usize, usize, usize, usize),
+    p: *mut f32,
+    p_stride: usize,
+) {
+    let d = dims.d;
+    // SAFETY: the caller's contract for p; q holds rows × d, k holds keys rows of d.
+    unsafe {
+        product(rows, keys, d, (p, p_stride), (q.as_ptr(), 1, d), (k.as_ptr(), d, 1), false, dims.scale());
+    }
+    for i in 0..rows {
         let pos = dims.past() + r0 + i;
         let first = if pos < pad { pos } else { pad };
-        masked_softmax(&mut row[..keys], first, pos);
+        // SAFETY: the product just wrote these keys of row i.
+        let row = unsafe { std::slice::from_raw_parts_mut(p.add(i * p_stride), keys) };
+        masked_softmax(row, first, pos);
     }
 }
 
@@ -89,84 +141,78 @@ pub(crate) fn causal_attention_grads(
     let Dims { b, h, kv, t, l, d } = dims;
     dims.check(q, k, v, pads, block);
     assert_eq!(dy.len(), q.len(), "blocked attention: dy for {dims:?}");
-    let (past, group, scale) = (dims.past(), h / kv, dims.scale());
-    // Probabilities and score gradients of every head, (b, h, t, l); only the causal blocks
-    // are written and read.
-    let mut p = vec![0f32; b * h * t * l];
-    let mut ds = vec![0f32; b * h * t * l];
-    let mut dq = vec![0f32; b * h * t * d];
-    let (mut dk, mut dv) = (vec![0f32; b * kv * l * d], vec![0f32; b * kv * l * d]);
     if t == 0 || d == 0 {
-        return (dq, dk, dv);
+        return (vec![0f32; b * h * t * d], vec![0f32; b * kv * l * d], vec![0f32; b * kv * l * d]);
     }
+    let (past, group, scale) = (dims.past(), h / kv, dims.scale());
+    // Probabilities and score gradients of every head, (b, h, t, l): only the causal blocks
+    // are written, and only they are read. None of the five buffers is zeroed first (for a
+    // 1,024-token window, p and ds are 38 MB each per layer).
+    let (mut p, mut ds) = (Unzeroed::new(b * h * t * l), Unzeroed::new(b * h * t * l));
+    let mut dq = Unzeroed::new(b * h * t * d);
+    let (mut dk, mut dv) = (Unzeroed::new(b * kv * l * d), Unzeroed::new(b * kv * l * d));
+    let (pp, dsp, dqp, dkp, dvp) = (p.at(), ds.at(), dq.at(), dk.at(), dv.at());
 
-    // Query blocks: the scores, the probabilities, dS and dQ of rows r0..r1 of one head.
-    let mut query_blocks = Vec::new();
-    for (head, ((p, ds), dq)) in p.chunks_mut(t * l).zip(ds.chunks_mut(t * l)).zip(dq.chunks_mut(t * d)).enumerate() {
-        let blocks = p.chunks_mut(block * l).zip(ds.chunks_mut(block * l)).zip(dq.chunks_mut(block * d));
-        query_blocks.extend(blocks.enumerate().map(|(c, ((p, ds), dq))| (head, c * block, p, ds, dq)));
-    }
-    // The largest blocks (the last queries see the most keys) first, for the balance.
-    query_blocks.sort_by_key(|&(_, r0, ..)| std::cmp::Reverse(r0));
-    query_blocks.into_par_iter().for_each(|(head, r0, p, ds, dq)| {
+    // Query blocks: the scores, the probabilities, dS and dQ of rows r0..r0 + rows of one
+    // head, the largest blocks (the last queries see the most keys) first, for the balance.
+    let mut query_blocks: Vec<(usize, usize)> = (0..b * h).flat_map(|head| (0..t).step_by(block).map(move |r0| (head, r0))).collect();
+    query_blocks.sort_by_key(|&(_, r0)| std::cmp::Reverse(r0));
+    query_blocks.into_par_iter().for_each(|(head, r0)| {
         let (bi, hh) = (head / h, head % h);
-        let rows = dq.len() / d;
+        let rows = block.min(t - r0);
         let keys = past + r0 + rows;
         let (kb, vb) = dims.kv_rows(k, v, bi, hh);
-        probabilities(dims, &q[(head * t + r0) * d..], kb, (pads[bi], r0, rows, keys), p, l);
+        let (pb, dsb, dqb) = (pp.at((head * t + r0) * l), dsp.at((head * t + r0) * l), dqp.at((head * t + r0) * d));
         let dyb = &dy[((bi * t + r0) * h + hh) * d..];
-        // SAFETY: every view below lies inside its slice: rows × keys of ds at row stride l
-        // (keys ≤ l), rows × d of dq and dy, keys × d of k and v.
+        // SAFETY: this task alone writes rows r0..r0 + rows of this head in p, ds and dq;
+        // keys ≤ l, and the views of q, k, v and dy lie inside their slices.
         unsafe {
+            probabilities(dims, &q[(head * t + r0) * d..], kb, (pads[bi], r0, rows, keys), pb, l);
             // dP = dO Vᵀ, into ds.
-            product(rows, keys, d, (ds.as_mut_ptr(), l), (dyb.as_ptr(), 1, h * d), (vb.as_ptr(), d, 1), false, 1.0);
-        }
-        for (p, ds) in p.chunks(l).zip(ds.chunks_mut(l)) {
-            softmax_backward(&p[..keys], &mut ds[..keys]);
-        }
-        // SAFETY: as above.
-        unsafe {
+            product(rows, keys, d, (dsb, l), (dyb.as_ptr(), 1, h * d), (vb.as_ptr(), d, 1), false, 1.0);
+            for i in 0..rows {
+                let p_row = std::slice::from_raw_parts(pb.add(i * l), keys);
+                softmax_backward(p_row, std::slice::from_raw_parts_mut(dsb.add(i * l), keys));
+            }
             // dQ = scale · dS K.
-            product(rows, d, keys, (dq.as_mut_ptr(), d), (ds.as_ptr(), 1, l), (kb.as_ptr(), 1, d), false, scale);
+            product(rows, d, keys, (dqb, d), (dsb, 1, l), (kb.as_ptr(), 1, d), false, scale);
         }
     });
 
-    // Key blocks: dV and dK of keys k0..k1 of one KV head, from the queries that see them
-    // (rows r0.. of every head of its group). Every query sees the keys the first query block
-    // sees (the past, then its own), so those blocks read every row; after them, block c holds
-    // the keys that query block c sees first.
+    // Key blocks: dV and dK of keys k0..k0 + keys of one KV head, from the queries that see
+    // them (rows r0.. of every head of its group). Every query sees the keys the first query
+    // block sees (the past, then its own), so those blocks read every row; after them, block c
+    // holds the keys that query block c sees first.
     let first_keys = past + block.min(t);
-    let mut key_blocks = Vec::new();
-    for (kv_head, (dk, dv)) in dk.chunks_mut(l * d).zip(dv.chunks_mut(l * d)).enumerate() {
-        let (dk0, dk_rest) = dk.split_at_mut(first_keys * d);
-        let (dv0, dv_rest) = dv.split_at_mut(first_keys * d);
-        let seen_by_all = dk0.chunks_mut(block * d).zip(dv0.chunks_mut(block * d));
-        key_blocks.extend(seen_by_all.enumerate().map(|(c, (dk, dv))| (kv_head, 0, c * block, dk, dv)));
-        let rest = dk_rest.chunks_mut(block * d).zip(dv_rest.chunks_mut(block * d));
-        key_blocks.extend(rest.enumerate().map(|(c, (dk, dv))| (kv_head, (c + 1) * block, first_keys + c * block, dk, dv)));
+    let mut key_blocks: Vec<(usize, usize, usize)> = Vec::new();
+    for kv_head in 0..b * kv {
+        key_blocks.extend((0..first_keys).step_by(block).map(|k0| (kv_head, 0, k0)));
+        key_blocks.extend((first_keys..l).step_by(block).enumerate().map(|(c, k0)| (kv_head, (c + 1) * block, k0)));
     }
-    let (p, ds) = (&p, &ds);
-    key_blocks.into_par_iter().for_each(|(kv_head, r0, k0, dk, dv)| {
+    key_blocks.into_par_iter().for_each(|(kv_head, r0, k0)| {
         let (bi, g0) = (kv_head / kv, (kv_head % kv) * group);
-        let (keys, rows) = (dk.len() / d, t - r0);
+        let end = if k0 < first_keys { first_keys } else { l };
+        let (keys, rows) = (block.min(end - k0), t - r0);
+        let (dkb, dvb) = (dkp.at((kv_head * l + k0) * d), dvp.at((kv_head * l + k0) * d));
         for hh in g0..g0 + group {
             let head = bi * h + hh;
-            let pb = &p[(head * t + r0) * l + k0..];
-            let dsb = &ds[(head * t + r0) * l + k0..];
+            let (pb, dsb) = (pp.at((head * t + r0) * l + k0), dsp.at((head * t + r0) * l + k0));
             let qb = &q[(head * t + r0) * d..];
             let dyb = &dy[((bi * t + r0) * h + hh) * d..];
             let accumulate = hh > g0;
-            // SAFETY: Pᵀ and dSᵀ read rows r0..t, keys k0..k1 of p and ds (written by the
-            // query blocks r0 and after, which all see keys ..k1); dy and q read rows r0..t.
+            // SAFETY: Pᵀ and dSᵀ read rows r0..t, keys k0..k0 + keys of p and ds, written by
+            // the query blocks of rows r0 and after (all see those keys) before this loop; this
+            // task alone writes its keys of dk and dv, the group's first head without reading.
             unsafe {
                 // dV = Pᵀ dO, summed over the group's heads.
-                product(keys, d, rows, (dv.as_mut_ptr(), d), (pb.as_ptr(), l, 1), (dyb.as_ptr(), 1, h * d), accumulate, 1.0);
+                product(keys, d, rows, (dvb, d), (pb, l, 1), (dyb.as_ptr(), 1, h * d), accumulate, 1.0);
                 // dK = scale · dSᵀ Q.
-                product(keys, d, rows, (dk.as_mut_ptr(), d), (dsb.as_ptr(), l, 1), (qb.as_ptr(), 1, d), accumulate, scale);
+                product(keys, d, rows, (dkb, d), (dsb, l, 1), (qb.as_ptr(), 1, d), accumulate, scale);
             }
         }
     });
-    (dq, dk, dv)
+    // SAFETY: the query blocks cover every row of dq, and the key blocks every key of dk and dv.
+    unsafe { (dq.written(), dk.written(), dv.written()) }
 }
 
 /// The row's probabilities in place from its scaled scores: keys `first..=last` share the

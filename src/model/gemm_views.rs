@@ -98,26 +98,30 @@ pub(crate) fn times(dy: &[f32], w: &[f32], rows: usize, out: usize, inp: usize) 
 }
 
 /// A (rows × cols) result, its blocks of columns computed in parallel: `f(threads for the
-/// block, address of the block's first element, first column, width)`.
+/// block, address of the block's first element, first column, width)`, which must write every
+/// element of its block (the products here run with `accumulate` false). The result is not
+/// zeroed first: a pass over it would cost about 1% of an SFT step.
 fn by_column_blocks(rows: usize, cols: usize, f: impl Fn(usize, *mut f32, usize, usize) + Sync) -> Vec<f32> {
-    let mut y = vec![0f32; rows * cols];
-    if rows == 0 || cols == 0 {
-        return y;
+    let len = rows * cols;
+    let mut y = Vec::with_capacity(len);
+    if len > 0 {
+        let blocks = cols.div_ceil(MAX_COLUMNS);
+        // Widths on the kernel's 16-column tiles.
+        let width = cols.div_ceil(blocks).next_multiple_of(16);
+        struct Shared(*mut f32);
+        // SAFETY: every task writes only its own columns of y, which outlives the loop.
+        unsafe impl Sync for Shared {}
+        let base = Shared(y.as_mut_ptr());
+        let base = &base;
+        let tasks = cols.div_ceil(width);
+        let threads = (rayon::current_num_threads() / tasks).max(1);
+        (0..tasks).into_par_iter().for_each(|b| {
+            let c0 = b * width;
+            f(threads, base.0.wrapping_add(c0), c0, width.min(cols - c0));
+        });
     }
-    let blocks = cols.div_ceil(MAX_COLUMNS);
-    // Widths on the kernel's 16-column tiles.
-    let width = cols.div_ceil(blocks).next_multiple_of(16);
-    struct Shared(*mut f32);
-    // SAFETY: every task writes only its own columns of y, which outlives the loop.
-    unsafe impl Sync for Shared {}
-    let base = Shared(y.as_mut_ptr());
-    let base = &base;
-    let tasks = cols.div_ceil(width);
-    let threads = (rayon::current_num_threads() / tasks).max(1);
-    (0..tasks).into_par_iter().for_each(|b| {
-        let c0 = b * width;
-        f(threads, base.0.wrapping_add(c0), c0, width.min(cols - c0));
-    });
+    // SAFETY: the blocks cover every column of every row, and each task wrote all of its block.
+    unsafe { y.set_len(len) };
     y
 }
 
