@@ -685,29 +685,29 @@ pub(crate) mod kernels {
         total
     }
 
-    /// out[j] = scale * exp(s[j] - shift), for shift >= max(s).
-    pub fn exp_scaled(s: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    /// s[j] = scale * exp(s[j] - shift) in place, for shift >= max(s).
+    pub fn exp_scaled(s: &mut [f32], shift: f32, scale: f32) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the features were just detected.
-                unsafe { exp_scaled_avx2(s, shift, scale, out) };
+                unsafe { exp_scaled_avx2(s, shift, scale) };
                 return;
             }
         }
-        exp_scaled_plain(s, shift, scale, out)
+        exp_scaled_plain(s, shift, scale)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp_scaled_avx2(s: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
-        exp_scaled_plain(s, shift, scale, out)
+    unsafe fn exp_scaled_avx2(s: &mut [f32], shift: f32, scale: f32) {
+        exp_scaled_plain(s, shift, scale)
     }
 
     #[inline(always)]
-    fn exp_scaled_plain(s: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
-        for (o, &x) in out.iter_mut().zip(s) {
-            *o = scale * exp(x - shift);
+    fn exp_scaled_plain(s: &mut [f32], shift: f32, scale: f32) {
+        for x in s.iter_mut() {
+            *x = scale * exp(*x - shift);
         }
     }
 

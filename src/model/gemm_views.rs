@@ -97,6 +97,29 @@ pub(crate) fn times(dy: &[f32], w: &[f32], rows: usize, out: usize, inp: usize) 
     })
 }
 
+/// `dx (rows × inp) += dy (rows × out) W` for a row-major W (out × inp).
+pub(crate) fn add_times(dy: &[f32], w: &[f32], rows: usize, out: usize, inp: usize, dx: &mut [f32]) {
+    assert!(dy.len() == rows * out && w.len() == out * inp && dx.len() == rows * inp, "add_times: lengths");
+    let dst = Shared(dx.as_mut_ptr());
+    let dst = &dst;
+    blocks_of(rows, inp, |threads, c0, width| {
+        // SAFETY: as in `times`; dx holds rows × inp values, this block's columns c0..c0 + width.
+        unsafe {
+            product_on(
+                threads,
+                rows,
+                width,
+                out,
+                (dst.0.wrapping_add(c0), inp),
+                (dy.as_ptr(), 1, out),
+                (w[c0..].as_ptr(), 1, inp),
+                true,
+                1.0,
+            )
+        }
+    });
+}
+
 /// A (rows × cols) result, its blocks of columns computed in parallel: `f(threads for the
 /// block, address of the block's first element, first column, width)`, which must write every
 /// element of its block (the products here run with `accumulate` false). The result is not
@@ -104,25 +127,34 @@ pub(crate) fn times(dy: &[f32], w: &[f32], rows: usize, out: usize, inp: usize) 
 fn by_column_blocks(rows: usize, cols: usize, f: impl Fn(usize, *mut f32, usize, usize) + Sync) -> Vec<f32> {
     let len = rows * cols;
     let mut y = Vec::with_capacity(len);
-    if len > 0 {
-        let blocks = cols.div_ceil(MAX_COLUMNS);
-        // Widths on the kernel's 16-column tiles.
-        let width = cols.div_ceil(blocks).next_multiple_of(16);
-        struct Shared(*mut f32);
-        // SAFETY: every task writes only its own columns of y, which outlives the loop.
-        unsafe impl Sync for Shared {}
-        let base = Shared(y.as_mut_ptr());
-        let base = &base;
-        let tasks = cols.div_ceil(width);
-        let threads = (rayon::current_num_threads() / tasks).max(1);
-        (0..tasks).into_par_iter().for_each(|b| {
-            let c0 = b * width;
-            f(threads, base.0.wrapping_add(c0), c0, width.min(cols - c0));
-        });
-    }
+    let base = Shared(y.as_mut_ptr());
+    let base = &base;
+    blocks_of(rows, cols, |threads, c0, width| f(threads, base.0.wrapping_add(c0), c0, width));
     // SAFETY: the blocks cover every column of every row, and each task wrote all of its block.
     unsafe { y.set_len(len) };
     y
+}
+
+/// The first element of a result whose blocks of columns tasks write.
+struct Shared(*mut f32);
+// SAFETY: every task writes only its own columns, and the result outlives the parallel loop.
+unsafe impl Sync for Shared {}
+
+/// Runs `f(threads for the block, first column, width)` over the blocks of a (rows × cols)
+/// result's columns in parallel.
+fn blocks_of(rows: usize, cols: usize, f: impl Fn(usize, usize, usize) + Sync) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let blocks = cols.div_ceil(MAX_COLUMNS);
+    // Widths on the kernel's 16-column tiles.
+    let width = cols.div_ceil(blocks).next_multiple_of(16);
+    let tasks = cols.div_ceil(width);
+    let threads = (rayon::current_num_threads() / tasks).max(1);
+    (0..tasks).into_par_iter().for_each(|b| {
+        let c0 = b * width;
+        f(threads, c0, width.min(cols - c0));
+    });
 }
 
 #[cfg(test)]
@@ -141,6 +173,12 @@ mod tests {
             let (x, w, dy) = (values(1, rows * inp), values(2, out * inp), values(3, rows * out));
             let y = times_transposed(&x, &w, rows, inp, out);
             let dx = times(&dy, &w, rows, out, inp);
+            let mut sum = values(4, rows * inp);
+            let before = sum.clone();
+            add_times(&dy, &w, rows, out, inp, &mut sum);
+            for ((s, b), d) in sum.iter().zip(&before).zip(&dx) {
+                assert!((s - b - d).abs() < 1e-4, "add_times adds dy W");
+            }
             for r in 0..rows {
                 for o in 0..out {
                     let want: f64 = (0..inp).map(|i| f64::from(x[r * inp + i]) * f64::from(w[o * inp + i])).sum();

@@ -110,12 +110,7 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (q, k, v) = (storage_tensor(s1, l1)?, storage_tensor(s2, l2)?, storage_tensor(s3, l3)?);
-        let y = if super::attention_cpu::supported(q.device(), q.dtype()) {
-            super::attention_cpu::causal_attention(&q, &k, &v, &self.pads)?
-        } else {
-            attention_with_ops(&q, &k, &v, &self.pads)?
-        };
-        tensor_storage(&y)
+        tensor_storage(&attention_forward(&q, &k, &v, &self.pads)?)
     }
 
     fn bwd(
@@ -128,6 +123,15 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dq, dk, dv) = attention_grads(&q.detach(), &k.detach(), &v.detach(), &self.pads, dy)?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// [`attention`]'s forward: the fused kernel for f32, candle's ops for f64.
+fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize]) -> candle_core::Result<Tensor> {
+    if super::attention_cpu::supported(q.device(), q.dtype()) {
+        super::attention_cpu::causal_attention(q, k, v, pads)
+    } else {
+        attention_with_ops(q, k, v, pads)
     }
 }
 
@@ -349,21 +353,7 @@ impl CustomOp1 for RmsNorm {
 /// rotation by −θ, back to (B, T, H·D).
 pub fn split_heads(x: &Tensor, heads: usize, rope: Option<(&Tensor, &Tensor)>) -> candle_core::Result<Tensor> {
     let (b, t, width) = x.dims3()?;
-    if b * t == 0 || heads == 0 || width == 0 || !width.is_multiple_of(heads) || !(width / heads).is_multiple_of(2) {
-        candle_core::bail!("split_heads: x {:?} does not split into {heads} heads of an even size", x.dims());
-    }
-    let rope = match rope {
-        Some((cos, sin)) => {
-            let half = width / heads / 2;
-            let fits = |c: &Tensor| c.dims() == [t, half] || c.dims() == [b, t, half];
-            if !fits(cos) || cos.dims() != sin.dims() {
-                candle_core::bail!("split_heads: rotary tables {:?} and {:?} for x {:?}", cos.dims(), sin.dims(), x.dims());
-            }
-            Some((cos.contiguous()?, sin.contiguous()?))
-        }
-        None => None,
-    };
-    x.contiguous()?.apply_op1(SplitHeads { heads, rope })
+    x.contiguous()?.apply_op1(SplitHeads::new((b, t, width), heads, rope)?)
 }
 
 struct SplitHeads {
@@ -381,6 +371,25 @@ struct HeadDims {
 }
 
 impl SplitHeads {
+    /// The op for an x of (b, t, width), checked.
+    fn new((b, t, width): (usize, usize, usize), heads: usize, rope: Option<(&Tensor, &Tensor)>) -> candle_core::Result<Self> {
+        if b * t == 0 || heads == 0 || width == 0 || !width.is_multiple_of(heads) || !(width / heads).is_multiple_of(2) {
+            candle_core::bail!("split_heads: x ({b}, {t}, {width}) does not split into {heads} heads of an even size");
+        }
+        let rope = match rope {
+            Some((cos, sin)) => {
+                let half = width / heads / 2;
+                let fits = |c: &Tensor| c.dims() == [t, half] || c.dims() == [b, t, half];
+                if !fits(cos) || cos.dims() != sin.dims() {
+                    candle_core::bail!("split_heads: rotary tables {:?} and {:?} for x ({b}, {t}, {width})", cos.dims(), sin.dims());
+                }
+                Some((cos.contiguous()?, sin.contiguous()?))
+            }
+            None => None,
+        };
+        Ok(SplitHeads { heads, rope })
+    }
+
     fn dims(&self, l: &Layout, heads_first: bool) -> candle_core::Result<HeadDims> {
         let (b, t, h, d) = if heads_first {
             let (b, h, t, d) = l.shape().dims4()?;
@@ -398,10 +407,27 @@ impl SplitHeads {
     }
 
     fn run<T: candle_core::WithDType + num_traits::Float>(&self, x: &[T], dims: HeadDims, inverse: bool) -> candle_core::Result<Vec<T>> {
+        let mut out = vec![T::zero(); x.len()];
+        self.run_into(x, dims, inverse, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::run`] into `out`, of x's length.
+    fn run_into<T: candle_core::WithDType + num_traits::Float>(
+        &self,
+        x: &[T],
+        dims: HeadDims,
+        inverse: bool,
+        out: &mut [T],
+    ) -> candle_core::Result<()> {
+        if out.len() != x.len() || x.len() != dims.b * dims.t * dims.h * dims.d {
+            candle_core::bail!("split_heads: {} values into {} for {} heads", x.len(), out.len(), dims.h);
+        }
         let tables = self.tables::<T>()?;
         let shared = self.rope.as_ref().is_some_and(|(cos, _)| cos.rank() == 2);
         let table = tables.as_ref().map(|(c, s)| (c.as_slice(), s.as_slice()));
-        Ok(split_heads_pass(x, dims, table, shared, inverse))
+        split_heads_pass(x, dims, table, shared, inverse, out);
+        Ok(())
     }
 }
 
@@ -413,7 +439,8 @@ fn split_heads_pass<T: num_traits::Float + Send + Sync>(
     tables: Option<(&[T], &[T])>,
     shared: bool,
     inverse: bool,
-) -> Vec<T> {
+    out: &mut [T],
+) {
     use rayon::prelude::*;
     let half = d / 2;
     let rotate = |src: &[T], dst: &mut [T], row: usize| match tables {
@@ -429,7 +456,6 @@ fn split_heads_pass<T: num_traits::Float + Send + Sync>(
             }
         }
     };
-    let mut out = vec![T::zero(); x.len()];
     if inverse {
         // Each task writes one (b, t) row of all heads.
         out.par_chunks_mut(h * d).enumerate().for_each(|(bt, dst)| {
@@ -449,7 +475,6 @@ fn split_heads_pass<T: num_traits::Float + Send + Sync>(
             }
         });
     }
-    out
 }
 
 impl CustomOp1 for SplitHeads {
@@ -513,6 +538,14 @@ impl LoraLayer<'_> {
             && self.w.dims() == other.w.dims()
             && self.a.dtype() == other.a.dtype()
             && self.b.dtype() == other.b.dtype()
+    }
+
+    /// Whether [`qkv_heads`] can stack this layer's factors (q's) with k's and v's: A of one
+    /// shape and dtype, and k and v of one shape.
+    pub fn stacks_as_qkv(&self, k: &LoraLayer, v: &LoraLayer) -> bool {
+        [k, v].iter().all(|l| l.a.dims() == self.a.dims() && l.a.dtype() == self.a.dtype() && l.b.dtype() == self.b.dtype())
+            && k.b.dims() == v.b.dims()
+            && k.w.dims() == v.w.dims()
     }
 }
 
@@ -601,20 +634,191 @@ impl CustomOp3 for GatedLora {
             dt => candle_core::bail!("gated_lora supports f32 and f64, not {dt:?}"),
         };
         let (r, n) = (a.dim(0)? / 2, b.dim(0)? / 2);
-        // A layer's backward pass reads x, its factors and its output's gradient, not its output.
-        let (dx_gate, da_gate, db_gate) = self.gate.bwd(x, &a.narrow(0, 0, r)?, &b.narrow(0, 0, n)?, &dg, &dg)?;
-        let (dx_up, da_up, db_up) = self.up.bwd(x, &a.narrow(0, r, r)?, &b.narrow(0, n, n)?, &du, &du)?;
-        let both = |p: Option<Tensor>, q: Option<Tensor>| -> candle_core::Result<Tensor> {
-            match (p, q) {
-                (Some(p), Some(q)) => Ok(Tensor::cat(&[p, q], 0)?),
-                _ => candle_core::bail!("gated_lora: a layer without its factors' gradients"),
-            }
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let (dx, da, db) = layers_grads(
+            &x,
+            &[(&self.gate, a.narrow(0, 0, r)?, b.narrow(0, 0, n)?, dg), (&self.up, a.narrow(0, r, r)?, b.narrow(0, n, n)?, du)],
+        )?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// q, k and v of one attention layer from the same x (B, T, in) as one node: three
+/// [`lora_linear`] layers and their [`split_heads`], q and k rotated by the tables `rope`. As
+/// six nodes, the backward pass gave x three gradients to add, and each of the six outputs a
+/// zeroed gradient and an add. The output holds q (B, H, T, D), then k and v (B, KV, T, D),
+/// one after another as a (B·(H + 2·KV)·T, D) tensor, which [`stacked_attention`] reads. The
+/// factors travel stacked, A as (3r, in) and B as (out_q + 2·out_kv, r), as in [`gated_lora`].
+pub fn qkv_heads(
+    x: &Tensor,
+    [q, k, v]: [&LoraLayer; 3],
+    heads: usize,
+    kv_heads: usize,
+    rope: (&Tensor, &Tensor),
+) -> candle_core::Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let (nq, nkv) = (q.b.dim(0)?, k.b.dim(0)?);
+    if !q.stacks_as_qkv(k, v) || heads == 0 || kv_heads == 0 || nq * kv_heads != nkv * heads {
+        candle_core::bail!(
+            "qkv_heads: q {:?}, {:?}, k {:?}, {:?} and v {:?}, {:?} for {heads} and {kv_heads} heads",
+            q.a.dims(),
+            q.b.dims(),
+            k.a.dims(),
+            k.b.dims(),
+            v.a.dims(),
+            v.b.dims()
+        );
+    }
+    let split = [
+        SplitHeads::new((b, t, nq), heads, Some(rope))?,
+        SplitHeads::new((b, t, nkv), kv_heads, Some(rope))?,
+        SplitHeads::new((b, t, nkv), kv_heads, None)?,
+    ];
+    let (a, bs) = (Tensor::cat(&[q.a, k.a, v.a], 0)?, Tensor::cat(&[q.b, k.b, v.b], 0)?);
+    let op = QkvHeads { layers: [q, k, v].map(LoraLinear::new), split, widths: [nq, nkv, nkv] };
+    x.contiguous()?.apply_op3(&a, &bs, op)
+}
+
+struct QkvHeads {
+    layers: [LoraLinear; 3],
+    split: [SplitHeads; 3],
+    /// The outputs of q, k and v.
+    widths: [usize; 3],
+}
+
+impl QkvHeads {
+    /// Part i's rows of the stacked A (r rows each) and B (its width), in place.
+    fn factor_layouts(&self, i: usize, a: &Layout, b: &Layout) -> candle_core::Result<(Layout, Layout)> {
+        let ((r3, k), (_, r)) = (a.shape().dims2()?, b.shape().dims2()?);
+        if !a.is_contiguous() || !b.is_contiguous() || r3 != 3 * r {
+            candle_core::bail!("qkv_heads: stacked factors {:?} and {:?}", a.dims(), b.dims());
+        }
+        let first: usize = self.widths[..i].iter().sum();
+        Ok((
+            Layout::contiguous_with_offset((r, k), a.start_offset() + i * r * k),
+            Layout::contiguous_with_offset((self.widths[i], r), b.start_offset() + first * r),
+        ))
+    }
+
+    /// The three layers' outputs (B, T, width) split into heads, one after another.
+    fn stack<T: candle_core::WithDType + num_traits::Float>(&self, ys: &[(CpuStorage, Shape)]) -> candle_core::Result<Vec<T>> {
+        let total = ys.iter().map(|(_, shape)| shape.elem_count()).sum();
+        let mut out = vec![T::zero(); total];
+        let mut rest = out.as_mut_slice();
+        for ((y, shape), split) in ys.iter().zip(&self.split) {
+            let (part, tail) = rest.split_at_mut(shape.elem_count());
+            split.run_into(T::cpu_storage_as_slice(y)?, split.dims(&Layout::contiguous(shape), false)?, false, part)?;
+            rest = tail;
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for QkvHeads {
+    fn name(&self) -> &'static str {
+        "train-qkv-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut ys = Vec::with_capacity(3);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (a, b) = self.factor_layouts(i, l2, l3)?;
+            ys.push(layer.cpu_fwd(s1, l1, s2, &a, s3, &b)?);
+        }
+        let d = self.widths[0] / self.split[0].heads;
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.stack::<f32>(&ys)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.stack::<f64>(&ys)?),
+            _ => candle_core::bail!("qkv_heads supports f32 and f64"),
         };
-        let dx = match (dx_gate, dx_up) {
-            (Some(p), Some(q)) => (p + q)?,
-            _ => candle_core::bail!("gated_lora: a layer without its input's gradient"),
-        };
-        Ok((Some(dx), Some(both(da_gate, da_up)?), Some(both(db_gate, db_up)?)))
+        let rows = ys.iter().map(|(_, shape)| shape.elem_count()).sum::<usize>() / d;
+        Ok((out, Shape::from((rows, d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let (bt, r, d) = (x.elem_count() / x.dim(D::Minus1)?, a.dim(0)? / 3, dy.dim(1)?);
+        let mut parts = Vec::with_capacity(3);
+        let (mut row, mut col) = (0, 0);
+        for (i, (layer, split)) in self.layers.iter().zip(&self.split).enumerate() {
+            // Part i of dy, (B, heads, T, D), back to (B, T, width).
+            let (width, heads) = (self.widths[i], split.heads);
+            let rows = bt * width / d;
+            let part = dy.narrow(0, row, rows)?.reshape((x.dim(0)?, heads, x.dim(1)?, d))?;
+            let Some(dy_i) = split.bwd(&part, &part, &part)? else { candle_core::bail!("qkv_heads: no gradient of a split") };
+            parts.push((layer, a.narrow(0, i * r, r)?, b.narrow(0, col, width)?, dy_i));
+            (row, col) = (row + rows, col + width);
+        }
+        let (dx, da, db) = layers_grads(&x, &parts)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// Causal [`attention`] over the stacked q, k and v of [`qkv_heads`] (B·(H + 2·KV)·T, D), for
+/// `b` rows of `t` positions: (B, T, H·D). One node, so that q, k and v need no nodes of their
+/// own between the two.
+pub fn stacked_attention(
+    qkv: &Tensor,
+    (b, t): (usize, usize),
+    heads: usize,
+    kv_heads: usize,
+    pads: &[usize],
+) -> candle_core::Result<Tensor> {
+    let (rows, d) = qkv.dims2()?;
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || rows != b * (heads + 2 * kv_heads) * t || pads.len() != b {
+        candle_core::bail!("stacked_attention: {:?} for {b} rows of {t}, {heads} and {kv_heads} heads, {} pads", qkv.dims(), pads.len());
+    }
+    let dims = super::attention_blocks::Dims { b, h: heads, kv: kv_heads, t, l: t, d };
+    qkv.contiguous()?.apply_op1(StackedAttention { dims, pads: pads.to_vec() })
+}
+
+struct StackedAttention {
+    dims: super::attention_blocks::Dims,
+    pads: Vec<usize>,
+}
+
+impl StackedAttention {
+    /// q (B, H, T, D), k and v (B, KV, T, D) as views of the stacked tensor.
+    fn parts(&self, qkv: &Tensor) -> candle_core::Result<[Tensor; 3]> {
+        let super::attention_blocks::Dims { b, h, kv, t, d, .. } = self.dims;
+        let (nq, nkv) = (b * h * t, b * kv * t);
+        Ok([
+            qkv.narrow(0, 0, nq)?.reshape((b, h, t, d))?,
+            qkv.narrow(0, nq, nkv)?.reshape((b, kv, t, d))?,
+            qkv.narrow(0, nq + nkv, nkv)?.reshape((b, kv, t, d))?,
+        ])
+    }
+}
+
+impl CustomOp1 for StackedAttention {
+    fn name(&self) -> &'static str {
+        "train-stacked-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let [q, k, v] = self.parts(&storage_tensor(s, l)?)?;
+        tensor_storage(&attention_forward(&q, &k, &v, &self.pads)?)
+    }
+
+    fn bwd(&self, qkv: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let [q, k, v] = self.parts(&qkv.detach())?;
+        let (dq, dk, dv) = attention_grads(&q, &k, &v, &self.pads, dy)?;
+        Ok(Some(Tensor::cat(&[dq.flatten_to(2)?, dk.flatten_to(2)?, dv.flatten_to(2)?], 0)?))
     }
 }
 
@@ -828,6 +1032,77 @@ impl LoraLinear {
     }
 }
 
+impl LoraLinear {
+    /// The f32 backward pass: (dx, dA, dB), dx added into `sum` when given (the nodes that run
+    /// several layers over one x sum their gradients of x there, with no tensor for each).
+    fn grads_f32(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+        sum: Option<Vec<f32>>,
+    ) -> candle_core::Result<(Vec<f32>, Tensor, Tensor)> {
+        let Some(xa) = self.xa.get() else { candle_core::bail!("train-lora-linear: a backward pass without its forward") };
+        let ((r, k), (n, _)) = (a.dims2()?, b.dims2()?);
+        // The factors are small: copies of them cost nothing next to x and dy.
+        let (av, bt) = (a.flatten_all()?.to_vec1::<f32>()?, super::lora_rows::transposed(&b.flatten_all()?.to_vec1::<f32>()?, n, r));
+        let factors = super::lora_rows::Factors { a: &av, bt: &bt, r, k, n, scale: self.scale as f32 };
+        let rows = x.elem_count() / k;
+        let mut dx = with_values::<f32, _>(&self.w, |w| {
+            with_values::<f32, _>(dy, |dys| match sum {
+                Some(mut sum) if sum.len() == rows * k => {
+                    super::gemm_views::add_times(dys, w, rows, n, k, &mut sum);
+                    Ok(sum)
+                }
+                Some(_) => candle_core::bail!("train-lora-linear: a gradient sum of another shape"),
+                None => Ok(super::gemm_views::times(dys, w, rows, n, k)),
+            })
+        })???;
+        let grads = with_values::<f32, _>(x, |xs| {
+            with_values::<f32, _>(dy, |dys| {
+                let kept = self.kept_bits(xs.len());
+                super::lora_rows::backward(xs, xa, dys, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut dx)
+            })
+        })???;
+        Ok((dx, Tensor::from_vec(grads.a, a.shape(), a.device())?, Tensor::from_vec(grads.b, b.shape(), b.device())?))
+    }
+}
+
+/// The backward pass of several [`LoraLinear`] layers that read the same x, each given its
+/// factors and its output's gradient: x's gradient summed over the layers (in place in f32),
+/// and the factors' gradients stacked in layer order, (dx, dA, dB).
+fn layers_grads(x: &Tensor, layers: &[(&LoraLinear, Tensor, Tensor, Tensor)]) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (mut das, mut dbs) = (Vec::with_capacity(layers.len()), Vec::with_capacity(layers.len()));
+    let dx = if x.dtype() == DType::F32 {
+        let mut sum = None;
+        for (layer, a, b, dy) in layers {
+            let (dx, da, db) = layer.grads_f32(x, a, b, dy, sum.take())?;
+            sum = Some(dx);
+            das.push(da);
+            dbs.push(db);
+        }
+        let Some(sum) = sum else { candle_core::bail!("layers_grads: no layers") };
+        Tensor::from_vec(sum, x.shape(), x.device())?
+    } else {
+        let mut sum: Option<Tensor> = None;
+        for (layer, a, b, dy) in layers {
+            let (Some(dx), Some(da), Some(db)) = layer.bwd(x, a, b, dy, dy)? else {
+                candle_core::bail!("layers_grads: a layer without its gradients")
+            };
+            sum = Some(match sum {
+                Some(s) => (s + dx)?,
+                None => dx,
+            });
+            das.push(da);
+            dbs.push(db);
+        }
+        let Some(sum) = sum else { candle_core::bail!("layers_grads: no layers") };
+        sum
+    };
+    Ok((dx, Tensor::cat(&das, 0)?, Tensor::cat(&dbs, 0)?))
+}
+
 /// The shape of a linear layer's output for an input of `x` (..., k): (..., n).
 fn rows_shape(x: &Shape, k: usize, n: usize) -> candle_core::Result<Shape> {
     match x.dims().split_last() {
@@ -911,25 +1186,8 @@ impl CustomOp3 for LoraLinear {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
         if x.dtype() == DType::F32 {
-            let Some(xa) = self.xa.get() else { candle_core::bail!("train-lora-linear: a backward pass without its forward") };
-            let ((r, k), (n, _)) = (a.dims2()?, b.dims2()?);
-            // The factors are small: copies of them cost nothing next to x and dy.
-            let (av, bt) = (a.flatten_all()?.to_vec1::<f32>()?, super::lora_rows::transposed(&b.flatten_all()?.to_vec1::<f32>()?, n, r));
-            let factors = super::lora_rows::Factors { a: &av, bt: &bt, r, k, n, scale: self.scale as f32 };
-            let dy = dy.contiguous()?;
-            let rows = x.elem_count() / k;
-            let mut dx =
-                with_values::<f32, _>(&self.w, |w| with_values::<f32, _>(&dy, |dys| super::gemm_views::times(dys, w, rows, n, k)))??;
-            let grads = with_values::<f32, _>(&x, |xs| {
-                with_values::<f32, _>(&dy, |dys| {
-                    let kept = self.kept_bits(xs.len());
-                    super::lora_rows::backward(xs, xa, dys, &factors, self.mask(kept).as_ref().map(|m| m as _), &mut dx)
-                })
-            })???;
-            let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
-            let da = Tensor::from_vec(grads.a, a.shape(), a.device())?;
-            let db = Tensor::from_vec(grads.b, b.shape(), b.device())?;
-            return Ok((Some(dx), Some(da), Some(db)));
+            let (dx, da, db) = self.grads_f32(&x, &a, &b, dy, None)?;
+            return Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(da), Some(db)));
         }
         let (k, n) = (a.dim(1)?, b.dim(0)?);
         let (shape, rows) = (x.shape().clone(), x.elem_count() / k);
@@ -1126,8 +1384,8 @@ struct TargetLogprobs;
 trait SoftmaxRow: candle_core::WithDType + num_traits::Float {
     /// log sum_j exp(row[j]), the sum in f64.
     fn log_sum_exp(row: &[Self]) -> f64;
-    /// out[j] = scale * exp(row[j] - lse).
-    fn exp_scaled(row: &[Self], lse: Self, scale: Self, out: &mut [Self]);
+    /// row[j] = scale * exp(row[j] - lse), in place.
+    fn exp_scaled(row: &mut [Self], lse: Self, scale: Self);
 }
 
 impl SoftmaxRow for f32 {
@@ -1135,8 +1393,8 @@ impl SoftmaxRow for f32 {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         max as f64 + kernels::exp_sum(row, max).ln()
     }
-    fn exp_scaled(row: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
-        kernels::exp_scaled(row, lse, scale, out)
+    fn exp_scaled(row: &mut [f32], lse: f32, scale: f32) {
+        kernels::exp_scaled(row, lse, scale)
     }
 }
 
@@ -1145,9 +1403,9 @@ impl SoftmaxRow for f64 {
         let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         max + row.iter().map(|&x| (x - max).exp()).sum::<f64>().ln()
     }
-    fn exp_scaled(row: &[f64], lse: f64, scale: f64, out: &mut [f64]) {
-        for (o, &x) in out.iter_mut().zip(row) {
-            *o = scale * (x - lse).exp();
+    fn exp_scaled(row: &mut [f64], lse: f64, scale: f64) {
+        for x in row.iter_mut() {
+            *x = scale * (*x - lse).exp();
         }
     }
 }
@@ -1162,11 +1420,12 @@ fn target_logprobs_fwd<T: SoftmaxRow>(x: &[T], t: &[u32], v: usize) -> candle_co
 
 fn target_logprobs_bwd<T: SoftmaxRow>(x: &[T], t: &[u32], dy: &[T], v: usize) -> Vec<T> {
     use rayon::prelude::*;
-    let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(t.par_iter().zip(dy.par_iter())).for_each(|((out, row), (&id, &g))| {
+    let mut dx = x.to_vec();
+    dx.par_chunks_mut(v).zip(t.par_iter().zip(dy.par_iter())).for_each(|(row, (&id, &g))| {
         // d logp(id) / d x_j = [j = id] - softmax_j.
-        T::exp_scaled(row, T::from_f64(T::log_sum_exp(row)), -g, out);
-        out[id as usize] += g;
+        let lse = T::from_f64(T::log_sum_exp(row));
+        T::exp_scaled(row, lse, -g);
+        row[id as usize] += g;
     });
     dx
 }
@@ -1337,6 +1596,9 @@ impl HeadLogprobs {
     }
 
     fn forward(&self, h: &Tensor, added: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        if self.support.is_none() && h.dtype() == DType::F32 {
+            return self.forward_f32(h, added);
+        }
         let n = h.dim(0)?;
         let mut out = Vec::with_capacity(n);
         let mut saved = Vec::new();
@@ -1357,6 +1619,49 @@ impl HeadLogprobs {
             *slot.lock().map_err(|_| candle_core::Error::Msg("head_target_logprobs: a poisoned lock".into()))? = saved;
         }
         Tensor::new(out, h.device())?.to_dtype(h.dtype())
+    }
+
+    /// [`Self::forward`] in f32 over the whole vocabulary (SFT's case), where it pays: each
+    /// chunk's logits go into buffers of this op's own and become D = onehot − softmax in place,
+    /// one pass for the maximum, one for the log-sum-exp and one for D. The general path copies
+    /// the logits out of their tensor, computes each row's log-sum-exp twice and allocates D
+    /// apart.
+    fn forward_f32(&self, h: &Tensor, added: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        use super::gemm_views::{times, times_transposed};
+        let (n, dim) = h.dims2()?;
+        let v0 = self.head.dim(0)?;
+        let a = added.map_or(Ok(0), |e| e.dim(0))?;
+        let keep = self.saved.is_some();
+        // The hidden rows and the added rows are small; the head is borrowed.
+        let hs = h.flatten_all()?.to_vec1::<f32>()?;
+        let es = added.map(|e| e.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        let mut out = Vec::with_capacity(n);
+        let mut saved = Vec::new();
+        with_values::<f32, _>(&self.head, |w| -> candle_core::Result<()> {
+            for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
+                let len = HEAD_CHUNK_ROWS.min(n - start);
+                let rows = &hs[start * dim..(start + len) * dim];
+                let mut base = times_transposed(rows, w, len, dim, v0);
+                let mut extra = es.as_ref().map(|e| times_transposed(rows, e, len, dim, a));
+                out.extend(log_softmax_rows(&mut base, extra.as_deref_mut(), &self.targets[start..start + len], keep));
+                if keep {
+                    let mut direction = times(&base, w, len, v0, dim);
+                    let added = match (extra, &es) {
+                        (Some(extra), Some(e)) => {
+                            direction.iter_mut().zip(times(&extra, e, len, a, dim)).for_each(|(d, x)| *d += x);
+                            Some((Tensor::from_vec(extra, (len, a), &Device::Cpu)?, None))
+                        }
+                        _ => None,
+                    };
+                    saved.push(SavedChunk { direction: Tensor::from_vec(direction, (len, dim), &Device::Cpu)?, added });
+                }
+            }
+            Ok(())
+        })??;
+        if let Some(slot) = &self.saved {
+            *slot.lock().map_err(|_| candle_core::Error::Msg("head_target_logprobs: a poisoned lock".into()))? = saved;
+        }
+        Tensor::from_vec(out, n, h.device())?.to_dtype(DType::F32)
     }
 
     /// What the backward needs of a chunk's D = onehot − softmax (its logits' `columns`, or
@@ -1411,6 +1716,35 @@ impl HeadLogprobs {
         }
         Ok((Tensor::cat(&dh, 0)?, de))
     }
+}
+
+/// Each row's `log softmax[target]` over its logits split in two, `base` (rows, V₀) and `extra`
+/// (rows, A) when there are added tokens, target ids counting from base's first column; with
+/// `keep`, both become D = onehot(target) − softmax in place.
+fn log_softmax_rows(base: &mut [f32], extra: Option<&mut [f32]>, targets: &[u32], keep: bool) -> Vec<f64> {
+    use rayon::prelude::*;
+    let rows = targets.len();
+    let v0 = base.len() / rows;
+    let extra_rows: Vec<&mut [f32]> = match extra {
+        Some(x) if !x.is_empty() => x.chunks_mut(x.len() / rows).collect(),
+        _ => (0..rows).map(|_| &mut [][..]).collect(),
+    };
+    base.par_chunks_mut(v0)
+        .zip(extra_rows)
+        .zip(targets)
+        .map(|((b, x), &t)| {
+            let max = b.iter().chain(x.iter()).copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max as f64 + (kernels::exp_sum(b, max) + kernels::exp_sum(x, max)).ln();
+            let t = t as usize;
+            let logit = if t < v0 { b[t] } else { x[t - v0] };
+            if keep {
+                kernels::exp_scaled(b, lse as f32, -1.0);
+                kernels::exp_scaled(x, lse as f32, -1.0);
+                *(if t < v0 { &mut b[t] } else { &mut x[t - v0] }) += 1.0;
+            }
+            (logit as f64 - lse) as f32 as f64
+        })
+        .collect()
 }
 
 /// The targets' log-probs of a chunk's logits (rows, V), and with `keep` also
@@ -1641,6 +1975,59 @@ mod tests {
             let narrow = rand(&[out, 3], 30, dtype);
             let (x, a) = (&inputs[0], &inputs[1]);
             assert!(gated_lora(x, &layer(&wg, None, a, &inputs[2], None), &layer(&wu, None, &inputs[3], &narrow, None)).is_err());
+        }
+    }
+
+    /// q, k and v as one node and attention over the stack equal the seven nodes they replace
+    /// (three LoRA layers with biases and dropout, three splits into heads, two of them
+    /// rotated, and attention) in values and in the gradients of x and all six factors, with
+    /// grouped heads and a left-padded row.
+    #[test]
+    fn qkv_heads_and_stacked_attention_match_their_nodes() {
+        let (b, t, inp, heads, kv_heads, d) = (2, 5, 14, 4, 2, 6);
+        let (nq, nkv) = (heads * d, kv_heads * d);
+        let pads = [0, 2];
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            let w = [nq, nkv, nkv].map(|n| (rand(&[n, inp], 31 + n as u64, dtype) * 0.2).unwrap());
+            let bias = [nq, nkv, nkv].map(|n| rand(&[n], 41 + n as u64, dtype));
+            let drop = [7, 8, 9].map(|seed| Some(Dropout { p: 0.2, seed }));
+            let rope = (rand(&[t, d / 2], 51, dtype), rand(&[t, d / 2], 52, dtype));
+            let inputs = [
+                rand(&[b, t, inp], 53, dtype),
+                (rand(&[3, inp], 54, dtype) * 0.3).unwrap(),
+                (rand(&[nq, 3], 55, dtype) * 0.3).unwrap(),
+                (rand(&[3, inp], 56, dtype) * 0.3).unwrap(),
+                (rand(&[nkv, 3], 57, dtype) * 0.3).unwrap(),
+                (rand(&[3, inp], 58, dtype) * 0.3).unwrap(),
+                (rand(&[nkv, 3], 59, dtype) * 0.3).unwrap(),
+            ];
+            fn three<'a>(w: &'a [Tensor; 3], bias: &'a [Tensor; 3], drop: [Option<Dropout>; 3], x: &'a [Tensor]) -> [LoraLayer<'a>; 3] {
+                [0, 1, 2].map(|i| layer(&w[i], Some(&bias[i]), &x[1 + 2 * i], &x[2 + 2 * i], drop[i]))
+            }
+            let tables = Some((&rope.0, &rope.1));
+            same_values_and_grads(
+                &inputs,
+                |x| {
+                    let [q, k, v] = three(&w, &bias, drop, x);
+                    let qkv = qkv_heads(&x[0], [&q, &k, &v], heads, kv_heads, (&rope.0, &rope.1)).unwrap();
+                    stacked_attention(&qkv, (b, t), heads, kv_heads, &pads).unwrap()
+                },
+                |x| {
+                    let [q, k, v] = three(&w, &bias, drop, x);
+                    let q = split_heads(&lora_linear(&x[0], &q).unwrap(), heads, tables).unwrap();
+                    let k = split_heads(&lora_linear(&x[0], &k).unwrap(), kv_heads, tables).unwrap();
+                    let v = split_heads(&lora_linear(&x[0], &v).unwrap(), kv_heads, None).unwrap();
+                    attention(&q, &k, &v, &pads).unwrap()
+                },
+                tol,
+            );
+            let [q, k, v] = three(&w, &bias, drop, &inputs);
+            let narrow = rand(&[nkv, 2], 60, dtype);
+            let (short_v, x) = (layer(&w[2], None, &inputs[5], &narrow, None), &inputs[0]);
+            assert!(qkv_heads(x, [&q, &k, &short_v], heads, kv_heads, (&rope.0, &rope.1)).is_err(), "factors of another rank");
+            assert!(qkv_heads(x, [&q, &k, &v], heads + 1, kv_heads, (&rope.0, &rope.1)).is_err(), "heads that do not divide");
+            let qkv = qkv_heads(x, [&q, &k, &v], heads, kv_heads, (&rope.0, &rope.1)).unwrap();
+            assert!(stacked_attention(&qkv, (b, t + 1), heads, kv_heads, &pads).is_err(), "rows that do not fit");
         }
     }
 

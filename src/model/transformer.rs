@@ -341,6 +341,21 @@ impl Attention {
         Ok((q, k, v))
     }
 
+    /// Training without a cache, when q, k and v all train adapters of one rank: their
+    /// projections, heads and attention as two nodes (train_ops::qkv_heads), (B, T, H·D).
+    fn train_stacked(&self, x: &Tensor, rope: &Rope, pads: &[usize], mode: Mode) -> candle_core::Result<Option<Tensor>> {
+        let (Some(q), Some(k), Some(v)) = (self.q.training_node(x, mode)?, self.k.training_node(x, mode)?, self.v.training_node(x, mode)?)
+        else {
+            return Ok(None);
+        };
+        if !q.stacks_as_qkv(&k, &v) {
+            return Ok(None);
+        }
+        let (b, t, _) = x.dims3()?;
+        let qkv = super::train_ops::qkv_heads(x, [&q, &k, &v], self.heads, self.kv_heads, (&rope.cos, &rope.sin))?;
+        Ok(Some(super::train_ops::stacked_attention(&qkv, (b, t), self.heads, self.kv_heads, pads)?))
+    }
+
     /// Softmax attention of q (B, heads, T, hd) over k, v (B, kv_heads, keys, hd) with an
     /// additive mask broadcastable to (B, heads, T, keys), then the output projection.
     /// Differentiable (candle ops).
@@ -377,6 +392,11 @@ impl Attention {
         cache: Option<(&mut KvCache, usize)>,
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
+        if cache.is_none()
+            && let Some(y) = self.train_stacked(x, rope, pads, mode)?
+        {
+            return self.o.forward(&y, mode);
+        }
         let (q, k, v) = self.project(x, rope, mode)?;
         let kv = match cache {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
