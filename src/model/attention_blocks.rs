@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use super::attention_cpu::kernels;
-use super::gemm_views::product;
+use super::gemm_views::{Shared, product, unwritten};
 
 /// Queries per block: the products of a block stay large enough for the GEMM's kernel, and the
 /// masked upper halves of the diagonal blocks are 1/32 of a 1,024-token window's square.
@@ -66,11 +66,11 @@ struct Unzeroed {
 
 impl Unzeroed {
     fn new(len: usize) -> Self {
-        Unzeroed { buf: Vec::with_capacity(len), len }
+        Unzeroed { buf: unwritten(len), len }
     }
 
-    fn at(&mut self) -> Base {
-        Base(self.buf.as_mut_ptr())
+    fn at(&mut self) -> Shared {
+        Shared(self.buf.as_mut_ptr())
     }
 
     /// The values, once every one of them has been written.
@@ -81,20 +81,6 @@ impl Unzeroed {
         // SAFETY: the caller's contract.
         unsafe { self.buf.set_len(self.len) };
         self.buf
-    }
-}
-
-/// The first element of an [`Unzeroed`] buffer, shared by tasks that write disjoint regions.
-#[derive(Clone, Copy)]
-struct Base(*mut f32);
-// SAFETY: the tasks that share a base write disjoint regions and read only what was written
-// before the parallel loop that reads it.
-unsafe impl Send for Base {}
-unsafe impl Sync for Base {}
-
-impl Base {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
     }
 }
 

@@ -80,6 +80,9 @@ const MAX_COLUMNS: usize = 288;
 /// `y (rows × out) = x (rows × inp) Wᵀ` for a row-major W (out × inp).
 pub(crate) fn times_transposed(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
     assert!(x.len() == rows * inp && w.len() == out * inp, "times_transposed: lengths");
+    if inp == 0 {
+        return vec![0f32; rows * out];
+    }
     by_column_blocks(rows, out, |threads, y, c0, width| {
         // SAFETY: y's rows hold out columns, this block's at c0..c0 + width; x holds rows × inp;
         // W's rows c0..c0 + width hold inp values each.
@@ -90,6 +93,9 @@ pub(crate) fn times_transposed(x: &[f32], w: &[f32], rows: usize, inp: usize, ou
 /// `dx (rows × inp) = dy (rows × out) W` for a row-major W (out × inp).
 pub(crate) fn times(dy: &[f32], w: &[f32], rows: usize, out: usize, inp: usize) -> Vec<f32> {
     assert!(dy.len() == rows * out && w.len() == out * inp, "times: lengths");
+    if out == 0 {
+        return vec![0f32; rows * inp];
+    }
     by_column_blocks(rows, inp, |threads, dx, c0, width| {
         // SAFETY: dx's rows hold inp columns, this block's at c0..c0 + width; dy holds rows × out;
         // W's columns c0..c0 + width are read from its out rows.
@@ -101,44 +107,53 @@ pub(crate) fn times(dy: &[f32], w: &[f32], rows: usize, out: usize, inp: usize) 
 pub(crate) fn add_times(dy: &[f32], w: &[f32], rows: usize, out: usize, inp: usize, dx: &mut [f32]) {
     assert!(dy.len() == rows * out && w.len() == out * inp && dx.len() == rows * inp, "add_times: lengths");
     let dst = Shared(dx.as_mut_ptr());
-    let dst = &dst;
     blocks_of(rows, inp, |threads, c0, width| {
         // SAFETY: as in `times`; dx holds rows × inp values, this block's columns c0..c0 + width.
-        unsafe {
-            product_on(
-                threads,
-                rows,
-                width,
-                out,
-                (dst.0.wrapping_add(c0), inp),
-                (dy.as_ptr(), 1, out),
-                (w[c0..].as_ptr(), 1, inp),
-                true,
-                1.0,
-            )
-        }
+        unsafe { product_on(threads, rows, width, out, (dst.at(c0), inp), (dy.as_ptr(), 1, out), (w[c0..].as_ptr(), 1, inp), true, 1.0) }
     });
 }
 
 /// A (rows × cols) result, its blocks of columns computed in parallel: `f(threads for the
 /// block, address of the block's first element, first column, width)`, which must write every
-/// element of its block (the products here run with `accumulate` false). The result is not
-/// zeroed first: a pass over it would cost about 1% of an SFT step.
+/// element of its block (the products here run with `accumulate` false, and an inner
+/// dimension of 0 never gets here). The result is not zeroed first: a pass over it would cost
+/// about 1% of an SFT step.
 fn by_column_blocks(rows: usize, cols: usize, f: impl Fn(usize, *mut f32, usize, usize) + Sync) -> Vec<f32> {
     let len = rows * cols;
-    let mut y = Vec::with_capacity(len);
+    let mut y = unwritten(len);
     let base = Shared(y.as_mut_ptr());
-    let base = &base;
-    blocks_of(rows, cols, |threads, c0, width| f(threads, base.0.wrapping_add(c0), c0, width));
+    blocks_of(rows, cols, |threads, c0, width| f(threads, base.at(c0), c0, width));
     // SAFETY: the blocks cover every column of every row, and each task wrote all of its block.
     unsafe { y.set_len(len) };
     y
 }
 
-/// The first element of a result whose blocks of columns tasks write.
-struct Shared(*mut f32);
-// SAFETY: every task writes only its own columns, and the result outlives the parallel loop.
+/// An empty vector with room for `len` values that a kernel will write. In the unit tests the
+/// room is filled with NaN first, so that an element left unwritten fails them.
+pub(crate) fn unwritten(len: usize) -> Vec<f32> {
+    #[cfg(test)]
+    {
+        let mut v = vec![f32::NAN; len];
+        v.clear();
+        v
+    }
+    #[cfg(not(test))]
+    Vec::with_capacity(len)
+}
+
+/// The first element of a buffer whose disjoint regions parallel tasks write.
+#[derive(Clone, Copy)]
+pub(crate) struct Shared(pub(crate) *mut f32);
+// SAFETY: the tasks that share a buffer write disjoint regions of it, read only what was
+// written before their parallel loop, and the buffer outlives the loop.
+unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
+
+impl Shared {
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
 
 /// Runs `f(threads for the block, first column, width)` over the blocks of a (rows × cols)
 /// result's columns in parallel.
@@ -169,7 +184,7 @@ mod tests {
     /// and a partial last one, and no rows.
     #[test]
     fn products_match_the_written_out_sums() {
-        for (rows, inp, out) in [(5, 7, 3), (33, 64, 600), (17, 600, 40), (0, 8, 8)] {
+        for (rows, inp, out) in [(5, 7, 3), (33, 64, 600), (17, 600, 40), (0, 8, 8), (5, 0, 8), (5, 8, 0)] {
             let (x, w, dy) = (values(1, rows * inp), values(2, out * inp), values(3, rows * out));
             let y = times_transposed(&x, &w, rows, inp, out);
             let dx = times(&dy, &w, rows, out, inp);

@@ -687,17 +687,23 @@ struct QkvHeads {
 }
 
 impl QkvHeads {
-    /// Part i's rows of the stacked A (r rows each) and B (its width), in place.
+    /// Part i's rows of the stacked A (r rows each) and B ([`Self::b_rows`]), in place.
     fn factor_layouts(&self, i: usize, a: &Layout, b: &Layout) -> candle_core::Result<(Layout, Layout)> {
-        let ((r3, k), (_, r)) = (a.shape().dims2()?, b.shape().dims2()?);
-        if !a.is_contiguous() || !b.is_contiguous() || r3 != 3 * r {
+        let ((r3, k), (n, r)) = (a.shape().dims2()?, b.shape().dims2()?);
+        if !a.is_contiguous() || !b.is_contiguous() || r3 != 3 * r || n != self.widths.iter().sum::<usize>() {
             candle_core::bail!("qkv_heads: stacked factors {:?} and {:?}", a.dims(), b.dims());
         }
-        let first: usize = self.widths[..i].iter().sum();
+        let rows = self.b_rows(i);
         Ok((
             Layout::contiguous_with_offset((r, k), a.start_offset() + i * r * k),
-            Layout::contiguous_with_offset((self.widths[i], r), b.start_offset() + first * r),
+            Layout::contiguous_with_offset((rows.len(), r), b.start_offset() + rows.start * r),
         ))
+    }
+
+    /// Part i's rows of the stacked B (and of the layers' stacked outputs).
+    fn b_rows(&self, i: usize) -> std::ops::Range<usize> {
+        let first = self.widths[..i].iter().sum();
+        first..first + self.widths[i]
     }
 
     /// The three layers' outputs (B, T, width) split into heads, one after another.
@@ -754,15 +760,12 @@ impl CustomOp3 for QkvHeads {
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
         let (bt, r, d) = (x.elem_count() / x.dim(D::Minus1)?, a.dim(0)? / 3, dy.dim(1)?);
         let mut parts = Vec::with_capacity(3);
-        let (mut row, mut col) = (0, 0);
         for (i, (layer, split)) in self.layers.iter().zip(&self.split).enumerate() {
             // Part i of dy, (B, heads, T, D), back to (B, T, width).
-            let (width, heads) = (self.widths[i], split.heads);
-            let rows = bt * width / d;
-            let part = dy.narrow(0, row, rows)?.reshape((x.dim(0)?, heads, x.dim(1)?, d))?;
+            let b_rows = self.b_rows(i);
+            let part = dy.narrow(0, bt * b_rows.start / d, bt * b_rows.len() / d)?.reshape((x.dim(0)?, split.heads, x.dim(1)?, d))?;
             let Some(dy_i) = split.bwd(&part, &part, &part)? else { candle_core::bail!("qkv_heads: no gradient of a split") };
-            parts.push((layer, a.narrow(0, i * r, r)?, b.narrow(0, col, width)?, dy_i));
-            (row, col) = (row + rows, col + width);
+            parts.push((layer, a.narrow(0, i * r, r)?, b.narrow(0, b_rows.start, b_rows.len())?, dy_i));
         }
         let (dx, da, db) = layers_grads(&x, &parts)?;
         Ok((Some(dx), Some(da), Some(db)))
@@ -1048,6 +1051,7 @@ impl LoraLinear {
         // The factors are small: copies of them cost nothing next to x and dy.
         let (av, bt) = (a.flatten_all()?.to_vec1::<f32>()?, super::lora_rows::transposed(&b.flatten_all()?.to_vec1::<f32>()?, n, r));
         let factors = super::lora_rows::Factors { a: &av, bt: &bt, r, k, n, scale: self.scale as f32 };
+        let dy = &dy.contiguous()?;
         let rows = x.elem_count() / k;
         let mut dx = with_values::<f32, _>(&self.w, |w| {
             with_values::<f32, _>(dy, |dys| match sum {
@@ -1496,6 +1500,16 @@ pub fn head_target_logprobs(
             hidden.dims(),
             targets.len(),
             support.map(<[_]>::len)
+        );
+    }
+    let width = |t: &Tensor| t.dims2().map(|(_, w)| w);
+    if head.elem_count() == 0 || width(head)? != hidden.dim(1)? || added.is_some_and(|e| width(e).ok() != Some(hidden.dim(1).unwrap_or(0)))
+    {
+        candle_core::bail!(
+            "head_target_logprobs: head {:?} and added rows {:?} for hidden {:?}",
+            head.dims(),
+            added.map(Tensor::dims),
+            hidden.dims()
         );
     }
     let vocab = head.dim(0)? + added.map_or(Ok(0), |e| e.dim(0))?;
@@ -2177,6 +2191,16 @@ mod tests {
                 "a target outside its support"
             );
             let base_only: Vec<u32> = targets.iter().map(|&i| i % 11).collect();
+            // No added rows at all equals none given; a head or added rows of another width
+            // are errors, not panics.
+            let x = Var::from_tensor(&rand(&[n, 6], 28, dtype)).unwrap();
+            let none = Tensor::zeros((0, 6), dtype, &Device::Cpu).unwrap();
+            let with_none = head_target_logprobs(x.as_tensor(), &head, Some(&none), &base_only, None).unwrap();
+            assert_eq!(max_diff(&with_none, &head_target_logprobs(x.as_tensor(), &head, None, &base_only, None).unwrap()), 0.0);
+            assert!(with_none.sum_all().unwrap().backward().is_ok());
+            let wide = rand(&[11, 7], 29, dtype);
+            assert!(head_target_logprobs(x.as_tensor(), &wide, None, &base_only, None).is_err());
+            assert!(head_target_logprobs(x.as_tensor(), &head, Some(&wide), &base_only, None).is_err());
             let t = Tensor::new(base_only.as_slice(), &Device::Cpu).unwrap();
             same_values_and_grads(
                 &[rand(&[n, 6], 24, dtype)],
