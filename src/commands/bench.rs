@@ -2,8 +2,8 @@
 //! Prefill of one long prompt, then decoding at batch 1 and at batch G (G samples sharing the
 //! prompt's one prefill), every step running the full model (EOS is ignored so runs are equal).
 //! Then this machine's own GEMM rate at the model's shapes ([`super::bench_gemm`]) and each
-//! phase's share of it, with the instruction sets found. `--grpo` times one GRPO step and
-//! `--eval` the evaluation of a val sample.
+//! phase's share of it, with the instruction sets found. `--grpo` times one GRPO step,
+//! `--eval` the evaluation of a val sample and `--sft` steps of the SFT warm-up.
 
 use std::time::Instant;
 
@@ -46,6 +46,14 @@ pub struct Args {
     pub eval: bool,
     #[command(flatten)]
     pub eval_args: EvalBenchArgs,
+    /// Time `sft-warmup` instead: --steps optimizer steps of --config's SFT stage from a fresh
+    /// adapter (the config's model), --repeats times, in a temporary run directory. Prints the
+    /// training tokens/s of the steps after each run's first (the median run), its GFLOP/s and
+    /// share of this machine's GEMM rate, and the projected hours of one epoch.
+    #[arg(long, requires = "config", conflicts_with_all = ["grpo", "eval"])]
+    pub sft: bool,
+    #[command(flatten)]
+    pub sft_args: super::bench_sft::SftBenchArgs,
 }
 
 /// What `bench --eval` evaluates.
@@ -250,6 +258,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     if args.eval {
         return eval_bench(&args);
+    }
+    if args.sft {
+        return super::bench_sft::run(&args.sft_args, args.repeats);
     }
     let load_start = Instant::now();
     let loaded = model::load(&args.model)?;

@@ -53,26 +53,11 @@ pub fn cpu_features() -> Value {
     }
 }
 
-/// One layer's linear products as (name, n, k) for `x [tokens, k] · w[n, k]ᵀ`.
-pub fn layer_shapes(cfg: &ModelConfig) -> Vec<(&'static str, usize, usize)> {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim(), cfg.num_kv_heads() * cfg.head_dim());
-    vec![
-        ("q_proj", q, h),
-        ("k_proj", kv, h),
-        ("v_proj", kv, h),
-        ("o_proj", h, q),
-        ("gate_proj", i, h),
-        ("up_proj", i, h),
-        ("down_proj", h, i),
-    ]
-}
-
 /// FLOPs of one token's forward in a causal prefill of `tokens` tokens: the linear layers, the
 /// attention scores and weighted sums (each token attends to (tokens + 1) / 2 positions on
 /// average), and no LM head (a prefill needs the last position's logits only).
 pub fn prefill_flops_per_token(cfg: &ModelConfig, tokens: usize) -> f64 {
-    let linear: usize = layer_shapes(cfg).iter().map(|(_, n, k)| n * k).sum();
+    let linear: usize = cfg.layer_shapes().iter().map(|(_, n, k)| n * k).sum();
     let attention = 2 * cfg.num_attention_heads * cfg.head_dim() * (tokens + 1) / 2;
     (2 * cfg.num_hidden_layers * (linear + attention)) as f64
 }
@@ -80,7 +65,7 @@ pub fn prefill_flops_per_token(cfg: &ModelConfig, tokens: usize) -> f64 {
 /// Weights one decoding step reads (and multiplies once per row): every layer's linear weights
 /// and the LM head.
 pub fn decode_weights(cfg: &ModelConfig) -> f64 {
-    let linear: usize = layer_shapes(cfg).iter().map(|(_, n, k)| n * k).sum();
+    let linear: usize = cfg.layer_shapes().iter().map(|(_, n, k)| n * k).sum();
     (cfg.num_hidden_layers * linear + cfg.vocab_size * cfg.hidden_size) as f64
 }
 
@@ -111,7 +96,7 @@ pub fn gemm_at_model_shapes(
 ) -> anyhow::Result<Value> {
     let mut per_shape = serde_json::Map::new();
     let (mut flops, mut seconds) = (0.0, 0.0);
-    for (name, n, k) in layer_shapes(cfg) {
+    for (name, n, k) in cfg.layer_shapes() {
         let x = Tensor::randn(0f32, 1.0, (tokens, k), dev)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), dev)?;
         let product: Box<dyn Fn() -> candle_core::Result<Tensor>> = match weights {
@@ -164,7 +149,7 @@ mod tests {
     fn flops_and_bytes_by_hand() {
         // hidden 32, intermediate 64, 2 layers, 4 heads of 8, 2 KV heads.
         let cfg = tiny_config("llama");
-        let shapes = layer_shapes(&cfg);
+        let shapes = cfg.layer_shapes();
         assert_eq!(shapes[0], ("q_proj", 32, 32));
         assert_eq!(shapes[1], ("k_proj", 16, 32));
         assert_eq!(shapes[6], ("down_proj", 32, 64));
@@ -172,6 +157,11 @@ mod tests {
         // attends to 2 positions on average: 2 × 4 × 8 × 2 = 128 per layer.
         assert_eq!(prefill_flops_per_token(&cfg, 3), (2 * 2 * (9216 + 128)) as f64);
         assert_eq!(decode_weights(&cfg), (2 * 9216 + cfg.vocab_size * 32) as f64);
+        // Training 3 tokens, 2 scored: per layer 4 × 9216 × 3 through the linear layers; the
+        // queries see 1 + 2 + 3 = 6 keys, 7 products of 2 × 4 × 8 FLOPs each; the head 4 × V × 32
+        // per scored row.
+        let per_layer = 4 * 9216 * 3 + 7 * 2 * 4 * 8 * 6;
+        assert_eq!(cfg.training_flops(3, 2), (2 * per_layer + 4 * cfg.vocab_size * 32 * 2) as f64);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::model;
 
 pub mod bench;
 pub mod bench_gemm;
+pub mod bench_sft;
 pub mod eval;
 pub mod export;
 pub mod generate;

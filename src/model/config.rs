@@ -84,6 +84,35 @@ impl ModelConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// One layer's linear products as (name, n, k) for `x [tokens, k] · w[n, k]ᵀ`.
+    pub fn layer_shapes(&self) -> Vec<(&'static str, usize, usize)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (self.num_attention_heads * self.head_dim(), self.num_kv_heads() * self.head_dim());
+        vec![
+            ("q_proj", q, h),
+            ("k_proj", kv, h),
+            ("v_proj", kv, h),
+            ("o_proj", h, q),
+            ("gate_proj", i, h),
+            ("up_proj", i, h),
+            ("down_proj", h, i),
+        ]
+    }
+
+    /// FLOPs of one training forward and backward pass over a sequence of `tokens`, `scored`
+    /// of them through the LM head: each linear layer's product with its frozen weight forward
+    /// (x Wᵀ) and for its input's gradient (dy W); causal attention's two products forward and
+    /// five backward (the scores recomputed) over the keys each query sees; the head's logits
+    /// and input gradients of the scored rows over the base vocabulary. The adapters' rank-r
+    /// products and the element-wise work are left out.
+    pub fn training_flops(&self, tokens: usize, scored: usize) -> f64 {
+        let linear: usize = self.layer_shapes().iter().map(|(_, n, k)| n * k).sum();
+        let seen_keys = tokens * (tokens + 1) / 2;
+        let attention = 7 * 2 * self.num_attention_heads * self.head_dim() * seen_keys;
+        let layers = self.num_hidden_layers * (2 * 2 * linear * tokens + attention);
+        (layers + 2 * 2 * self.vocab_size * self.hidden_size * scored) as f64
+    }
+
     pub fn qkv_bias(&self) -> bool {
         self.model_type == "qwen2" || self.attention_bias
     }

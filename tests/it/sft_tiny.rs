@@ -319,3 +319,38 @@ fn the_binary_trains_resumes_and_reports_config_errors() {
     let out = crate::common::run(&["sft-warmup", "--config", "/no/such.toml", "--quiet"]);
     assert!(text(&out.stderr).contains("cannot read config /no/such.toml"));
 }
+
+/// `bench --sft` times the warm-up's own loop: its runs end at the loss `sft-warmup` reaches in
+/// as many steps, the timed tokens are those of the steps after the first, nothing is written to
+/// the config's run directory, and bad arguments are one clear error.
+#[test]
+fn bench_sft_times_the_warm_up_loop() {
+    let s = Setup::new();
+    let config = s.config.to_str().unwrap();
+    let out = crate::common::run(&["bench", "--sft", "--config", config, "--steps", "3", "--repeats", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!s.tmp.path().join("runs").exists(), "bench --sft wrote to the config's run_dir");
+    let (runs, losses_) = (report["tokens_per_s_runs"].as_array().unwrap(), report["last_loss_runs"].as_array().unwrap());
+    assert_eq!((runs.len(), losses_.len()), (2, 2));
+    assert!(runs.iter().all(|r| r.as_f64().unwrap() > 0.0));
+    assert_eq!(losses_[0], losses_[1], "the runs are deterministic");
+    assert!(report["gflops"].as_f64().unwrap() > 0.0 && report["share_of_gemm"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["epoch_examples"], 6);
+    assert!(report["epoch_tokens"].is_null(), "prompt examples have no epoch token count");
+
+    let out = crate::common::run(&["sft-warmup", "--config", config, "--set", "sft.max_steps=3", "--set", "sft.save_every=0", "--quiet"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dir = PathBuf::from(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["run_dir"].as_str().unwrap().to_string());
+    assert_eq!(losses_[0].as_f64().unwrap(), *losses(&dir).last().unwrap());
+    let tokens = crate::common::logged(&dir, "tokens");
+    assert_eq!(report["timed_tokens"].as_f64().unwrap(), tokens[1] + tokens[2]);
+
+    for (args, expect) in
+        [(vec!["bench", "--sft"], "--config"), (vec!["bench", "--sft", "--config", config, "--steps", "1"], "--steps must be at least 2")]
+    {
+        let out = crate::common::run(&args);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && !err.contains("panicked") && err.contains(expect), "{err}");
+    }
+}

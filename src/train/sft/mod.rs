@@ -158,16 +158,23 @@ impl SftExamples<'_> {
         }
     }
 
-    /// What one epoch of whole-history windows holds (`, 1234 tokens with 567 targets`); prompt
-    /// examples are built as they are drawn, so they say nothing.
-    fn epoch_size(&self) -> String {
+    /// The tokens of one epoch of whole-history windows; prompt examples are built as they are
+    /// drawn, with no such count known.
+    fn epoch_tokens(&self) -> Option<usize> {
         match self {
-            SftExamples::Prompts(_) => String::new(),
-            SftExamples::Histories(v) => format!(
-                " ({} tokens with {} targets an epoch)",
-                v.iter().map(|w| w.ids.len()).sum::<usize>(),
-                v.iter().map(|w| w.targets.len()).sum::<usize>()
-            ),
+            SftExamples::Prompts(_) => None,
+            SftExamples::Histories(v) => Some(v.iter().map(|w| w.ids.len()).sum()),
+        }
+    }
+
+    /// What one epoch of whole-history windows holds (`, 1234 tokens with 567 targets`); prompt
+    /// examples say nothing.
+    fn epoch_size(&self) -> String {
+        match (self, self.epoch_tokens()) {
+            (SftExamples::Histories(v), Some(tokens)) => {
+                format!(" ({tokens} tokens with {} targets an epoch)", v.iter().map(|w| w.targets.len()).sum::<usize>())
+            }
+            _ => String::new(),
         }
     }
 }
@@ -182,6 +189,10 @@ pub struct SftSummary {
     pub last_loss: Option<f64>,
     /// Training throughput over the whole run (tokens through forward + backward per second).
     pub tokens_per_s: f64,
+    /// Examples in one epoch, and their tokens when they are whole-history windows (prompt
+    /// examples are built as they are drawn).
+    pub epoch_examples: usize,
+    pub epoch_tokens: Option<usize>,
 }
 
 /// Runs (or resumes) the warm-up described by `cfg`.
@@ -244,6 +255,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         }
         let answer_tokens: usize = rows.iter().map(ScoredSeq::scored).sum();
         let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
+        let flops: f64 = rows.iter().map(|r| loaded.model.config.training_flops(r.ids.len(), r.scored())).sum();
 
         // Forward/backward per micro-batch (this rank's), short neighbouring windows at the same
         // time ([`concurrent_groups`]); the loss is the mean over the step's answer tokens.
@@ -288,6 +300,7 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
             "tokens": tokens,
             "answer_tokens": answer_tokens,
             "tokens_per_s": tps,
+            "gflop": flops / 1e9,
             "step_s": step_s,
             "allreduce_s": allreduce_s,
             "ranks": dist.size(),
@@ -307,6 +320,8 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         first_loss,
         last_loss,
         tokens_per_s: if state.elapsed_s > 0.0 { state.tokens_seen as f64 / state.elapsed_s } else { 0.0 },
+        epoch_examples: examples.len(),
+        epoch_tokens: examples.epoch_tokens(),
     })
 }
 
