@@ -46,10 +46,10 @@ pub struct Args {
     pub eval: bool,
     #[command(flatten)]
     pub eval_args: EvalBenchArgs,
-    /// Time `sft-warmup` instead: --steps optimizer steps of --config's SFT stage from a fresh
-    /// adapter (the config's model), --repeats times, in a temporary run directory. Prints the
-    /// training tokens/s of the steps after each run's first (the median run), its GFLOP/s and
-    /// share of this machine's GEMM rate, and the projected hours of one epoch.
+    /// Time `sft-warmup` instead: --steps optimizer steps of --config's SFT stage (its model and
+    /// starting adapter), --repeats times, in a temporary run directory. Prints the training
+    /// tokens/s of the steps after each run's first (the median run), its GFLOP/s and share of
+    /// this machine's GEMM rate, and the projected hours of one epoch.
     #[arg(long, requires = "config", conflicts_with_all = ["grpo", "eval"])]
     pub sft: bool,
     #[command(flatten)]

@@ -1,10 +1,11 @@
 //! `refine-poi bench --sft --config FILE`: the SFT warm-up's own loop (`sft-warmup`) timed on
-//! this machine. Each of `--repeats` runs trains a fresh adapter for `--steps` optimizer steps
-//! of the config's first epoch order in a temporary run directory, with no validation and no
-//! checkpoints. A run's first step allocates and faults in its memory and is left out: its
-//! figure is the training tokens of the other steps over their seconds, and the median run's is
-//! reported, with the FLOP rate it reaches, its share of this machine's GEMM rate at the
-//! model's shapes, and the hours one epoch would take.
+//! this machine. Each of `--repeats` runs trains the config's starting adapter (a fresh one, or
+//! `model.adapter`) for `--steps` optimizer steps in the config's epoch order, in a temporary
+//! run directory, with no validation and no checkpoint before the last step. A run's first step
+//! allocates and faults in its memory and is left out: its figure is the training tokens of the
+//! other steps over their seconds, and the median run's is reported (of an even number, the
+//! faster middle one), with the FLOP rate it reaches, its share of this machine's GEMM rate at
+//! the model's shapes, and the hours one epoch of whole-history windows would take.
 
 use std::path::{Path, PathBuf};
 
@@ -20,13 +21,14 @@ use crate::train::{RunOptions, StopFlag, sft};
 #[derive(clap::Args, Debug)]
 pub struct SftBenchArgs {
     /// The run config (TOML) whose `[sft]` stage is timed, e.g. configs/nyc.toml.
-    #[arg(long)]
+    #[arg(long, requires = "sft")]
     pub config: Option<PathBuf>,
-    /// Override a config key, as `sft-warmup --set` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    /// Override a config key, as `sft-warmup --set` (repeatable). The bench sets run_dir,
+    /// sft.max_steps, sft.eval_every and sft.save_every itself.
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "sft")]
     pub sets: Vec<String>,
     /// Optimizer steps per run; the first is not timed.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 12, requires = "sft")]
     pub steps: u64,
 }
 
@@ -45,22 +47,28 @@ impl TimedRun {
     }
 }
 
-/// Sums the steps after the first of a run's `metrics.jsonl`.
-fn timed_steps(metrics: &Path, examples_per_step: usize) -> Result<TimedRun> {
+/// Sums the steps after the first of a run's `metrics.jsonl`, which must log all `steps`.
+fn timed_steps(metrics: &Path, steps: u64, examples_per_step: usize) -> Result<TimedRun> {
     let text = std::fs::read_to_string(metrics).with_context(|| format!("cannot read {}", metrics.display()))?;
     let mut run = TimedRun { tokens: 0.0, examples: 0.0, gflop: 0.0, seconds: 0.0, last_loss: f64::NAN };
+    let mut logged = 0;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON: {line}", metrics.display()))?;
-        let (Some(step), Some(step_s)) = (v["step"].as_u64(), v["step_s"].as_f64()) else { continue };
-        run.last_loss = v["loss"].as_f64().unwrap_or(f64::NAN);
-        if step > 1 {
-            run.tokens += v["tokens"].as_f64().unwrap_or(0.0);
-            run.gflop += v["gflop"].as_f64().unwrap_or(0.0);
+        // Step lines carry step_s; validation lines do not.
+        if v.get("step_s").is_none() {
+            continue;
+        }
+        let field = |key: &str| v[key].as_f64().with_context(|| format!("{}: a step without `{key}`: {line}", metrics.display()));
+        logged += 1;
+        run.last_loss = field("loss")?;
+        if field("step")? > 1.0 {
+            run.tokens += field("tokens")?;
+            run.gflop += field("gflop")?;
             run.examples += examples_per_step as f64;
-            run.seconds += step_s;
+            run.seconds += field("step_s")?;
         }
     }
-    ensure!(run.seconds > 0.0, "{}: no timed step", metrics.display());
+    ensure!(logged == steps && run.seconds > 0.0, "{}: {logged} steps logged, {steps} asked for", metrics.display());
     Ok(run)
 }
 
@@ -70,13 +78,9 @@ pub fn run(args: &SftBenchArgs, repeats: usize) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let run_dir = tmp.path().join("run");
     let mut sets = args.sets.clone();
-    sets.extend([
-        format!("run_dir={}", run_dir.display()),
-        format!("sft.max_steps={}", args.steps),
-        "sft.eval_every=0".to_string(),
-        "sft.save_every=0".to_string(),
-    ]);
-    let cfg = RunConfig::load(Some(config), &sets)?;
+    sets.extend([format!("sft.max_steps={}", args.steps), "sft.eval_every=0".to_string(), "sft.save_every=0".to_string()]);
+    let mut cfg = RunConfig::load(Some(config), &sets)?;
+    cfg.run_dir = run_dir.clone();
     let mut runs: Vec<TimedRun> = Vec::with_capacity(repeats);
     // One epoch's examples and (whole-history windows) tokens.
     let mut epoch = (0, None);
@@ -87,7 +91,7 @@ pub fn run(args: &SftBenchArgs, repeats: usize) -> Result<()> {
         let opts = RunOptions { resume: false, quiet: true, stop_after: None, stop: StopFlag::new(), dist: crate::dist::Dist::single() };
         let summary = sft::run(&cfg, &opts)?;
         epoch = (summary.epoch_examples, summary.epoch_tokens);
-        runs.push(timed_steps(&summary.stage.dir.join("metrics.jsonl"), cfg.sft.examples_per_step())?);
+        runs.push(timed_steps(&summary.stage.dir.join("metrics.jsonl"), args.steps, cfg.sft.examples_per_step())?);
     }
     let peak = super::bench::peak_rss_mib();
     let mut order: Vec<usize> = (0..runs.len()).collect();

@@ -71,10 +71,13 @@ unsafe fn product_on(
 }
 
 /// The widest block of a result's columns one task computes. Left to itself, the gemm crate
-/// splits a product over the threads by the rows of x, so every thread packs all of the frozen
-/// W; split by the result's columns, each task packs only its block of W. 288 cuts a 576-wide
-/// result in two and a 1,536-wide one in six: even on two threads. Threads beyond the blocks
-/// share them the gemm crate's way.
+/// splits a product over the threads by the rows of x, so in the backward every thread packs
+/// all of the frozen W; split by the result's columns, each task packs only its block of W (the
+/// forward reads W's rows in place). Each task packs its rows of x (the left operand) once for
+/// its block, so wider blocks would pack x less often; but one block per thread measured no
+/// faster (thirty-second session), with no room left to balance the threads. 288 cuts a
+/// 576-wide result in two and a 1,536-wide one in six: even on two threads. Threads beyond the
+/// blocks share them the gemm crate's way.
 const MAX_COLUMNS: usize = 288;
 
 /// `y (rows × out) = x (rows × inp) Wᵀ` for a row-major W (out × inp).

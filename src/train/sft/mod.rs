@@ -255,7 +255,9 @@ pub fn run(cfg: &RunConfig, opts: &RunOptions) -> Result<SftSummary> {
         }
         let answer_tokens: usize = rows.iter().map(ScoredSeq::scored).sum();
         let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
-        let flops: f64 = rows.iter().map(|r| loaded.model.config.training_flops(r.ids.len(), r.scored())).sum();
+        // The model reads each row up to its last scored token (padding within a micro-batch
+        // is not counted).
+        let flops: f64 = rows.iter().map(|r| loaded.model.config.training_flops(r.targets.last().map_or(0, |&t| t), r.scored())).sum();
 
         // Forward/backward per micro-batch (this rank's), short neighbouring windows at the same
         // time ([`concurrent_groups`]); the loss is the mean over the step's answer tokens.
