@@ -170,11 +170,15 @@ impl SftExamples<'_> {
     /// What one epoch of whole-history windows holds (`, 1234 tokens with 567 targets`); prompt
     /// examples say nothing.
     fn epoch_size(&self) -> String {
-        match (self, self.epoch_tokens()) {
-            (SftExamples::Histories(v), Some(tokens)) => {
-                format!(" ({tokens} tokens with {} targets an epoch)", v.iter().map(|w| w.targets.len()).sum::<usize>())
+        match self {
+            SftExamples::Prompts(_) => String::new(),
+            SftExamples::Histories(v) => {
+                format!(
+                    " ({} tokens with {} targets an epoch)",
+                    self.epoch_tokens().unwrap_or(0),
+                    v.iter().map(|w| w.targets.len()).sum::<usize>()
+                )
             }
-            _ => String::new(),
         }
     }
 }
