@@ -157,11 +157,13 @@ mod tests {
         // attends to 2 positions on average: 2 × 4 × 8 × 2 = 128 per layer.
         assert_eq!(prefill_flops_per_token(&cfg, 3), (2 * 2 * (9216 + 128)) as f64);
         assert_eq!(decode_weights(&cfg), (2 * 9216 + cfg.vocab_size * 32) as f64);
-        // Training 3 tokens, 2 scored: per layer 4 × 9216 × 3 through the linear layers; the
-        // queries see 1 + 2 + 3 = 6 keys, 7 products of 2 × 4 × 8 FLOPs each; the head 4 × V × 32
-        // per scored row.
-        let per_layer = 4 * 9216 * 3 + 7 * 2 * 4 * 8 * 6;
-        assert_eq!(cfg.training_flops(3, 2), (2 * per_layer + 4 * cfg.vocab_size * 32 * 2) as f64);
+        // Training 3 tokens, 2 scored: 4 × 9216 × 3 through the first layer's linear layers; the
+        // last layer's q, k and v (2048) on 3 rows, its o and MLP (7168) on the 2 scored rows;
+        // the queries see 1 + 2 + 3 = 6 keys, 7 products of 2 × 4 × 8 FLOPs each; the head
+        // 4 × V × 32 per scored row.
+        let attention = 7 * 2 * 4 * 8 * 6;
+        let layers = 4 * 9216 * 3 + 4 * (2048 * 3 + 7168 * 2) + 2 * attention;
+        assert_eq!(cfg.training_flops(3, 2), (layers + 4 * cfg.vocab_size * 32 * 2) as f64);
     }
 
     #[test]

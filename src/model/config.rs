@@ -101,16 +101,22 @@ impl ModelConfig {
 
     /// FLOPs of one training forward and backward pass over a sequence of `tokens`, `scored`
     /// of them through the LM head: each linear layer's product with its frozen weight forward
-    /// (x Wᵀ) and for its input's gradient (dy W); causal attention's two products forward and
-    /// five backward (the scores recomputed) over the keys each query sees; the head's logits
-    /// and input gradients of the scored rows over the base vocabulary. The adapters' rank-r
-    /// products and the element-wise work are left out.
+    /// (x Wᵀ) and for its input's gradient (dy W), the last layer's output projection and MLP
+    /// on the scored rows only ([`crate::model::CausalLm::forward_hidden_at`]); causal
+    /// attention's two products forward and five backward (the scores recomputed) over the keys
+    /// each query sees; the head's logits and input gradients of the scored rows over the base
+    /// vocabulary. The adapters' rank-r products and the element-wise work are left out.
     pub fn training_flops(&self, tokens: usize, scored: usize) -> f64 {
-        let linear: usize = self.layer_shapes().iter().map(|(_, n, k)| n * k).sum();
+        let shapes = self.layer_shapes();
+        let all: usize = shapes.iter().map(|(_, n, k)| n * k).sum();
+        let projections: usize =
+            shapes.iter().filter(|(name, ..)| matches!(*name, "q_proj" | "k_proj" | "v_proj")).map(|(_, n, k)| n * k).sum();
+        let after_attention = all - projections;
+        let layers = self.num_hidden_layers;
+        let linear = layers * projections * tokens + after_attention * (layers.saturating_sub(1) * tokens + scored);
         let seen_keys = tokens * (tokens + 1) / 2;
         let attention = 7 * 2 * self.num_attention_heads * self.head_dim() * seen_keys;
-        let layers = self.num_hidden_layers * (2 * 2 * linear * tokens + attention);
-        (layers + 2 * 2 * self.vocab_size * self.hidden_size * scored) as f64
+        (2 * 2 * linear + layers * attention + 2 * 2 * self.vocab_size * self.hidden_size * scored) as f64
     }
 
     pub fn qkv_bias(&self) -> bool {

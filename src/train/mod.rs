@@ -31,7 +31,7 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, ensure};
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
@@ -498,11 +498,8 @@ pub fn scored_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Resu
             targets.push(r.ids[j]);
         }
     }
-    let device = model.device();
-    let input = Tensor::from_vec(input, (rows.len(), t), device)?;
-    let hidden = model.forward_hidden(&input, Some(&pads), None, mode)?;
-    let h = hidden.dim(D::Minus1)?;
-    let picked = hidden.reshape((rows.len() * t, h))?.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
+    let input = Tensor::from_vec(input, (rows.len(), t), model.device())?;
+    let picked = model.forward_hidden_at(&input, &pads, &positions, mode)?;
     model.target_logprobs(&picked, &targets, None, mode)
 }
 

@@ -634,3 +634,43 @@ fn a_frozen_prompt_head_keeps_the_values_and_drops_only_its_own_gradient() {
     }
     assert!(m.model.forward_group(&prompt, &tokens, p, Mode::TRAIN).is_err(), "the last prompt token must stay live");
 }
+
+/// The hidden states of some positions (the last layer's projection and MLP on those rows
+/// alone) are the full pass's rows, and so are the adapters' gradients through them (f32, the
+/// training ops; left padding; positions in both rows, out of order).
+#[test]
+fn hidden_states_at_some_positions_are_the_full_passs_rows() {
+    let (_d, mut m) = tiny("llama", DType::F32);
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    m.model.attach_lora(&LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: targets.map(String::from).to_vec() }, 5).unwrap();
+    randomize_lora_b(&m, 6, 0.3).unwrap();
+    let (a, b) = (ids(&m, "short"), ids(&m, "a longer prompt here"));
+    let (t, pad) = (b.len(), b.len() - a.len());
+    let mut batch = vec![0u32; pad];
+    batch.extend(&a);
+    batch.extend(&b);
+    let input = Tensor::from_vec(batch, (2, t), &Device::Cpu).unwrap();
+    let at = [(t + 1) as u32, (pad + 1) as u32, (t - 1) as u32, (2 * t - 1) as u32];
+    let h = m.model.config.hidden_size;
+    let weights = Tensor::rand(-1f32, 1.0, (at.len(), h), &Device::Cpu).unwrap();
+    let run = |picked: Tensor| {
+        let grads = (&picked * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads: Vec<Vec<f32>> = m
+            .model
+            .lora_vars()
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        (picked.to_vec2::<f32>().unwrap(), grads)
+    };
+    let full = m.model.forward_hidden(&input, Some(&[pad, 0]), None, Mode::TRAIN).unwrap();
+    let index = Tensor::new(&at[..], &Device::Cpu).unwrap();
+    let (want, want_grads) = run(full.reshape((2 * t, h)).unwrap().index_select(&index, 0).unwrap());
+    let (got, got_grads) = run(m.model.forward_hidden_at(&input, &[pad, 0], &at, Mode::TRAIN).unwrap());
+    assert_eq!(got.len(), at.len());
+    assert!(max_diff(&got, &want) < 1e-6, "hidden states differ by {}", max_diff(&got, &want));
+    assert_eq!(got_grads.len(), 2 * 2 * targets.len(), "2 layers x 7 targets x (A, B)");
+    assert!(got_grads.iter().flatten().any(|g| g.abs() > 1e-4), "the adapters get gradients");
+    let grad_diff = max_diff(&got_grads, &want_grads);
+    assert!(grad_diff < 1e-5, "gradients differ by {grad_diff}");
+}
