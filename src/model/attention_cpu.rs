@@ -147,6 +147,42 @@ mod tests {
         }
     }
 
+    /// Each build's softmax exps give the portable build's bits: lengths around the 8- and
+    /// 16-lane chunks and [`kernels::exp_sum`]'s blocks of 64, with masked (-inf) and very small
+    /// entries.
+    #[test]
+    fn exp_isas_agree_bit_for_bit() {
+        use kernels::{Isa, exp_normalize_on, exp_scaled_on, exp_sum_on};
+        let mut seed = 11u64;
+        let isas = Isa::available();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for len in (0..=40).chain([63, 64, 65, 100, 129, 1000]) {
+            let mut s: Vec<f32> = uniform_values(&mut seed, len).iter().map(|x| x * 30.0).collect();
+            for (i, x) in s.iter_mut().enumerate() {
+                match i % 11 {
+                    3 => *x = f32::NEG_INFINITY,
+                    7 => *x -= 120.0,
+                    _ => {}
+                }
+            }
+            let shift = s.iter().copied().fold(0f32, f32::max);
+            let mut want = s.clone();
+            let want_sum = exp_normalize_on(Isa::Portable, &mut want);
+            let want_total = exp_sum_on(Isa::Portable, &s, shift);
+            let mut want_scaled = s.clone();
+            exp_scaled_on(Isa::Portable, &mut want_scaled, shift, -0.75);
+            for &isa in &isas {
+                let mut got = s.clone();
+                assert_eq!(exp_normalize_on(isa, &mut got).to_bits(), want_sum.to_bits(), "{isa:?} sum of {len}");
+                assert_eq!(bits(&got), bits(&want), "{isa:?} exps of {len}");
+                assert_eq!(exp_sum_on(isa, &s, shift).to_bits(), want_total.to_bits(), "{isa:?} exp_sum of {len}");
+                let mut scaled = s.clone();
+                exp_scaled_on(isa, &mut scaled, shift, -0.75);
+                assert_eq!(bits(&scaled), bits(&want_scaled), "{isa:?} exp_scaled of {len}");
+            }
+        }
+    }
+
     #[test]
     fn exp_normalize_matches_softmax() {
         let mut s: Vec<f32> = (0..37).map(|i| ((i * 7919) % 23) as f32 * 0.37 - 3.0).collect();
@@ -357,13 +393,14 @@ fn transpose_rows_into(data: &[f32], base: usize, row_stride: usize, n: usize, d
     }
 }
 
-/// The inner loops: the softmax pieces compiled for AVX2+FMA when the CPU has it (the plain
-/// loops vectorise) and shared with the fused training ops; the scores and weighted sums, which
-/// serve the heads of a group together, in AVX-512 and AVX2 intrinsics ([`kernels::Isa`]).
+/// The inner loops, shared with the fused training ops: the scores and weighted sums, which
+/// serve the heads of a group together, and the softmax's exps, in AVX-512 and AVX2 builds
+/// ([`kernels::Isa`]).
 pub(crate) mod kernels {
-    /// Which build of [`scores`] and [`weighted_sum`] runs: the widest this CPU has. Every
-    /// build sums each key's score and each output value in the same order, so all of them
-    /// give the same results bit for bit (test `attention_isas_agree_bit_for_bit`).
+    /// Which build of [`scores`], [`weighted_sum`] and the exps runs: the widest this CPU has.
+    /// Every build sums each key's score, each output value and each exp in the same order, so
+    /// all of them give the same results bit for bit (tests `attention_isas_agree_bit_for_bit`,
+    /// `exp_isas_agree_bit_for_bit`). The AVX2 exps are the plain loops, which vectorise.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Isa {
         Avx512,
@@ -604,12 +641,18 @@ pub(crate) mod kernels {
 
     /// s[j] = exp(s[j] - max(s)); returns the sum (the softmax's denominator).
     pub fn exp_normalize(s: &mut [f32]) -> f32 {
+        exp_normalize_on(Isa::detect(), s)
+    }
+
+    /// [`exp_normalize`] of one build. Every build computes the same exps and adds them in the
+    /// same order (8 running sums), so all give the same bits (test `exp_isas_agree_bit_for_bit`).
+    pub fn exp_normalize_on(isa: Isa, s: &mut [f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                return unsafe { exp_normalize_avx2(s) };
-            }
+        match isa {
+            // SAFETY: `Isa::detect` found the features (the caller names only available ones).
+            Isa::Avx512 => return unsafe { x86::exp_normalize_avx512(s) },
+            Isa::Avx2 => return unsafe { exp_normalize_avx2(s) },
+            Isa::Portable => {}
         }
         exp_normalize_plain(s)
     }
@@ -625,14 +668,7 @@ pub(crate) mod kernels {
     /// Lane-wise max, exp and sum, so the compiler vectorises all three.
     #[inline(always)]
     fn exp_normalize_plain(s: &mut [f32]) -> f32 {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = s.chunks_exact(LANES);
-        for c in &mut chunks {
-            for l in 0..LANES {
-                lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
-            }
-        }
-        let max = chunks.remainder().iter().chain(lanes.iter()).copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = max_of(s);
         let mut sums = [0f32; LANES];
         let mut chunks = s.chunks_exact_mut(LANES);
         for c in &mut chunks {
@@ -649,15 +685,33 @@ pub(crate) mod kernels {
         sum
     }
 
+    /// The largest value (NaNs left out), -inf for none.
+    #[inline(always)]
+    fn max_of(s: &[f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = s.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+            }
+        }
+        chunks.remainder().iter().chain(lanes.iter()).copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+
     /// sum_j exp(s[j] - shift) for shift >= max(s), accumulated in f64 per block of 64 (the
     /// log-sum-exp of 49k-wide vocabulary rows).
     pub fn exp_sum(s: &[f32], shift: f32) -> f64 {
+        exp_sum_on(Isa::detect(), s, shift)
+    }
+
+    /// [`exp_sum`] of one build (the same bits from each, as [`exp_normalize_on`]).
+    pub fn exp_sum_on(isa: Isa, s: &[f32], shift: f32) -> f64 {
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                return unsafe { exp_sum_avx2(s, shift) };
-            }
+        match isa {
+            // SAFETY: as in `exp_normalize_on`.
+            Isa::Avx512 => return unsafe { x86::exp_sum_avx512(s, shift) },
+            Isa::Avx2 => return unsafe { exp_sum_avx2(s, shift) },
+            Isa::Portable => {}
         }
         exp_sum_plain(s, shift)
     }
@@ -671,7 +725,7 @@ pub(crate) mod kernels {
     #[inline(always)]
     fn exp_sum_plain(s: &[f32], shift: f32) -> f64 {
         let mut total = 0f64;
-        for block in s.chunks(64) {
+        for block in s.chunks(EXP_SUM_BLOCK) {
             let mut lanes = [0f32; LANES];
             let mut chunks = block.chunks_exact(LANES);
             for c in &mut chunks {
@@ -679,21 +733,34 @@ pub(crate) mod kernels {
                     lanes[l] += exp(c[l] - shift);
                 }
             }
-            let rest: f32 = chunks.remainder().iter().map(|&x| exp(x - shift)).sum();
-            total += (lanes.iter().sum::<f32>() + rest) as f64;
+            total += block_total(&lanes, chunks.remainder(), shift);
         }
         total
     }
 
+    /// Values a block of [`exp_sum`] adds in f32.
+    const EXP_SUM_BLOCK: usize = 64;
+
+    /// A block's sum of [`exp_sum`]: its 8 running sums, then the exps of the last `rest`.
+    #[inline(always)]
+    fn block_total(lanes: &[f32; LANES], rest: &[f32], shift: f32) -> f64 {
+        let rest: f32 = rest.iter().map(|&x| exp(x - shift)).sum();
+        (lanes.iter().sum::<f32>() + rest) as f64
+    }
+
     /// s[j] = scale * exp(s[j] - shift) in place, for shift >= max(s).
     pub fn exp_scaled(s: &mut [f32], shift: f32, scale: f32) {
+        exp_scaled_on(Isa::detect(), s, shift, scale)
+    }
+
+    /// [`exp_scaled`] of one build (the same bits from each: each value alone).
+    pub fn exp_scaled_on(isa: Isa, s: &mut [f32], shift: f32, scale: f32) {
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                unsafe { exp_scaled_avx2(s, shift, scale) };
-                return;
-            }
+        match isa {
+            // SAFETY: as in `exp_normalize_on`.
+            Isa::Avx512 => return unsafe { x86::exp_scaled_avx512(s, shift, scale) },
+            Isa::Avx2 => return unsafe { exp_scaled_avx2(s, shift, scale) },
+            Isa::Portable => {}
         }
         exp_scaled_plain(s, shift, scale)
     }
@@ -809,12 +876,105 @@ pub(crate) mod kernels {
         weighted_sum_plain(p, norm, v, base, stride, o)
     }
 
-    /// The intrinsics builds of [`scores`] and [`weighted_sum`]. Callers check every bound.
+    /// The intrinsics builds of [`scores`], [`weighted_sum`] and the softmax's exps. Callers
+    /// check every bound.
     #[cfg(target_arch = "x86_64")]
     mod x86 {
         use std::arch::x86_64::*;
 
-        use super::Probs;
+        use super::{EXP_SUM_BLOCK, LANES, Probs, block_total, exp, max_of};
+
+        /// [`exp`] on 16 lanes: the same operations, so the same bits.
+        #[target_feature(enable = "avx512f")]
+        fn exp16(x: __m512) -> __m512 {
+            let y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), _mm512_set1_ps(-126.0));
+            let round = _mm512_set1_ps(12_582_912.0);
+            let n = _mm512_sub_ps(_mm512_add_ps(y, round), round);
+            let f = _mm512_sub_ps(y, n);
+            let mut p = _mm512_set1_ps(1.535_336_2e-4);
+            for c in [1.339_887_4e-3, 9.618_437e-3, 5.550_332_5e-2, 2.402_264_9e-1, 6.931_472e-1, 1.0] {
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+            }
+            let r = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32::<23>(_mm512_cvtps_epi32(n))));
+            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(y, _mm512_set1_ps(-126.0)), r)
+        }
+
+        /// Adds 16 values to 8 running sums as two chunks of 8 would be: the first 8, then the rest.
+        #[target_feature(enable = "avx512f")]
+        fn add_halves(sums: __m256, e: __m512) -> __m256 {
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+            _mm256_add_ps(_mm256_add_ps(sums, _mm512_castps512_ps256(e)), high)
+        }
+
+        /// `exps(e, first)` over `s`'s whole chunks of 8 (16 at a time, then one of 8 under a mask)
+        /// adds them to 8 running sums; returns the sums and where the chunks end.
+        #[target_feature(enable = "avx512f")]
+        fn chunk_sums(len: usize, mut exps: impl FnMut(__mmask16, usize) -> __m512) -> ([f32; LANES], usize) {
+            let whole = len - len % LANES;
+            let mut sums = _mm256_setzero_ps();
+            let mut j = 0;
+            while j + 16 <= whole {
+                sums = add_halves(sums, exps(0xFFFF, j));
+                j += 16;
+            }
+            if j < whole {
+                sums = _mm256_add_ps(sums, _mm512_castps512_ps256(exps(0x00FF, j)));
+            }
+            let mut out = [0f32; LANES];
+            // SAFETY: `out` holds 8 floats.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sums) };
+            (out, whole)
+        }
+
+        /// [`super::exp_normalize`] 16 lanes at a time.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn exp_normalize_avx512(s: &mut [f32]) -> f32 {
+            let max = max_of(s);
+            let (m, p) = (_mm512_set1_ps(max), s.as_mut_ptr());
+            let (sums, whole) = chunk_sums(s.len(), |lanes, j| {
+                // SAFETY: the lanes `lanes` keeps are values j.. < whole of s.
+                unsafe {
+                    let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, p.add(j)), m));
+                    _mm512_mask_storeu_ps(p.add(j), lanes, e);
+                    e
+                }
+            });
+            let mut sum: f32 = sums.iter().sum();
+            for x in &mut s[whole..] {
+                *x = exp(*x - max);
+                sum += *x;
+            }
+            sum
+        }
+
+        /// [`super::exp_sum`] 16 lanes at a time.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn exp_sum_avx512(s: &[f32], shift: f32) -> f64 {
+            let sh = _mm512_set1_ps(shift);
+            let mut total = 0f64;
+            for block in s.chunks(EXP_SUM_BLOCK) {
+                let p = block.as_ptr();
+                // SAFETY: the lanes kept are values j.. < whole of the block.
+                let (sums, whole) =
+                    chunk_sums(block.len(), |lanes, j| exp16(_mm512_sub_ps(unsafe { _mm512_maskz_loadu_ps(lanes, p.add(j)) }, sh)));
+                total += block_total(&sums, &block[whole..], shift);
+            }
+            total
+        }
+
+        /// [`super::exp_scaled`] 16 lanes at a time, the end under a mask.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn exp_scaled_avx512(s: &mut [f32], shift: f32, scale: f32) {
+            let (sh, sc, p) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale), s.as_mut_ptr());
+            for j in (0..s.len()).step_by(16) {
+                let lanes = lanes16(s.len() - j);
+                // SAFETY: the lanes kept are values j.. < len of s.
+                unsafe {
+                    let x = _mm512_maskz_loadu_ps(lanes, p.add(j));
+                    _mm512_mask_storeu_ps(p.add(j), lanes, _mm512_mul_ps(sc, exp16(_mm512_sub_ps(x, sh))));
+                }
+            }
+        }
 
         /// The first `m` of 16 lanes.
         fn lanes16(m: usize) -> __mmask16 {
