@@ -772,6 +772,7 @@ impl CausalLm {
     /// the others (in SFT's windows half the positions are scored, which saves 1.3% of a step's
     /// FLOPs).
     pub fn forward_hidden_at(&self, ids: &Tensor, pads: &[usize], at: &[u32], mode: Mode) -> anyhow::Result<Tensor> {
+        anyhow::ensure!(!self.blocks.is_empty(), "a model without layers has no last layer to pick positions in");
         self.hidden_states(ids, Some(pads), None, Some(&Tensor::new(at, &self.device)?), mode)
     }
 

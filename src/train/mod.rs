@@ -470,7 +470,8 @@ pub fn token_logprobs(logits: &Tensor, tokens: &Tensor) -> candle_core::Result<T
 
 /// Log-probabilities of the scored tokens of `rows`, run as one left-padded batch: a flat
 /// (N,) tensor in row order (row 0's scored tokens, then row 1's, ...), differentiable when
-/// `mode.grad`. Only the scored positions go through the output projection.
+/// `mode.grad`. Only the scored positions go through the last layer's output projection and
+/// MLP ([`CausalLm::forward_hidden_at`]) and the LM head.
 pub fn scored_logprobs(model: &CausalLm, rows: &[ScoredSeq], mode: Mode) -> Result<Tensor> {
     ensure!(!rows.is_empty(), "empty batch");
     for (i, r) in rows.iter().enumerate() {

@@ -350,7 +350,9 @@ fn step_micro_batches(
     let mut loss_sum = 0f64;
     for span in micros.chunks(GROUPING_SPAN) {
         let tokens: Vec<usize> = span.iter().map(|(_, rows)| rows.len() * rows.iter().map(|r| r.ids.len()).max().unwrap_or(0)).collect();
+        // Results wait here until every earlier micro-batch of the span has been added.
         let mut done: Vec<Option<(f64, GradStore)>> = span.iter().map(|_| None).collect();
+        let mut next = 0;
         for group in concurrent_groups(&tokens, cap) {
             if stop() {
                 return Ok(None);
@@ -359,11 +361,13 @@ fn step_micro_batches(
             for (i, result) in group.into_iter().zip(results) {
                 done[i] = Some(result?);
             }
+            while let Some((loss, g)) = done.get_mut(next).and_then(Option::take) {
+                loss_sum += loss;
+                accum.add(&g, params)?;
+                next += 1;
+            }
         }
-        for (loss, g) in done.into_iter().flatten() {
-            loss_sum += loss;
-            accum.add(&g, params)?;
-        }
+        ensure!(next == span.len(), "{} of a span's {} micro-batches ran", next, span.len());
     }
     Ok(Some((loss_sum, accum.take(params)?)))
 }
@@ -374,7 +378,9 @@ const GROUPING_SPAN: usize = 8;
 
 /// Groups micro-batches (their token counts) that train at the same time, their micro-batches
 /// spread over the threads, each group holding at most `cap` tokens (a longer one alone): the
-/// longest first, each joining the first group it fits (first-fit decreasing). One micro-batch
+/// longest first, each joining the first group it fits (first-fit decreasing). Each group lists
+/// its micro-batches in order, and the groups come in the order of their first, so that results
+/// can be added as soon as those before them are (at cap 0, one at a time in order). One micro-batch
 /// alone leaves a core idle while the other runs its serial parts (candle's graph walk,
 /// element-wise ops); several at once fill it. Over an epoch of configs/nyc.toml's windows, 4
 /// a step, this leaves 52% of the tokens alone, where grouping only neighbours left 61% (the
@@ -392,7 +398,12 @@ fn concurrent_groups(tokens: &[usize], cap: usize) -> Vec<Vec<usize>> {
             None => groups.push((vec![i], tokens[i])),
         }
     }
-    groups.into_iter().map(|(group, _)| group).collect()
+    let mut groups: Vec<Vec<usize>> = groups.into_iter().map(|(group, _)| group).collect();
+    for group in &mut groups {
+        group.sort_unstable();
+    }
+    groups.sort_unstable_by_key(|group| group[0]);
+    groups
 }
 
 #[cfg(test)]
@@ -450,22 +461,22 @@ mod tests {
     #[test]
     fn longest_first_each_joins_the_first_group_it_fits() {
         // 1021 fills a group; 300, then 219 and 215 share the next.
-        assert_eq!(concurrent_groups(&[215, 1021, 219, 300], 1021), [vec![1], vec![3, 2, 0]]);
-        assert_eq!(concurrent_groups(&[331, 40, 172, 163], 1021), [vec![0, 2, 3, 1]]);
+        assert_eq!(concurrent_groups(&[215, 1021, 219, 300], 1021), [vec![0, 2, 3], vec![1]]);
+        assert_eq!(concurrent_groups(&[331, 40, 172, 163], 1021), [vec![0, 1, 2, 3]]);
         // Exactly at the cap still fits; a later, shorter one goes back to an earlier group.
-        assert_eq!(concurrent_groups(&[500, 521, 10, 20, 30], 1021), [vec![1, 0], vec![4, 3, 2]]);
+        assert_eq!(concurrent_groups(&[500, 521, 10, 20, 30], 1021), [vec![0, 1], vec![2, 3, 4]]);
         assert_eq!(concurrent_groups(&[600, 500, 421], 1021), [vec![0, 2], vec![1]]);
-        // One longer than the cap runs alone; equal lengths keep their order.
-        assert_eq!(concurrent_groups(&[10, 2000, 10], 1021), [vec![1], vec![0, 2]]);
-        // Prompt examples (cap 0) run one at a time.
-        assert_eq!(concurrent_groups(&[3, 4], 0), [vec![1], vec![0]]);
+        // One longer than the cap runs alone.
+        assert_eq!(concurrent_groups(&[10, 2000, 10], 1021), [vec![0, 2], vec![1]]);
+        // Prompt examples (cap 0) run one at a time, in order.
+        assert_eq!(concurrent_groups(&[3, 4, 2], 0), [vec![0], vec![1], vec![2]]);
         assert!(concurrent_groups(&[], 100).is_empty());
     }
 
     /// A step's micro-batches, run in groups at the same time on a 2-thread pool, give the loss
     /// sum and gradients of one at a time, bit for bit: with dropout on, windows long enough for
-    /// several of the fused adapter's row blocks and backward chunks, in two groups out of
-    /// order. A raised stop abandons the step.
+    /// several of the fused adapter's row blocks and backward chunks, in two groups that each
+    /// skip a micro-batch. A raised stop abandons the step.
     #[test]
     fn micro_batches_at_the_same_time_give_the_same_sums() {
         let dir = tempfile::tempdir().unwrap();
@@ -485,7 +496,7 @@ mod tests {
             ids: (0..n as u32).map(|i| 3 + (i * 7 + salt) % 250).collect(),
             targets: (1..n).step_by(3).collect(),
         };
-        let rows = [seq(300, 1), seq(170, 2), seq(90, 3), seq(500, 4)];
+        let rows = [seq(300, 1), seq(500, 4), seq(90, 3), seq(170, 2)];
         let micros: Vec<(usize, &[ScoredSeq])> = rows.chunks(1).enumerate().collect();
         let grads = |micro: usize, chunk: &[ScoredSeq]| -> Result<(f64, GradStore)> {
             let mode = Mode::TRAIN.with_dropout(derive_seed(9, SEED_DROPOUT, micro as u64));
@@ -497,7 +508,8 @@ mod tests {
         };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let run = |cap| pool.install(|| bits(step_micro_batches(&micros, cap, &params, || false, grads).unwrap().unwrap()));
-        assert_eq!(concurrent_groups(&[300, 170, 90, 500], 600), [vec![3, 2], vec![0, 1]]);
+        // The first group's results wait for micro-batch 1, from the second group.
+        assert_eq!(concurrent_groups(&[300, 500, 90, 170], 600), [vec![0, 3], vec![1, 2]]);
         let (one_at_a_time, together) = (run(0), run(600));
         assert!(one_at_a_time.1[0].iter().any(|&g| g != 0.0), "A's gradients are not all 0");
         assert!(one_at_a_time == together, "running micro-batches at the same time changed the sums");
