@@ -800,21 +800,21 @@ pub(crate) mod kernels {
     /// |f| <= 1/2. Branch-free so it vectorises.
     #[inline(always)]
     pub fn exp(x: f32) -> f32 {
-        let y = (x * std::f32::consts::LOG2_E).max(-126.0);
-        let n = (y + 12_582_912.0) - 12_582_912.0; // round to nearest
+        let y = (x * std::f32::consts::LOG2_E).max(EXP_LOWEST);
+        let n = (y + EXP_ROUND) - EXP_ROUND; // round to nearest
         let f = y - n;
-        // Taylor coefficients of 2^f = e^(f ln 2).
-        let p = 1.535_336_2e-4f32;
-        let p = p.mul_add(f, 1.339_887_4e-3);
-        let p = p.mul_add(f, 9.618_437e-3);
-        let p = p.mul_add(f, 5.550_332_5e-2);
-        let p = p.mul_add(f, 2.402_264_9e-1);
-        let p = p.mul_add(f, 6.931_472e-1);
-        let p = p.mul_add(f, 1.0);
+        let p = EXP_TAYLOR[1..].iter().fold(EXP_TAYLOR[0], |p, &c| p.mul_add(f, c));
         let r = f32::from_bits(p.to_bits().wrapping_add(((n as i32) << 23) as u32));
         // Below 2^-126 (x < -87.3) the true value is subnormal: flush it to zero.
-        if y > -126.0 { r } else { 0.0 }
+        if y > EXP_LOWEST { r } else { 0.0 }
     }
+
+    /// [`exp`]'s lowest power of two (smaller results are flushed to zero).
+    const EXP_LOWEST: f32 = -126.0;
+    /// 1.5 · 2^23: adding and subtracting it rounds an f32 to the nearest integer.
+    const EXP_ROUND: f32 = 12_582_912.0;
+    /// Taylor coefficients of 2^f = e^(f ln 2), the highest power's first.
+    const EXP_TAYLOR: [f32; 7] = [1.535_336_2e-4, 1.339_887_4e-3, 9.618_437e-3, 5.550_332_5e-2, 2.402_264_9e-1, 6.931_472e-1, 1.0];
 
     /// The logistic function 1 / (1 + e^-x) through [`exp`] of -|x| (which is at most 1, so
     /// it never overflows), branch-free so it vectorises where `f32::exp` is a scalar libm call.
@@ -899,21 +899,19 @@ pub(crate) mod kernels {
     mod x86 {
         use std::arch::x86_64::*;
 
-        use super::{EXP_SUM_BLOCK, LANES, Probs, block_total, exp, max_of};
+        use super::{EXP_LOWEST, EXP_ROUND, EXP_SUM_BLOCK, EXP_TAYLOR, LANES, Probs, block_total, exp, max_of};
 
         /// [`exp`] on 16 lanes: the same operations, so the same bits.
         #[target_feature(enable = "avx512f")]
         fn exp16(x: __m512) -> __m512 {
-            let y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), _mm512_set1_ps(-126.0));
-            let round = _mm512_set1_ps(12_582_912.0);
+            let lowest = _mm512_set1_ps(EXP_LOWEST);
+            let y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), lowest);
+            let round = _mm512_set1_ps(EXP_ROUND);
             let n = _mm512_sub_ps(_mm512_add_ps(y, round), round);
             let f = _mm512_sub_ps(y, n);
-            let mut p = _mm512_set1_ps(1.535_336_2e-4);
-            for c in [1.339_887_4e-3, 9.618_437e-3, 5.550_332_5e-2, 2.402_264_9e-1, 6.931_472e-1, 1.0] {
-                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-            }
+            let p = EXP_TAYLOR[1..].iter().fold(_mm512_set1_ps(EXP_TAYLOR[0]), |p, &c| _mm512_fmadd_ps(p, f, _mm512_set1_ps(c)));
             let r = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32::<23>(_mm512_cvtps_epi32(n))));
-            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(y, _mm512_set1_ps(-126.0)), r)
+            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(y, lowest), r)
         }
 
         /// Adds 16 values to 8 running sums as two chunks of 8 would be: the first 8, then the rest.
@@ -923,8 +921,9 @@ pub(crate) mod kernels {
             _mm256_add_ps(_mm256_add_ps(sums, _mm512_castps512_ps256(e)), high)
         }
 
-        /// `exps(e, first)` over `s`'s whole chunks of 8 (16 at a time, then one of 8 under a mask)
-        /// adds them to 8 running sums; returns the sums and where the chunks end.
+        /// The exps of a slice of `len` values, `exps(lanes, j)` for the values j.. under the lane
+        /// mask, over its whole chunks of 8 (16 at a time, then one of 8 under a mask), added to 8
+        /// running sums; returns the sums and where the chunks end.
         #[target_feature(enable = "avx512f")]
         fn chunk_sums(len: usize, mut exps: impl FnMut(__mmask16, usize) -> __m512) -> ([f32; LANES], usize) {
             let whole = len - len % LANES;
